@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("sidekey-bench: not built yet");
+}

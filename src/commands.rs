@@ -1,0 +1,329 @@
+//! The CLI's commands, as library functions `main` calls. Each returns
+//! `Err(Fatal)` with one clear line; `main` prints it and exits 2.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::app::App;
+use crate::bootstrap;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::Fatal;
+use crate::providers::Providers;
+use crate::server::{self, Listeners};
+use crate::store::{KeyRing, MasterKey, OpenError, Store, StoreOptions};
+
+fn load_config(path: &Path) -> Result<Config, Fatal> {
+    Config::load(path).map_err(|problems| Fatal::new(problems.join("\n")))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Fatal> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal::new(format!("cannot start the async runtime: {e}")))
+}
+
+/// `sidekey serve`: both listeners until SIGTERM/SIGINT.
+pub fn serve(path: &Path) -> Result<(), Fatal> {
+    let cfg = load_config(path)?;
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
+    let loaded =
+        bootstrap::load(&cfg, cfg.store.generate_missing).map_err(|p| Fatal::new(p.join("\n")))?;
+    for g in &loaded.generated {
+        tracing::warn!("generated {g}");
+    }
+    for n in &loaded.notes {
+        tracing::warn!("{n}");
+    }
+    let providers = Providers::from_config(&cfg).map_err(|p| Fatal::new(p.join("\n")))?;
+    for p in providers.iter() {
+        for n in &p.notes {
+            tracing::warn!("{n}");
+        }
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen).await?;
+        let agent_addr = listeners
+            .agent
+            .local_addr()
+            .map_err(|e| Fatal::new(e.to_string()))?;
+        let admin_addr = listeners
+            .admin
+            .local_addr()
+            .map_err(|e| Fatal::new(e.to_string()))?;
+        let tls = loaded.tls.clone();
+        let admin_token_at = cfg.admin.token.describe();
+        let store_path = cfg.store.path.clone();
+        let providers: Vec<String> = cfg.providers.keys().cloned().collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let app = App::new(cfg, loaded, Clock::system())?;
+        tracing::info!(
+            agent = %format!("{scheme}://{agent_addr}"),
+            admin = %format!("http://{admin_addr}"),
+            store = %store_path.display(),
+            key_id = %app.store.key_id().hex(),
+            providers = ?providers,
+            "sidekey ready"
+        );
+        tracing::info!(
+            "admin API token: {admin_token_at} (send it as Authorization: Bearer <token>)"
+        );
+        server::run(app, listeners, tls, server::shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// `sidekey check-config`: prints remarks and exits 0, or every problem.
+pub fn check_config(path: &Path) -> Result<(), Fatal> {
+    let cfg = load_config(path)?;
+    let mut problems = Vec::new();
+    let mut notes: Vec<String> = cfg.warnings.clone();
+    match Providers::from_config(&cfg) {
+        Ok(ps) => {
+            for p in ps.iter() {
+                notes.extend(p.notes.iter().cloned());
+            }
+        }
+        Err(e) => problems.extend(e),
+    }
+    match bootstrap::check(&cfg) {
+        Ok(n) => notes.extend(n),
+        Err(p) => problems.extend(p),
+    }
+    if !problems.is_empty() {
+        return Err(Fatal::new(problems.join("\n")));
+    }
+    for n in notes {
+        eprintln!("note: {n}");
+    }
+    println!(
+        "{}: OK ({} provider{}: {})",
+        path.display(),
+        cfg.providers.len(),
+        if cfg.providers.len() == 1 { "" } else { "s" },
+        cfg.providers.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+fn open_store_offline(cfg: &Config, keys: KeyRing) -> Result<Store, OpenError> {
+    Store::open(
+        &cfg.store.path,
+        keys,
+        StoreOptions {
+            flush_every_ms: cfg.store.flush_every_ms,
+            ..Default::default()
+        },
+    )
+}
+
+fn current_keys(cfg: &Config) -> Result<KeyRing, Fatal> {
+    if !crate::store::exists(&cfg.store.path) {
+        return Err(Fatal::new(format!(
+            "store.path: there is no store at {}",
+            cfg.store.path.display()
+        )));
+    }
+    bootstrap::load(cfg, false)
+        .map(|l| l.keys)
+        .map_err(|p| Fatal::new(p.join("\n")))
+}
+
+/// `sidekey rotate-key --new-key-file PATH` (sidekey stopped).
+pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
+    let cfg = load_config(path)?;
+    let new_text = std::fs::read_to_string(new_key_file).map_err(|e| {
+        Fatal::new(format!(
+            "--new-key-file: cannot read {}: {e} (create one with `openssl rand -base64 32 > {}`)",
+            new_key_file.display(),
+            new_key_file.display()
+        ))
+    })?;
+    let new_key = MasterKey::parse(&crate::secret::Secret::new(new_text))
+        .map_err(|e| Fatal::new(format!("--new-key-file: {} {e}", new_key_file.display())))?;
+    let keys = current_keys(&cfg)?;
+    if keys.current_id() == new_key.id() {
+        return Err(Fatal::new(
+            "--new-key-file holds the key the store already uses; generate a new one with `openssl rand -base64 32`",
+        ));
+    }
+    let new_id = new_key.id();
+    let store = open_store_offline(&cfg, keys).map_err(|e| match e {
+        OpenError::Locked(_) => Fatal::new(format!(
+            "store at {} is in use: stop sidekey before rotate-key",
+            cfg.store.path.display()
+        )),
+        other => Fatal::new(other.to_string()),
+    })?;
+    let n = store
+        .reseal_all(&KeyRing::new(new_key, vec![]))
+        .map_err(|e| {
+            Fatal::new(format!(
+                "rotation stopped: {e}; the store is intact, run the same command again"
+            ))
+        })?;
+    println!(
+        "re-encrypted {n} records under key id {}; now point store.master_key_file at {} (the old key no longer opens this store)",
+        new_id.hex(),
+        new_key_file.display()
+    );
+    Ok(())
+}
+
+/// `sidekey backup --out PATH`: offline, or through the running server's
+/// admin API when the store is in use.
+pub fn backup(path: &Path, out: &Path) -> Result<(), Fatal> {
+    let cfg = load_config(path)?;
+    let out: PathBuf = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Fatal::new(e.to_string()))?
+            .join(out)
+    };
+    let keys = current_keys(&cfg)?;
+    match open_store_offline(&cfg, keys) {
+        Ok(store) => {
+            let n = store
+                .backup_to(&out)
+                .map_err(|e| Fatal::new(format!("--out: {e}")))?;
+            println!(
+                "backup written to {} ({n} records, still encrypted under key id {})",
+                out.display(),
+                store.key_id().hex()
+            );
+            Ok(())
+        }
+        Err(OpenError::Locked(_)) => backup_online(&cfg, &out),
+        Err(e) => Err(Fatal::new(e.to_string())),
+    }
+}
+
+fn backup_online(cfg: &Config, out: &Path) -> Result<(), Fatal> {
+    let token = cfg.admin.token.load().map_err(Fatal::new)?.ok_or_else(|| {
+        Fatal::new(format!(
+            "admin token: {} is not set; it is needed to ask the running sidekey for a backup",
+            cfg.admin.token.describe()
+        ))
+    })?;
+    let addr = cfg.admin.listen;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let client = crate::client::build(std::time::Duration::from_secs(5), vec![]);
+        let body = serde_json::json!({"out": out.to_string_lossy()});
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/v1/admin/backup"))
+            .header("authorization", format!("Bearer {}", token.expose()))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+            .map_err(|e| Fatal::new(e.to_string()))?;
+        let resp = client.request(req).await.map_err(|e| {
+            Fatal::new(format!(
+                "the store is in use but the admin API at http://{addr} did not answer ({}); is sidekey running with this config?",
+                crate::refresh::error_chain(&e)
+            ))
+        })?;
+        let status = resp.status();
+        use http_body_util::BodyExt;
+        let bytes = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if !status.is_success() {
+            return Err(Fatal::new(format!(
+                "backup through the admin API failed: {}",
+                v["error"]["message"].as_str().unwrap_or("unknown error")
+            )));
+        }
+        println!("backup written to {} ({} records) by the running sidekey", out.display(), v["records"]);
+        Ok(())
+    })
+}
+
+fn config_and_providers(path: &Path) -> Result<(Config, Providers), Fatal> {
+    let cfg = load_config(path)?;
+    let p = Providers::from_config(&cfg).map_err(|e| Fatal::new(e.join("\n")))?;
+    Ok((cfg, p))
+}
+
+/// `sidekey elevenlabs tools`
+pub fn elevenlabs_tools(path: &Path) -> Result<(), Fatal> {
+    let (cfg, p) = config_and_providers(path)?;
+    let tools = crate::elevenlabs::tools(&cfg, &p);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&tools).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `sidekey elevenlabs rewrite-tool < tool.json`
+pub fn elevenlabs_rewrite(path: &Path, input: &mut dyn Read) -> Result<(), Fatal> {
+    let (cfg, p) = config_and_providers(path)?;
+    let mut text = String::new();
+    input
+        .read_to_string(&mut text)
+        .map_err(|e| Fatal::new(format!("cannot read the tool JSON from stdin: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Fatal::new(format!(
+            "stdin is not JSON (line {}, column {}); pipe in a tool definition",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let out = crate::elevenlabs::rewrite_tool(&cfg, &p, &v).map_err(Fatal::new)?;
+    println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    Ok(())
+}
+
+/// `sidekey elevenlabs push-tools [--api-base URL]`
+pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal> {
+    let (cfg, p) = config_and_providers(path)?;
+    let key_env = cfg.elevenlabs.api_key_env.clone();
+    let key = std::env::var(&key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| {
+            Fatal::new(format!(
+                "{key_env} is not set; export your ElevenLabs API key (xi-api-key) in it"
+            ))
+        })?;
+    let base = api_base
+        .map(str::to_owned)
+        .unwrap_or_else(|| cfg.elevenlabs.api_base.clone());
+    if url::Url::parse(&base).is_err() {
+        return Err(Fatal::new(format!("--api-base {base:?} is not a URL")));
+    }
+    let tools = crate::elevenlabs::tools(&cfg, &p);
+    let rt = runtime()?;
+    let lines = rt.block_on(async {
+        let client = crate::client::build(std::time::Duration::from_secs(10), vec![]);
+        crate::elevenlabs::push_tools(&client, &base, key.trim(), &tools).await
+    });
+    match lines {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        Err(e) => Err(Fatal::new(format!("push-tools: {e}"))),
+    }
+}
+
+/// Used by `serve` callers that already have a runtime (tests, embedding).
+pub async fn start(
+    cfg: Config,
+    clock: Clock,
+) -> Result<(Arc<App>, Listeners, Option<Arc<rustls::ServerConfig>>), Fatal> {
+    let loaded =
+        bootstrap::load(&cfg, cfg.store.generate_missing).map_err(|p| Fatal::new(p.join("\n")))?;
+    let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen).await?;
+    let tls = loaded.tls.clone();
+    let app = App::new(cfg, loaded, clock)?;
+    Ok((app, listeners, tls))
+}

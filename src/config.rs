@@ -1,0 +1,963 @@
+//! `config.toml`: parsing, defaults, and validation that reports every problem.
+//!
+//! Parsing is strict (unknown keys are errors, so a typo never silently
+//! disables a setting). Validation collects every problem instead of
+//! stopping at the first, so `sidekey check-config` can list them all.
+//! Relative paths are resolved against the config file's directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::secret::Secret;
+
+/// Where a secret comes from: a file, an environment variable, or (discouraged)
+/// inline in the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+    Inline(Secret),
+    Unset,
+}
+
+impl SecretSource {
+    fn from_parts(
+        dir: &Path,
+        file: Option<String>,
+        env: Option<String>,
+        inline: Option<Secret>,
+        what: &str,
+        problems: &mut Vec<String>,
+    ) -> SecretSource {
+        let n = file.is_some() as u8 + env.is_some() as u8 + inline.is_some() as u8;
+        if n > 1 {
+            problems.push(format!(
+                "{what}: give only one of the file, env and inline forms"
+            ));
+        }
+        if let Some(f) = file {
+            SecretSource::File(resolve(dir, &f))
+        } else if let Some(e) = env {
+            SecretSource::Env(e)
+        } else if let Some(s) = inline {
+            SecretSource::Inline(s)
+        } else {
+            SecretSource::Unset
+        }
+    }
+
+    /// Reads the secret. `Ok(None)` when unset, or when the file or variable
+    /// does not exist; `Err` when it exists but cannot be read.
+    pub fn load(&self) -> Result<Option<Secret>, String> {
+        match self {
+            SecretSource::Unset => Ok(None),
+            SecretSource::Inline(s) => Ok(Some(s.clone())),
+            SecretSource::Env(name) => match std::env::var(name) {
+                Ok(v) if !v.trim().is_empty() => Ok(Some(Secret::new(v.trim()))),
+                Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    Err(format!("environment variable {name} is not valid UTF-8"))
+                }
+            },
+            SecretSource::File(path) => match std::fs::read_to_string(path) {
+                Ok(v) => Ok(Some(Secret::new(v.trim()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            },
+        }
+    }
+
+    /// How to name this source in a message (never the value).
+    pub fn describe(&self) -> String {
+        match self {
+            SecretSource::File(p) => format!("file {}", p.display()),
+            SecretSource::Env(n) => format!("environment variable {n}"),
+            SecretSource::Inline(_) => "inline value".into(),
+            SecretSource::Unset => "nothing".into(),
+        }
+    }
+}
+
+fn resolve(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw TOML shape.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
+    elevenlabs: RawElevenLabs,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    public_url: Option<String>,
+    tls: Option<bool>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    max_body_bytes: Option<u64>,
+    upstream_timeout_secs: Option<u64>,
+    connect_timeout_secs: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
+    max_connections: Option<usize>,
+    header_read_timeout_secs: Option<u64>,
+    tls_handshake_timeout_secs: Option<u64>,
+    max_header_bytes: Option<usize>,
+    h2_max_concurrent_streams: Option<u32>,
+    upstream_ca_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    allow_remote: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<String>,
+    master_key_file: Option<String>,
+    master_key_env: Option<String>,
+    previous_master_key_files: Option<Vec<String>>,
+    generate_missing: Option<bool>,
+    flush_every_ms: Option<u64>,
+    cache_ttl_secs: Option<u64>,
+    cache_max_entries: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    issuer: Option<String>,
+    audience: Option<String>,
+    ttl_secs: Option<u64>,
+    max_ttl_secs: Option<u64>,
+    signing_key_file: Option<String>,
+    signing_key_env: Option<String>,
+    previous_signing_key_files: Option<Vec<String>>,
+    dynamic_variable: Option<String>,
+    require_conversation_header: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawElevenLabs {
+    conversation_header: Option<String>,
+    webhook_secret_env: Option<String>,
+    webhook_secret_file: Option<String>,
+    init_secret_env: Option<String>,
+    init_secret_file: Option<String>,
+    api_base: Option<String>,
+    api_key_env: Option<String>,
+    init_providers: Option<Vec<String>>,
+    max_webhook_bytes: Option<u64>,
+    webhook_tolerance_secs: Option<u64>,
+    tool_response_timeout_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    per_session_rps: Option<f64>,
+    per_session_burst: Option<u32>,
+    per_user_rps: Option<f64>,
+    per_user_burst: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    enabled: Option<bool>,
+    max_records: Option<usize>,
+}
+
+/// `inject = "bearer"` or one of the table forms.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RawInject {
+    Style(String),
+    Header {
+        header: String,
+        value: Option<String>,
+    },
+    Query {
+        query: String,
+    },
+    PathPrefix {
+        path_prefix: String,
+    },
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub preset: Option<String>,
+    pub display_name: Option<String>,
+    pub base_url: Option<String>,
+    pub token_url: Option<String>,
+    pub authorize_url: Option<String>,
+    pub inject: Option<RawInject>,
+    pub client_id: Option<String>,
+    pub client_id_env: Option<String>,
+    pub client_id_file: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_env: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub refresh_skew_secs: Option<u64>,
+    pub allow: Option<Vec<String>>,
+    pub grant: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub user_scopes: Option<Vec<String>>,
+    pub scope_separator: Option<String>,
+    pub authorize_params: Option<BTreeMap<String, String>>,
+    pub token_params: Option<BTreeMap<String, String>>,
+    pub allow_http: Option<bool>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated configuration.
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this was read from.
+    pub path: PathBuf,
+    /// Base for every relative path in the file.
+    pub dir: PathBuf,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub sessions: SessionsConfig,
+    pub elevenlabs: ElevenLabsConfig,
+    pub limits: LimitsConfig,
+    pub audit: AuditConfig,
+    /// Provider sections as written; `providers::Providers` resolves presets.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Non-fatal remarks (`check-config` prints them, `serve` logs them).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Agent-facing listener (ElevenLabs calls this).
+    pub listen: SocketAddr,
+    /// Base of OAuth redirect URIs and generated tool URLs; no trailing slash.
+    pub public_url: String,
+    /// false only when TLS is terminated in front of sidekey.
+    pub tls: bool,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Largest request body accepted (and buffered for a 401 replay), bytes.
+    pub max_body_bytes: u64,
+    /// Time allowed for an upstream or token endpoint to answer, seconds.
+    pub upstream_timeout_secs: u64,
+    /// Time allowed to open a TCP+TLS connection upstream, seconds.
+    pub connect_timeout_secs: u64,
+    /// In-flight requests get this long to finish after SIGTERM, seconds.
+    pub shutdown_grace_secs: u64,
+    /// Connections beyond this wait in the kernel backlog.
+    pub max_connections: usize,
+    /// A client must send its request head within this, seconds.
+    pub header_read_timeout_secs: u64,
+    pub tls_handshake_timeout_secs: u64,
+    /// Largest request head (HTTP/1 buffer, HTTP/2 header list), bytes.
+    pub max_header_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
+    /// Extra PEM roots trusted for upstream TLS (private CAs), besides webpki.
+    pub upstream_ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: SecretSource,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub master_key: SecretSource,
+    /// Old master keys that still open records sealed under them; such
+    /// records are re-sealed under the current key when read.
+    pub previous_master_key_files: Vec<PathBuf>,
+    /// Create missing dev secrets (keys, admin token, TLS cert) at start.
+    pub generate_missing: bool,
+    /// sled's background flush interval for writes that are not flushed
+    /// explicitly (conversation binding, audit), milliseconds.
+    pub flush_every_ms: u64,
+    /// Lifetime of a decrypted credential in the memory cache, seconds.
+    pub cache_ttl_secs: u64,
+    pub cache_max_entries: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionsConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub ttl_secs: u64,
+    pub max_ttl_secs: u64,
+    pub signing_key: SecretSource,
+    /// Keys that still verify tokens (by `kid`) but no longer sign.
+    pub previous_signing_key_files: Vec<PathBuf>,
+    /// Dynamic variable that carries the session token; starts with `secret__`.
+    pub dynamic_variable: String,
+    /// A bound session must present its conversation id on every call.
+    pub require_conversation_header: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ElevenLabsConfig {
+    pub conversation_header: http::HeaderName,
+    pub webhook_secret: SecretSource,
+    pub init_secret: SecretSource,
+    /// ElevenLabs API base for `push-tools` (regional bases exist).
+    pub api_base: String,
+    pub api_key_env: String,
+    /// Providers a session minted by conversation-init may use; all when unset.
+    pub init_providers: Option<Vec<String>>,
+    /// Post-call bodies carry base64 audio; this caps what is read, bytes.
+    pub max_webhook_bytes: u64,
+    pub webhook_tolerance_secs: i64,
+    /// `response_timeout_secs` written into generated tools.
+    pub tool_response_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LimitsConfig {
+    /// Requests per second per session; 0 disables the limit.
+    pub per_session_rps: f64,
+    pub per_session_burst: u32,
+    /// Requests per second per user across sessions; 0 disables.
+    pub per_user_rps: f64,
+    pub per_user_burst: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    /// Oldest records beyond this many are deleted.
+    pub max_records: usize,
+}
+
+/// A provider section, secrets resolved to their sources.
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    pub raw_inject: Option<RawInject>,
+    pub preset: Option<String>,
+    pub display_name: Option<String>,
+    pub base_url: Option<String>,
+    pub token_url: Option<String>,
+    pub authorize_url: Option<String>,
+    pub client_id: SecretSource,
+    pub client_secret: SecretSource,
+    pub client_auth: Option<String>,
+    pub refresh_skew_secs: Option<u64>,
+    pub allow: Vec<String>,
+    pub grant: Option<String>,
+    pub scopes: Option<Vec<String>>,
+    pub user_scopes: Option<Vec<String>>,
+    pub scope_separator: Option<String>,
+    pub authorize_params: BTreeMap<String, String>,
+    pub token_params: BTreeMap<String, String>,
+    pub allow_http: bool,
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// `1–128` characters of `A-Za-z0-9._@:+-`: user ids, tenant ids, provider names.
+pub fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@:+-".contains(&b))
+}
+
+impl Config {
+    /// Reads and validates a config file. On failure, every problem found.
+    pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            vec![format!(
+                "cannot read config file {}: {e} (pass --config PATH or set SIDEKEY_CONFIG)",
+                path.display()
+            )]
+        })?;
+        let dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_path_buf()
+                }
+            })
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, path, &dir)
+    }
+
+    pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config, Vec<String>> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // The error's own Display quotes the offending line, which could
+            // hold an inline secret: report the position and message only.
+            let pos = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            vec![format!(
+                "{}{pos}: {}",
+                path.display(),
+                without_values(e.message().trim())
+            )]
+        })?;
+        let mut p = Vec::new();
+        let mut warnings = Vec::new();
+        let cfg = Config::from_raw(raw, path, dir, &mut p, &mut warnings);
+        if p.is_empty() {
+            let mut cfg = cfg;
+            cfg.warnings = warnings;
+            // Provider resolution (presets, URLs, injection) is validated by
+            // the module that owns it.
+            if let Err(mut errs) = crate::providers::Providers::from_config(&cfg) {
+                p.append(&mut errs);
+                return Err(p);
+            }
+            Ok(cfg)
+        } else {
+            Err(p)
+        }
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        path: &Path,
+        dir: &Path,
+        p: &mut Vec<String>,
+        w: &mut Vec<String>,
+    ) -> Config {
+        let s = raw.server;
+        let listen = parse_addr(
+            s.listen.as_deref().unwrap_or("0.0.0.0:8443"),
+            "[server] listen",
+            p,
+        );
+        let tls = s.tls.unwrap_or(true);
+        if !tls {
+            w.push("[server] tls = false: the agent-facing listener speaks plain HTTP; only do this when TLS is terminated in front of sidekey".into());
+        }
+        let public_url = match s.public_url {
+            Some(u) => u,
+            None => format!(
+                "{}://localhost:{}",
+                if tls { "https" } else { "http" },
+                listen.port()
+            ),
+        };
+        let public_url = match Url::parse(&public_url) {
+            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
+                if u.query().is_some() || u.fragment().is_some() {
+                    p.push("[server] public_url: must not have a query or fragment".into());
+                }
+                if u.scheme() == "http" && !is_loopback_url(&u) {
+                    w.push("[server] public_url is http://: OAuth providers and ElevenLabs will send tokens and codes in clear text; use https:// in production".into());
+                }
+                public_url.trim_end_matches('/').to_owned()
+            }
+            _ => {
+                p.push(format!(
+                    "[server] public_url: {public_url:?} is not an http(s) URL; set it to the address ElevenLabs and browsers reach sidekey at, e.g. https://sidekey.example.com"
+                ));
+                public_url
+            }
+        };
+        let server = ServerConfig {
+            listen,
+            public_url,
+            tls,
+            tls_cert: resolve(dir, s.tls_cert.as_deref().unwrap_or("certs/server.crt")),
+            tls_key: resolve(dir, s.tls_key.as_deref().unwrap_or("certs/server.key")),
+            max_body_bytes: positive(s.max_body_bytes, 1_048_576, "[server] max_body_bytes", p),
+            upstream_timeout_secs: positive(
+                s.upstream_timeout_secs,
+                20,
+                "[server] upstream_timeout_secs",
+                p,
+            ),
+            connect_timeout_secs: positive(
+                s.connect_timeout_secs,
+                5,
+                "[server] connect_timeout_secs",
+                p,
+            ),
+            shutdown_grace_secs: s.shutdown_grace_secs.unwrap_or(10),
+            max_connections: positive(
+                s.max_connections.map(|v| v as u64),
+                10_000,
+                "[server] max_connections",
+                p,
+            ) as usize,
+            header_read_timeout_secs: positive(
+                s.header_read_timeout_secs,
+                15,
+                "[server] header_read_timeout_secs",
+                p,
+            ),
+            tls_handshake_timeout_secs: positive(
+                s.tls_handshake_timeout_secs,
+                10,
+                "[server] tls_handshake_timeout_secs",
+                p,
+            ),
+            max_header_bytes: positive(
+                s.max_header_bytes.map(|v| v as u64),
+                65_536,
+                "[server] max_header_bytes",
+                p,
+            ) as usize,
+            h2_max_concurrent_streams: positive(
+                s.h2_max_concurrent_streams.map(u64::from),
+                256,
+                "[server] h2_max_concurrent_streams",
+                p,
+            ) as u32,
+            upstream_ca_file: s.upstream_ca_file.as_deref().map(|f| resolve(dir, f)),
+        };
+        if server.max_header_bytes < 8192 {
+            p.push(
+                "[server] max_header_bytes: at least 8192 is needed for ordinary requests".into(),
+            );
+        }
+
+        let a = raw.admin;
+        let admin_listen = parse_addr(
+            a.listen.as_deref().unwrap_or("127.0.0.1:8444"),
+            "[admin] listen",
+            p,
+        );
+        if !admin_listen.ip().is_loopback() {
+            if a.allow_remote.unwrap_or(false) {
+                w.push(format!("[admin] listen = {admin_listen}: the admin API is reachable from other hosts; protect it with a firewall or network policy"));
+            } else {
+                p.push(format!("[admin] listen = {admin_listen} is not a loopback address; the admin API hands out sessions and stores credentials, so keep it on 127.0.0.1 or set allow_remote = true deliberately"));
+            }
+        }
+        let mut token = SecretSource::from_parts(
+            dir,
+            a.token_file,
+            a.token_env,
+            None,
+            "[admin] token_file / token_env",
+            p,
+        );
+        if token == SecretSource::Unset {
+            token = SecretSource::File(resolve(dir, "data/admin.token"));
+        }
+        let admin = AdminConfig {
+            listen: admin_listen,
+            token,
+        };
+        if admin.listen == server.listen {
+            p.push("[admin] listen: must differ from [server] listen".into());
+        }
+
+        let st = raw.store;
+        let mut master_key = SecretSource::from_parts(
+            dir,
+            st.master_key_file,
+            st.master_key_env,
+            None,
+            "[store] master_key_file / master_key_env",
+            p,
+        );
+        if master_key == SecretSource::Unset {
+            master_key = SecretSource::File(resolve(dir, "data/master.key"));
+        }
+        let store = StoreConfig {
+            path: resolve(dir, st.path.as_deref().unwrap_or("data/sidekey.db")),
+            master_key,
+            previous_master_key_files: st
+                .previous_master_key_files
+                .unwrap_or_default()
+                .iter()
+                .map(|f| resolve(dir, f))
+                .collect(),
+            generate_missing: st.generate_missing.unwrap_or(false),
+            flush_every_ms: positive(st.flush_every_ms, 500, "[store] flush_every_ms", p),
+            cache_ttl_secs: st.cache_ttl_secs.unwrap_or(300),
+            cache_max_entries: st.cache_max_entries.unwrap_or(100_000),
+        };
+
+        let se = raw.sessions;
+        let mut signing_key = SecretSource::from_parts(
+            dir,
+            se.signing_key_file,
+            se.signing_key_env,
+            None,
+            "[sessions] signing_key_file / signing_key_env",
+            p,
+        );
+        if signing_key == SecretSource::Unset {
+            signing_key = SecretSource::File(resolve(dir, "data/session.key"));
+        }
+        let dynamic_variable = se
+            .dynamic_variable
+            .unwrap_or_else(|| "secret__sidekey_session".into());
+        if !dynamic_variable.starts_with("secret__")
+            || !dynamic_variable
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            p.push(format!("[sessions] dynamic_variable = {dynamic_variable:?}: must start with secret__ (so ElevenLabs never sends it to the LLM) and contain only letters, digits and _"));
+        }
+        let ttl_secs = positive(se.ttl_secs, 3600, "[sessions] ttl_secs", p);
+        let max_ttl_secs = positive(se.max_ttl_secs, 86_400, "[sessions] max_ttl_secs", p);
+        if ttl_secs > max_ttl_secs {
+            p.push(format!(
+                "[sessions] ttl_secs ({ttl_secs}) is larger than max_ttl_secs ({max_ttl_secs})"
+            ));
+        }
+        let sessions = SessionsConfig {
+            issuer: se.issuer.unwrap_or_else(|| "sidekey".into()),
+            audience: se.audience.unwrap_or_else(|| "sidekey-proxy".into()),
+            ttl_secs,
+            max_ttl_secs,
+            signing_key,
+            previous_signing_key_files: se
+                .previous_signing_key_files
+                .unwrap_or_default()
+                .iter()
+                .map(|f| resolve(dir, f))
+                .collect(),
+            dynamic_variable,
+            require_conversation_header: se.require_conversation_header.unwrap_or(true),
+        };
+
+        let el = raw.elevenlabs;
+        let conv = el
+            .conversation_header
+            .unwrap_or_else(|| "X-Conversation-Id".into());
+        let conversation_header = match http::HeaderName::from_bytes(conv.as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                p.push(format!(
+                    "[elevenlabs] conversation_header = {conv:?} is not a valid header name"
+                ));
+                http::HeaderName::from_static("x-conversation-id")
+            }
+        };
+        let mut webhook_secret = SecretSource::from_parts(
+            dir,
+            el.webhook_secret_file,
+            el.webhook_secret_env,
+            None,
+            "[elevenlabs] webhook_secret_file / webhook_secret_env",
+            p,
+        );
+        if webhook_secret == SecretSource::Unset {
+            webhook_secret = SecretSource::Env("ELEVENLABS_WEBHOOK_SECRET".into());
+        }
+        let mut init_secret = SecretSource::from_parts(
+            dir,
+            el.init_secret_file,
+            el.init_secret_env,
+            None,
+            "[elevenlabs] init_secret_file / init_secret_env",
+            p,
+        );
+        if init_secret == SecretSource::Unset {
+            init_secret = SecretSource::Env("SIDEKEY_INIT_SECRET".into());
+        }
+        let api_base = el
+            .api_base
+            .unwrap_or_else(|| "https://api.elevenlabs.io".into())
+            .trim_end_matches('/')
+            .to_owned();
+        if Url::parse(&api_base).is_err() {
+            p.push(format!("[elevenlabs] api_base = {api_base:?} is not a URL"));
+        }
+        let tool_timeout = el
+            .tool_response_timeout_secs
+            .unwrap_or((server.upstream_timeout_secs + 10).clamp(5, 120));
+        if !(5..=300).contains(&tool_timeout) {
+            p.push("[elevenlabs] tool_response_timeout_secs must be between 5 and 300 (ElevenLabs' limits)".into());
+        }
+        if tool_timeout <= server.upstream_timeout_secs {
+            w.push(format!("[elevenlabs] tool_response_timeout_secs ({tool_timeout}) is not above [server] upstream_timeout_secs ({}): ElevenLabs may give up before sidekey's own timeout answer arrives", server.upstream_timeout_secs));
+        }
+        let elevenlabs = ElevenLabsConfig {
+            conversation_header,
+            webhook_secret,
+            init_secret,
+            api_base,
+            api_key_env: el
+                .api_key_env
+                .unwrap_or_else(|| "ELEVENLABS_API_KEY".into()),
+            init_providers: el.init_providers,
+            max_webhook_bytes: positive(
+                el.max_webhook_bytes,
+                64 * 1024 * 1024,
+                "[elevenlabs] max_webhook_bytes",
+                p,
+            ),
+            webhook_tolerance_secs: el.webhook_tolerance_secs.unwrap_or(1800) as i64,
+            tool_response_timeout_secs: tool_timeout,
+        };
+
+        let l = raw.limits;
+        let limits = LimitsConfig {
+            per_session_rps: l.per_session_rps.unwrap_or(0.0),
+            per_session_burst: l.per_session_burst.unwrap_or(0),
+            per_user_rps: l.per_user_rps.unwrap_or(0.0),
+            per_user_burst: l.per_user_burst.unwrap_or(0),
+        };
+        for (name, v) in [
+            ("per_session_rps", limits.per_session_rps),
+            ("per_user_rps", limits.per_user_rps),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                p.push(format!(
+                    "[limits] {name} must be 0 (off) or a positive number"
+                ));
+            }
+        }
+
+        let audit = AuditConfig {
+            enabled: raw.audit.enabled.unwrap_or(true),
+            max_records: raw.audit.max_records.unwrap_or(100_000).max(1),
+        };
+
+        let mut providers = BTreeMap::new();
+        for (name, rp) in raw.providers {
+            if !valid_id(&name) {
+                p.push(format!(
+                    "[providers.{name}] provider names are 1-128 characters of A-Za-z0-9._@:+-"
+                ));
+            }
+            let sec = format!("[providers.{name}]");
+            let client_id = SecretSource::from_parts(
+                dir,
+                rp.client_id_file,
+                rp.client_id_env,
+                rp.client_id.map(Secret::new),
+                &format!("{sec} client_id / client_id_env / client_id_file"),
+                p,
+            );
+            let client_secret = SecretSource::from_parts(
+                dir,
+                rp.client_secret_file,
+                rp.client_secret_env,
+                rp.client_secret.map(Secret::new),
+                &format!("{sec} client_secret / client_secret_env / client_secret_file"),
+                p,
+            );
+            if matches!(client_secret, SecretSource::Inline(_)) {
+                w.push(format!("{sec} client_secret is inline in the config file; prefer client_secret_env or client_secret_file"));
+            }
+            providers.insert(
+                name,
+                ProviderConfig {
+                    raw_inject: rp.inject,
+                    preset: rp.preset,
+                    display_name: rp.display_name,
+                    base_url: rp.base_url,
+                    token_url: rp.token_url,
+                    authorize_url: rp.authorize_url,
+                    client_id,
+                    client_secret,
+                    client_auth: rp.client_auth,
+                    refresh_skew_secs: rp.refresh_skew_secs,
+                    allow: rp.allow.unwrap_or_default(),
+                    grant: rp.grant,
+                    scopes: rp.scopes,
+                    user_scopes: rp.user_scopes,
+                    scope_separator: rp.scope_separator,
+                    authorize_params: rp.authorize_params.unwrap_or_default(),
+                    token_params: rp.token_params.unwrap_or_default(),
+                    allow_http: rp.allow_http.unwrap_or(false),
+                },
+            );
+        }
+        if let Some(list) = &elevenlabs.init_providers {
+            for name in list {
+                if !providers.contains_key(name) {
+                    p.push(format!("[elevenlabs] init_providers names {name:?}, which is not a configured provider"));
+                }
+            }
+        }
+
+        Config {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            server,
+            admin,
+            store,
+            sessions,
+            elevenlabs,
+            limits,
+            audit,
+            providers,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// toml quotes the offending value in backticks for type errors; a value
+/// may be an inline secret, so type errors lose their quotes.
+fn without_values(msg: &str) -> String {
+    if !(msg.starts_with("invalid type") || msg.starts_with("invalid value")) {
+        return msg.to_owned();
+    }
+    let mut out = String::new();
+    let mut inside = false;
+    for c in msg.chars() {
+        if c == '`' {
+            inside = !inside;
+            if inside {
+                out.push_str("(value hidden)");
+            }
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn parse_addr(s: &str, what: &str, p: &mut Vec<String>) -> SocketAddr {
+    match s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            let fixed = s.replace("localhost", "127.0.0.1");
+            match fixed.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    p.push(format!(
+                        "{what} = {s:?} is not an IP:port address, e.g. \"127.0.0.1:8444\""
+                    ));
+                    SocketAddr::from(([127, 0, 0, 1], 0))
+                }
+            }
+        }
+    }
+}
+
+fn positive(v: Option<u64>, default: u64, what: &str, p: &mut Vec<String>) -> u64 {
+    match v {
+        None => default,
+        Some(0) => {
+            p.push(format!("{what} must be greater than 0"));
+            default
+        }
+        Some(v) => v,
+    }
+}
+
+/// Loopback hosts may be reached over plain HTTP (local fakes, sidecars).
+pub fn is_loopback_url(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse(
+            text,
+            Path::new("/etc/sidekey/config.toml"),
+            Path::new("/etc/sidekey"),
+        )
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse("").unwrap();
+        assert_eq!(c.server.listen.port(), 8443);
+        assert_eq!(c.server.public_url, "https://localhost:8443");
+        assert_eq!(c.store.path, PathBuf::from("/etc/sidekey/data/sidekey.db"));
+        assert_eq!(
+            c.store.master_key,
+            SecretSource::File(PathBuf::from("/etc/sidekey/data/master.key"))
+        );
+        assert_eq!(c.sessions.dynamic_variable, "secret__sidekey_session");
+        assert_eq!(c.server.max_body_bytes, 1_048_576);
+        assert!(!c.store.generate_missing);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_a_line() {
+        let e = parse("[server]\nlisten = \"127.0.0.1:1\"\nlisten_addr = 3\n").unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].contains("line 3"), "{e:?}");
+        assert!(e[0].contains("listen_addr"), "{e:?}");
+    }
+
+    #[test]
+    fn collects_every_problem() {
+        let e = parse(
+            "[server]\nlisten = \"nope\"\nmax_body_bytes = 0\n[admin]\nlisten = \"0.0.0.0:9\"\n[sessions]\ndynamic_variable = \"session\"\n",
+        )
+        .unwrap_err();
+        assert!(e.len() >= 4, "{e:?}");
+        assert!(e.iter().any(|m| m.contains("[server] listen")));
+        assert!(e.iter().any(|m| m.contains("max_body_bytes")));
+        assert!(e.iter().any(|m| m.contains("[admin] listen")));
+        assert!(e.iter().any(|m| m.contains("secret__")));
+    }
+
+    #[test]
+    fn parse_error_does_not_echo_inline_secret() {
+        let e = parse("[providers.x]\nbase_url = \"https://a\"\nclient_secret = 12345678\n")
+            .unwrap_err();
+        assert!(!e[0].contains("12345678"), "{e:?}");
+    }
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("u1"));
+        assert!(valid_id("alice@example.com"));
+        assert!(valid_id("a.b:c+d-e_f"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id("a b"));
+        assert!(!valid_id(&"x".repeat(129)));
+        assert!(valid_id(&"x".repeat(128)));
+    }
+}

@@ -1,0 +1,52 @@
+//! sidekey: a per-user credential vault and tool-call proxy for voice agents.
+//!
+//! ElevenLabs agents' webhook tools call sidekey instead of Slack, Google or
+//! Telegram; sidekey checks the conversation's session token, loads the
+//! user's provider token from an encrypted store, refreshes it when needed,
+//! injects it and forwards the call. Where things live:
+//!
+//! - [`config`]     — `config.toml`: parsing, defaults, validation of every key
+//! - [`bootstrap`]  — loading keys and certificates; generating dev secrets
+//! - [`store`]      — sled store with every value sealed (XChaCha20-Poly1305)
+//! - [`session`]    — session tokens (JWT) bound to store records
+//! - [`providers`]  — presets, path rules, allow lists, credential injection
+//! - [`proxy`]      — the agent-facing request path, as named phases
+//! - [`refresh`]    — token refresh: single flight, rotation, backoff
+//! - [`oauth`]      — the authorization-code flow with PKCE
+//! - [`elevenlabs`] — init and post-call webhooks, tool definitions
+//! - [`admin`]      — the main app's API: credentials, users, sessions
+//! - [`server`]     — listeners, TLS, routing, graceful shutdown
+//! - [`error`]      — every error and the one place it becomes HTTP
+//! - [`audit`], [`metrics`], [`limits`] — what operators watch and cap
+//! - [`client`], [`body`], [`secret`], [`clock`], [`logging`] — plumbing
+//! - [`commands`]   — the CLI commands `main` calls
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod audit;
+pub mod body;
+pub mod bootstrap;
+pub mod client;
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod elevenlabs;
+pub mod error;
+pub mod limits;
+pub mod logging;
+pub mod metrics;
+pub mod oauth;
+pub mod providers;
+pub mod proxy;
+pub mod refresh;
+pub mod secret;
+pub mod server;
+pub mod session;
+pub mod store;
+
+/// Installs ring as the process-wide rustls provider. Call once at start.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

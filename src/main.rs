@@ -1,0 +1,107 @@
+//! `sidekey` — parses the command line and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sidekey::commands;
+use sidekey::logging::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "sidekey",
+    version,
+    about = "Per-user credential vault and tool-call proxy for ElevenLabs voice agents"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Config file; relative paths inside it are relative to its directory.
+    #[arg(long, env = "SIDEKEY_CONFIG", default_value = "config.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent-facing and admin listeners.
+    Serve(ConfigArg),
+    /// Validate the config and keys; exit 0, or print every problem and exit 2.
+    CheckConfig(ConfigArg),
+    /// Re-encrypt the store under a new master key (sidekey stopped).
+    RotateKey {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// File with the new key: 32 random bytes, base64.
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+    /// Write a consistent, still-encrypted copy of the store.
+    Backup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Directory to create for the copy.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// ElevenLabs tool definitions.
+    Elevenlabs {
+        #[command(subcommand)]
+        command: ElevenLabsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ElevenLabsCommand {
+    /// Print the webhook tool definitions (as admin GET /v1/elevenlabs/tools).
+    Tools(ConfigArg),
+    /// Read a tool that calls a provider directly on stdin; print it re-pointed at sidekey.
+    RewriteTool(ConfigArg),
+    /// Create or update the tools in an ElevenLabs workspace (ELEVENLABS_API_KEY).
+    PushTools {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// ElevenLabs API base URL (regional bases, test servers).
+        #[arg(long)]
+        api_base: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    sidekey::install_crypto_provider();
+    let result = match cli.command {
+        Command::Serve(c) => commands::serve(&c.config),
+        Command::CheckConfig(c) => commands::check_config(&c.config),
+        Command::RotateKey {
+            config,
+            new_key_file,
+        } => commands::rotate_key(&config.config, &new_key_file),
+        Command::Backup { config, out } => commands::backup(&config.config, &out),
+        Command::Elevenlabs { command } => match command {
+            ElevenLabsCommand::Tools(c) => commands::elevenlabs_tools(&c.config),
+            ElevenLabsCommand::RewriteTool(c) => {
+                commands::elevenlabs_rewrite(&c.config, &mut std::io::stdin())
+            }
+            ElevenLabsCommand::PushTools { config, api_base } => {
+                commands::elevenlabs_push(&config.config, api_base.as_deref())
+            }
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("error: {line}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Prometheus metrics: what operators graph and alert on.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    provider: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    provider: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    event: String,
+    outcome: &'static str,
+}
+
+type LatencyFamily = Family<ProviderLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 250 µs … ~8 s
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: LatencyFamily,
+    refresh: Family<OutcomeLabels, Counter>,
+    token_calls: Family<ProviderLabels, Counter>,
+    webhooks: Family<WebhookLabels, Counter>,
+    sessions_active: Gauge,
+    credentials: Gauge,
+    store_bytes: Gauge,
+    connections: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sidekey");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Proxied requests by provider and answered status",
+            requests.clone(),
+        );
+        let upstream_latency: LatencyFamily =
+            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            upstream_latency.clone(),
+        );
+        let refresh = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "refresh",
+            "Token refresh outcomes (refreshed, shared, failed, backoff, reauth_required)",
+            refresh.clone(),
+        );
+        let token_calls = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "token_endpoint_calls",
+            "Calls made to provider token endpoints",
+            token_calls.clone(),
+        );
+        let webhooks = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhooks",
+            "ElevenLabs webhooks by event and outcome",
+            webhooks.clone(),
+        );
+        let sessions_active = Gauge::default();
+        registry.register(
+            "sessions_active",
+            "Session records in the store (not yet expired or revoked)",
+            sessions_active.clone(),
+        );
+        let credentials = Gauge::default();
+        registry.register(
+            "credentials",
+            "Credential records in the store",
+            credentials.clone(),
+        );
+        let store_bytes = Gauge::default();
+        registry.register(
+            "store_size_bytes",
+            "Size of the store on disk",
+            store_bytes.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections_active",
+            "Open client connections on both listeners",
+            connections.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            upstream_latency,
+            refresh,
+            token_calls,
+            webhooks,
+            sessions_active,
+            credentials,
+            store_bytes,
+            connections,
+        }
+    }
+
+    pub fn request(&self, provider: &str, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                provider: provider.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    pub fn upstream_latency(&self, provider: &str, secs: f64) {
+        self.upstream_latency
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .observe(secs);
+    }
+
+    pub fn refresh(&self, provider: &str, outcome: &'static str) {
+        self.refresh
+            .get_or_create(&OutcomeLabels {
+                provider: provider.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn token_call(&self, provider: &str) {
+        self.token_calls
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn webhook(&self, event: &str, outcome: &'static str) {
+        self.webhooks
+            .get_or_create(&WebhookLabels {
+                event: event.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// Renders the text exposition, after sampling the store gauges.
+    pub fn render(&self, sessions: usize, credentials: usize, store_bytes: u64) -> String {
+        self.sessions_active.set(sessions as i64);
+        self.credentials.set(credentials as i64);
+        self.store_bytes.set(store_bytes as i64);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_text_format() {
+        let m = Metrics::new();
+        m.request("slack", 200);
+        m.upstream_latency("slack", 0.01);
+        m.refresh("slack", "refreshed");
+        let t = m.render(3, 4, 1000);
+        assert!(
+            t.contains("sidekey_proxy_requests_total{provider=\"slack\",status=\"200\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("sidekey_sessions_active 3"), "{t}");
+        assert!(t.contains("sidekey_upstream_latency_seconds_bucket"), "{t}");
+        assert!(t.ends_with("# EOF\n"));
+    }
+}

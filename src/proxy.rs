@@ -1,0 +1,899 @@
+//! The agent-facing request path, as named phases called in order:
+//!
+//! 1. `authenticate`   — session token → verified session; conversation binding; rate limit
+//! 2. `select_provider` — provider exists and is in the session
+//! 3. `check_request`  — path rules and the provider's allow list
+//! 4. `read_body`      — buffered up to `max_body_bytes` (needed for a 401 replay)
+//! 5. `credential_for` — the user's (or tenant's, or app's) credential, refreshed if due
+//! 6. `send`           — strip client headers, inject, forward with a timeout
+//! 7. `check_rejected` — 401 (or a preset's equivalent) → refresh once, replay once
+//! 8. `finish`         — audit record, metrics, access log
+//!
+//! Errors from any phase are `ApiError`s, answered by `ApiError::into_response`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, BodyStream, Full, Limited, StreamBody};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::app::App;
+use crate::body::{self, Body};
+use crate::client::IdleTimeoutBody;
+use crate::error::ApiError;
+use crate::providers::{Grant, InjectError, Provider, ProxyPath, check_path, is_hop_by_hop};
+use crate::refresh::Forced;
+use crate::secret::scrub;
+use crate::session::VerifiedSession;
+use crate::store::{AuditRecord, Credential, Owner};
+
+/// What one request did, for the audit log, metrics and the access log.
+#[derive(Default)]
+struct Trace {
+    user: Option<String>,
+    provider: Option<String>,
+    session_id: Option<String>,
+    conversation_id: Option<String>,
+    path: String,
+    error: Option<&'static str>,
+}
+
+// ---------------------------------------------------------------------------
+// Entry points
+
+/// `ANY /v1/proxy/{provider}/{path...}`
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut t = Trace::default();
+    let result = proxy(app, &parts, body, &mut t).await;
+    finish(app, &parts.method, started, t, result)
+}
+
+async fn proxy(
+    app: &Arc<App>,
+    parts: &Parts,
+    body: Incoming,
+    t: &mut Trace,
+) -> Result<Response<Body>, ApiError> {
+    let session = authenticate(app, &parts.headers, t)?;
+    let (name, rest) = split_proxy_path(parts.uri.path());
+    t.provider = Some(name.to_owned());
+    let provider = select_provider(app, &session, name)?;
+    let path = check_request(&provider, &parts.method, rest, t)?;
+    if !matches!(
+        parts.method,
+        Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS
+    ) {
+        return Err(ApiError::MethodNotAllowed);
+    }
+    let body = read_body(app, &parts.headers, body).await?;
+    let headers = upstream_headers(
+        &parts.headers,
+        &provider,
+        &app.config.elevenlabs.conversation_header,
+    );
+    let outgoing = Outgoing {
+        method: parts.method.clone(),
+        path,
+        query: parts.uri.query().map(str::to_owned),
+        headers,
+        body,
+    };
+    call_provider(app, &provider, &session, &outgoing).await
+}
+
+/// `POST /v1/call/{provider}`: the generic tool. The LLM fills `method`,
+/// `path`, and optionally `query` and `body`; everything else is as for
+/// `/v1/proxy/...`.
+pub async fn handle_call(app: &Arc<App>, req: Request<Incoming>, name: &str) -> Response<Body> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut t = Trace::default();
+    let result = call(app, &parts, body, name, &mut t).await;
+    finish(app, &parts.method, started, t, result)
+}
+
+async fn call(
+    app: &Arc<App>,
+    parts: &Parts,
+    body: Incoming,
+    name: &str,
+    t: &mut Trace,
+) -> Result<Response<Body>, ApiError> {
+    let session = authenticate(app, &parts.headers, t)?;
+    t.provider = Some(name.to_owned());
+    let provider = select_provider(app, &session, name)?;
+    let raw = read_body(app, &parts.headers, body).await?;
+    let spec: CallSpec = serde_json::from_slice(&raw).map_err(|e| json_error(&e))?;
+    let method = Method::from_bytes(spec.method.trim().to_ascii_uppercase().as_bytes())
+        .ok()
+        .filter(|m| {
+            matches!(
+                *m,
+                Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+            )
+        })
+        .ok_or_else(|| {
+            ApiError::BadRequest("method must be GET, POST, PUT, PATCH or DELETE.".into())
+        })?;
+    let (path_part, query_in_path) = match spec.path.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (spec.path.clone(), None),
+    };
+    let encoded = encode_tool_path(&path_part)?;
+    let path = check_request(&provider, &method, &encoded, t)?;
+    let mut query = query_in_path;
+    match spec.query {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(Value::String(s)) => query = Some(join_query(query, s.trim_start_matches('?'))),
+        Some(Value::Object(map)) => {
+            let mut ser = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in map {
+                let v = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                ser.append_pair(&k, &v);
+            }
+            query = Some(join_query(query, &ser.finish()));
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "query must be a string or an object.".into(),
+            ));
+        }
+    }
+    let body = match spec.body {
+        None | Some(Value::Null) => Bytes::new(),
+        Some(Value::String(s)) if s.trim().is_empty() => Bytes::new(),
+        // A string body is JSON text when it parses as JSON (LLMs fill
+        // string parameters most reliably).
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+            Ok(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+            Err(_) => Bytes::from(s),
+        },
+        Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    if !body.is_empty() {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+    }
+    if let Some(ua) = parts.headers.get(header::USER_AGENT) {
+        headers.insert(header::USER_AGENT, ua.clone());
+    }
+    let outgoing = Outgoing {
+        method,
+        path,
+        query,
+        headers,
+        body,
+    };
+    call_provider(app, &provider, &session, &outgoing).await
+}
+
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct CallSpec {
+    method: String,
+    path: String,
+    #[serde(default)]
+    query: Option<Value>,
+    #[serde(default)]
+    body: Option<Value>,
+}
+
+fn join_query(a: Option<String>, b: &str) -> String {
+    match a {
+        Some(a) if !a.is_empty() => format!("{a}&{b}"),
+        _ => b.to_owned(),
+    }
+}
+
+/// Percent-encodes what an LLM may write in a path (spaces, quotes, non-ASCII)
+/// while keeping existing `%XX` escapes, so `check_path` judges the result.
+fn encode_tool_path(p: &str) -> Result<String, ApiError> {
+    let p = p.trim();
+    if !p.starts_with('/') {
+        return Err(ApiError::BadPath("tool path must start with /"));
+    }
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'%')
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b':')
+        .remove(b'@')
+        .remove(b'!')
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b'*')
+        .remove(b'+')
+        .remove(b',')
+        .remove(b';')
+        .remove(b'=');
+    if p.contains('\\') {
+        return Err(ApiError::BadPath("backslash in path"));
+    }
+    Ok(percent_encoding::utf8_percent_encode(p, KEEP).to_string())
+}
+
+/// `POST /v1/session/refresh`: the mid-conversation refresh tool.
+pub async fn refresh_tool(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut t = Trace {
+        path: "/v1/session/refresh".into(),
+        ..Default::default()
+    };
+    let result = refresh_providers(app, &parts, body, &mut t).await;
+    finish(app, &parts.method, started, t, result)
+}
+
+async fn refresh_providers(
+    app: &Arc<App>,
+    parts: &Parts,
+    body: Incoming,
+    t: &mut Trace,
+) -> Result<Response<Body>, ApiError> {
+    let session = authenticate(app, &parts.headers, t)?;
+    let raw = read_body(app, &parts.headers, body).await?;
+    #[derive(serde::Deserialize, Default)]
+    struct RefreshBody {
+        #[serde(default)]
+        provider: Option<String>,
+    }
+    let req: RefreshBody = if raw.iter().all(u8::is_ascii_whitespace) {
+        RefreshBody::default()
+    } else {
+        serde_json::from_slice(&raw).map_err(|e| json_error(&e))?
+    };
+    let names: Vec<String> = match req.provider.filter(|p| !p.is_empty()) {
+        Some(p) => {
+            t.provider = Some(p.clone());
+            select_provider(app, &session, &p)?;
+            vec![p]
+        }
+        None => session
+            .providers
+            .iter()
+            .filter(|p| app.providers.get(p).is_some())
+            .cloned()
+            .collect(),
+    };
+    let mut out = serde_json::Map::new();
+    for name in names {
+        let provider = app.providers.get(&name).expect("filtered above").clone();
+        let owner = owner_with_credential(app, &provider, &session.user)?;
+        let result = match &owner {
+            Some(o) => app.refresher.force(&provider, o).await,
+            None => Ok(None),
+        };
+        let entry = match result {
+            Ok(Some(Forced::Refreshed(c))) => {
+                json!({"status": "refreshed", "expires_at": c.expires_at})
+            }
+            Ok(Some(Forced::Active(c))) => json!({"status": "active", "expires_at": c.expires_at}),
+            Ok(None) => {
+                let e = ApiError::CredentialMissing(provider.label());
+                json!({"status": "credential_missing", "message": e.message()})
+            }
+            Err(e @ ApiError::ReauthRequired(_)) => {
+                json!({"status": "reauth_required", "message": e.message()})
+            }
+            Err(e @ ApiError::RefreshFailed(_)) => {
+                json!({"status": "refresh_failed", "message": e.message()})
+            }
+            Err(e) => return Err(e),
+        };
+        out.insert(name, entry);
+    }
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({"status": "ok", "providers": Value::Object(out)}),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Phases
+
+fn session_token(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-sidekey-session") {
+        return v.to_str().ok().map(str::trim);
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = auth.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Phase 1: the session token, conversation binding and rate limits.
+fn authenticate(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    t: &mut Trace,
+) -> Result<VerifiedSession, ApiError> {
+    let token = session_token(headers).ok_or(ApiError::InvalidSession("no session token"))?;
+    let mut session = app.sessions.verify(token)?;
+    t.user = Some(session.user.clone());
+    t.session_id = Some(session.sid.clone());
+
+    let conv_header = &app.config.elevenlabs.conversation_header;
+    let conv = match headers.get(conv_header) {
+        None => None,
+        Some(v) => {
+            let s = v.to_str().ok().map(str::trim).filter(|s| {
+                !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
+            });
+            Some(s.ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "The {conv_header} header is not a valid conversation id."
+                ))
+            })?)
+        }
+    };
+    match (&session.conv, conv) {
+        (Some(bound), Some(c)) if bound != c => return Err(ApiError::ConversationMismatch),
+        (Some(_), None) if app.config.sessions.require_conversation_header => {
+            return Err(ApiError::ConversationMismatch);
+        }
+        (None, Some(c)) => match app.store.bind_session(&session.sid, c) {
+            Ok(crate::store::BindOutcome::Bound) => {
+                tracing::info!(session_id = %session.sid, conversation_id = %c, "session bound to conversation");
+                session.conv = Some(c.to_owned());
+            }
+            Ok(crate::store::BindOutcome::Mismatch) => return Err(ApiError::ConversationMismatch),
+            Ok(crate::store::BindOutcome::Gone) => {
+                return Err(ApiError::InvalidSession("session revoked or unknown"));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bind session");
+                return Err(ApiError::Internal);
+            }
+        },
+        _ => {}
+    }
+    t.conversation_id = session.conv.clone();
+    app.limits
+        .check(&session.sid, &session.user, app.clock.now_millis())
+        .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
+    Ok(session)
+}
+
+/// `/v1/proxy/slack/chat.postMessage` → (`slack`, `/chat.postMessage`).
+fn split_proxy_path(path: &str) -> (&str, &str) {
+    let rest = path.strip_prefix("/v1/proxy").unwrap_or(path);
+    let rest = rest.strip_prefix('/').unwrap_or(rest);
+    match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    }
+}
+
+/// Phase 2: the provider exists and the session may use it.
+fn select_provider(
+    app: &Arc<App>,
+    session: &VerifiedSession,
+    name: &str,
+) -> Result<Arc<Provider>, ApiError> {
+    let label = || app.providers.label(name);
+    if !crate::config::valid_id(name) {
+        return Err(ApiError::UnknownProvider(
+            crate::error::ProviderLabel::unknown(
+                &name
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric())
+                    .take(64)
+                    .collect::<String>(),
+            ),
+        ));
+    }
+    let provider = app
+        .providers
+        .get(name)
+        .ok_or_else(|| ApiError::UnknownProvider(label()))?;
+    if !session.providers.iter().any(|p| p == name) {
+        return Err(ApiError::ProviderNotAllowed(label()));
+    }
+    Ok(provider.clone())
+}
+
+/// Phase 3: path rules, then the allow list.
+fn check_request(
+    provider: &Provider,
+    method: &Method,
+    rest: &str,
+    t: &mut Trace,
+) -> Result<ProxyPath, ApiError> {
+    let path = check_path(rest).map_err(ApiError::BadPath)?;
+    t.path = if path.decoded.is_empty() {
+        "/".into()
+    } else {
+        path.decoded.clone()
+    };
+    if !provider.allows(method, &path.decoded) {
+        return Err(ApiError::PathNotAllowed(provider.label()));
+    }
+    Ok(path)
+}
+
+/// Phase 4: the request body, at most `max_body_bytes`.
+async fn read_body(app: &Arc<App>, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+    let max = app.config.server.max_body_bytes;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > max {
+            return Err(ApiError::BodyTooLarge(max));
+        }
+    }
+    let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
+    match tokio::time::timeout(timeout, Limited::new(body, max as usize).collect()).await {
+        Err(_) => Err(ApiError::BadRequest(
+            "The request body did not arrive in time.".into(),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::BodyTooLarge(max))
+        }
+        Ok(Err(_)) => Err(ApiError::BadRequest(
+            "The request body could not be read.".into(),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+/// Which owner holds the credential a user would use, without refreshing:
+/// the app (client credentials), the user, or the user's tenant.
+fn owner_with_credential(
+    app: &Arc<App>,
+    p: &Provider,
+    user: &str,
+) -> Result<Option<Owner>, ApiError> {
+    if p.grant == Grant::ClientCredentials {
+        return Ok(Some(Owner::App));
+    }
+    let own = Owner::User(user.to_owned());
+    if app
+        .store
+        .credential(&own, &p.name)
+        .map_err(store_error)?
+        .is_some()
+    {
+        return Ok(Some(own));
+    }
+    if let Some(tenant) = app
+        .store
+        .user(user)
+        .map_err(store_error)?
+        .and_then(|u| u.tenant)
+    {
+        let t = Owner::Tenant(tenant);
+        if app
+            .store
+            .credential(&t, &p.name)
+            .map_err(store_error)?
+            .is_some()
+        {
+            return Ok(Some(t));
+        }
+    }
+    Ok(None)
+}
+
+/// Phase 5: a credential ready to inject, refreshed first if it is due.
+async fn credential_for(
+    app: &Arc<App>,
+    p: &Provider,
+    user: &str,
+) -> Result<(Owner, Arc<Credential>), ApiError> {
+    if p.grant == Grant::ClientCredentials {
+        let c = app.refresher.usable(p, &Owner::App).await?;
+        return c
+            .map(|c| (Owner::App, c))
+            .ok_or_else(|| ApiError::CredentialMissing(p.label()));
+    }
+    let own = Owner::User(user.to_owned());
+    if let Some(c) = app.refresher.usable(p, &own).await? {
+        return Ok((own, c));
+    }
+    if let Some(tenant) = app
+        .store
+        .user(user)
+        .map_err(store_error)?
+        .and_then(|u| u.tenant)
+    {
+        let t = Owner::Tenant(tenant);
+        if let Some(c) = app.refresher.usable(p, &t).await? {
+            return Ok((t, c));
+        }
+    }
+    Err(ApiError::CredentialMissing(p.label()))
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store error");
+    ApiError::Internal
+}
+
+/// A request ready to go upstream, minus the credential.
+struct Outgoing {
+    method: Method,
+    path: ProxyPath,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Phases 5–7 for one call: credential, send, and one refresh-and-replay.
+async fn call_provider(
+    app: &Arc<App>,
+    provider: &Arc<Provider>,
+    session: &VerifiedSession,
+    out: &Outgoing,
+) -> Result<Response<Body>, ApiError> {
+    let (owner, cred) = credential_for(app, provider, &session.user).await?;
+    let resp = send(app, provider, out, &cred).await?;
+    match check_rejected(app, provider, resp).await {
+        Checked::Pass(resp) => Ok(resp),
+        Checked::Rejected(resp) => {
+            match app
+                .refresher
+                .after_reject(provider, &owner, cred.generation)
+                .await
+            {
+                Ok(Some(fresh)) => {
+                    tracing::info!(provider = %provider.name, "upstream rejected the token; replaying once with a refreshed one");
+                    let resp = send(app, provider, out, &fresh).await?;
+                    // Never loop: whatever the replay answers goes back.
+                    Ok(resp)
+                }
+                // Not refreshable: the upstream's own answer goes back.
+                Ok(None) => Ok(resp),
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// Headers the client sent that may go upstream: no credentials of its
+/// own, no session, no hop-by-hop, no conversation header.
+fn upstream_headers(
+    incoming: &HeaderMap,
+    provider: &Provider,
+    conv_header: &HeaderName,
+) -> HeaderMap {
+    let listed: Vec<String> = incoming
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(incoming.len());
+    for (name, value) in incoming {
+        let n = name.as_str();
+        if is_hop_by_hop(name)
+            || name == header::HOST
+            || name == header::AUTHORIZATION
+            || name == header::COOKIE
+            || name == header::CONTENT_LENGTH
+            || name == header::EXPECT
+            || name == conv_header
+            || n.starts_with("x-sidekey-")
+            || listed.iter().any(|l| l == n)
+            || provider.injected_header() == Some(name)
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    // Slack-style `ok: false` answers must be read to be recognised; ask
+    // for an uncompressed body.
+    if !provider.conventions.ok_false_auth_errors.is_empty() {
+        out.remove(header::ACCEPT_ENCODING);
+    }
+    out
+}
+
+/// Phase 6: inject and forward; response headers within the upstream timeout.
+async fn send(
+    app: &Arc<App>,
+    p: &Provider,
+    out: &Outgoing,
+    cred: &Credential,
+) -> Result<Response<Body>, ApiError> {
+    let uri = p
+        .upstream_uri(&out.path, out.query.as_deref(), cred.access_token.as_ref())
+        .map_err(|e| inject_error(p, e))?;
+    let mut req = Request::new(Full::new(out.body.clone()));
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = out.headers.clone();
+    p.inject_headers(req.headers_mut(), cred)
+        .map_err(|e| inject_error(p, e))?;
+
+    let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
+    let started = Instant::now();
+    let resp = match tokio::time::timeout(timeout, app.client.request(req)).await {
+        Err(_) => {
+            tracing::warn!(provider = %p.name, timeout_secs = timeout.as_secs(), "upstream timed out");
+            return Err(ApiError::UpstreamTimeout(p.label()));
+        }
+        Ok(Err(e)) => {
+            let secrets: Vec<&crate::secret::Secret> = cred.access_token.iter().collect();
+            tracing::warn!(
+                provider = %p.name,
+                error = %scrub(&crate::refresh::error_chain(&e), &secrets),
+                "upstream request failed"
+            );
+            return Err(ApiError::UpstreamUnreachable(p.label()));
+        }
+        Ok(Ok(r)) => r,
+    };
+    app.metrics
+        .upstream_latency(&p.name, started.elapsed().as_secs_f64());
+    let (mut parts, incoming) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = IdleTimeoutBody::new(incoming, timeout).boxed_unsync();
+    Ok(Response::from_parts(parts, body))
+}
+
+fn inject_error(p: &Provider, e: InjectError) -> ApiError {
+    match e {
+        InjectError::MissingToken => ApiError::CredentialMissing(p.label()),
+        other => {
+            tracing::error!(provider = %p.name, error = %other, "cannot build the upstream request");
+            ApiError::Internal
+        }
+    }
+}
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+enum Checked {
+    Pass(Response<Body>),
+    /// The upstream refused the token (401, or the preset's equivalent).
+    Rejected(Response<Body>),
+}
+
+/// Phase 7: did the upstream refuse the token?
+async fn check_rejected(app: &Arc<App>, p: &Provider, resp: Response<Body>) -> Checked {
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        return Checked::Rejected(resp);
+    }
+    let json_ok = resp.status() == StatusCode::OK
+        && !p.conventions.ok_false_auth_errors.is_empty()
+        && resp.headers().get(header::CONTENT_ENCODING).is_none()
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"));
+    if !json_ok {
+        return Checked::Pass(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
+    let (prefix, rest) = peek(body, 1 << 20, timeout).await;
+    let rejected = rest.is_none()
+        && serde_json::from_slice::<Value>(&prefix)
+            .ok()
+            .is_some_and(|v| {
+                v.get("ok") == Some(&Value::Bool(false))
+                    && v.get("error")
+                        .and_then(Value::as_str)
+                        .is_some_and(|e| p.conventions.ok_false_auth_errors.contains(&e))
+            });
+    let body = match rest {
+        None => body::full(prefix),
+        Some(rest) => {
+            let head =
+                futures_util::stream::once(async move { Ok(http_body::Frame::data(prefix)) });
+            let tail = BodyStream::new(rest);
+            use futures_util::StreamExt;
+            StreamBody::new(head.chain(tail)).boxed_unsync()
+        }
+    };
+    let resp = Response::from_parts(parts, body);
+    if rejected {
+        Checked::Rejected(resp)
+    } else {
+        Checked::Pass(resp)
+    }
+}
+
+/// Reads up to `limit` bytes. Returns the bytes, and the unread remainder if
+/// the body was longer (so it can still be streamed on).
+async fn peek(mut body: Body, limit: usize, timeout: Duration) -> (Bytes, Option<Body>) {
+    let mut buf = BytesMut::new();
+    loop {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                    if buf.len() > limit {
+                        return (buf.freeze(), Some(body));
+                    }
+                }
+            }
+            // End of body, an error, or a stall: what was read is what the
+            // client gets (an error mid-body would have aborted it anyway).
+            _ => return (buf.freeze(), None),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Phase 8
+
+fn finish(
+    app: &Arc<App>,
+    method: &Method,
+    started: Instant,
+    mut t: Trace,
+    result: Result<Response<Body>, ApiError>,
+) -> Response<Body> {
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            t.error = Some(e.code());
+            if matches!(e, ApiError::InvalidSession(_)) {
+                tracing::info!(reason = %e, "session refused");
+            }
+            e.into_response()
+        }
+    };
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    let provider = t.provider.clone().unwrap_or_else(|| "-".into());
+    app.metrics.request(&provider, status);
+    tracing::info!(
+        target: "sidekey::access",
+        method = %method,
+        provider = %provider,
+        path = %t.path,
+        status,
+        ms = elapsed.as_secs_f64() * 1000.0,
+        user = t.user.as_deref().unwrap_or("-"),
+        session_id = t.session_id.as_deref().unwrap_or("-"),
+        conversation_id = t.conversation_id.as_deref().unwrap_or("-"),
+        error = t.error.unwrap_or("-"),
+    );
+    app.audit.record(AuditRecord {
+        time: app.clock.now_millis(),
+        kind: "proxy".into(),
+        user: t.user,
+        provider: t.provider,
+        method: method.to_string(),
+        path: t.path,
+        status,
+        duration_ms: (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        session_id: t.session_id,
+        conversation_id: t.conversation_id,
+        error: t.error.map(str::to_owned),
+    });
+    resp
+}
+
+/// A JSON parse error as a sentence that never quotes the input.
+pub fn json_error(e: &serde_json::Error) -> ApiError {
+    let msg = e.to_string();
+    let detail = if msg.starts_with("missing field")
+        || msg.starts_with("unknown field")
+        || msg.starts_with("duplicate field")
+    {
+        msg.split(" at line")
+            .next()
+            .unwrap_or("")
+            .replace('`', "\"")
+    } else {
+        match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "it is not valid JSON".into()
+            }
+            _ => "a field has the wrong type".into(),
+        }
+    };
+    ApiError::BadRequest(format!(
+        "The request body is not what this endpoint takes: {detail} (line {}, column {}).",
+        e.line(),
+        e.column()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_paths() {
+        assert_eq!(
+            split_proxy_path("/v1/proxy/slack/chat.postMessage"),
+            ("slack", "/chat.postMessage")
+        );
+        assert_eq!(split_proxy_path("/v1/proxy/slack"), ("slack", ""));
+        assert_eq!(split_proxy_path("/v1/proxy/slack/"), ("slack", "/"));
+        assert_eq!(split_proxy_path("/v1/proxy/"), ("", ""));
+    }
+
+    #[test]
+    fn tool_paths_are_encoded_then_checked() {
+        assert_eq!(encode_tool_path("/files/a b").unwrap(), "/files/a%20b");
+        assert_eq!(encode_tool_path("/x%2Fy").unwrap(), "/x%2Fy");
+        assert!(check_path(&encode_tool_path("/x%2Fy").unwrap()).is_err());
+        assert!(check_path(&encode_tool_path("/../x").unwrap()).is_err());
+        assert!(encode_tool_path("x").is_err());
+        assert!(encode_tool_path("/a\\b").is_err());
+    }
+
+    #[test]
+    fn session_token_sources() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer abc"));
+        assert_eq!(session_token(&h), Some("abc"));
+        h.insert("x-sidekey-session", HeaderValue::from_static("def"));
+        assert_eq!(session_token(&h), Some("def"));
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(session_token(&h), None);
+    }
+
+    #[test]
+    fn json_errors_do_not_quote_input() {
+        let e = serde_json::from_str::<CallSpec>(r#"{"method": 5, "path": "xoxb-secret"}"#)
+            .unwrap_err();
+        let m = json_error(&e).message();
+        assert!(!m.contains("xoxb"), "{m}");
+        let e = serde_json::from_str::<CallSpec>(r#"{"path": "/a"}"#).unwrap_err();
+        assert!(
+            json_error(&e)
+                .message()
+                .contains("missing field \"method\"")
+        );
+    }
+}

@@ -1,0 +1,648 @@
+//! Keeping access tokens usable: refresh before expiry, after a 401, or on
+//! demand, with exactly one token-endpoint call per credential at a time.
+//!
+//! Rules that keep users logged in:
+//! - single flight: callers needing the same credential refreshed queue on
+//!   one lock; whoever gets it second sees the new generation and uses it;
+//! - a rotated refresh token is written and flushed before anyone uses the
+//!   new access token;
+//! - a refused refresh token (`invalid_grant` or the preset's equivalent)
+//!   marks the credential `reauth_required`, and nothing calls the token
+//!   endpoint for it again until it is replaced;
+//! - transient failures leave the credential untouched and back off
+//!   (1 s, 2 s, 4 s … 60 s) so a broken provider is not hammered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::client::HttpClient;
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::providers::{ClientAuth, Grant, Provider};
+use crate::secret::{Secret, scrub};
+use crate::store::{Credential, Owner, Store};
+
+/// What a token endpoint granted.
+#[derive(Debug)]
+pub struct TokenGrant {
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub expires_in: Option<i64>,
+    pub scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The grant (refresh token, code) is dead: the user must reconnect.
+    #[error("token endpoint refused the grant: {0}")]
+    Refused(String),
+    /// The provider rejected our client id/secret: an operator problem.
+    #[error(
+        "token endpoint rejected the client credentials ({0}); check client_id and client_secret"
+    )]
+    BadClient(String),
+    /// Timeout, connection failure, 5xx, or an unreadable answer.
+    #[error("token endpoint failed: {0}")]
+    Transient(String),
+}
+
+/// Calls a provider's token endpoint with `params` (plus client auth).
+pub async fn call_token_endpoint(
+    client: &HttpClient,
+    provider: &Provider,
+    params: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<TokenGrant, TokenError> {
+    let url = provider
+        .token_url
+        .as_ref()
+        .ok_or_else(|| TokenError::Transient("provider has no token_url".into()))?;
+    let req = token_request(provider, url, params)?;
+    let secret = provider.client_secret.as_ref();
+    let secrets: Vec<&Secret> = secret.into_iter().collect();
+    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => return Err(TokenError::Transient("timed out".into())),
+        Ok(Err(e)) => {
+            return Err(TokenError::Transient(scrub(&error_chain(&e), &secrets)));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let is_form = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let collected =
+        tokio::time::timeout(timeout, Limited::new(resp.into_body(), 1 << 20).collect()).await;
+    let bytes = match collected {
+        Err(_) => return Err(TokenError::Transient("timed out reading the answer".into())),
+        Ok(Err(_)) => {
+            return Err(TokenError::Transient(
+                "answer unreadable or over 1 MiB".into(),
+            ));
+        }
+        Ok(Ok(c)) => Zeroizing::new(c.to_bytes().to_vec()),
+    };
+    let json: Value = if is_form {
+        let map: serde_json::Map<String, Value> = url::form_urlencoded::parse(&bytes)
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect();
+        Value::Object(map)
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    let error = json
+        .get("error")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| {
+            // Slack: 200 {"ok": false, "error": "..."}
+            (json.get("ok") == Some(&Value::Bool(false))).then(|| "unknown_error".to_owned())
+        });
+    if status.is_server_error() {
+        return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
+    }
+    if let Some(err) = error {
+        let err = sanitize_code(&err);
+        if provider.conventions.reauth_errors.contains(&err) {
+            return Err(TokenError::Refused(err));
+        }
+        if matches!(
+            err.as_str(),
+            "invalid_client" | "unauthorized_client" | "bad_client_secret" | "invalid_client_id"
+        ) {
+            return Err(TokenError::BadClient(err));
+        }
+        return Err(TokenError::Transient(format!(
+            "HTTP {} error {err}",
+            status.as_u16()
+        )));
+    }
+    if !status.is_success() {
+        return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
+    }
+    parse_grant(&json, provider)
+        .ok_or_else(|| TokenError::Transient("answer has no access_token".into()))
+}
+
+/// The token request: form body plus client authentication. Built in a
+/// plain function so nothing here is held across an await.
+fn token_request(
+    provider: &Provider,
+    url: &url::Url,
+    params: &[(&str, &str)],
+) -> Result<Request<Full<Bytes>>, TokenError> {
+    let client_id = provider.client_id.as_deref().unwrap_or("");
+    let secret = provider.client_secret.as_ref();
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        form.append_pair(k, v);
+    }
+    for (k, v) in &provider.token_params {
+        form.append_pair(k, v);
+    }
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url.as_str())
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("sidekey/", env!("CARGO_PKG_VERSION")),
+        );
+    match provider.client_auth {
+        ClientAuth::Body => {
+            if !client_id.is_empty() {
+                form.append_pair("client_id", client_id);
+            }
+            if let Some(s) = secret {
+                form.append_pair("client_secret", s.expose());
+            }
+        }
+        ClientAuth::Basic => {
+            use base64::Engine;
+            // RFC 6749 §2.3.1: form-encode each part before joining.
+            let enc =
+                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let raw = Zeroizing::new(format!(
+                "{}:{}",
+                enc(client_id),
+                enc(secret.map(|s| s.expose()).unwrap_or(""))
+            ));
+            let b64 =
+                Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(raw.as_bytes()));
+            let mut v =
+                http::HeaderValue::try_from(format!("Basic {}", b64.as_str())).map_err(|_| {
+                    TokenError::BadClient("client id or secret not valid in a header".into())
+                })?;
+            v.set_sensitive(true);
+            req = req.header(header::AUTHORIZATION, v);
+        }
+    }
+    let body = Zeroizing::new(form.finish());
+    req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .map_err(|_| TokenError::Transient("cannot build token request".into()))
+}
+
+/// Error codes are quoted in logs; keep them to a harmless alphabet.
+fn sanitize_code(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || *c == '.')
+        .take(64)
+        .collect()
+}
+
+fn parse_grant(json: &Value, provider: &Provider) -> Option<TokenGrant> {
+    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let int_of = |v: &Value, k: &str| {
+        v.get(k).and_then(|x| {
+            x.as_i64()
+                .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+        })
+    };
+    // Slack puts a user token under `authed_user`; use it when the app asked
+    // only for user scopes, or when there is no top-level token.
+    let nested = json
+        .get("authed_user")
+        .filter(|v| v.get("access_token").is_some());
+    let src = match nested {
+        Some(n)
+            if provider.conventions.nested_user_token
+                && (json.get("access_token").is_none()
+                    || (provider.scopes.is_empty() && !provider.user_scopes.is_empty())) =>
+        {
+            n
+        }
+        _ => json,
+    };
+    let access = str_of(src, "access_token").filter(|s| !s.is_empty())?;
+    let scope = str_of(src, "scope").map(|s| {
+        s.split([' ', ','])
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    Some(TokenGrant {
+        access_token: Secret::new(access),
+        refresh_token: str_of(src, "refresh_token")
+            .filter(|s| !s.is_empty())
+            .map(Secret::new),
+        expires_in: int_of(src, "expires_in").filter(|e| *e > 0),
+        scopes: scope,
+    })
+}
+
+/// The whole `source()` chain of an error, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[derive(Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    until_ms: i64,
+}
+
+/// Outcome of a forced refresh, for the refresh tool.
+#[derive(Debug)]
+pub enum Forced {
+    /// A new token was fetched (by this call or one it waited for).
+    Refreshed(Arc<Credential>),
+    /// The credential cannot be refreshed but is still usable.
+    Active(Arc<Credential>),
+}
+
+/// Serialises refreshes per credential and remembers transient failures.
+pub struct RefreshCoordinator {
+    store: Arc<Store>,
+    client: HttpClient,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    backoff: Mutex<HashMap<String, Backoff>>,
+}
+
+impl RefreshCoordinator {
+    pub fn new(
+        store: Arc<Store>,
+        client: HttpClient,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        timeout: Duration,
+    ) -> Self {
+        RefreshCoordinator {
+            store,
+            client,
+            clock,
+            metrics,
+            timeout,
+            locks: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn needs_refresh(&self, p: &Provider, c: &Credential) -> bool {
+        c.expires_at
+            .is_some_and(|e| e - p.refresh_skew_secs <= self.clock.now())
+    }
+
+    fn expired(&self, c: &Credential) -> bool {
+        c.expires_at.is_some_and(|e| e <= self.clock.now())
+    }
+
+    fn refreshable(&self, p: &Provider, c: &Credential) -> bool {
+        p.can_refresh() && (c.refresh_token.is_some() || p.grant == Grant::ClientCredentials)
+    }
+
+    /// A credential ready to inject: refreshed first when it expires within
+    /// the provider's skew. `Ok(None)` when the owner has none.
+    pub async fn usable(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+    ) -> Result<Option<Arc<Credential>>, ApiError> {
+        let cur = self.store.credential(owner, &p.name).map_err(internal)?;
+        let Some(c) = cur else {
+            if p.grant == Grant::ClientCredentials {
+                return self.refresh(p, owner, None, false).await.map(Some);
+            }
+            return Ok(None);
+        };
+        if c.reauth_required {
+            return Err(ApiError::ReauthRequired(p.label()));
+        }
+        if !self.needs_refresh(p, &c) {
+            return Ok(Some(c));
+        }
+        if !self.refreshable(p, &c) {
+            return if self.expired(&c) {
+                Err(ApiError::ReauthRequired(p.label()))
+            } else {
+                Ok(Some(c))
+            };
+        }
+        self.refresh(p, owner, Some(c.generation), false)
+            .await
+            .map(Some)
+    }
+
+    /// After the upstream refused the token of generation `seen`: refresh
+    /// unless someone already replaced it. `None` if it cannot be refreshed.
+    pub async fn after_reject(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        seen: u64,
+    ) -> Result<Option<Arc<Credential>>, ApiError> {
+        let cur = self
+            .store
+            .credential_uncached(owner, &p.name)
+            .map_err(internal)?;
+        match cur {
+            Some(c) if c.generation != seen && !c.reauth_required => return Ok(Some(Arc::new(c))),
+            Some(c) if !self.refreshable(p, &c) => return Ok(None),
+            None if p.grant != Grant::ClientCredentials => return Ok(None),
+            _ => {}
+        }
+        self.refresh(p, owner, Some(seen), true).await.map(Some)
+    }
+
+    /// The refresh tool: refresh now if the credential can be refreshed.
+    pub async fn force(&self, p: &Provider, owner: &Owner) -> Result<Option<Forced>, ApiError> {
+        let cur = self
+            .store
+            .credential_uncached(owner, &p.name)
+            .map_err(internal)?;
+        let c = match cur {
+            None if p.grant == Grant::ClientCredentials => {
+                return self
+                    .refresh(p, owner, None, true)
+                    .await
+                    .map(|c| Some(Forced::Refreshed(c)));
+            }
+            None => return Ok(None),
+            Some(c) => c,
+        };
+        if c.reauth_required {
+            return Err(ApiError::ReauthRequired(p.label()));
+        }
+        if !self.refreshable(p, &c) {
+            return if self.expired(&c) {
+                Err(ApiError::ReauthRequired(p.label()))
+            } else {
+                Ok(Some(Forced::Active(Arc::new(c))))
+            };
+        }
+        self.refresh(p, owner, Some(c.generation), true)
+            .await
+            .map(|c| Some(Forced::Refreshed(c)))
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(key.to_owned()).or_default().clone()
+    }
+
+    fn release(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours. Anyone else waiting holds a
+        // third, and the entry stays for them.
+        if Arc::strong_count(&lock) == 2 {
+            m.remove(key);
+        }
+    }
+
+    /// The single-flight core. `seen` is the generation the caller judged;
+    /// if the stored credential moved on, the caller gets the newer one.
+    async fn refresh(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        seen: Option<u64>,
+        force: bool,
+    ) -> Result<Arc<Credential>, ApiError> {
+        let key = owner.key(&p.name);
+        let lock = self.lock_for(&key);
+        let result = {
+            let _guard = lock.lock().await;
+            self.refresh_locked(p, owner, seen, force).await
+        };
+        self.release(&key, lock);
+        result
+    }
+
+    async fn refresh_locked(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        seen: Option<u64>,
+        force: bool,
+    ) -> Result<Arc<Credential>, ApiError> {
+        let key = owner.key(&p.name);
+        let cur = self
+            .store
+            .credential_uncached(owner, &p.name)
+            .map_err(internal)?;
+        if let Some(c) = &cur {
+            if c.reauth_required {
+                return Err(ApiError::ReauthRequired(p.label()));
+            }
+            let moved_on = seen.is_some_and(|g| g != c.generation);
+            if (moved_on || !force) && !self.needs_refresh(p, c) {
+                self.metrics.refresh(&p.name, "shared");
+                return Ok(Arc::new(c.clone()));
+            }
+        } else if p.grant != Grant::ClientCredentials {
+            return Err(ApiError::CredentialMissing(p.label()));
+        }
+
+        let now_ms = self.clock.now_millis();
+        if let Some(b) = self.backoff_get(&key) {
+            if now_ms < b.until_ms {
+                self.metrics.refresh(&p.name, "backoff");
+                return Err(ApiError::RefreshFailed(p.label()));
+            }
+        }
+
+        let grant = match (&cur, p.grant) {
+            (_, Grant::ClientCredentials) => {
+                let scope = p.scopes.join(&p.scope_separator);
+                let mut params = vec![("grant_type", "client_credentials")];
+                if !scope.is_empty() {
+                    params.push(("scope", scope.as_str()));
+                }
+                self.metrics.token_call(&p.name);
+                call_token_endpoint(&self.client, p, &params, self.timeout).await
+            }
+            (Some(c), _) => {
+                let Some(rt) = &c.refresh_token else {
+                    return Err(ApiError::ReauthRequired(p.label()));
+                };
+                self.metrics.token_call(&p.name);
+                call_token_endpoint(
+                    &self.client,
+                    p,
+                    &[
+                        ("grant_type", "refresh_token"),
+                        ("refresh_token", rt.expose()),
+                    ],
+                    self.timeout,
+                )
+                .await
+            }
+            (None, _) => return Err(ApiError::CredentialMissing(p.label())),
+        };
+
+        let now = self.clock.now();
+        match grant {
+            Ok(g) => {
+                let prev = cur.unwrap_or_default();
+                let rotated = g.refresh_token.is_some();
+                let mut next = Credential {
+                    access_token: Some(g.access_token),
+                    // Keep the old refresh token unless the provider rotated it.
+                    refresh_token: g.refresh_token.or(prev.refresh_token.clone()),
+                    expires_at: g.expires_in.map(|s| now + s),
+                    scopes: g.scopes.unwrap_or(prev.scopes.clone()),
+                    username: prev.username.clone(),
+                    password: prev.password.clone(),
+                    reauth_required: false,
+                    updated_at: now,
+                    generation: prev.generation,
+                };
+                // Durable before use: if the provider rotated the refresh
+                // token, the old one is already dead.
+                self.store
+                    .put_credential(owner, &p.name, &mut next)
+                    .map_err(internal)?;
+                self.store.flush().await.map_err(internal)?;
+                self.backoff_clear(&key);
+                self.metrics.refresh(&p.name, "refreshed");
+                tracing::info!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    rotated,
+                    expires_at = next.expires_at,
+                    "token refreshed"
+                );
+                Ok(Arc::new(next))
+            }
+            Err(TokenError::Refused(code)) => {
+                if let Some(mut c) = self
+                    .store
+                    .credential_uncached(owner, &p.name)
+                    .map_err(internal)?
+                {
+                    c.reauth_required = true;
+                    c.updated_at = now;
+                    self.store
+                        .put_credential(owner, &p.name, &mut c)
+                        .map_err(internal)?;
+                    self.store.flush().await.map_err(internal)?;
+                }
+                self.metrics.refresh(&p.name, "reauth_required");
+                tracing::warn!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    error = %code,
+                    "refresh token refused; credential marked reauth_required"
+                );
+                Err(ApiError::ReauthRequired(p.label()))
+            }
+            Err(e) => {
+                let b = self.backoff_bump(&key, now_ms);
+                self.metrics.refresh(&p.name, "failed");
+                tracing::warn!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    error = %e,
+                    retry_in_ms = b.until_ms - now_ms,
+                    "token refresh failed; credential left unchanged"
+                );
+                Err(ApiError::RefreshFailed(p.label()))
+            }
+        }
+    }
+
+    fn backoff_get(&self, key: &str) -> Option<Backoff> {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    fn backoff_clear(&self, key: &str) {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+
+    fn backoff_bump(&self, key: &str, now_ms: i64) -> Backoff {
+        let mut m = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(key.to_owned()).or_insert(Backoff {
+            failures: 0,
+            until_ms: 0,
+        });
+        e.failures = e.failures.saturating_add(1);
+        let delay = (1000i64 << (e.failures - 1).min(6)).min(60_000);
+        e.until_ms = now_ms + delay;
+        *e
+    }
+
+    /// Forgets a credential's backoff (it was replaced by the admin API).
+    pub fn reset(&self, owner: &Owner, provider: &str) {
+        self.backoff_clear(&owner.key(provider));
+    }
+}
+
+fn internal(e: crate::store::StoreError) -> ApiError {
+    tracing::error!(error = %e, "store error");
+    ApiError::Internal
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn provider(toml: &str) -> Arc<Provider> {
+        let cfg =
+            crate::config::Config::parse(toml, Path::new("/x/c.toml"), Path::new("/x")).unwrap();
+        crate::providers::Providers::from_config(&cfg)
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn slack_nested_user_token() {
+        let p = provider("[providers.slack]\npreset = \"slack\"\nuser_scopes = [\"chat:write\"]\n");
+        let json = serde_json::json!({
+            "ok": true,
+            "authed_user": {"id": "U1", "access_token": "xoxp-user", "refresh_token": "xoxe-1", "expires_in": 43200, "scope": "chat:write"}
+        });
+        let g = parse_grant(&json, &p).unwrap();
+        assert_eq!(g.access_token.expose(), "xoxp-user");
+        assert_eq!(g.refresh_token.unwrap().expose(), "xoxe-1");
+        assert_eq!(g.expires_in, Some(43200));
+    }
+
+    #[test]
+    fn standard_grant() {
+        let p = provider("[providers.g]\npreset = \"google\"\n");
+        let json = serde_json::json!({"access_token": "ya29", "expires_in": "3599", "scope": "a b", "token_type": "Bearer"});
+        let g = parse_grant(&json, &p).unwrap();
+        assert_eq!(g.access_token.expose(), "ya29");
+        assert!(g.refresh_token.is_none());
+        assert_eq!(g.expires_in, Some(3599));
+        assert_eq!(g.scopes.unwrap(), vec!["a", "b"]);
+        assert!(parse_grant(&serde_json::json!({"token_type": "x"}), &p).is_none());
+    }
+
+    #[test]
+    fn codes_are_sanitized() {
+        assert_eq!(sanitize_code("invalid_grant"), "invalid_grant");
+        assert_eq!(sanitize_code("a\"b<script>"), "abscript");
+    }
+}

@@ -1,0 +1,485 @@
+//! Session tokens: short-lived JWTs that let one conversation act for one
+//! user on a chosen set of providers.
+//!
+//! A token alone is not enough: verification pins the algorithm to the one
+//! its `kid` was created with, checks `iss`, `aud`, `exp` (no leeway), and
+//! then requires the session record in the store, so deleting a session or
+//! its user revokes the token at once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::secret::Secret;
+use crate::store::{SessionRecord, Store, StoreError};
+
+/// Tokens longer than this are refused before any parsing.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
+/// The JWT claims of a session token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionClaims {
+    pub iss: String,
+    pub aud: String,
+    /// The user the session acts for.
+    pub sub: String,
+    /// Session id: the store record that makes the token valid.
+    pub sid: String,
+    pub providers: Vec<String>,
+    pub iat: i64,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<String>,
+}
+
+struct Verifier {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+struct Signer {
+    kid: String,
+    alg: Algorithm,
+    key: EncodingKey,
+}
+
+/// Parsed signing material: the current key and every key that verifies.
+pub struct SessionKeys {
+    signer: Signer,
+    verifiers: HashMap<String, Verifier>,
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionKeys")
+            .field("kid", &self.signer.kid)
+            .field("alg", &self.signer.alg)
+            .field("verifying_kids", &self.verifiers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn short_hash(domain: &[u8], data: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(domain);
+    h.update(data);
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Parses one key: an Ed25519 PKCS#8 PEM (EdDSA) or a base64 secret of at
+/// least 32 bytes (HS256).
+fn parse_key(text: &Secret) -> Result<(Signer, Verifier), String> {
+    let t = text.expose().trim();
+    if t.starts_with("-----BEGIN") {
+        use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+        let der = PrivateKeyDer::from_pem_slice(t.as_bytes())
+            .map_err(|_| "is a PEM file but not a readable private key".to_string())?;
+        let PrivateKeyDer::Pkcs8(pk8) = der else {
+            return Err(
+                "must be an Ed25519 key in PKCS#8 PEM (`openssl genpkey -algorithm ed25519`)"
+                    .into(),
+            );
+        };
+        let pair =
+            ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pk8.secret_pkcs8_der())
+                .map_err(|_| {
+                    "must be an Ed25519 key in PKCS#8 PEM (`openssl genpkey -algorithm ed25519`)"
+                        .to_string()
+                })?;
+        use ring::signature::KeyPair;
+        let public = pair.public_key().as_ref().to_vec();
+        let kid = format!("ed-{}", short_hash(b"sidekey session kid v1\0", &public));
+        Ok((
+            Signer {
+                kid,
+                alg: Algorithm::EdDSA,
+                key: EncodingKey::from_ed_der(pk8.secret_pkcs8_der()),
+            },
+            Verifier {
+                alg: Algorithm::EdDSA,
+                key: DecodingKey::from_ed_der(&public),
+            },
+        ))
+    } else {
+        let bytes = zeroize::Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(t)
+                .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t))
+                .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(t))
+                .map_err(|_| {
+                    "is neither base64 (HS256 secret) nor an Ed25519 PEM key; generate one with `openssl rand -base64 32`".to_string()
+                })?,
+        );
+        if bytes.len() < 32 {
+            return Err(format!(
+                "HS256 secret is {} bytes; use at least 32 random bytes (`openssl rand -base64 32`)",
+                bytes.len()
+            ));
+        }
+        let kid = format!("hs-{}", short_hash(b"sidekey session kid v1\0", &bytes));
+        Ok((
+            Signer {
+                kid,
+                alg: Algorithm::HS256,
+                key: EncodingKey::from_secret(&bytes),
+            },
+            Verifier {
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(&bytes),
+            },
+        ))
+    }
+}
+
+impl SessionKeys {
+    /// `current` signs and verifies; `previous` only verify (rotation).
+    pub fn new(current: &Secret, previous: &[Secret]) -> Result<SessionKeys, String> {
+        let (signer, v) = parse_key(current)?;
+        let mut verifiers = HashMap::new();
+        verifiers.insert(signer.kid.clone(), v);
+        for (i, p) in previous.iter().enumerate() {
+            let (s, v) = parse_key(p).map_err(|e| format!("previous key #{}: {e}", i + 1))?;
+            verifiers.entry(s.kid).or_insert(v);
+        }
+        Ok(SessionKeys { signer, verifiers })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.signer.kid
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.signer.alg
+    }
+
+    /// A fresh HS256 secret, base64, for `generate_missing`.
+    pub fn generate_hs256() -> Secret {
+        let mut k = zeroize::Zeroizing::new([0u8; 32]);
+        rand::fill(&mut k[..]);
+        Secret::new(base64::engine::general_purpose::STANDARD.encode(&k[..]))
+    }
+}
+
+/// A session that passed every check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedSession {
+    pub sid: String,
+    pub user: String,
+    pub providers: Vec<String>,
+    pub exp: i64,
+    pub conv: Option<String>,
+}
+
+/// A newly minted session.
+#[derive(Debug)]
+pub struct Minted {
+    pub sid: String,
+    pub token: Secret,
+    pub exp: i64,
+    pub claims: SessionClaims,
+}
+
+/// Mints and verifies session tokens against the store.
+pub struct SessionAuthority {
+    keys: SessionKeys,
+    issuer: String,
+    audience: String,
+    store: Arc<Store>,
+    clock: Clock,
+}
+
+impl SessionAuthority {
+    pub fn new(
+        keys: SessionKeys,
+        issuer: String,
+        audience: String,
+        store: Arc<Store>,
+        clock: Clock,
+    ) -> Self {
+        SessionAuthority {
+            keys,
+            issuer,
+            audience,
+            store,
+            clock,
+        }
+    }
+
+    pub fn keys(&self) -> &SessionKeys {
+        &self.keys
+    }
+
+    /// Signs a token and writes its record (the caller flushes).
+    pub fn mint(
+        &self,
+        user: &str,
+        providers: Vec<String>,
+        ttl_secs: u64,
+        conv: Option<String>,
+    ) -> Result<Minted, StoreError> {
+        let now = self.clock.now();
+        let mut id = [0u8; 16];
+        rand::fill(&mut id);
+        let sid = format!(
+            "ses_{}",
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let exp = now + ttl_secs as i64;
+        let claims = SessionClaims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: user.to_owned(),
+            sid: sid.clone(),
+            providers: providers.clone(),
+            iat: now,
+            exp,
+            conv: conv.clone(),
+        };
+        let mut header = Header::new(self.keys.signer.alg);
+        header.kid = Some(self.keys.signer.kid.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.keys.signer.key)
+            .expect("signing with a parsed key does not fail");
+        self.store.put_session(
+            &sid,
+            &SessionRecord {
+                user: user.to_owned(),
+                providers,
+                iat: now,
+                exp,
+                conv,
+            },
+        )?;
+        Ok(Minted {
+            sid,
+            token: Secret::new(token),
+            exp,
+            claims,
+        })
+    }
+
+    /// Checks signature, algorithm, claims and the store record.
+    pub fn verify(&self, token: &str) -> Result<VerifiedSession, ApiError> {
+        if token.is_empty() {
+            return Err(ApiError::InvalidSession("empty token"));
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(ApiError::InvalidSession("token too large"));
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| ApiError::InvalidSession("malformed token"))?;
+        let kid = header
+            .kid
+            .as_deref()
+            .ok_or(ApiError::InvalidSession("token has no kid"))?;
+        let v = self
+            .keys
+            .verifiers
+            .get(kid)
+            .ok_or(ApiError::InvalidSession("unknown kid"))?;
+        // The algorithm comes from our key, never from the token: this is
+        // what defeats `alg: none` and HS256-with-a-public-key confusion.
+        if header.alg != v.alg {
+            return Err(ApiError::InvalidSession("algorithm not allowed"));
+        }
+        let mut val = Validation::new(v.alg);
+        val.leeway = 0;
+        val.validate_nbf = true;
+        val.set_issuer(&[&self.issuer]);
+        val.set_audience(&[&self.audience]);
+        val.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let data = jsonwebtoken::decode::<SessionClaims>(token, &v.key, &val).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind::*;
+            ApiError::InvalidSession(match e.kind() {
+                ExpiredSignature => "token expired",
+                ImmatureSignature => "token not yet valid",
+                InvalidIssuer => "wrong issuer",
+                InvalidAudience => "wrong audience",
+                InvalidSignature => "bad signature",
+                InvalidAlgorithm => "algorithm not allowed",
+                _ => "token rejected",
+            })
+        })?;
+        let c = data.claims;
+        let now = self.clock.now();
+        // The library checks exp against the system clock; check against
+        // ours too (the same clock every other expiry in sidekey uses).
+        if c.exp <= now {
+            return Err(ApiError::InvalidSession("token expired"));
+        }
+        if c.iat > now + 60 {
+            return Err(ApiError::InvalidSession("token issued in the future"));
+        }
+        let rec = match self.store.session(&c.sid) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(ApiError::InvalidSession("session revoked or unknown")),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read session record");
+                return Err(ApiError::Internal);
+            }
+        };
+        if rec.user != c.sub {
+            return Err(ApiError::InvalidSession(
+                "session record does not match token",
+            ));
+        }
+        if rec.exp <= now {
+            return Err(ApiError::InvalidSession("token expired"));
+        }
+        if let Some(conv) = &c.conv {
+            if rec.conv.as_deref() != Some(conv) {
+                return Err(ApiError::InvalidSession(
+                    "session record does not match token",
+                ));
+            }
+        }
+        Ok(VerifiedSession {
+            sid: c.sid,
+            user: rec.user,
+            // The record is authoritative; the claim is informational.
+            providers: rec.providers,
+            exp: rec.exp,
+            conv: rec.conv,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{KeyRing, MasterKey, StoreOptions};
+
+    fn authority(dir: &std::path::Path, key: &Secret) -> SessionAuthority {
+        let store = Store::open(
+            &dir.join("db"),
+            KeyRing::new(MasterKey::from_bytes(&[7; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        SessionAuthority::new(
+            SessionKeys::new(key, &[]).unwrap(),
+            "sidekey".into(),
+            "sidekey-proxy".into(),
+            Arc::new(store),
+            Clock::system(),
+        )
+    }
+
+    fn b64(s: &[u8]) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    }
+
+    #[test]
+    fn mint_verify_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authority(dir.path(), &SessionKeys::generate_hs256());
+        let m = a.mint("alice", vec!["slack".into()], 60, None).unwrap();
+        let v = a.verify(m.token.expose()).unwrap();
+        assert_eq!(v.user, "alice");
+        assert_eq!(v.providers, vec!["slack"]);
+        let header = jsonwebtoken::decode_header(m.token.expose()).unwrap();
+        assert_eq!(header.alg, Algorithm::HS256);
+        assert!(header.kid.unwrap().starts_with("hs-"));
+        a.store.revoke_session(&m.sid).unwrap();
+        assert!(matches!(
+            a.verify(m.token.expose()),
+            Err(ApiError::InvalidSession("session revoked or unknown"))
+        ));
+    }
+
+    #[test]
+    fn alg_none_and_tampering_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authority(dir.path(), &SessionKeys::generate_hs256());
+        let m = a.mint("alice", vec!["slack".into()], 60, None).unwrap();
+        let parts: Vec<&str> = m.token.expose().split('.').collect();
+        let kid = a.keys.kid().to_owned();
+        let none_header = b64(format!(r#"{{"alg":"none","kid":"{kid}"}}"#).as_bytes());
+        let forged = format!("{none_header}.{}.", parts[1]);
+        assert!(a.verify(&forged).is_err());
+        let mut claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(parts[1])
+                .unwrap(),
+        )
+        .unwrap();
+        claims["sub"] = "mallory".into();
+        let tampered = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(claims.to_string().as_bytes()),
+            parts[2]
+        );
+        assert!(a.verify(&tampered).is_err());
+        assert!(a.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
+        assert!(a.verify("not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn other_key_and_previous_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let k1 = SessionKeys::generate_hs256();
+        let k2 = SessionKeys::generate_hs256();
+        let a = authority(dir.path(), &k1);
+        let m = a.mint("alice", vec![], 60, None).unwrap();
+        // A verifier with only k2 refuses; with k1 as previous it accepts.
+        let b = SessionAuthority::new(
+            SessionKeys::new(&k2, &[]).unwrap(),
+            "sidekey".into(),
+            "sidekey-proxy".into(),
+            a.store.clone(),
+            Clock::system(),
+        );
+        assert!(b.verify(m.token.expose()).is_err());
+        let c = SessionAuthority::new(
+            SessionKeys::new(&k2, std::slice::from_ref(&k1)).unwrap(),
+            "sidekey".into(),
+            "sidekey-proxy".into(),
+            a.store.clone(),
+            Clock::system(),
+        );
+        assert!(c.verify(m.token.expose()).is_ok());
+    }
+
+    #[test]
+    fn expiry_follows_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = authority(dir.path(), &SessionKeys::generate_hs256());
+        let m = a.mint("alice", vec![], 30, None).unwrap();
+        assert!(a.verify(m.token.expose()).is_ok());
+        a.clock.advance(31);
+        assert!(matches!(
+            a.verify(m.token.expose()),
+            Err(ApiError::InvalidSession("token expired"))
+        ));
+    }
+
+    #[test]
+    fn eddsa_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let pem = Secret::new(pair.serialize_pem());
+        let a = authority(dir.path(), &pem);
+        assert_eq!(a.keys.algorithm(), Algorithm::EdDSA);
+        let m = a.mint("alice", vec![], 60, None).unwrap();
+        assert!(a.verify(m.token.expose()).is_ok());
+        assert_eq!(
+            jsonwebtoken::decode_header(m.token.expose()).unwrap().alg,
+            Algorithm::EdDSA
+        );
+    }
+
+    #[test]
+    fn short_hs_secret_refused() {
+        let e = SessionKeys::new(&Secret::new("c2hvcnQ="), &[]).unwrap_err();
+        assert!(e.contains("at least 32"), "{e}");
+    }
+}

@@ -1,0 +1,158 @@
+//! A bounded, TTL'd cache of decrypted credentials.
+//!
+//! Sharded so concurrent requests for different users do not contend on one
+//! lock. Each shard has an epoch bumped by every write; a reader that loaded
+//! from disk before a write cannot put its now-stale copy back. Entries hold
+//! `Arc<Credential>` whose secrets are zeroized when the last user drops them.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Credential;
+
+const SHARDS: usize = 32;
+
+struct Shard {
+    epoch: u64,
+    map: HashMap<String, (Arc<Credential>, Instant)>,
+}
+
+pub struct CredentialCache {
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+    ttl: Duration,
+    per_shard: usize,
+}
+
+impl CredentialCache {
+    pub fn new(ttl: Duration, max_entries: usize) -> Self {
+        CredentialCache {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        epoch: 0,
+                        map: HashMap::new(),
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            ttl,
+            per_shard: max_entries.div_ceil(SHARDS),
+        }
+    }
+
+    fn shard(&self, key: &str) -> &Mutex<Shard> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
+    }
+
+    fn lock<'a>(&self, m: &'a Mutex<Shard>) -> std::sync::MutexGuard<'a, Shard> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live entry, or the shard epoch to pass to [`insert`] after loading.
+    pub fn get(&self, key: &str) -> Result<Arc<Credential>, u64> {
+        if self.per_shard == 0 || self.ttl.is_zero() {
+            return Err(0);
+        }
+        let mut s = self.lock(self.shard(key));
+        match s.map.get(key) {
+            Some((c, at)) if at.elapsed() < self.ttl => Ok(c.clone()),
+            Some(_) => {
+                s.map.remove(key);
+                Err(s.epoch)
+            }
+            None => Err(s.epoch),
+        }
+    }
+
+    /// Caches a value loaded from disk, unless a write happened since `epoch`.
+    pub fn insert(&self, key: &str, value: Arc<Credential>, epoch: u64) {
+        if self.per_shard == 0 || self.ttl.is_zero() {
+            return;
+        }
+        let mut s = self.lock(self.shard(key));
+        if s.epoch != epoch {
+            return;
+        }
+        if s.map.len() >= self.per_shard && !s.map.contains_key(key) {
+            // Drop expired entries first; if none, drop an arbitrary one.
+            let ttl = self.ttl;
+            s.map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if s.map.len() >= self.per_shard {
+                if let Some(k) = s.map.keys().next().cloned() {
+                    s.map.remove(&k);
+                }
+            }
+        }
+        s.map.insert(key.to_owned(), (value, Instant::now()));
+    }
+
+    /// Called by every write: removes the entry and fences off in-flight loads.
+    pub fn invalidate(&self, key: &str) {
+        let mut s = self.lock(self.shard(key));
+        s.epoch += 1;
+        s.map.remove(key);
+    }
+
+    pub fn clear(&self) {
+        for m in &self.shards {
+            let mut s = self.lock(m);
+            s.epoch += 1;
+            s.map.clear();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|m| self.lock(m).map.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(g: u64) -> Arc<Credential> {
+        Arc::new(Credential {
+            generation: g,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn write_fences_stale_loads() {
+        let c = CredentialCache::new(Duration::from_secs(60), 100);
+        let epoch = c.get("k").unwrap_err();
+        c.invalidate("k"); // a write lands while the reader was on disk
+        c.insert("k", cred(1), epoch);
+        assert!(c.get("k").is_err(), "stale value must not be cached");
+        let epoch = c.get("k").unwrap_err();
+        c.insert("k", cred(2), epoch);
+        assert_eq!(c.get("k").unwrap().generation, 2);
+    }
+
+    #[test]
+    fn bounded() {
+        let c = CredentialCache::new(Duration::from_secs(60), 64);
+        for i in 0..1000 {
+            let k = format!("k{i}");
+            let e = c.get(&k).unwrap_err();
+            c.insert(&k, cred(i), e);
+        }
+        assert!(c.len() <= 64 + SHARDS, "{}", c.len());
+    }
+
+    #[test]
+    fn ttl_expires() {
+        let c = CredentialCache::new(Duration::from_millis(1), 10);
+        let e = c.get("k").unwrap_err();
+        c.insert("k", cred(1), e);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(c.get("k").is_err());
+    }
+}
