@@ -589,7 +589,7 @@ impl Config {
             listen: admin_listen,
             token,
         };
-        if admin.listen == server.listen {
+        if admin.listen == server.listen && admin.listen.port() != 0 {
             p.push("[admin] listen: must differ from [server] listen".into());
         }
 

@@ -1,0 +1,309 @@
+//! A fake OAuth token endpoint: counts calls, issues and rotates tokens
+//! (refresh tokens are single-use when rotating, as at real providers),
+//! verifies PKCE, and can be told to fail.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mode {
+    Ok,
+    /// 400 {"error": "invalid_grant"} (or Slack's 200 ok:false invalid_refresh_token).
+    InvalidGrant,
+    /// 500
+    ServerError,
+    /// Waits, then answers as `Ok`.
+    Slow(Duration),
+    /// 400 with this error code.
+    Error(String),
+}
+
+pub struct State {
+    pub mode: Mode,
+    pub calls: usize,
+    pub grants: Vec<String>,
+    /// Rotate refresh tokens (each one works once).
+    pub rotate: bool,
+    pub expires_in: i64,
+    pub valid_refresh: HashSet<String>,
+    pub valid_access: HashSet<String>,
+    counter: u64,
+    /// code → (PKCE challenge, redirect_uri)
+    codes: HashMap<String, (String, String)>,
+    pub last_form: HashMap<String, String>,
+    pub last_basic: Option<(String, String)>,
+    /// Slack's conventions: `ok` field, errors as 200 ok:false.
+    pub slack: bool,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+#[derive(Clone)]
+pub struct TokenServer {
+    /// `http://127.0.0.1:PORT/token`
+    pub url: String,
+    pub state: Arc<Mutex<State>>,
+}
+
+impl TokenServer {
+    pub async fn start() -> TokenServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State {
+            mode: Mode::Ok,
+            calls: 0,
+            grants: Vec::new(),
+            rotate: true,
+            expires_in: 3600,
+            valid_refresh: HashSet::new(),
+            valid_access: HashSet::new(),
+            counter: 0,
+            codes: HashMap::new(),
+            last_form: HashMap::new(),
+            last_basic: None,
+            slack: false,
+            client_id: "test-client".into(),
+            client_secret: "test-client-secret".into(),
+        }));
+        let st = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        TokenServer {
+            url: format!("http://{addr}/token"),
+            state,
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.state.lock().unwrap().calls
+    }
+
+    pub fn set_mode(&self, m: Mode) {
+        self.state.lock().unwrap().mode = m;
+    }
+
+    pub fn set_rotate(&self, r: bool) {
+        self.state.lock().unwrap().rotate = r;
+    }
+
+    pub fn set_slack(&self, s: bool) {
+        self.state.lock().unwrap().slack = s;
+    }
+
+    pub fn set_expires_in(&self, s: i64) {
+        self.state.lock().unwrap().expires_in = s;
+    }
+
+    /// Registers a refresh token the fake will accept (once, if rotating).
+    pub fn issue_refresh(&self, rt: &str) {
+        self.state.lock().unwrap().valid_refresh.insert(rt.into());
+    }
+
+    /// Registers an access token the fake upstream should accept.
+    pub fn issue_access(&self, at: &str) {
+        self.state.lock().unwrap().valid_access.insert(at.into());
+    }
+
+    pub fn is_valid_access(&self, at: &str) -> bool {
+        self.state.lock().unwrap().valid_access.contains(at)
+    }
+
+    pub fn revoke_access(&self, at: &str) {
+        self.state.lock().unwrap().valid_access.remove(at);
+    }
+
+    /// Registers an authorization code for a PKCE challenge and redirect URI.
+    pub fn register_code(&self, code: &str, challenge: &str, redirect_uri: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .codes
+            .insert(code.into(), (challenge.into(), redirect_uri.into()));
+    }
+
+    pub fn last_form(&self) -> HashMap<String, String> {
+        self.state.lock().unwrap().last_form.clone()
+    }
+
+    pub fn last_basic(&self) -> Option<(String, String)> {
+        self.state.lock().unwrap().last_basic.clone()
+    }
+
+    /// Every access and refresh token the fake ever issued or accepted, for
+    /// secret scans.
+    pub fn all_tokens(&self) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        s.valid_access
+            .iter()
+            .chain(s.valid_refresh.iter())
+            .cloned()
+            .chain((1..=s.counter).flat_map(|n| {
+                [
+                    format!("at-{n}-{}", s.client_id),
+                    format!("rt-{n}-{}", s.client_id),
+                ]
+            }))
+            .collect()
+    }
+}
+
+fn reply(status: u16, v: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())))
+        .unwrap()
+}
+
+fn error(st: &State, code: &str, status: u16) -> Response<Full<Bytes>> {
+    if st.slack {
+        reply(200, json!({"ok": false, "error": code}))
+    } else {
+        reply(
+            status,
+            json!({"error": code, "error_description": "fake token endpoint says no"}),
+        )
+    }
+}
+
+async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let basic = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            s.split_once(':').map(|(a, b)| {
+                let d = |x: &str| {
+                    url::form_urlencoded::parse(format!("x={x}").as_bytes())
+                        .next()
+                        .map(|(_, v)| v.into_owned())
+                        .unwrap_or_default()
+                };
+                (d(a), d(b))
+            })
+        });
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let mode = {
+        let mut st = state.lock().unwrap();
+        st.calls += 1;
+        st.last_form = form.clone();
+        st.last_basic = basic.clone();
+        st.grants
+            .push(form.get("grant_type").cloned().unwrap_or_default());
+        st.mode.clone()
+    };
+    match &mode {
+        Mode::Slow(d) => tokio::time::sleep(*d).await,
+        Mode::ServerError => return reply(500, json!({"error": "server_error"})),
+        _ => {}
+    }
+    let mut st = state.lock().unwrap();
+    if let Mode::Error(code) = &mode {
+        return error(&st, code, 400);
+    }
+    if mode == Mode::InvalidGrant {
+        let code = if st.slack {
+            "invalid_refresh_token"
+        } else {
+            "invalid_grant"
+        };
+        return error(&st, code, 400);
+    }
+    // Client authentication: body or basic, never both missing.
+    let (cid, csec) = match &basic {
+        Some((a, b)) => (a.clone(), b.clone()),
+        None => (
+            form.get("client_id").cloned().unwrap_or_default(),
+            form.get("client_secret").cloned().unwrap_or_default(),
+        ),
+    };
+    if cid != st.client_id || csec != st.client_secret {
+        return error(&st, "invalid_client", 401);
+    }
+    let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+    let mut issue_refresh = st.rotate;
+    match grant {
+        "refresh_token" => {
+            let rt = form.get("refresh_token").cloned().unwrap_or_default();
+            if !st.valid_refresh.contains(&rt) {
+                let code = if st.slack {
+                    "invalid_refresh_token"
+                } else {
+                    "invalid_grant"
+                };
+                return error(&st, code, 400);
+            }
+            if st.rotate {
+                st.valid_refresh.remove(&rt);
+            }
+        }
+        "authorization_code" => {
+            let code = form.get("code").cloned().unwrap_or_default();
+            let Some((challenge, redirect)) = st.codes.remove(&code) else {
+                return error(&st, "invalid_grant", 400);
+            };
+            let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+            let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(Sha256::digest(verifier.as_bytes()));
+            if computed != challenge || form.get("redirect_uri") != Some(&redirect) {
+                return error(&st, "invalid_grant", 400);
+            }
+            issue_refresh = true;
+        }
+        "client_credentials" => {
+            issue_refresh = false;
+        }
+        _ => return error(&st, "unsupported_grant_type", 400),
+    }
+    st.counter += 1;
+    let n = st.counter;
+    let at = format!("at-{n}-{}", st.client_id);
+    st.valid_access.insert(at.clone());
+    let mut v = json!({"access_token": at, "token_type": "Bearer", "expires_in": st.expires_in, "scope": "read write"});
+    if issue_refresh {
+        let rt = format!("rt-{n}-{}", st.client_id);
+        st.valid_refresh.insert(rt.clone());
+        v["refresh_token"] = json!(rt);
+    }
+    if st.slack {
+        v["ok"] = json!(true);
+    }
+    reply(200, v)
+}
