@@ -237,42 +237,72 @@ impl Options {
         self
     }
 
-    /// The config file text.
+    /// The config file text. Keys given in the extra section text replace
+    /// the base ones, so tests can override any default.
     pub fn config_text(&self) -> String {
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-public_url = "https://127.0.0.1:8443"
-tls_cert = "certs/server.crt"
-tls_key = "certs/server.key"
-upstream_timeout_secs = 5
-shutdown_grace_secs = 5
-{server}
-[admin]
-listen = "127.0.0.1:0"
-token_file = "data/admin.token"
-
-[store]
-path = "data/sidekey.db"
-master_key_file = "data/master.key"
-generate_missing = true
-{store}
-[sessions]
-signing_key_file = "data/session.key"
-{sessions}
-[elevenlabs]
-webhook_secret_env = "TEST_WEBHOOK_SECRET"
-init_secret_env = "TEST_INIT_SECRET"
-{el}
-{extra}
-"#,
-            server = self.server_toml,
-            store = self.store_toml,
-            sessions = self.sessions_toml,
-            el = self.elevenlabs_toml,
-            extra = self.extra_toml
-        )
+        fn section(name: &str, base: &[&str], extra: &str) -> String {
+            let overridden: Vec<&str> = extra
+                .lines()
+                .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+                .collect();
+            let mut out = format!("[{name}]\n");
+            for line in base {
+                let key = line.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
+                if !overridden.contains(&key) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            out.push_str(extra);
+            out.push('\n');
+            out
+        }
+        [
+            section(
+                "server",
+                &[
+                    "listen = \"127.0.0.1:0\"",
+                    "public_url = \"https://127.0.0.1:8443\"",
+                    "tls_cert = \"certs/server.crt\"",
+                    "tls_key = \"certs/server.key\"",
+                    "upstream_timeout_secs = 5",
+                    "shutdown_grace_secs = 5",
+                ],
+                &self.server_toml,
+            ),
+            section(
+                "admin",
+                &[
+                    "listen = \"127.0.0.1:0\"",
+                    "token_file = \"data/admin.token\"",
+                ],
+                "",
+            ),
+            section(
+                "store",
+                &[
+                    "path = \"data/sidekey.db\"",
+                    "master_key_file = \"data/master.key\"",
+                    "generate_missing = true",
+                ],
+                &self.store_toml,
+            ),
+            section(
+                "sessions",
+                &["signing_key_file = \"data/session.key\""],
+                &self.sessions_toml,
+            ),
+            section(
+                "elevenlabs",
+                &[
+                    "webhook_secret_env = \"TEST_WEBHOOK_SECRET\"",
+                    "init_secret_env = \"TEST_INIT_SECRET\"",
+                ],
+                &self.elevenlabs_toml,
+            ),
+            self.extra_toml.clone(),
+        ]
+        .join("\n")
     }
 }
 
