@@ -116,6 +116,9 @@ impl App {
     }
 }
 
+/// How long after expiry an OAuth state is still kept (see `spawn_gc`).
+const OAUTH_STATE_GC_GRACE_SECS: i64 = 3600;
+
 /// Removes expired sessions and OAuth states once a minute. Holds only a
 /// weak reference so it ends with the app.
 fn spawn_gc(app: &Arc<App>) {
@@ -128,7 +131,13 @@ fn spawn_gc(app: &Arc<App>) {
             let store = app.store.clone();
             let now = app.clock.now();
             let res = tokio::task::spawn_blocking(move || {
-                (store.gc_sessions(now), store.gc_oauth_states(now))
+                // Expired OAuth states are kept an hour longer: they can
+                // no longer complete a sign-in, but a late callback can
+                // still send the browser back to `return_to?error=state_expired`.
+                (
+                    store.gc_sessions(now),
+                    store.gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS),
+                )
             })
             .await;
             if let Ok((s, o)) = res {

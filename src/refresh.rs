@@ -491,6 +491,26 @@ impl RefreshCoordinator {
         };
 
         let now = self.clock.now();
+        // The admin API and the OAuth callback write credentials without
+        // this lock. If the credential was replaced or deleted while the
+        // token endpoint answered, the replacement wins: it is neither
+        // overwritten by a token from the old grant nor marked
+        // reauth_required because the old grant was refused.
+        if let Some(used) = &cur {
+            let latest = self
+                .store
+                .credential_uncached(owner, &p.name)
+                .map_err(internal)?;
+            match latest {
+                Some(c) if c.generation == used.generation => {}
+                Some(c) if c.reauth_required => return Err(ApiError::ReauthRequired(p.label())),
+                Some(c) => {
+                    self.metrics.refresh(&p.name, "shared");
+                    return Ok(Arc::new(c));
+                }
+                None => return Err(ApiError::CredentialMissing(p.label())),
+            }
+        }
         match grant {
             Ok(g) => {
                 let prev = cur.unwrap_or_default();
