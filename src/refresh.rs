@@ -338,9 +338,13 @@ impl RefreshCoordinator {
                 Ok(Some(c))
             };
         }
-        self.refresh(p, owner, Some(c.generation), false)
-            .await
-            .map(Some)
+        match self.refresh(p, owner, Some(c.generation), false).await {
+            Ok(fresh) => Ok(Some(fresh)),
+            // Refreshing early failed, but the token has not expired yet:
+            // use it rather than fail a call that would still succeed.
+            Err(ApiError::RefreshFailed(_)) if !self.expired(&c) => Ok(Some(c)),
+            Err(e) => Err(e),
+        }
     }
 
     /// After the upstream refused the token of generation `seen`: refresh

@@ -1463,3 +1463,43 @@ async fn credential_replaced_during_a_refresh_is_not_clobbered() {
     );
     assert_eq!(tok.last_form()["refresh_token"], "rt-reconnected-2");
 }
+
+#[tokio::test]
+async fn early_refresh_failure_still_uses_the_unexpired_token() {
+    let up = Upstream::start().await;
+    let tok = TokenServer::start().await;
+    tok.issue_refresh("rt-early");
+    tok.issue_access("at-still-good");
+    tok.set_mode(Mode::ServerError);
+    let mut sk = InProcess::start(Options::with_providers(&oauth_provider(
+        "custom", &up, &tok, "",
+    )))
+    .await;
+    // Inside the 60 s skew, but 30 s from actually expiring.
+    sk.put_credential(
+        "hank",
+        "custom",
+        json!({"access_token": "at-still-good", "refresh_token": "rt-early", "expires_at": sk.clock.now() + 30}),
+    )
+    .await;
+    let session = sk.token("hank", &["custom"]).await;
+    let r = sk
+        .proxy(Method::GET, "/v1/proxy/custom/me", &session, "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tok.calls(), 1, "the early refresh was attempted once");
+    assert_eq!(up.last().bearer().as_deref(), Some("at-still-good"));
+    // Inside the backoff: no token call, the old token still serves.
+    let r = sk
+        .proxy(Method::GET, "/v1/proxy/custom/me", &session, "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tok.calls(), 1);
+    // Once it has really expired, the failure reaches the caller.
+    sk.clock.advance(31);
+    sk.proxy(Method::GET, "/v1/proxy/custom/me", &session, "")
+        .await
+        .assert_error(502, "refresh_failed");
+    assert_eq!(up.count(), 2, "nothing forwarded with the expired token");
+    sk.stop().await;
+}
