@@ -21,7 +21,6 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::body::{self, Body, html_escape};
 use crate::error::ApiError;
-use crate::proxy::json_error;
 use crate::refresh::{TokenError, call_token_endpoint};
 use crate::secret::Secret;
 use crate::store::{AuditRecord, Credential, OAuthState, Owner};
@@ -73,7 +72,7 @@ pub async fn start(
     let b: StartBody = if body.iter().all(u8::is_ascii_whitespace) {
         StartBody::default()
     } else {
-        serde_json::from_slice(body).map_err(|e| json_error(&e))?
+        crate::admin::parse(body)?
     };
     let (Some(authorize), Some(_)) = (&p.authorize_url, &p.token_url) else {
         return Err(ApiError::BadRequest(format!(

@@ -338,6 +338,12 @@ pub struct ProxyPath {
     pub decoded: String,
 }
 
+/// `.` and `..`, also with a `;param` suffix: servlet containers (Tomcat,
+/// Jetty) read `..;` as `..`, which would step out of an allow-listed prefix.
+fn is_dot_segment(s: &str) -> bool {
+    matches!(s.split(';').next(), Some("." | ".."))
+}
+
 /// Validates the part of a request path after `/v1/proxy/{provider}`.
 ///
 /// Refuses anything that could leave `base_url` once some server along the
@@ -370,7 +376,7 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
         // Decode until stable (at most three rounds) so double and triple
         // encodings are judged by what they finally mean.
         for _ in 0..3 {
-            if cur == "." || cur == ".." {
+            if is_dot_segment(&cur) {
                 return Err("dot segment in path");
             }
             if cur.contains(['/', '\\']) {
@@ -391,7 +397,7 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
             }
             cur = std::borrow::Cow::Owned(next);
         }
-        if cur == "." || cur == ".." {
+        if is_dot_segment(&cur) {
             return Err("dot segment in path");
         }
         if cur.contains(['/', '\\']) || cur.chars().any(|c| c.is_control()) {
@@ -840,6 +846,8 @@ mod tests {
             "/%40evil.com",
             "/%c0%ae%c0%ae/x",
             "/%e0%80%ae/x",
+            "/a/..;/b",
+            "/a/%2e%2e%3b/b",
             "/%ff",
             "relative",
             "/a b",

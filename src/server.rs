@@ -92,6 +92,7 @@ pub async fn run(
     let agent_slots = Arc::new(Semaphore::new(cfg.max_connections));
     let admin_slots = Arc::new(Semaphore::new(256));
     let handshake_timeout = Duration::from_secs(cfg.tls_handshake_timeout_secs);
+    let first_bytes_timeout = Duration::from_secs(cfg.header_read_timeout_secs);
 
     tokio::pin!(shutdown);
     loop {
@@ -136,7 +137,10 @@ pub async fn run(
                     match tokio::time::timeout(handshake_timeout, acc.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let conn = builder
-                                .serve_connection(TokioIo::new(tls), svc)
+                                .serve_connection(
+                                    TokioIo::new(FirstBytes::new(tls, first_bytes_timeout)),
+                                    svc,
+                                )
                                 .into_owned();
                             if let Err(e) = watcher.watch(conn).await {
                                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -148,7 +152,10 @@ pub async fn run(
                 }
                 _ => {
                     let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
+                        .serve_connection(
+                            TokioIo::new(FirstBytes::new(stream, first_bytes_timeout)),
+                            svc,
+                        )
                         .into_owned();
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -269,6 +276,103 @@ async fn route_agent(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         1 => crate::proxy::refresh_tool(app, req).await,
         2 => crate::elevenlabs::conversation_init(app, req).await,
         _ => crate::elevenlabs::post_call(app, req).await,
+    }
+}
+
+/// Fails reads while a new connection has not yet sent enough to pick its
+/// protocol (the 24-byte HTTP/2 preface, or a first byte that is not its
+/// `P`) within the header read timeout. hyper-util's protocol detection
+/// waits forever, and hyper's own header timeout only starts after it, so a
+/// client that completes TLS and then sends nothing would otherwise hold one
+/// of `max_connections` for good.
+struct FirstBytes<I> {
+    io: I,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    seen: usize,
+    armed: bool,
+}
+
+impl<I> FirstBytes<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        FirstBytes {
+            io,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            seen: 0,
+            armed: true,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstBytes<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if !this.armed {
+            return std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if this.seen == 0 && new.first().is_some_and(|b| *b != b'P') {
+                    // HTTP/1: hyper's header read timeout takes over.
+                    this.armed = false;
+                }
+                this.seen += new.len();
+                if this.seen >= 24 {
+                    this.armed = false;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the header read timeout",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstBytes<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
