@@ -445,20 +445,16 @@ impl Config {
         })?;
         let mut p = Vec::new();
         let mut warnings = Vec::new();
-        let cfg = Config::from_raw(raw, path, dir, &mut p, &mut warnings);
-        if p.is_empty() {
-            let mut cfg = cfg;
-            cfg.warnings = warnings;
-            // Provider resolution (presets, URLs, injection) is validated by
-            // the module that owns it.
-            if let Err(mut errs) = crate::providers::Providers::from_config(&cfg) {
-                p.append(&mut errs);
-                return Err(p);
-            }
-            Ok(cfg)
-        } else {
-            Err(p)
+        let mut cfg = Config::from_raw(raw, path, dir, &mut p, &mut warnings);
+        cfg.warnings = warnings;
+        // Provider resolution (presets, URLs, injection) is validated by
+        // the module that owns it; it only reads `[providers.*]`, so its
+        // problems are listed alongside the others (check-config reports
+        // every problem, not the first group).
+        if let Err(mut errs) = crate::providers::Providers::from_config(&cfg) {
+            p.append(&mut errs);
         }
+        if p.is_empty() { Ok(cfg) } else { Err(p) }
     }
 
     fn from_raw(
