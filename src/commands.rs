@@ -147,7 +147,11 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
     let new_key = MasterKey::parse(&crate::secret::Secret::new(new_text))
         .map_err(|e| Fatal::new(format!("--new-key-file: {} {e}", new_key_file.display())))?;
     let keys = current_keys(&cfg)?;
-    if keys.current_id() == new_key.id() {
+    // The current key again is refused, unless previous keys are listed: a
+    // lazy rotation to it is under way, and re-sealing every record and the
+    // key check under it finishes that rotation.
+    let finishing = keys.current_id() == new_key.id();
+    if finishing && cfg.store.previous_master_key_files.is_empty() {
         return Err(Fatal::new(
             "--new-key-file holds the key the store already uses; generate a new one with `openssl rand -base64 32`",
         ));
@@ -167,6 +171,13 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
                 "rotation stopped: {e}; the store is intact, run the same command again"
             ))
         })?;
+    if finishing {
+        println!(
+            "re-encrypted {n} records under key id {}; remove store.previous_master_key_files (those keys no longer open this store)",
+            new_id.hex()
+        );
+        return Ok(());
+    }
     println!(
         "re-encrypted {n} records under key id {}; now point store.master_key_file at {} (the old key no longer opens this store)",
         new_id.hex(),
