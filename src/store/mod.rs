@@ -224,6 +224,9 @@ pub struct Store {
     /// Keyed hash for the phone index; random per store, kept sealed in meta.
     index_key: Zeroizing<Vec<u8>>,
     cache: CredentialCache,
+    /// Records in the audit tree: counted once, then tracked by
+    /// `append_audit` (sled's `len` is a full scan, too slow per batch).
+    audit_len: std::sync::Mutex<Option<usize>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -486,6 +489,7 @@ impl Store {
             session_expiry: tree("session_expiry")?,
             index_key,
             cache: CredentialCache::new(opts.cache_ttl, opts.cache_max_entries),
+            audit_len: std::sync::Mutex::new(None),
             db,
             path: path.to_path_buf(),
             keys,
@@ -503,7 +507,17 @@ impl Store {
     /// Makes every write so far durable. Admin writes and refreshed tokens
     /// call this before anyone is told the write happened.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        // Not sled's `flush_async`: in sled 0.34 concurrent calls park every
+        // sled I/O thread waiting for a log write that needs one of those
+        // same threads, and the whole store hangs (spacejam/sled#1308; ~8
+        // concurrent admin writes were enough here). A blocking flush on
+        // tokio's blocking pool waits without holding a sled I/O thread.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|_| {
+                StoreError::Sled(sled::Error::ReportableBug("store flush task failed".into()))
+            })??;
         Ok(())
     }
 
@@ -820,25 +834,38 @@ impl Store {
         records: &[AuditRecord],
         max_records: usize,
     ) -> Result<(), StoreError> {
-        for r in records {
-            let id = self.db.generate_id()?;
-            self.audit.put(&self.keys, &id.to_be_bytes(), r)?;
-        }
-        let len = self.audit.tree.len();
-        if len > max_records {
-            let excess = len - max_records;
-            let old: Vec<sled::IVec> = self
-                .audit
-                .tree
-                .iter()
-                .keys()
-                .take(excess)
-                .collect::<Result<_, _>>()?;
-            for k in old {
-                self.audit.tree.remove(k)?;
+        let mut count = self.audit_len.lock().unwrap_or_else(|e| e.into_inner());
+        let mut len = match *count {
+            Some(n) => n,
+            None => self.audit.tree.len(),
+        };
+        // Kept current on every exit, errors included (ids are unique, so
+        // each put adds a record and each successful remove drops one).
+        let result = (|| {
+            for r in records {
+                let id = self.db.generate_id()?;
+                self.audit.put(&self.keys, &id.to_be_bytes(), r)?;
+                len += 1;
             }
-        }
-        Ok(())
+            if len > max_records {
+                let excess = len - max_records;
+                let old: Vec<sled::IVec> = self
+                    .audit
+                    .tree
+                    .iter()
+                    .keys()
+                    .take(excess)
+                    .collect::<Result<_, _>>()?;
+                for k in old {
+                    if self.audit.tree.remove(k)?.is_some() {
+                        len -= 1;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        *count = Some(len);
+        result
     }
 
     /// Newest first, optionally only one user's.
