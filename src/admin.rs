@@ -203,10 +203,18 @@ struct CredentialBody {
     username: Option<Secret>,
     #[serde(default)]
     password: Option<Secret>,
-    /// Accepted and ignored: token responses carry it.
+    /// A token response's space- or comma-separated `scope`, used when
+    /// `scopes` is absent, so a provider's answer can be stored as it is.
     #[serde(default)]
-    #[allow(dead_code)]
-    token_type: Option<String>,
+    scope: Option<String>,
+    /// Other token-response fields: accepted and ignored (anything else is
+    /// refused, so a misspelt `refresh_token` is an error, not a silent loss).
+    #[serde(default, rename = "token_type")]
+    _token_type: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "id_token")]
+    _id_token: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "refresh_token_expires_in")]
+    _refresh_token_expires_in: Option<serde::de::IgnoredAny>,
 }
 
 /// Secrets are injected into headers and URLs: printable ASCII only, so a
@@ -299,7 +307,15 @@ async fn credential_route(
                 access_token: b.access_token,
                 refresh_token: b.refresh_token,
                 expires_at,
-                scopes: b.scopes.unwrap_or_default(),
+                scopes: b.scopes.unwrap_or_else(|| {
+                    b.scope
+                        .as_deref()
+                        .unwrap_or("")
+                        .split([' ', ','])
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }),
                 username: b.username,
                 password: b.password,
                 reauth_required: false,
@@ -498,7 +514,10 @@ pub fn valid_conversation_id(c: &str) -> bool {
 async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let b: SessionBody = parse(body)?;
     let user = id(&b.user, "user id")?;
-    let providers = b.providers.unwrap_or_default();
+    // No list means every configured provider; an empty list is a mistake.
+    let providers = b
+        .providers
+        .unwrap_or_else(|| app.providers.names().to_vec());
     if providers.is_empty() {
         return Err(ApiError::BadRequest(
             "providers must list at least one configured provider.".into(),

@@ -2257,3 +2257,65 @@ async fn admin_api_basics() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn admin_accepts_token_responses_and_defaults_session_providers() {
+    let up = support::upstream::Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&format!(
+        "{}{}",
+        support::provider_toml("alpha", &up.url, ""),
+        support::provider_toml("beta", &up.url, "")
+    )))
+    .await;
+    // A provider's token response stored as it is.
+    let r = sk
+        .admin(
+            Method::PUT,
+            "/v1/users/ann/credentials/alpha",
+            Some(json!({
+                "access_token": "at-resp-1", "token_type": "Bearer", "expires_in": 3600,
+                "refresh_token": "rt-resp-1", "scope": "read write,admin", "id_token": "eyJ.x.y",
+                "refresh_token_expires_in": 86400
+            })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["scopes"], json!(["read", "write", "admin"]));
+    // A misspelt field is an error, not a silently lost refresh token.
+    let r = sk
+        .admin(
+            Method::PUT,
+            "/v1/users/ann/credentials/alpha",
+            Some(json!({"access_token": "at-resp-2", "refresh_tokn": "rt"})),
+        )
+        .await;
+    r.assert_error(400, "bad_request");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refresh_tokn")
+    );
+    // No providers list: every configured provider.
+    let s = sk.session_with(json!({"user": "ann"})).await;
+    assert_eq!(s["providers"], json!(["alpha", "beta"]));
+    let r = sk
+        .proxy(
+            Method::GET,
+            "/v1/proxy/alpha/x",
+            s["token"].as_str().unwrap(),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().bearer().as_deref(), Some("at-resp-1"));
+    // An explicit empty list is a mistake.
+    let r = sk
+        .admin(
+            Method::POST,
+            "/v1/sessions",
+            Some(json!({"user": "ann", "providers": []})),
+        )
+        .await;
+    r.assert_error(400, "bad_request");
+}
