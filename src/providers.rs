@@ -344,6 +344,9 @@ fn is_dot_segment(s: &str) -> bool {
     matches!(s.split(';').next(), Some("." | ".."))
 }
 
+/// Decoding rounds `check_path` follows before refusing a path.
+const MAX_DECODES: usize = 4;
+
 /// Validates the part of a request path after `/v1/proxy/{provider}`.
 ///
 /// Refuses anything that could leave `base_url` once some server along the
@@ -373,9 +376,11 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
             return Err("empty path segment");
         }
         let mut cur: std::borrow::Cow<str> = std::borrow::Cow::Borrowed(seg);
-        // Decode until stable (at most three rounds) so double and triple
-        // encodings are judged by what they finally mean.
-        for _ in 0..3 {
+        // Decode until stable so double and triple encodings are judged by
+        // what they finally mean; more than MAX_DECODES levels is refused
+        // outright (no legitimate path is encoded that often).
+        let mut stable = false;
+        for _ in 0..MAX_DECODES {
             if is_dot_segment(&cur) {
                 return Err("dot segment in path");
             }
@@ -386,6 +391,7 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
                 return Err("control character in path");
             }
             if !cur.contains('%') {
+                stable = true;
                 break;
             }
             let next = match percent_decode_str(&cur).decode_utf8() {
@@ -393,9 +399,17 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
                 Err(_) => return Err("invalid UTF-8 in path"),
             };
             if next == cur {
+                stable = true;
                 break;
             }
             cur = std::borrow::Cow::Owned(next);
+        }
+        if !stable
+            && percent_decode_str(&cur)
+                .decode_utf8()
+                .map_or(true, |d| d != cur)
+        {
+            return Err("path is percent-encoded too many times");
         }
         if is_dot_segment(&cur) {
             return Err("dot segment in path");
@@ -833,6 +847,8 @@ mod tests {
             "/.%2e/x",
             "/%252e%252e/x",
             "/%25252e%25252e/x",
+            "/%2525252e%2525252e/x",
+            "/%252525252e%252525252e/x",
             "/a%2fb",
             "/a%2Fb",
             "/a%252fb",
