@@ -171,7 +171,8 @@ fn flush_failed(e: crate::store::StoreError) -> ApiError {
     ApiError::Internal
 }
 
-fn metrics(app: &Arc<App>) -> Response<Body> {
+/// Prometheus text; also served by the token-less metrics listener.
+pub fn metrics(app: &Arc<App>) -> Response<Body> {
     let text = app.metrics.render(
         app.store.session_count(),
         app.store.credential_count(),

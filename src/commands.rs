@@ -47,7 +47,10 @@ pub fn serve(path: &Path) -> Result<(), Fatal> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
-        let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen).await?;
+        let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen)
+            .await?
+            .with_metrics(cfg.admin.metrics_listen)
+            .await?;
         let agent_addr = listeners
             .agent
             .local_addr()
@@ -56,6 +59,12 @@ pub fn serve(path: &Path) -> Result<(), Fatal> {
             .admin
             .local_addr()
             .map_err(|e| Fatal::new(e.to_string()))?;
+        let metrics_addr = listeners
+            .metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| format!("http://{a}/metrics"))
+            .unwrap_or_else(|| "-".into());
         let tls = loaded.tls.clone();
         let admin_token_at = cfg.admin.token.describe();
         let store_path = cfg.store.path.clone();
@@ -65,6 +74,7 @@ pub fn serve(path: &Path) -> Result<(), Fatal> {
         tracing::info!(
             agent = %format!("{scheme}://{agent_addr}"),
             admin = %format!("http://{admin_addr}"),
+            metrics = %metrics_addr,
             store = %store_path.display(),
             key_id = %app.store.key_id().hex(),
             providers = ?providers,
@@ -333,7 +343,10 @@ pub async fn start(
 ) -> Result<(Arc<App>, Listeners, Option<Arc<rustls::ServerConfig>>), Fatal> {
     let loaded =
         bootstrap::load(&cfg, cfg.store.generate_missing).map_err(|p| Fatal::new(p.join("\n")))?;
-    let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen).await?;
+    let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen)
+        .await?
+        .with_metrics(cfg.admin.metrics_listen)
+        .await?;
     let tls = loaded.tls.clone();
     let app = App::new(cfg, loaded, clock)?;
     Ok((app, listeners, tls))

@@ -142,6 +142,7 @@ struct RawAdmin {
     token_file: Option<String>,
     token_env: Option<String>,
     allow_remote: Option<bool>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -303,6 +304,9 @@ pub struct ServerConfig {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: SecretSource,
+    /// Optional plain-HTTP listener serving only `/metrics`, `/healthz` and
+    /// `/readyz` without a token, for Prometheus and kubelet probes.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -581,9 +585,14 @@ impl Config {
         if token == SecretSource::Unset {
             token = SecretSource::File(resolve(dir, "data/admin.token"));
         }
+        let metrics_listen = a
+            .metrics_listen
+            .as_deref()
+            .map(|m| parse_addr(m, "[admin] metrics_listen", p));
         let admin = AdminConfig {
             listen: admin_listen,
             token,
+            metrics_listen,
         };
         if admin.listen == server.listen && admin.listen.port() != 0 {
             p.push("[admin] listen: must differ from [server] listen".into());

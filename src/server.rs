@@ -34,6 +34,8 @@ pub struct Listeners {
     pub agent: TcpListener,
     /// Main-app-facing admin API.
     pub admin: TcpListener,
+    /// `/metrics` and health without a token (`[admin] metrics_listen`).
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -48,7 +50,23 @@ impl Listeners {
                 "admin.listen: cannot listen on {admin}: {e}; pick a free address or stop whatever holds it"
             ))
         })?;
-        Ok(Listeners { agent: a, admin: b })
+        Ok(Listeners {
+            agent: a,
+            admin: b,
+            metrics: None,
+        })
+    }
+
+    /// Adds the optional metrics listener.
+    pub async fn with_metrics(mut self, addr: Option<SocketAddr>) -> Result<Listeners, Fatal> {
+        if let Some(addr) = addr {
+            self.metrics = Some(TcpListener::bind(addr).await.map_err(|e| {
+                Fatal::new(format!(
+                    "admin.metrics_listen: cannot listen on {addr}: {e}; pick a free address or remove it"
+                ))
+            })?);
+        }
+        Ok(self)
     }
 }
 
@@ -56,6 +74,7 @@ impl Listeners {
 enum Role {
     Agent,
     Admin,
+    Metrics,
 }
 
 /// Serves both listeners until `shutdown` resolves, then drains in-flight
@@ -105,6 +124,10 @@ pub async fn run(
             },
             r = accept(&listeners.admin, &admin_slots) => match r {
                 Some((s, p, permit)) => { (s, p, (Role::Admin, permit)) }
+                None => continue,
+            },
+            r = accept_optional(listeners.metrics.as_ref(), &admin_slots) => match r {
+                Some((s, p, permit)) => { (s, p, (Role::Metrics, permit)) }
                 None => continue,
             },
         };
@@ -187,6 +210,17 @@ pub async fn run(
     }
 }
 
+/// `accept` on a listener that may not be configured (then never resolves).
+async fn accept_optional(
+    listener: Option<&TcpListener>,
+    slots: &Arc<Semaphore>,
+) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+    match listener {
+        Some(l) => accept(l, slots).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Accepts one connection once a slot is free. Accept errors (e.g. out of
 /// file descriptors) back off instead of ending the loop.
 async fn accept(
@@ -238,6 +272,13 @@ async fn route(
     match role {
         Role::Admin => crate::admin::handle(app, req).await,
         Role::Agent => route_agent(app, req).await,
+        Role::Metrics if path == "/metrics" && req.method() == Method::GET => {
+            crate::admin::metrics(app)
+        }
+        Role::Metrics => {
+            ApiError::NotFound("This listener serves /metrics, /healthz and /readyz only.".into())
+                .into_response()
+        }
     }
 }
 

@@ -1099,3 +1099,66 @@ async fn log_format_json_emits_json_lines_and_text_does_not() {
         assert!(serde_json::from_str::<Value>(l).is_err(), "{l}");
     }
 }
+
+#[tokio::test]
+async fn metrics_listener_serves_metrics_and_health_without_a_token() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(
+        Options::with_providers(&provider_toml("custom", &up.url, ""))
+            .admin("metrics_listen = \"127.0.0.1:0\""),
+    )
+    .await;
+    sk.put_credential("mia", "custom", json!({"access_token": "tok-metrics-mia"}))
+        .await;
+    let t = sk.token("mia", &["custom"]).await;
+    assert_eq!(
+        sk.proxy(Method::GET, "/v1/proxy/custom/m", &t, "")
+            .await
+            .status,
+        200
+    );
+    // The ready line names the metrics listener's bound address.
+    let ready: Value = sk
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "sidekey ready")
+        .expect("ready line");
+    let url = ready["metrics"]
+        .as_str()
+        .expect("metrics address")
+        .to_owned();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && url.ends_with("/metrics"),
+        "{url}"
+    );
+    let base = url.trim_end_matches("/metrics");
+    let client = support::plain_client();
+    let r = support::send(&client, Method::GET, &url, &[], "").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text()
+            .contains("sidekey_proxy_requests_total{provider=\"custom\",status=\"200\"} 1"),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains("tok-metrics-mia"));
+    for p in ["/healthz", "/readyz"] {
+        let r = support::send(&client, Method::GET, &format!("{base}{p}"), &[], "").await;
+        assert_eq!(r.status, 200, "{p}");
+    }
+    // Nothing else is served there: not the admin API, not the proxy.
+    let r = support::send(&client, Method::GET, &format!("{base}/v1/audit"), &[], "").await;
+    r.assert_error(404, "not_found");
+    let r = support::send(
+        &client,
+        Method::POST,
+        &format!("{base}/v1/sessions"),
+        &[("authorization", &format!("Bearer {}", sk.admin_token))],
+        json!({"user": "mia"}).to_string(),
+    )
+    .await;
+    r.assert_error(404, "not_found");
+}

@@ -170,6 +170,8 @@ pub struct Options {
     pub server_toml: String,
     /// Extra `[store]` lines.
     pub store_toml: String,
+    /// Extra `[admin]` lines.
+    pub admin_toml: String,
     /// Extra `[sessions]` lines.
     pub sessions_toml: String,
     /// Extra `[elevenlabs]` lines.
@@ -185,6 +187,7 @@ impl Default for Options {
             env: Vec::new(),
             server_toml: String::new(),
             store_toml: String::new(),
+            admin_toml: String::new(),
             sessions_toml: String::new(),
             elevenlabs_toml: String::new(),
             log: "info".into(),
@@ -217,6 +220,12 @@ impl Options {
     pub fn store(mut self, toml: &str) -> Self {
         self.store_toml.push_str(toml);
         self.store_toml.push('\n');
+        self
+    }
+
+    pub fn admin(mut self, toml: &str) -> Self {
+        self.admin_toml.push_str(toml);
+        self.admin_toml.push('\n');
         self
     }
 
@@ -276,7 +285,7 @@ impl Options {
                     "listen = \"127.0.0.1:0\"",
                     "token_file = \"data/admin.token\"",
                 ],
-                "",
+                &self.admin_toml,
             ),
             section(
                 "store",
