@@ -1,3 +1,1636 @@
+//! `sidekey-bench`: a loopback load tool for sidekey.
+//!
+//! In one run it starts a minimal hyper upstream (and fake token endpoint)
+//! in this process, spawns the release `sidekey` binary on a temp dir (TLS
+//! in, HTTP upstream, bearer injection, a store filled with `--credentials`
+//! users), and drives the same keep-alive client at the upstream directly and
+//! through sidekey:
+//!
+//! - closed loop: fixed concurrency levels (`--levels 1,16,64,256`), each
+//!   connection with one request in flight, for `--duration` seconds;
+//! - open loop (`--rate R[,R2...]`): requests scheduled at fixed intervals
+//!   over `--connections` connections, latency measured from the scheduled
+//!   start, so a slow server cannot hide queueing (coordinated omission);
+//! - `--refresh-storm N`: N concurrent requests on one expired token;
+//! - `--soak S`: `--soak-connections` (256) connections for S seconds.
+//!
+//! sidekey's CPU time comes from `/proc/<pid>/stat` (utime + stime) and its
+//! peak RSS from `/proc/<pid>/status` (VmHWM): it runs as its own process so
+//! neither includes the load generator. Prints a table; `--json` prints one
+//! JSON object per case on stdout (and the table on stderr).
+//!
+//! Build and run: `cargo build --release --bins && target/release/sidekey-bench`
+//! (or `cargo run --release --bin sidekey-bench -- --help`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::{Value, json};
+
+type BenchClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Populate {
+    /// Write the credentials with the library's `Store` before sidekey starts
+    /// (same sealing code as the admin API, without HTTP; fast for 100k).
+    Offline,
+    /// `PUT /v1/users/{u}/credentials/bench` on the admin API
+    /// (--admin-concurrency in flight).
+    Admin,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "sidekey-bench",
+    about = "Loopback load test: upstream direct vs through sidekey (spawns target/release/sidekey)"
+)]
+struct Args {
+    /// Closed-loop concurrency levels (connections, one request in flight each).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    levels: Vec<usize>,
+    /// Seconds measured per case.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Seconds of unmeasured traffic before each case.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Open-loop mode: constant request rates in requests/s (comma-separated);
+    /// replaces the closed-loop levels.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Connections the open-loop schedule is spread over.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Credentials in the store, one user each (user-000000 ...).
+    #[arg(long, default_value_t = 100)]
+    credentials: usize,
+    /// Distinct users (one session each) the traffic rotates over; at most
+    /// --credentials, spread evenly over them.
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// How the store is filled.
+    #[arg(long, value_enum, default_value = "offline")]
+    populate: Populate,
+    /// Admin API calls in flight while populating and minting sessions.
+    #[arg(long, default_value_t = 32)]
+    admin_concurrency: usize,
+    /// Refresh storm: this many concurrent requests on one expired token (0: off).
+    #[arg(long, default_value_t = 0)]
+    refresh_storm: usize,
+    /// How long the fake token endpoint takes to answer during the storm, ms.
+    #[arg(long, default_value_t = 50)]
+    storm_token_delay_ms: u64,
+    /// Soak: --soak-connections connections through sidekey for this many seconds (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    soak: f64,
+    #[arg(long, default_value_t = 256)]
+    soak_connections: usize,
+    /// Skip the direct/via load cases (only start-up, storm and soak).
+    #[arg(long)]
+    no_load: bool,
+    /// The client speaks HTTP/2 (ALPN h2 to sidekey, h2c prior knowledge to
+    /// the upstream); concurrency is then streams on one connection.
+    #[arg(long)]
+    http2: bool,
+    /// The upstream speaks TLS with ALPN h2 and http/1.1, so sidekey uses
+    /// HTTP/2 to it (the direct client too).
+    #[arg(long)]
+    upstream_tls: bool,
+    /// Size of the upstream's response body, bytes.
+    #[arg(long, default_value_t = 128)]
+    body_bytes: usize,
+    /// Turn sidekey's audit log off ([audit] enabled = false), to see its cost.
+    #[arg(long)]
+    no_audit: bool,
+    /// One JSON object per case on stdout; the table goes to stderr.
+    #[arg(long)]
+    json: bool,
+    /// The sidekey binary (default: `sidekey` next to this executable,
+    /// rebuilt first with the same profile when run through `cargo run`).
+    #[arg(long)]
+    sidekey: Option<PathBuf>,
+    /// Do not rebuild the sidekey binary under `cargo run`.
+    #[arg(long)]
+    no_build: bool,
+    /// Extra environment for the sidekey process, KEY=VALUE (repeatable),
+    /// e.g. LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2.
+    #[arg(long = "sidekey-env", value_name = "KEY=VALUE")]
+    sidekey_env: Vec<String>,
+    /// sidekey's log filter (SIDEKEY_LOG).
+    #[arg(long, default_value = "warn")]
+    log: String,
+    /// Keep the temp dir (config, store, certs) and print its path.
+    #[arg(long)]
+    keep: bool,
+    /// Wait this many seconds before the load cases (e.g. to attach `perf record -p PID`).
+    #[arg(long, default_value_t = 0.0)]
+    pause: f64,
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+/// One measured case.
+struct Case {
+    mode: &'static str,
+    target: &'static str,
+    concurrency: usize,
+    rate: Option<f64>,
+    requests: u64,
+    errors: u64,
+    error_kinds: BTreeMap<String, u64>,
+    secs: f64,
+    hist: Histogram<u64>,
+    sidekey_cpu_s: f64,
+    bench_cpu_s: f64,
+    sidekey_hwm_kib: u64,
+    sidekey_rss_kib: u64,
+    /// Filled in for `via` cases from the matching `direct` one.
+    ratio: Option<f64>,
+    added_p50_us: Option<f64>,
+    extra: serde_json::Map<String, Value>,
+}
+
+impl Case {
+    fn rps(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.requests as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+
+    fn q(&self, q: f64) -> f64 {
+        if self.hist.is_empty() {
+            0.0
+        } else {
+            self.hist.value_at_quantile(q) as f64
+        }
+    }
+
+    fn cpu_us_per_req(&self, cpu_s: f64) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            cpu_s * 1e6 / self.requests as f64
+        }
+    }
+
+    fn json(&self, credentials: usize) -> Value {
+        let mut v = json!({
+            "case": self.mode,
+            "target": self.target,
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "credentials": credentials,
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_kinds": self.error_kinds,
+            "secs": round3(self.secs),
+            "rps": round1(self.rps()),
+            "p50_us": self.q(0.5),
+            "p90_us": self.q(0.9),
+            "p99_us": self.q(0.99),
+            "p999_us": self.q(0.999),
+            "max_us": self.hist.max(),
+            "mean_us": round1(self.hist.mean()),
+            "ratio_rps_via_direct": self.ratio.map(round3),
+            "added_p50_us": self.added_p50_us,
+            "sidekey_cpu_us_per_req": round1(self.cpu_us_per_req(self.sidekey_cpu_s)),
+            "bench_cpu_us_per_req": round1(self.cpu_us_per_req(self.bench_cpu_s)),
+            "sidekey_rss_kib": self.sidekey_rss_kib,
+            "sidekey_peak_rss_kib": self.sidekey_hwm_kib,
+        });
+        if let Value::Object(m) = &mut v {
+            for (k, x) in &self.extra {
+                m.insert(k.clone(), x.clone());
+            }
+        }
+        v
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+struct Out {
+    json: bool,
+    credentials: usize,
+    header_printed: bool,
+}
+
+impl Out {
+    /// The human table goes to stdout, or to stderr when stdout carries JSON.
+    fn line(&self, s: &str) {
+        if self.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+        let _ = std::io::stdout().flush();
+    }
+
+    fn json_line(&self, v: &Value) {
+        if self.json {
+            println!("{v}");
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    fn case(&mut self, c: &Case) {
+        if !self.header_printed {
+            self.line(&format!(
+                "{:<6} {:<6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8}",
+                "mode",
+                "target",
+                "conc/rate",
+                "req/s",
+                "p50 µs",
+                "p99 µs",
+                "p99.9µs",
+                "max µs",
+                "errors",
+                "ratio",
+                "+p50 µs",
+                "sk µs/rq",
+                "bn µs/rq",
+                "sk HWM"
+            ));
+            self.header_printed = true;
+        }
+        let load = match c.rate {
+            Some(r) => format!("{r:.0}/s"),
+            None => c.concurrency.to_string(),
+        };
+        let ratio = c.ratio.map(|r| format!("{r:.2}")).unwrap_or("-".into());
+        let added = c
+            .added_p50_us
+            .map(|a| format!("{a:+.0}"))
+            .unwrap_or("-".into());
+        self.line(&format!(
+            "{:<6} {:<6} {:>9} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>8} {:>7} {:>6} {:>8} {:>8.1} {:>8.1} {:>6}Mi",
+            c.mode,
+            c.target,
+            load,
+            c.rps(),
+            c.q(0.5),
+            c.q(0.99),
+            c.q(0.999),
+            c.hist.max(),
+            c.errors,
+            ratio,
+            added,
+            c.cpu_us_per_req(c.sidekey_cpu_s),
+            c.cpu_us_per_req(c.bench_cpu_s),
+            c.sidekey_hwm_kib / 1024
+        ));
+        for (k, n) in &c.error_kinds {
+            self.line(&format!("        error {k}: {n}"));
+        }
+        self.json_line(&c.json(self.credentials));
+    }
+
+    fn note(&self, s: &str) {
+        self.line(s);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// utime + stime of a process (all threads), seconds.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command name: state is field 3, utime 14, stime 15.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A `Vm*` line of /proc/<pid>/status, KiB.
+fn status_kib(pid: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => n += dir_bytes(&e.path()),
+                Ok(m) => n += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    n
+}
+
+// ---------------------------------------------------------------------------
+// The upstream and token endpoint
+
+struct Upstream {
+    body: Bytes,
+    token_calls: AtomicU64,
+    token_delay_ms: AtomicU64,
+    /// Requests that carried a token the fake token endpoint issued.
+    new_token_seen: AtomicU64,
+    unauthenticated: AtomicU64,
+    requests: AtomicU64,
+    h2_requests: AtomicU64,
+}
+
+async fn upstream_handle(st: Arc<Upstream>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/token" {
+        let n = st.token_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = req.into_body().collect().await;
+        let delay = st.token_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let body = json!({
+            "access_token": format!("storm-new-{n}"),
+            "token_type": "Bearer",
+            "expires_in": 3600,
+            "refresh_token": format!("rt-storm-{}", n + 1),
+        })
+        .to_string();
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response");
+    }
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    if req.version() == http::Version::HTTP_2 {
+        st.h2_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    let authed = match req.headers().get(header::AUTHORIZATION) {
+        Some(v) => {
+            let b = v.as_bytes();
+            if b.starts_with(b"Bearer storm-new-") {
+                st.new_token_seen.fetch_add(1, Ordering::Relaxed);
+            }
+            b.starts_with(b"Bearer ") && b.len() > 7
+        }
+        None => false,
+    };
+    // Drain any request body (keep-alive needs it).
+    let _ = req.into_body().collect().await;
+    if !authed {
+        st.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .body(Full::new(Bytes::from_static(b"{\"error\":\"no token\"}")))
+            .expect("static response");
+    }
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(st.body.clone()))
+        .expect("static response")
+}
+
+async fn serve_upstream(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    st: Arc<Upstream>,
+) {
+    let builder = Arc::new(hyper_util::server::conn::auto::Builder::new(
+        TokioExecutor::new(),
+    ));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let st = st.clone();
+        let tls = tls.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let st = st.clone();
+                async move { Ok::<_, std::convert::Infallible>(upstream_handle(st, req).await) }
+            });
+            match tls {
+                Some(acc) => {
+                    if let Ok(s) = acc.accept(stream).await {
+                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                }
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+            }
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// sidekey, as a child process
+
+struct Sidekey {
+    child: Option<Child>,
+    pid: u32,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sidekey {
+    fn spawn(bin: &Path, dir: &Path, log: &str, env: &[String]) -> Result<Sidekey, String> {
+        let mut cmd = Command::new(bin);
+        for kv in env {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--sidekey-env {kv:?}: expected KEY=VALUE"))?;
+            cmd.env(k, v);
+        }
+        // The child dies with this process, even on Ctrl-C or a kill.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
+            .args(["serve", "--config"])
+            .arg(dir.join("config.toml"))
+            .current_dir(dir)
+            .env("SIDEKEY_LOG", log)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut l = l2.lock().unwrap_or_else(|e| e.into_inner());
+                if l.len() < 10_000 {
+                    l.push(line);
+                }
+            }
+        });
+        Ok(Sidekey {
+            pid: child.id(),
+            child: Some(child),
+            logs,
+        })
+    }
+
+    fn pid(&self) -> String {
+        self.pid.to_string()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn log_text(&self) -> String {
+        self.logs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 30 s).
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Sidekey {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+fn sidekey_bin(args: &Args) -> Result<PathBuf, String> {
+    let p = match &args.sidekey {
+        Some(p) => p.clone(),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let dir = exe.parent().ok_or("no parent dir")?;
+            // `cargo run --bin sidekey-bench` builds only this binary: build
+            // the server too, so a stale one is never measured.
+            if let (Ok(cargo), false) = (std::env::var("CARGO"), args.no_build) {
+                let mut cmd = Command::new(cargo);
+                cmd.args(["build", "--quiet", "--bin", "sidekey"]);
+                if dir.ends_with("release") {
+                    cmd.arg("--release");
+                }
+                let st = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
+                if !st.success() {
+                    return Err("cargo build --bin sidekey failed".into());
+                }
+            }
+            dir.join("sidekey")
+        }
+    };
+    if !p.exists() {
+        return Err(format!(
+            "{} not found; build it first: cargo build --release --bins (or pass --sidekey PATH)",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
+struct Ports {
+    agent: u16,
+    admin: u16,
+    upstream: u16,
+}
+
+fn write_config(dir: &Path, ports: &Ports, args: &Args) -> std::io::Result<()> {
+    let scheme = if args.upstream_tls { "https" } else { "http" };
+    let up = format!("{scheme}://127.0.0.1:{}", ports.upstream);
+    let ca = if args.upstream_tls {
+        "upstream_ca_file = \"upstream.crt\"\n"
+    } else {
+        ""
+    };
+    let audit = if args.no_audit {
+        "[audit]\nenabled = false\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"# Written by sidekey-bench.
+[server]
+listen = "127.0.0.1:{agent}"
+public_url = "https://127.0.0.1:{agent}"
+tls_cert = "certs/server.crt"
+tls_key = "certs/server.key"
+upstream_timeout_secs = 30
+{ca}
+[admin]
+listen = "127.0.0.1:{admin}"
+token_file = "data/admin.token"
+
+[store]
+path = "data/sidekey.db"
+master_key_file = "data/master.key"
+generate_missing = true
+
+[sessions]
+signing_key_file = "data/session.key"
+ttl_secs = 86400
+
+{audit}
+[providers.bench]
+display_name = "Bench"
+base_url = "{up}"
+inject = "bearer"
+
+[providers.storm]
+display_name = "Storm"
+base_url = "{up}"
+token_url = "{up}/token"
+inject = "bearer"
+client_id = "bench-client"
+client_secret = "bench-client-secret"
+"#,
+        agent = ports.agent,
+        admin = ports.admin,
+    );
+    std::fs::write(dir.join("config.toml"), text)
+}
+
+fn user_id(i: usize) -> String {
+    format!("user-{i:06}")
+}
+
+/// Fills the store with the library before sidekey starts (and generates
+/// the dev keys, admin token and TLS certificate on the way).
+fn populate_offline(dir: &Path, n: usize) -> Result<(), String> {
+    use sidekey::secret::Secret;
+    use sidekey::store::{Credential, Owner, Store, StoreOptions};
+    let cfg = sidekey::config::Config::load(&dir.join("config.toml")).map_err(|p| p.join("; "))?;
+    let loaded = sidekey::bootstrap::load(&cfg, true).map_err(|p| p.join("; "))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let store = Store::open(
+        &cfg.store.path,
+        loaded.keys,
+        StoreOptions {
+            flush_every_ms: 1000,
+            cache_ttl: Duration::ZERO,
+            cache_max_entries: 0,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let now = unix_now();
+    for i in 0..n {
+        let mut c = Credential {
+            access_token: Some(Secret::new(format!(
+                "tok-{i:06}-{:016x}",
+                rand::random::<u64>()
+            ))),
+            expires_at: Some(now + 30 * 86_400),
+            updated_at: now,
+            ..Default::default()
+        };
+        store
+            .put_credential(&Owner::User(user_id(i)), "bench", &mut c)
+            .map_err(|e| e.to_string())?;
+    }
+    store.flush_blocking().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+
+fn build_client(roots_pem: &[Vec<u8>], http2: bool) -> BenchClient {
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in roots_pem {
+        for c in CertificateDer::pem_slice_iter(pem).flatten() {
+            let _ = roots.add(c);
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let b = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let https = if http2 {
+        b.enable_http2().wrap_connector(http)
+    } else {
+        b.enable_http1().wrap_connector(http)
+    };
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(Duration::from_secs(120))
+        .pool_max_idle_per_host(usize::MAX);
+    if http2 {
+        builder.http2_only(true);
+    }
+    builder.build(https)
+}
+
+/// A plain-HTTP admin API caller.
+struct Admin {
+    client: BenchClient,
+    base: String,
+    auth: HeaderValue,
+}
+
+impl Admin {
+    async fn call(&self, method: Method, path: &str, body: Value) -> Result<(u16, Value), String> {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::AUTHORIZATION, self.auth.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(Duration::from_secs(60), self.client.request(req))
+            .await
+            .map_err(|_| "admin call timed out".to_string())?
+            .map_err(|e| format!("admin call failed: {e}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    async fn put_credential(&self, user: &str, provider: &str, body: Value) -> Result<(), String> {
+        let (s, v) = self
+            .call(
+                Method::PUT,
+                &format!("/v1/users/{user}/credentials/{provider}"),
+                body,
+            )
+            .await?;
+        if s != 200 {
+            return Err(format!("PUT credential for {user}: {s} {v}"));
+        }
+        Ok(())
+    }
+
+    async fn session(&self, user: &str, providers: &[&str]) -> Result<String, String> {
+        let (s, v) = self
+            .call(
+                Method::POST,
+                "/v1/sessions",
+                json!({"user": user, "providers": providers, "ttl_secs": 86_400}),
+            )
+            .await?;
+        if s != 201 {
+            return Err(format!("mint session for {user}: {s} {v}"));
+        }
+        v["token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no token in {v}"))
+    }
+}
+
+/// Polls GET /readyz on the agent listener until 200; the time it took.
+async fn wait_ready(client: &BenchClient, url: &Uri, sk: &mut Sidekey) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = sk.exited() {
+            return Err(format!(
+                "sidekey exited ({st}) before it was ready:\n{}",
+                sk.log_text()
+            ));
+        }
+        let req = Request::get(url.clone())
+            .body(Full::new(Bytes::new()))
+            .expect("valid request");
+        if let Ok(Ok(r)) =
+            tokio::time::timeout(Duration::from_millis(500), client.request(req)).await
+        {
+            if r.status() == StatusCode::OK {
+                let _ = r.into_body().collect().await;
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("sidekey not ready within 60 s:\n{}", sk.log_text()));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Via,
+}
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Via => "via",
+        }
+    }
+}
+
+struct Ctx {
+    client: BenchClient,
+    direct_uri: Uri,
+    via_uri: Uri,
+    /// `Bearer ...` the direct requests carry (what sidekey would inject).
+    direct_auth: HeaderValue,
+    /// Session tokens, one per user.
+    sessions: Vec<HeaderValue>,
+    sidekey_pid: String,
+}
+
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const STOP: u8 = 2;
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs .. 120 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid bounds")
+}
+
+struct WorkerOut {
+    hist: Histogram<u64>,
+    requests: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl WorkerOut {
+    fn new() -> Self {
+        WorkerOut {
+            hist: new_hist(),
+            requests: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+}
+
+/// One request; `Ok` on a fully read 200.
+async fn one(ctx: &Ctx, target: Target, uri: &Uri, session: usize) -> Result<(), String> {
+    let mut req = Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = uri.clone();
+    let h = req.headers_mut();
+    h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::USER_AGENT,
+        HeaderValue::from_static("sidekey-bench/1"),
+    );
+    match target {
+        Target::Direct => {
+            h.insert(header::AUTHORIZATION, ctx.direct_auth.clone());
+        }
+        Target::Via => {
+            h.insert(
+                "x-sidekey-session",
+                ctx.sessions[session % ctx.sessions.len()].clone(),
+            );
+        }
+    }
+    let resp = match tokio::time::timeout(Duration::from_secs(30), ctx.client.request(req)).await {
+        Err(_) => return Err("timeout".into()),
+        Ok(Err(e)) if e.is_connect() => return Err("connect".into()),
+        Ok(Err(_)) => return Err("transport".into()),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let code = resp
+        .headers()
+        .get("x-sidekey-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match resp.into_body().collect().await {
+        Ok(_) if status == StatusCode::OK => Ok(()),
+        Ok(_) => Err(match code {
+            Some(c) => format!("{} {c}", status.as_u16()),
+            None => status.as_u16().to_string(),
+        }),
+        Err(_) => Err("body".into()),
+    }
+}
+
+fn record(out: &mut WorkerOut, res: Result<(), String>, us: u64) {
+    out.requests += 1;
+    match res {
+        Ok(()) => {
+            let _ = out.hist.record(us.max(1));
+        }
+        Err(e) => *out.errors.entry(e).or_default() += 1,
+    }
+}
+
+struct Snap {
+    at: Instant,
+    sidekey_cpu: f64,
+    bench_cpu: f64,
+}
+
+fn snap(ctx: &Ctx) -> Snap {
+    Snap {
+        at: Instant::now(),
+        sidekey_cpu: cpu_secs(&ctx.sidekey_pid),
+        bench_cpu: cpu_secs("self"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_case(
+    ctx: &Ctx,
+    mode: &'static str,
+    target: Target,
+    concurrency: usize,
+    rate: Option<f64>,
+    outs: Vec<WorkerOut>,
+    a: Snap,
+    b: Snap,
+) -> Case {
+    let mut hist = new_hist();
+    let mut requests = 0;
+    let mut error_kinds = BTreeMap::new();
+    for o in outs {
+        let _ = hist.add(&o.hist);
+        requests += o.requests;
+        for (k, n) in o.errors {
+            *error_kinds.entry(k).or_default() += n;
+        }
+    }
+    let errors = error_kinds.values().sum();
+    Case {
+        mode,
+        target: target.name(),
+        concurrency,
+        rate,
+        requests,
+        errors,
+        error_kinds,
+        secs: (b.at - a.at).as_secs_f64(),
+        hist,
+        sidekey_cpu_s: b.sidekey_cpu - a.sidekey_cpu,
+        bench_cpu_s: b.bench_cpu - a.bench_cpu,
+        sidekey_hwm_kib: status_kib(&ctx.sidekey_pid, "VmHWM:"),
+        sidekey_rss_kib: status_kib(&ctx.sidekey_pid, "VmRSS:"),
+        ratio: None,
+        added_p50_us: None,
+        extra: serde_json::Map::new(),
+    }
+}
+
+/// Closed loop: `conc` workers, each one request at a time, back to back.
+/// Only requests that start and end inside the measured window count.
+async fn closed_loop(
+    ctx: &Arc<Ctx>,
+    mode: &'static str,
+    target: Target,
+    conc: usize,
+    warmup: Duration,
+    dur: Duration,
+) -> Case {
+    let phase = Arc::new(AtomicU8::new(WARMUP));
+    let uri = match target {
+        Target::Direct => ctx.direct_uri.clone(),
+        Target::Via => ctx.via_uri.clone(),
+    };
+    let mut handles = Vec::with_capacity(conc);
+    for w in 0..conc {
+        let ctx = ctx.clone();
+        let phase = phase.clone();
+        let uri = uri.clone();
+        handles.push(tokio::spawn(async move {
+            let mut out = WorkerOut::new();
+            let mut seq = w.wrapping_mul(7919);
+            loop {
+                let p0 = phase.load(Ordering::Relaxed);
+                if p0 == STOP {
+                    break;
+                }
+                let t0 = Instant::now();
+                let res = one(&ctx, target, &uri, seq).await;
+                seq = seq.wrapping_add(1);
+                let us = t0.elapsed().as_micros() as u64;
+                let failed = res.is_err();
+                if p0 == MEASURE && phase.load(Ordering::Relaxed) == MEASURE {
+                    record(&mut out, res, us);
+                }
+                if failed {
+                    // Do not spin on a refused connection.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            out
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let a = snap(ctx);
+    phase.store(MEASURE, Ordering::Relaxed);
+    tokio::time::sleep(dur).await;
+    phase.store(STOP, Ordering::Relaxed);
+    let b = snap(ctx);
+    let mut outs = Vec::with_capacity(conc);
+    for h in handles {
+        if let Ok(o) = h.await {
+            outs.push(o);
+        }
+    }
+    finish_case(ctx, mode, target, conc, None, outs, a, b)
+}
+
+/// Timer wake-up slack that is not counted as latency in the open loop.
+const TIMER_SLACK: Duration = Duration::from_micros(1500);
+
+/// Open loop: request i is due at start + i/rate; `conns` workers take the
+/// next due request when free. Latency runs from the due time, so a request
+/// that waited for a busy connection counts its wait (wrk2's correction for
+/// coordinated omission). A worker that slept until the due time starts the
+/// clock when it wakes, but forgives at most TIMER_SLACK of lateness.
+async fn open_loop(
+    ctx: &Arc<Ctx>,
+    target: Target,
+    rate: f64,
+    conns: usize,
+    warmup: Duration,
+    dur: Duration,
+) -> Case {
+    let uri = match target {
+        Target::Direct => ctx.direct_uri.clone(),
+        Target::Via => ctx.via_uri.clone(),
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(20);
+    let total = warmup + dur;
+    let measure_from = start + warmup;
+    let measure_to = start + total;
+    let interval = 1.0 / rate;
+    let late = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::with_capacity(conns);
+    for w in 0..conns {
+        let ctx = ctx.clone();
+        let next = next.clone();
+        let uri = uri.clone();
+        let late = late.clone();
+        handles.push(tokio::spawn(async move {
+            let mut out = WorkerOut::new();
+            let mut seq = w.wrapping_mul(7919);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let off = Duration::from_secs_f64(i as f64 * interval);
+                if off >= total {
+                    break;
+                }
+                let due = start + off;
+                let now = Instant::now();
+                let base = if now < due {
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now().min(due + TIMER_SLACK)
+                } else {
+                    if now - due > Duration::from_millis(1) {
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
+                    due
+                };
+                let res = one(&ctx, target, &uri, seq).await;
+                seq = seq.wrapping_add(1);
+                let us = base.elapsed().as_micros() as u64;
+                if due >= measure_from && due < measure_to {
+                    record(&mut out, res, us);
+                }
+            }
+            out
+        }));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let a = snap(ctx);
+    let mut outs = Vec::with_capacity(conns);
+    for h in handles {
+        if let Ok(o) = h.await {
+            outs.push(o);
+        }
+    }
+    let mut b = snap(ctx);
+    // Throughput over the schedule's window (the tail that ran over is in
+    // the latencies, not in the rate).
+    let secs_sched = dur.as_secs_f64();
+    let overrun = (b.at - a.at).as_secs_f64() - secs_sched;
+    b.at = a.at + dur;
+    let mut c = finish_case(ctx, "open", target, conns, Some(rate), outs, a, b);
+    c.extra
+        .insert("overrun_secs".into(), json!(round3(overrun.max(0.0))));
+    c.extra
+        .insert("late_starts".into(), json!(late.load(Ordering::Relaxed)));
+    c
+}
+
+// ---------------------------------------------------------------------------
+// Main
+
 fn main() {
-    eprintln!("sidekey-bench: not built yet");
+    let args = Args::parse();
+    sidekey::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(args)) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("sidekey-bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+struct TempDir(PathBuf, bool);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.1 {
+            eprintln!("kept {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let bin = sidekey_bin(&args)?;
+    let dir = std::env::temp_dir().join(format!(
+        "sidekey-bench-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let tmp = TempDir(dir.clone(), args.keep);
+    let mut out = Out {
+        json: args.json,
+        credentials: args.credentials,
+        header_printed: false,
+    };
+
+    // --- upstream -----------------------------------------------------------
+    let up_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let up_port = up_listener.local_addr().map_err(|e| e.to_string())?.port();
+    let mut roots: Vec<Vec<u8>> = Vec::new();
+    let up_tls = if args.upstream_tls {
+        let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("upstream.crt"), ck.cert.pem()).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("upstream.key"), ck.signing_key.serialize_pem())
+            .map_err(|e| e.to_string())?;
+        roots.push(ck.cert.pem().into_bytes());
+        let sc =
+            sidekey::bootstrap::tls_config(&dir.join("upstream.crt"), &dir.join("upstream.key"))?;
+        Some(tokio_rustls::TlsAcceptor::from(sc))
+    } else {
+        None
+    };
+    let mut body = br#"{"ok":true,"data":""#.to_vec();
+    let pad = args.body_bytes.saturating_sub(body.len() + 2);
+    body.extend(std::iter::repeat_n(b'x', pad));
+    body.extend_from_slice(b"\"}");
+    let upstream = Arc::new(Upstream {
+        body: Bytes::from(body),
+        token_calls: AtomicU64::new(0),
+        token_delay_ms: AtomicU64::new(0),
+        new_token_seen: AtomicU64::new(0),
+        unauthenticated: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        h2_requests: AtomicU64::new(0),
+    });
+    tokio::spawn(serve_upstream(up_listener, up_tls, upstream.clone()));
+
+    // --- sidekey ------------------------------------------------------------
+    let ports = Ports {
+        agent: free_port(),
+        admin: free_port(),
+        upstream: up_port,
+    };
+    write_config(&dir, &ports, &args).map_err(|e| e.to_string())?;
+    let n = args.credentials;
+    let populate_started = Instant::now();
+    // Generates keys and the certificate; with --populate offline also the credentials.
+    let offline_n = if args.populate == Populate::Offline {
+        n
+    } else {
+        0
+    };
+    let dir2 = dir.clone();
+    tokio::task::spawn_blocking(move || populate_offline(&dir2, offline_n))
+        .await
+        .map_err(|e| e.to_string())??;
+    let mut populate_secs = populate_started.elapsed().as_secs_f64();
+
+    roots.push(std::fs::read(dir.join("certs/server.crt")).map_err(|e| e.to_string())?);
+    let admin_token = std::fs::read_to_string(dir.join("data/admin.token"))
+        .map_err(|e| e.to_string())?
+        .trim()
+        .to_owned();
+    let ready_uri: Uri = format!("https://127.0.0.1:{}/readyz", ports.agent)
+        .parse()
+        .expect("valid uri");
+    let mk_admin = || Admin {
+        client: build_client(&[], false),
+        base: format!("http://127.0.0.1:{}", ports.admin),
+        auth: HeaderValue::try_from(format!("Bearer {admin_token}")).expect("printable token"),
+    };
+
+    let mut populate_hwm_kib = 0;
+    if args.populate == Populate::Admin && n > 0 {
+        let mut sk = Sidekey::spawn(&bin, &dir, &args.log, &args.sidekey_env)?;
+        wait_ready(&build_client(&roots, false), &ready_uri, &mut sk).await?;
+        let admin = Arc::new(mk_admin());
+        let t = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let now = unix_now();
+        let mut hs = Vec::new();
+        for _ in 0..args.admin_concurrency.max(1) {
+            let admin = admin.clone();
+            let next = next.clone();
+            hs.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        return Ok::<(), String>(());
+                    }
+                    admin
+                        .put_credential(
+                            &user_id(i),
+                            "bench",
+                            json!({
+                                "access_token": format!("tok-{i:06}-{:016x}", rand::random::<u64>()),
+                                "expires_at": now + 30 * 86_400,
+                            }),
+                        )
+                        .await?;
+                }
+            }));
+        }
+        for h in hs {
+            h.await.map_err(|e| e.to_string())??;
+        }
+        populate_secs = t.elapsed().as_secs_f64();
+        populate_hwm_kib = status_kib(&sk.pid(), "VmHWM:");
+        sk.stop();
+    }
+
+    // Cold start on the populated store: spawn → first /readyz 200.
+    let t = Instant::now();
+    let mut sk = Sidekey::spawn(&bin, &dir, &args.log, &args.sidekey_env)?;
+    let probe = build_client(&roots, false);
+    wait_ready(&probe, &ready_uri, &mut sk).await?;
+    let cold_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let pid = sk.pid();
+    let start_rss = status_kib(&pid, "VmRSS:");
+    let store_bytes = dir_bytes(&dir.join("data/sidekey.db"));
+    out.note(&format!(
+        "sidekey-bench: sidekey pid {pid}, {} credentials ({:?} populate, {:.2} s), cold start to /readyz 200: {:.1} ms, RSS after start {:.1} MiB, store on disk {:.1} MiB{}",
+        n,
+        args.populate,
+        populate_secs,
+        cold_ms,
+        start_rss as f64 / 1024.0,
+        store_bytes as f64 / 1_048_576.0,
+        if populate_hwm_kib > 0 {
+            format!(", peak RSS while populating {:.1} MiB", populate_hwm_kib as f64 / 1024.0)
+        } else {
+            String::new()
+        }
+    ));
+    out.json_line(&json!({
+        "case": "startup",
+        "credentials": n,
+        "populate": format!("{:?}", args.populate).to_lowercase(),
+        "populate_secs": round3(populate_secs),
+        "cold_start_ms": round1(cold_ms),
+        "rss_after_start_kib": start_rss,
+        "populate_peak_rss_kib": populate_hwm_kib,
+        "store_bytes": store_bytes,
+    }));
+
+    // Sessions, spread over the users.
+    let admin = Arc::new(mk_admin());
+    let k = args.users.clamp(1, n.max(1));
+    let t = Instant::now();
+    let mut sessions = vec![HeaderValue::from_static(""); if n == 0 { 0 } else { k }];
+    if n > 0 {
+        let slots = Arc::new(Mutex::new(vec![None; k]));
+        let next = Arc::new(AtomicU64::new(0));
+        let mut hs = Vec::new();
+        for _ in 0..args.admin_concurrency.max(1) {
+            let admin = admin.clone();
+            let next = next.clone();
+            let slots = slots.clone();
+            hs.push(tokio::spawn(async move {
+                loop {
+                    let j = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if j >= k {
+                        return Ok::<(), String>(());
+                    }
+                    let u = user_id(j * n / k);
+                    let tok = admin.session(&u, &["bench"]).await?;
+                    slots.lock().unwrap_or_else(|e| e.into_inner())[j] = Some(tok);
+                }
+            }));
+        }
+        for h in hs {
+            h.await.map_err(|e| e.to_string())??;
+        }
+        let slots = std::mem::take(&mut *slots.lock().unwrap_or_else(|e| e.into_inner()));
+        for (j, s) in slots.into_iter().enumerate() {
+            sessions[j] =
+                HeaderValue::try_from(s.ok_or("missing session")?).map_err(|e| e.to_string())?;
+        }
+    }
+    let sessions_secs = t.elapsed().as_secs_f64();
+
+    let up_scheme = if args.upstream_tls { "https" } else { "http" };
+    let ctx = Arc::new(Ctx {
+        client: build_client(&roots, args.http2),
+        direct_uri: format!(
+            "{up_scheme}://127.0.0.1:{}/api/items?limit=10",
+            ports.upstream
+        )
+        .parse()
+        .expect("valid uri"),
+        via_uri: format!(
+            "https://127.0.0.1:{}/v1/proxy/bench/api/items?limit=10",
+            ports.agent
+        )
+        .parse()
+        .expect("valid uri"),
+        direct_auth: HeaderValue::from_static("Bearer tok-000000-0123456789abcdef"),
+        sessions,
+        sidekey_pid: pid.clone(),
+    });
+    out.note(&format!(
+        "sidekey-bench: {} sessions over {} users minted in {:.2} s; client {}, upstream {}{}; {} cores",
+        ctx.sessions.len(),
+        k,
+        sessions_secs,
+        if args.http2 { "HTTP/2" } else { "HTTP/1.1 keep-alive" },
+        if args.upstream_tls { "HTTPS (h2 by ALPN)" } else { "plain HTTP/1.1" },
+        if args.no_audit { ", audit off" } else { "" },
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    ));
+
+    if n > 0 {
+        // Sanity: one request each way.
+        one(&ctx, Target::Direct, &ctx.direct_uri, 0)
+            .await
+            .map_err(|e| format!("direct request failed: {e}"))?;
+        one(&ctx, Target::Via, &ctx.via_uri, 0)
+            .await
+            .map_err(|e| format!("request through sidekey failed: {e}\n{}", sk.log_text()))?;
+    }
+
+    if args.pause > 0.0 {
+        out.note(&format!(
+            "sidekey-bench: pausing {:.0} s (sidekey pid {pid})",
+            args.pause
+        ));
+        tokio::time::sleep(Duration::from_secs_f64(args.pause)).await;
+    }
+
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let dur = Duration::from_secs_f64(args.duration);
+    if !args.no_load && n > 0 {
+        let cases: Vec<(usize, Option<f64>)> = if args.rate.is_empty() {
+            args.levels.iter().map(|&c| (c, None)).collect()
+        } else {
+            args.rate
+                .iter()
+                .map(|&r| (args.connections, Some(r)))
+                .collect()
+        };
+        for (conc, rate) in cases {
+            let run_case = |target| {
+                let ctx = ctx.clone();
+                async move {
+                    match rate {
+                        None => closed_loop(&ctx, "closed", target, conc, warmup, dur).await,
+                        Some(r) => open_loop(&ctx, target, r, conc, warmup, dur).await,
+                    }
+                }
+            };
+            let d = run_case(Target::Direct).await;
+            out.case(&d);
+            let mut v = run_case(Target::Via).await;
+            // In the open loop both run at the scheduled rate: no ratio.
+            if d.rps() > 0.0 && rate.is_none() {
+                v.ratio = Some(v.rps() / d.rps());
+            }
+            v.added_p50_us = Some(v.q(0.5) - d.q(0.5));
+            out.case(&v);
+        }
+    }
+
+    if args.refresh_storm > 0 {
+        let c = storm(&ctx, &admin, &upstream, &roots, &args, ports.agent).await?;
+        out.case(&c);
+        out.note(&format!(
+            "refresh storm: {} concurrent requests on one expired token -> {} token-endpoint call(s), {} succeeded, {} errors, p50 {:.0} µs, p99 {:.0} µs, max {} µs",
+            args.refresh_storm,
+            c.extra["token_calls"],
+            c.requests - c.errors,
+            c.errors,
+            c.q(0.5),
+            c.q(0.99),
+            c.hist.max()
+        ));
+    }
+
+    if args.soak > 0.0 && n > 0 {
+        let c = closed_loop(
+            &ctx,
+            "soak",
+            Target::Via,
+            args.soak_connections,
+            Duration::from_secs(1),
+            Duration::from_secs_f64(args.soak),
+        )
+        .await;
+        out.case(&c);
+        out.note(&format!(
+            "soak: {} connections for {:.0} s through sidekey: {} requests, {} errors, p99 {:.0} µs, p99.9 {:.0} µs, sidekey peak RSS {:.1} MiB",
+            args.soak_connections,
+            c.secs,
+            c.requests,
+            c.errors,
+            c.q(0.99),
+            c.q(0.999),
+            c.sidekey_hwm_kib as f64 / 1024.0
+        ));
+    }
+
+    let unauth = upstream.unauthenticated.load(Ordering::Relaxed);
+    if unauth > 0 {
+        out.note(&format!(
+            "warning: the upstream saw {unauth} request(s) without a bearer token"
+        ));
+    }
+    out.note(&format!(
+        "upstream: {} requests, {} over HTTP/2",
+        upstream.requests.load(Ordering::Relaxed),
+        upstream.h2_requests.load(Ordering::Relaxed)
+    ));
+    let final_hwm = status_kib(&pid, "VmHWM:");
+    let final_cpu = cpu_secs(&pid);
+    if sk.exited().is_some() {
+        return Err(format!("sidekey died during the run:\n{}", sk.log_text()));
+    }
+    sk.stop();
+    out.note(&format!(
+        "sidekey: peak RSS {:.1} MiB, total CPU {:.2} s",
+        final_hwm as f64 / 1024.0,
+        final_cpu
+    ));
+    out.json_line(&json!({
+        "case": "summary",
+        "credentials": n,
+        "sidekey_peak_rss_kib": final_hwm,
+        "sidekey_cpu_secs": round3(final_cpu),
+    }));
+    drop(tmp);
+    Ok(())
+}
+
+/// N concurrent requests on one expired credential: the first refreshes,
+/// the rest wait for it; the token endpoint should see exactly one call.
+async fn storm(
+    ctx: &Arc<Ctx>,
+    admin: &Admin,
+    upstream: &Arc<Upstream>,
+    roots: &[Vec<u8>],
+    args: &Args,
+    agent_port: u16,
+) -> Result<Case, String> {
+    let n = args.refresh_storm;
+    let user = "storm-user";
+    admin
+        .put_credential(
+            user,
+            "storm",
+            json!({
+                "access_token": "storm-old-token",
+                "refresh_token": "rt-storm-1",
+                "expires_at": unix_now() - 60,
+            }),
+        )
+        .await?;
+    let token = admin.session(user, &["storm"]).await?;
+    // Its own client and connections, opened before the storm so the
+    // latencies are of the refresh, not of n TLS handshakes.
+    let client = build_client(roots, args.http2);
+    let health: Uri = format!("https://127.0.0.1:{agent_port}/healthz")
+        .parse()
+        .expect("valid uri");
+    let mut hs = Vec::new();
+    for _ in 0..n {
+        let client = client.clone();
+        let health = health.clone();
+        hs.push(tokio::spawn(async move {
+            let req = Request::get(health)
+                .body(Full::new(Bytes::new()))
+                .expect("valid request");
+            if let Ok(r) = client.request(req).await {
+                let _ = r.into_body().collect().await;
+            }
+        }));
+    }
+    for h in hs {
+        let _ = h.await;
+    }
+    let sctx = Arc::new(Ctx {
+        client,
+        direct_uri: ctx.direct_uri.clone(),
+        via_uri: format!("https://127.0.0.1:{agent_port}/v1/proxy/storm/api/items")
+            .parse()
+            .expect("valid uri"),
+        direct_auth: ctx.direct_auth.clone(),
+        sessions: vec![HeaderValue::try_from(token).map_err(|e| e.to_string())?],
+        sidekey_pid: ctx.sidekey_pid.clone(),
+    });
+    upstream
+        .token_delay_ms
+        .store(args.storm_token_delay_ms, Ordering::Relaxed);
+    let calls_before = upstream.token_calls.load(Ordering::SeqCst);
+    let seen_before = upstream.new_token_seen.load(Ordering::Relaxed);
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut hs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let sctx = sctx.clone();
+        let barrier = barrier.clone();
+        hs.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let t0 = Instant::now();
+            let res = one(&sctx, Target::Via, &sctx.via_uri, 0).await;
+            (res, t0.elapsed().as_micros() as u64)
+        }));
+    }
+    let a = snap(&sctx);
+    barrier.wait().await;
+    let mut w = WorkerOut::new();
+    for h in hs {
+        if let Ok((res, us)) = h.await {
+            record(&mut w, res, us);
+        }
+    }
+    let b = snap(&sctx);
+    upstream.token_delay_ms.store(0, Ordering::Relaxed);
+    let calls = upstream.token_calls.load(Ordering::SeqCst) - calls_before;
+    let seen = upstream.new_token_seen.load(Ordering::Relaxed) - seen_before;
+    let mut c = finish_case(&sctx, "storm", Target::Via, n, None, vec![w], a, b);
+    c.extra.insert("token_calls".into(), json!(calls));
+    c.extra.insert("upstream_saw_new_token".into(), json!(seen));
+    c.extra
+        .insert("token_delay_ms".into(), json!(args.storm_token_delay_ms));
+    Ok(c)
 }
