@@ -1,22 +1,37 @@
-//! The audit log: one record per proxied call and per admin write, written
-//! by a background task so the request path only enqueues.
+//! The audit log: one record per proxied call and per admin write.
+//!
+//! The request path only pushes a record into a buffer (no wake-up, no
+//! I/O). A background task seals and writes the buffer as one batch every
+//! `FLUSH_EVERY`, or sooner when it grows large or someone reads the log.
+//! A `kill -9` can lose the last interval's records; a graceful shutdown
+//! writes everything.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 
 use crate::store::{AuditRecord, Store};
 
-enum Msg {
-    Record(Box<AuditRecord>),
-    /// Answered once everything queued before it is written.
-    Sync(oneshot::Sender<()>),
+/// How often buffered records are written.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// A buffer this large is written at once.
+const FLUSH_AT: usize = 4096;
+/// Beyond this the writer is not keeping up: records are dropped (and
+/// counted) rather than growing memory without bound.
+const DROP_AT: usize = 65_536;
+
+struct Shared {
+    buf: Mutex<Vec<AuditRecord>>,
+    /// Answered once every record buffered before they registered is written.
+    waiters: Mutex<Vec<oneshot::Sender<()>>>,
+    wake: Notify,
+    dropped: AtomicU64,
 }
 
 pub struct AuditLog {
-    tx: Option<mpsc::Sender<Msg>>,
-    dropped: Arc<AtomicU64>,
+    shared: Option<Arc<Shared>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -25,32 +40,36 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl AuditLog {
     /// Starts the writer; `enabled = false` gives a log that discards.
     pub fn start(store: Arc<Store>, enabled: bool, max_records: usize) -> AuditLog {
         if !enabled {
-            return AuditLog {
-                tx: None,
-                dropped: Arc::default(),
-            };
+            return AuditLog { shared: None };
         }
-        let (tx, mut rx) = mpsc::channel::<Msg>(16_384);
+        let shared = Arc::new(Shared {
+            buf: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            dropped: AtomicU64::new(0),
+        });
+        let s = shared.clone();
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(256);
-            let mut waiters = Vec::new();
-            while let Some(first) = rx.recv().await {
-                let mut next = Some(first);
-                while let Some(m) = next.take() {
-                    match m {
-                        Msg::Record(r) => batch.push(*r),
-                        Msg::Sync(w) => waiters.push(w),
-                    }
-                    if batch.len() < 256 {
-                        next = rx.try_recv().ok();
-                    }
+            let mut tick = tokio::time::interval(FLUSH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = s.wake.notified() => {}
                 }
-                if !batch.is_empty() {
-                    let records = std::mem::take(&mut batch);
+                // Waiters first: every record buffered before a waiter
+                // registered is then in `records` below.
+                let waiters = std::mem::take(&mut *lock(&s.waiters));
+                let records = std::mem::take(&mut *lock(&s.buf));
+                if !records.is_empty() {
                     let store = store.clone();
                     let res = tokio::task::spawn_blocking(move || {
                         store.append_audit(&records, max_records)
@@ -60,37 +79,46 @@ impl AuditLog {
                         tracing::error!(error = %e, "cannot write audit records");
                     }
                 }
-                for w in waiters.drain(..) {
+                for w in waiters {
                     let _ = w.send(());
+                }
+                if Arc::strong_count(&s) == 1 {
+                    break;
                 }
             }
         });
         AuditLog {
-            tx: Some(tx),
-            dropped: Arc::default(),
+            shared: Some(shared),
         }
     }
 
-    /// Enqueues a record; under overload it is dropped (and counted) rather
-    /// than slowing the request.
+    /// Buffers a record. Cheap: a lock and a push.
     pub fn record(&self, r: AuditRecord) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(Msg::Record(Box::new(r))).is_err() {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let Some(s) = &self.shared else { return };
+        let len = {
+            let mut buf = lock(&s.buf);
+            if buf.len() >= DROP_AT {
+                drop(buf);
+                let n = s.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(dropped = n, "audit queue full; records dropped");
+                    tracing::warn!(dropped = n, "audit writer falling behind; records dropped");
                 }
+                return;
             }
+            buf.push(r);
+            buf.len()
+        };
+        if len == FLUSH_AT {
+            s.wake.notify_one();
         }
     }
 
-    /// Waits until every record enqueued so far is written.
+    /// Waits until every record buffered so far is written.
     pub async fn sync(&self) {
-        if let Some(tx) = &self.tx {
-            let (w, r) = oneshot::channel();
-            if tx.send(Msg::Sync(w)).await.is_ok() {
-                let _ = r.await;
-            }
-        }
+        let Some(s) = &self.shared else { return };
+        let (tx, rx) = oneshot::channel();
+        lock(&s.waiters).push(tx);
+        s.wake.notify_one();
+        let _ = rx.await;
     }
 }

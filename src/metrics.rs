@@ -1,20 +1,44 @@
 //! Prometheus metrics: what operators graph and alert on.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// A label value made once (per configured provider) and shared: the
+/// request path builds label sets without allocating.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Label(Arc<str>);
+
+impl Label {
+    pub fn new(s: &str) -> Label {
+        Label(Arc::from(s))
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    provider: String,
+    provider: Label,
     status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
+    provider: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
     provider: String,
 }
 
@@ -42,12 +66,13 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream_latency: LatencyFamily,
     refresh: Family<OutcomeLabels, Counter>,
-    token_calls: Family<ProviderLabels, Counter>,
+    token_calls: Family<TokenLabels, Counter>,
     webhooks: Family<WebhookLabels, Counter>,
     sessions_active: Gauge,
     credentials: Gauge,
     store_bytes: Gauge,
     connections: Gauge,
+    none: Label,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,7 +109,7 @@ impl Metrics {
             "Token refresh outcomes (refreshed, shared, failed, backoff, reauth_required)",
             refresh.clone(),
         );
-        let token_calls = Family::<ProviderLabels, Counter>::default();
+        let token_calls = Family::<TokenLabels, Counter>::default();
         registry.register(
             "token_endpoint_calls",
             "Calls made to provider token endpoints",
@@ -131,22 +156,30 @@ impl Metrics {
             credentials,
             store_bytes,
             connections,
+            none: Label::new("-"),
         }
     }
 
-    pub fn request(&self, provider: &str, status: u16) {
+    /// `provider` is a configured provider's label, or [`Metrics::no_provider`]
+    /// (never a name taken from a request: label values stay bounded).
+    pub fn request(&self, provider: &Label, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
-                provider: provider.to_owned(),
+                provider: provider.clone(),
                 status,
             })
             .inc();
     }
 
-    pub fn upstream_latency(&self, provider: &str, secs: f64) {
+    /// The label for requests that named no configured provider.
+    pub fn no_provider(&self) -> &Label {
+        &self.none
+    }
+
+    pub fn upstream_latency(&self, provider: &Label, secs: f64) {
         self.upstream_latency
             .get_or_create(&ProviderLabels {
-                provider: provider.to_owned(),
+                provider: provider.clone(),
             })
             .observe(secs);
     }
@@ -162,7 +195,7 @@ impl Metrics {
 
     pub fn token_call(&self, provider: &str) {
         self.token_calls
-            .get_or_create(&ProviderLabels {
+            .get_or_create(&TokenLabels {
                 provider: provider.to_owned(),
             })
             .inc();
@@ -203,8 +236,9 @@ mod tests {
     #[test]
     fn renders_text_format() {
         let m = Metrics::new();
-        m.request("slack", 200);
-        m.upstream_latency("slack", 0.01);
+        let slack = Label::new("slack");
+        m.request(&slack, 200);
+        m.upstream_latency(&slack, 0.01);
         m.refresh("slack", "refreshed");
         let t = m.render(3, 4, 1000);
         assert!(

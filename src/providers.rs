@@ -141,6 +141,8 @@ pub const PRESETS: &[&str] = &["slack", "google", "telegram"];
 #[derive(Debug)]
 pub struct Provider {
     pub name: String,
+    /// `name` as a metrics label value, made once.
+    pub metric_label: crate::metrics::Label,
     /// Name the voice agent says ("Google").
     pub display: String,
     pub preset: Option<String>,
@@ -764,6 +766,7 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
     }
     Ok(Provider {
         name: name.to_owned(),
+        metric_label: crate::metrics::Label::new(name),
         display,
         preset: pc.preset.clone(),
         base: base.expect("checked above"),

@@ -653,7 +653,7 @@ async fn send(
         Ok(Ok(r)) => r,
     };
     app.metrics
-        .upstream_latency(&p.name, started.elapsed().as_secs_f64());
+        .upstream_latency(&p.metric_label, started.elapsed().as_secs_f64());
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let body = IdleTimeoutBody::new(incoming, timeout).boxed_unsync();
@@ -790,8 +790,14 @@ fn finish(
     };
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
-    let provider = t.provider.clone().unwrap_or_else(|| "-".into());
-    app.metrics.request(&provider, status);
+    let label = t
+        .provider
+        .as_deref()
+        .and_then(|p| app.providers.get(p))
+        .map(|p| &p.metric_label)
+        .unwrap_or(app.metrics.no_provider());
+    app.metrics.request(label, status);
+    let provider = t.provider.as_deref().unwrap_or("-");
     tracing::info!(
         target: "sidekey::access",
         method = %method,

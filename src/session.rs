@@ -191,6 +191,8 @@ pub struct Minted {
 /// Mints and verifies session tokens against the store.
 pub struct SessionAuthority {
     keys: SessionKeys,
+    /// Claims of tokens whose signature already verified, by token.
+    verified: crate::store::Cache<SessionClaims>,
     issuer: String,
     audience: String,
     store: Arc<Store>,
@@ -207,6 +209,7 @@ impl SessionAuthority {
     ) -> Self {
         SessionAuthority {
             keys,
+            verified: crate::store::Cache::new(std::time::Duration::from_secs(60), 10_000),
             issuer,
             audience,
             store,
@@ -274,6 +277,61 @@ impl SessionAuthority {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(ApiError::InvalidSession("token too large"));
         }
+        // A token that verified before is the same bytes under the same
+        // keys: its signature need not be checked again. Expiry, the
+        // session record and revocation are checked on every call below.
+        let c = match self.verified.get(token) {
+            Ok(c) => c,
+            Err(epoch) => {
+                let c = Arc::new(self.verify_signature(token)?);
+                self.verified.insert(token, c.clone(), epoch);
+                c
+            }
+        };
+        let now = self.clock.now();
+        // The library checks exp against the system clock; check against
+        // ours too (the same clock every other expiry in sidekey uses).
+        if c.exp <= now {
+            return Err(ApiError::InvalidSession("token expired"));
+        }
+        if c.iat > now + 60 {
+            return Err(ApiError::InvalidSession("token issued in the future"));
+        }
+        let rec = match self.store.session(&c.sid) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(ApiError::InvalidSession("session revoked or unknown")),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read session record");
+                return Err(ApiError::Internal);
+            }
+        };
+        if rec.user != c.sub {
+            return Err(ApiError::InvalidSession(
+                "session record does not match token",
+            ));
+        }
+        if rec.exp <= now {
+            return Err(ApiError::InvalidSession("token expired"));
+        }
+        if let Some(conv) = &c.conv {
+            if rec.conv.as_deref() != Some(conv) {
+                return Err(ApiError::InvalidSession(
+                    "session record does not match token",
+                ));
+            }
+        }
+        Ok(VerifiedSession {
+            sid: c.sid.clone(),
+            user: rec.user.clone(),
+            // The record is authoritative; the claim is informational.
+            providers: rec.providers.clone(),
+            exp: rec.exp,
+            conv: rec.conv.clone(),
+        })
+    }
+
+    /// Header, `kid`, pinned algorithm, signature, `iss`, `aud`, `exp`, `nbf`.
+    fn verify_signature(&self, token: &str) -> Result<SessionClaims, ApiError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| ApiError::InvalidSession("malformed token"))?;
         let kid = header
@@ -308,47 +366,7 @@ impl SessionAuthority {
                 _ => "token rejected",
             })
         })?;
-        let c = data.claims;
-        let now = self.clock.now();
-        // The library checks exp against the system clock; check against
-        // ours too (the same clock every other expiry in sidekey uses).
-        if c.exp <= now {
-            return Err(ApiError::InvalidSession("token expired"));
-        }
-        if c.iat > now + 60 {
-            return Err(ApiError::InvalidSession("token issued in the future"));
-        }
-        let rec = match self.store.session(&c.sid) {
-            Ok(Some(r)) => r,
-            Ok(None) => return Err(ApiError::InvalidSession("session revoked or unknown")),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read session record");
-                return Err(ApiError::Internal);
-            }
-        };
-        if rec.user != c.sub {
-            return Err(ApiError::InvalidSession(
-                "session record does not match token",
-            ));
-        }
-        if rec.exp <= now {
-            return Err(ApiError::InvalidSession("token expired"));
-        }
-        if let Some(conv) = &c.conv {
-            if rec.conv.as_deref() != Some(conv) {
-                return Err(ApiError::InvalidSession(
-                    "session record does not match token",
-                ));
-            }
-        }
-        Ok(VerifiedSession {
-            sid: c.sid,
-            user: rec.user,
-            // The record is authoritative; the claim is informational.
-            providers: rec.providers,
-            exp: rec.exp,
-            conv: rec.conv,
-        })
+        Ok(data.claims)
     }
 }
 

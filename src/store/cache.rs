@@ -1,34 +1,33 @@
-//! A bounded, TTL'd cache of decrypted credentials.
+//! A bounded, TTL'd cache of decrypted records (credentials, sessions,
+//! verified session tokens).
 //!
 //! Sharded so concurrent requests for different users do not contend on one
 //! lock. Each shard has an epoch bumped by every write; a reader that loaded
 //! from disk before a write cannot put its now-stale copy back. Entries hold
-//! `Arc<Credential>` whose secrets are zeroized when the last user drops them.
+//! `Arc<V>`: a credential's secrets are zeroized when the last user drops it.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Credential;
-
 const SHARDS: usize = 32;
 
-struct Shard {
+struct Shard<V> {
     epoch: u64,
-    map: HashMap<String, (Arc<Credential>, Instant)>,
+    map: HashMap<String, (Arc<V>, Instant)>,
 }
 
-pub struct CredentialCache {
-    shards: Vec<Mutex<Shard>>,
+pub struct Cache<V> {
+    shards: Vec<Mutex<Shard<V>>>,
     hasher: RandomState,
     ttl: Duration,
     per_shard: usize,
 }
 
-impl CredentialCache {
+impl<V> Cache<V> {
     pub fn new(ttl: Duration, max_entries: usize) -> Self {
-        CredentialCache {
+        Cache {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
@@ -43,16 +42,16 @@ impl CredentialCache {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<Shard> {
+    fn shard(&self, key: &str) -> &Mutex<Shard<V>> {
         &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
     }
 
-    fn lock<'a>(&self, m: &'a Mutex<Shard>) -> std::sync::MutexGuard<'a, Shard> {
+    fn lock<'a>(&self, m: &'a Mutex<Shard<V>>) -> std::sync::MutexGuard<'a, Shard<V>> {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A live entry, or the shard epoch to pass to [`insert`] after loading.
-    pub fn get(&self, key: &str) -> Result<Arc<Credential>, u64> {
+    pub fn get(&self, key: &str) -> Result<Arc<V>, u64> {
         if self.per_shard == 0 || self.ttl.is_zero() {
             return Err(0);
         }
@@ -68,7 +67,7 @@ impl CredentialCache {
     }
 
     /// Caches a value loaded from disk, unless a write happened since `epoch`.
-    pub fn insert(&self, key: &str, value: Arc<Credential>, epoch: u64) {
+    pub fn insert(&self, key: &str, value: Arc<V>, epoch: u64) {
         if self.per_shard == 0 || self.ttl.is_zero() {
             return;
         }
@@ -116,6 +115,9 @@ impl CredentialCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Credential;
+
+    type CredentialCache = Cache<Credential>;
 
     fn cred(g: u64) -> Arc<Credential> {
         Arc::new(Credential {

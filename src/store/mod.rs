@@ -20,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-pub use cache::CredentialCache;
+pub use cache::Cache;
+
+/// Decrypted credentials by record key.
+pub type CredentialCache = Cache<Credential>;
 pub use crypto::{CryptoError, KeyId, KeyRing, MasterKey};
 
 use crate::secret::Secret;
@@ -180,6 +183,8 @@ pub enum PutUserError {
 }
 
 const KEYCHECK_FILE: &str = "sidekey.keycheck";
+/// Audit records per sealed sled value.
+const AUDIT_BATCH: usize = 128;
 const CANARY: &[u8] = b"sidekey key check v1";
 
 #[derive(Serialize, Deserialize)]
@@ -224,6 +229,9 @@ pub struct Store {
     /// Keyed hash for the phone index; random per store, kept sealed in meta.
     index_key: Zeroizing<Vec<u8>>,
     cache: CredentialCache,
+    /// Session records by id: every proxied call reads one. Invalidated by
+    /// every session write, so revocation is still immediate.
+    session_cache: Cache<SessionRecord>,
     /// Records in the audit tree: counted once, then tracked by
     /// `append_audit` (sled's `len` is a full scan, too slow per batch).
     audit_len: std::sync::Mutex<Option<usize>>,
@@ -493,6 +501,7 @@ impl Store {
             session_expiry: tree("session_expiry")?,
             index_key,
             cache: CredentialCache::new(opts.cache_ttl, opts.cache_max_entries),
+            session_cache: Cache::new(opts.cache_ttl, opts.cache_max_entries),
             audit_len: std::sync::Mutex::new(None),
             db,
             path: path.to_path_buf(),
@@ -619,6 +628,7 @@ impl Store {
 
     pub fn put_session(&self, sid: &str, rec: &SessionRecord) -> Result<(), StoreError> {
         self.sessions.put(&self.keys, sid.as_bytes(), rec)?;
+        self.session_cache.invalidate(sid);
         self.user_sessions.insert(join0(&rec.user, sid), &[])?;
         self.session_expiry.insert(expiry_key(rec.exp, sid), &[])?;
         if let Some(conv) = &rec.conv {
@@ -627,8 +637,20 @@ impl Store {
         Ok(())
     }
 
-    pub fn session(&self, sid: &str) -> Result<Option<SessionRecord>, StoreError> {
-        self.sessions.get_as(&self.keys, sid.as_bytes())
+    pub fn session(&self, sid: &str) -> Result<Option<Arc<SessionRecord>>, StoreError> {
+        match self.session_cache.get(sid) {
+            Ok(r) => Ok(Some(r)),
+            Err(epoch) => {
+                let r = self
+                    .sessions
+                    .get_as::<SessionRecord>(&self.keys, sid.as_bytes())?;
+                Ok(r.map(|r| {
+                    let r = Arc::new(r);
+                    self.session_cache.insert(sid, r.clone(), epoch);
+                    r
+                }))
+            }
+        }
     }
 
     /// Binds an unbound session to a conversation, atomically: of two
@@ -655,7 +677,10 @@ impl Store {
                 .tree
                 .compare_and_swap(sid.as_bytes(), Some(&p.raw), Some(new))?
             {
-                Ok(()) => return Ok(BindOutcome::Bound),
+                Ok(()) => {
+                    self.session_cache.invalidate(sid);
+                    return Ok(BindOutcome::Bound);
+                }
                 Err(_) => {
                     self.conv_index.remove(join0(conv, sid))?;
                     continue;
@@ -673,6 +698,9 @@ impl Store {
             Err(e) => return Err(e),
         };
         let existed = self.sessions.tree.remove(sid.as_bytes())?.is_some();
+        // After the removal: a reader that loaded the record before it
+        // cannot cache it any more.
+        self.session_cache.invalidate(sid);
         if let Some(rec) = rec {
             self.user_sessions.remove(join0(&rec.user, sid))?;
             self.session_expiry.remove(expiry_key(rec.exp, sid))?;
@@ -832,7 +860,18 @@ impl Store {
 
     // ----- audit -----------------------------------------------------------
 
-    /// Appends records and trims the log to `max_records`.
+    /// Opens one audit batch (a sealed JSON array of records).
+    fn audit_batch(&self, k: &[u8], v: sled::IVec) -> Result<Vec<AuditRecord>, StoreError> {
+        let p = self.audit.open(&self.keys, k, v)?;
+        self.audit.decode(k, &p)
+    }
+
+    /// Appends records as one sealed batch and trims the log to exactly
+    /// `max_records`, oldest first.
+    ///
+    /// A batch per write (not a record per key) keeps the request path
+    /// cheap: the writer seals and inserts once per flush interval, however
+    /// many calls it covers.
     pub fn append_audit(
         &self,
         records: &[AuditRecord],
@@ -841,29 +880,38 @@ impl Store {
         let mut count = self.audit_len.lock().unwrap_or_else(|e| e.into_inner());
         let mut len = match *count {
             Some(n) => n,
-            None => self.audit.tree.len(),
-        };
-        // Kept current on every exit, errors included (ids are unique, so
-        // each put adds a record and each successful remove drops one).
-        let result = (|| {
-            for r in records {
-                let id = self.db.generate_id()?;
-                self.audit.put(&self.keys, &id.to_be_bytes(), r)?;
-                len += 1;
+            None => {
+                let mut n = 0;
+                for item in self.audit.tree.iter() {
+                    let (k, v) = item?;
+                    n += self.audit_batch(&k, v).map(|b| b.len()).unwrap_or(0);
+                }
+                n
             }
-            if len > max_records {
+        };
+        // Kept current on every exit, errors included.
+        let result = (|| {
+            // Small values: sled handles large ones (megabytes under load)
+            // far less economically, in memory and on disk.
+            for chunk in records.chunks(AUDIT_BATCH) {
+                let id = self.db.generate_id()?;
+                self.audit.put(&self.keys, &id.to_be_bytes(), &chunk)?;
+                len += chunk.len();
+            }
+            while len > max_records {
+                let Some((k, v)) = self.audit.tree.first()? else {
+                    len = 0;
+                    break;
+                };
+                let batch = self.audit_batch(&k, v).unwrap_or_default();
                 let excess = len - max_records;
-                let old: Vec<sled::IVec> = self
-                    .audit
-                    .tree
-                    .iter()
-                    .keys()
-                    .take(excess)
-                    .collect::<Result<_, _>>()?;
-                for k in old {
-                    if self.audit.tree.remove(k)?.is_some() {
-                        len -= 1;
-                    }
+                if batch.len() <= excess {
+                    self.audit.tree.remove(&k)?;
+                    len -= batch.len();
+                } else {
+                    // Keep the newest part of the oldest batch.
+                    self.audit.put(&self.keys, &k, &&batch[excess..])?;
+                    len -= excess;
                 }
             }
             Ok(())
@@ -879,15 +927,15 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.audit.tree.iter().rev() {
-            if out.len() >= limit {
-                break;
-            }
+        'batches: for item in self.audit.tree.iter().rev() {
             let (k, v) = item?;
-            let p = self.audit.open(&self.keys, &k, v)?;
-            let r: AuditRecord = self.audit.decode(&k, &p)?;
-            if user.is_none_or(|u| r.user.as_deref() == Some(u)) {
-                out.push(r);
+            for r in self.audit_batch(&k, v)?.into_iter().rev() {
+                if out.len() >= limit {
+                    break 'batches;
+                }
+                if user.is_none_or(|u| r.user.as_deref() == Some(u)) {
+                    out.push(r);
+                }
             }
         }
         Ok(out)
@@ -1155,6 +1203,54 @@ mod tests {
         drop(s);
         let raw = read_all(&p);
         assert!(!contains(&raw, b"+15551234567"));
+    }
+
+    #[test]
+    fn audit_batches_trim_exactly_and_read_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
+        let rec = |i: i64| AuditRecord {
+            time: i,
+            kind: "proxy".into(),
+            user: Some(if i % 2 == 0 { "even" } else { "odd" }.into()),
+            provider: None,
+            method: "GET".into(),
+            path: "/".into(),
+            status: 200,
+            duration_ms: 1.0,
+            session_id: None,
+            conversation_id: None,
+            error: None,
+        };
+        for batch in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] {
+            let records: Vec<_> = batch.iter().map(|i| rec(*i)).collect();
+            s.append_audit(&records, 5).unwrap();
+        }
+        let times: Vec<i64> = s
+            .recent_audit(None, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.time)
+            .collect();
+        assert_eq!(times, vec![9, 8, 7, 6, 5]);
+        let times: Vec<i64> = s
+            .recent_audit(Some("odd"), 2)
+            .unwrap()
+            .iter()
+            .map(|r| r.time)
+            .collect();
+        assert_eq!(times, vec![9, 7]);
+        // The count survives a reopen (recomputed from the batches).
+        drop(s);
+        let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
+        s.append_audit(&[rec(10)], 5).unwrap();
+        let times: Vec<i64> = s
+            .recent_audit(None, 100)
+            .unwrap()
+            .iter()
+            .map(|r| r.time)
+            .collect();
+        assert_eq!(times, vec![10, 9, 8, 7, 6]);
     }
 
     #[test]
