@@ -1,8 +1,9 @@
 //! The audit log: one record per proxied call and per admin write.
 //!
-//! The request path only pushes a record into a buffer (no wake-up, no
-//! I/O). A background task seals and writes the buffer as one batch every
-//! `FLUSH_EVERY`, or sooner when it grows large or someone reads the log.
+//! The request path serialises its record and appends the bytes to a
+//! buffer (no wake-up, no I/O, no per-record allocation kept alive). A
+//! background task seals and writes the buffered batches every
+//! `FLUSH_EVERY`, or sooner when they grow large or someone reads the log.
 //! A `kill -9` can lose the last interval's records; a graceful shutdown
 //! writes everything.
 
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
 
-use crate::store::{AuditRecord, Store};
+use crate::store::{AUDIT_BATCH, AuditRecord, Store};
 
 /// How often buffered records are written.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -22,8 +23,30 @@ const FLUSH_AT: usize = 4096;
 /// counted) rather than growing memory without bound.
 const DROP_AT: usize = 65_536;
 
+/// Records waiting to be written, already as JSON arrays of at most
+/// `AUDIT_BATCH` records: what the store seals as one value each.
+#[derive(Default)]
+struct Pending {
+    done: Vec<(Vec<u8>, usize)>,
+    current: Vec<u8>,
+    in_current: usize,
+    total: usize,
+}
+
+impl Pending {
+    fn take(&mut self) -> Vec<(Vec<u8>, usize)> {
+        if self.in_current > 0 {
+            self.current.push(b']');
+            let n = std::mem::take(&mut self.in_current);
+            self.done.push((std::mem::take(&mut self.current), n));
+        }
+        self.total = 0;
+        std::mem::take(&mut self.done)
+    }
+}
+
 struct Shared {
-    buf: Mutex<Vec<AuditRecord>>,
+    buf: Mutex<Pending>,
     /// Answered once every record buffered before they registered is written.
     waiters: Mutex<Vec<oneshot::Sender<()>>>,
     wake: Notify,
@@ -51,7 +74,7 @@ impl AuditLog {
             return AuditLog { shared: None };
         }
         let shared = Arc::new(Shared {
-            buf: Mutex::new(Vec::new()),
+            buf: Mutex::new(Pending::default()),
             waiters: Mutex::new(Vec::new()),
             wake: Notify::new(),
             dropped: AtomicU64::new(0),
@@ -68,11 +91,11 @@ impl AuditLog {
                 // Waiters first: every record buffered before a waiter
                 // registered is then in `records` below.
                 let waiters = std::mem::take(&mut *lock(&s.waiters));
-                let records = std::mem::take(&mut *lock(&s.buf));
-                if !records.is_empty() {
+                let batches = lock(&s.buf).take();
+                if !batches.is_empty() {
                     let store = store.clone();
                     let res = tokio::task::spawn_blocking(move || {
-                        store.append_audit(&records, max_records)
+                        store.append_audit_json(&batches, max_records)
                     })
                     .await;
                     if let Ok(Err(e)) = res {
@@ -92,23 +115,38 @@ impl AuditLog {
         }
     }
 
-    /// Buffers a record. Cheap: a lock and a push.
+    /// Buffers a record: serialised here, appended under a short lock.
     pub fn record(&self, r: AuditRecord) {
         let Some(s) = &self.shared else { return };
-        let len = {
-            let mut buf = lock(&s.buf);
-            if buf.len() >= DROP_AT {
-                drop(buf);
+        let mut json = Vec::with_capacity(384);
+        if serde_json::to_writer(&mut json, &r).is_err() {
+            return;
+        }
+        drop(r);
+        let total = {
+            let mut p = lock(&s.buf);
+            if p.total >= DROP_AT {
+                drop(p);
                 let n = s.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     tracing::warn!(dropped = n, "audit writer falling behind; records dropped");
                 }
                 return;
             }
-            buf.push(r);
-            buf.len()
+            let sep = if p.in_current == 0 { b'[' } else { b',' };
+            p.current.push(sep);
+            p.current.extend_from_slice(&json);
+            p.in_current += 1;
+            p.total += 1;
+            if p.in_current == AUDIT_BATCH {
+                p.current.push(b']');
+                let n = std::mem::take(&mut p.in_current);
+                let chunk = std::mem::take(&mut p.current);
+                p.done.push((chunk, n));
+            }
+            p.total
         };
-        if len == FLUSH_AT {
+        if total == FLUSH_AT {
             s.wake.notify_one();
         }
     }

@@ -486,6 +486,9 @@ struct Sidekey {
 impl Sidekey {
     fn spawn(bin: &Path, dir: &Path, log: &str, env: &[String]) -> Result<Sidekey, String> {
         let mut cmd = Command::new(bin);
+        // As the shipped deployment files run it (Dockerfile, Kubernetes,
+        // Compose, systemd); `--sidekey-env MALLOC_ARENA_MAX=8` overrides.
+        cmd.env("MALLOC_ARENA_MAX", "2");
         for kv in env {
             let (k, v) = kv
                 .split_once('=')

@@ -184,7 +184,7 @@ pub enum PutUserError {
 
 const KEYCHECK_FILE: &str = "sidekey.keycheck";
 /// Audit records per sealed sled value.
-const AUDIT_BATCH: usize = 128;
+pub const AUDIT_BATCH: usize = 128;
 const CANARY: &[u8] = b"sidekey key check v1";
 
 #[derive(Serialize, Deserialize)]
@@ -437,7 +437,7 @@ impl Store {
             // sled's page cache defaults to 1 GiB and fills with audit pages
             // under load (peak RSS 191 MiB in a 60 s soak, 126 MiB with
             // this). Credentials have their own cache; sessions are small.
-            .cache_capacity(32 * 1024 * 1024)
+            .cache_capacity(16 * 1024 * 1024)
             .open()
             .map_err(|e| {
                 let msg = e.to_string();
@@ -866,15 +866,45 @@ impl Store {
         self.audit.decode(k, &p)
     }
 
-    /// Appends records as one sealed batch and trims the log to exactly
-    /// `max_records`, oldest first.
-    ///
-    /// A batch per write (not a record per key) keeps the request path
-    /// cheap: the writer seals and inserts once per flush interval, however
-    /// many calls it covers.
+    /// Audit keys are `<id: 8 bytes BE><records in the batch: 2 bytes BE>`,
+    /// so counting and trimming never decrypt a batch.
+    fn audit_key(id: u64, n: usize) -> [u8; 10] {
+        let mut k = [0u8; 10];
+        k[..8].copy_from_slice(&id.to_be_bytes());
+        k[8..].copy_from_slice(&(n.min(u16::MAX as usize) as u16).to_be_bytes());
+        k
+    }
+
+    fn audit_key_count(k: &[u8]) -> usize {
+        if k.len() == 10 {
+            u16::from_be_bytes([k[8], k[9]]) as usize
+        } else {
+            0
+        }
+    }
+
+    /// Appends records (serialised to JSON arrays of at most [`AUDIT_BATCH`])
+    /// and trims the log to exactly `max_records`, oldest first.
     pub fn append_audit(
         &self,
         records: &[AuditRecord],
+        max_records: usize,
+    ) -> Result<(), StoreError> {
+        let chunks: Vec<(Vec<u8>, usize)> = records
+            .chunks(AUDIT_BATCH)
+            .map(|c| (serde_json::to_vec(c).expect("serialisable"), c.len()))
+            .collect();
+        self.append_audit_json(&chunks, max_records)
+    }
+
+    /// Appends batches that are already JSON arrays (`(json, records)`), as
+    /// the audit writer builds them, sealing each as one sled value.
+    ///
+    /// A sealed batch per value (not a record per key) keeps writing cheap,
+    /// and small values (≤ [`AUDIT_BATCH`] records) keep sled economical.
+    pub fn append_audit_json(
+        &self,
+        chunks: &[(Vec<u8>, usize)],
         max_records: usize,
     ) -> Result<(), StoreError> {
         let mut count = self.audit_len.lock().unwrap_or_else(|e| e.into_inner());
@@ -882,36 +912,44 @@ impl Store {
             Some(n) => n,
             None => {
                 let mut n = 0;
-                for item in self.audit.tree.iter() {
-                    let (k, v) = item?;
-                    n += self.audit_batch(&k, v).map(|b| b.len()).unwrap_or(0);
+                for k in self.audit.tree.iter().keys() {
+                    n += Store::audit_key_count(&k?);
                 }
                 n
             }
         };
         // Kept current on every exit, errors included.
         let result = (|| {
-            // Small values: sled handles large ones (megabytes under load)
-            // far less economically, in memory and on disk.
-            for chunk in records.chunks(AUDIT_BATCH) {
-                let id = self.db.generate_id()?;
-                self.audit.put(&self.keys, &id.to_be_bytes(), &chunk)?;
-                len += chunk.len();
+            for (json, n) in chunks {
+                if *n == 0 {
+                    continue;
+                }
+                let key = Store::audit_key(self.db.generate_id()?, *n);
+                self.audit
+                    .tree
+                    .insert(key, self.audit.seal(&self.keys, &key, json))?;
+                len += n;
             }
             while len > max_records {
                 let Some((k, v)) = self.audit.tree.first()? else {
                     len = 0;
                     break;
                 };
-                let batch = self.audit_batch(&k, v).unwrap_or_default();
+                let n = Store::audit_key_count(&k);
                 let excess = len - max_records;
-                if batch.len() <= excess {
+                if n <= excess {
                     self.audit.tree.remove(&k)?;
-                    len -= batch.len();
+                    len -= n;
                 } else {
-                    // Keep the newest part of the oldest batch.
-                    self.audit.put(&self.keys, &k, &&batch[excess..])?;
-                    len -= excess;
+                    // Keep the newest part of the oldest batch, under a key
+                    // that counts what is left.
+                    let batch = self.audit_batch(&k, v).unwrap_or_default();
+                    let kept = &batch[excess.min(batch.len())..];
+                    let id = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]));
+                    let key = Store::audit_key(id, kept.len());
+                    self.audit.put(&self.keys, &key, &kept)?;
+                    self.audit.tree.remove(&k)?;
+                    len -= n - kept.len();
                 }
             }
             Ok(())
