@@ -304,19 +304,17 @@ async fn route_agent(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             return crate::oauth::callback(app, req, &provider).await;
         }
     }
-    let handler = match path.as_str() {
-        "/v1/session/refresh" => 1,
-        "/v1/elevenlabs/conversation-init" => 2,
-        "/v1/elevenlabs/post-call" => 3,
-        _ => return ApiError::NotFound("There is no such endpoint.".into()).into_response(),
-    };
-    if method != Method::POST {
-        return ApiError::MethodNotAllowed.into_response();
-    }
-    match handler {
-        1 => crate::proxy::refresh_tool(app, req).await,
-        2 => crate::elevenlabs::conversation_init(app, req).await,
-        _ => crate::elevenlabs::post_call(app, req).await,
+    let is_post = method == Method::POST;
+    match path.as_str() {
+        "/v1/session/refresh" if is_post => crate::proxy::refresh_tool(app, req).await,
+        "/v1/elevenlabs/conversation-init" if is_post => {
+            crate::elevenlabs::conversation_init(app, req).await
+        }
+        "/v1/elevenlabs/post-call" if is_post => crate::elevenlabs::post_call(app, req).await,
+        "/v1/session/refresh" | "/v1/elevenlabs/conversation-init" | "/v1/elevenlabs/post-call" => {
+            ApiError::MethodNotAllowed.into_response()
+        }
+        _ => ApiError::NotFound("There is no such endpoint.".into()).into_response(),
     }
 }
 
