@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Deserializer};
@@ -68,18 +67,14 @@ fn authorized(app: &App, headers: &http::HeaderMap) -> bool {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), MAX_ADMIN_BODY)
-        .collect()
-        .await
-    {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::BodyTooLarge(MAX_ADMIN_BODY as u64))
-        }
-        Err(_) => Err(ApiError::BadRequest(
-            "The request body could not be read.".into(),
-        )),
-    }
+    let (parts, body) = req.into_parts();
+    body::read_limited(
+        &parts.headers,
+        body,
+        MAX_ADMIN_BODY as u64,
+        std::time::Duration::from_secs(60),
+    )
+    .await
 }
 
 pub(crate) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {

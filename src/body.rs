@@ -10,6 +10,40 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// body streamed through.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// Reads a request body of at most `limit` bytes within `timeout`: a
+/// declared `Content-Length` over the limit is refused before reading.
+pub async fn read_limited(
+    headers: &http::HeaderMap,
+    body: hyper::body::Incoming,
+    limit: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, crate::error::ApiError> {
+    use crate::error::ApiError;
+    use http_body_util::Limited;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit {
+            return Err(ApiError::BodyTooLarge(limit));
+        }
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::BadRequest(
+            "The request body did not arrive in time.".into(),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::BodyTooLarge(limit))
+        }
+        Ok(Err(_)) => Err(ApiError::BadRequest(
+            "The request body could not be read.".into(),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|e| match e {})

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http::{Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -74,33 +74,8 @@ pub fn normalize_phone(s: &str) -> Option<String> {
 }
 
 async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit {
-            return Err(ApiError::BodyTooLarge(limit));
-        }
-    }
-    match tokio::time::timeout(
-        Duration::from_secs(60),
-        Limited::new(req.into_body(), limit as usize).collect(),
-    )
-    .await
-    {
-        Err(_) => Err(ApiError::BadRequest(
-            "The request body did not arrive in time.".into(),
-        )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::BodyTooLarge(limit))
-        }
-        Ok(Err(_)) => Err(ApiError::BadRequest(
-            "The request body could not be read.".into(),
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    let (parts, body) = req.into_parts();
+    body::read_limited(&parts.headers, body, limit, Duration::from_secs(60)).await
 }
 
 fn record(

@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, BodyStream, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
@@ -439,29 +439,13 @@ fn check_request(
 
 /// Phase 4: the request body, at most `max_body_bytes`.
 async fn read_body(app: &Arc<App>, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
-    let max = app.config.server.max_body_bytes;
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > max {
-            return Err(ApiError::BodyTooLarge(max));
-        }
-    }
-    let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
-    match tokio::time::timeout(timeout, Limited::new(body, max as usize).collect()).await {
-        Err(_) => Err(ApiError::BadRequest(
-            "The request body did not arrive in time.".into(),
-        )),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::BodyTooLarge(max))
-        }
-        Ok(Err(_)) => Err(ApiError::BadRequest(
-            "The request body could not be read.".into(),
-        )),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    body::read_limited(
+        headers,
+        body,
+        app.config.server.max_body_bytes,
+        Duration::from_secs(app.config.server.upstream_timeout_secs),
+    )
+    .await
 }
 
 /// Which owner holds the credential a user would use, without refreshing:
