@@ -78,6 +78,28 @@ async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiEr
     body::read_limited(&parts.headers, body, limit, Duration::from_secs(60)).await
 }
 
+/// A webhook answered with an error: counted, audited, answered.
+fn refused(
+    app: &App,
+    path: &str,
+    started: Instant,
+    event: &str,
+    outcome: &'static str,
+    e: ApiError,
+) -> Response<Body> {
+    app.metrics.webhook(event, outcome);
+    record(
+        app,
+        path,
+        e.status().as_u16(),
+        started,
+        None,
+        None,
+        Some(e.code()),
+    );
+    e.into_response()
+}
+
 fn record(
     app: &App,
     path: &str,
@@ -190,19 +212,7 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
                 }),
             )
         }
-        Err(e) => {
-            app.metrics.webhook("conversation_init", "error");
-            record(
-                app,
-                path,
-                e.status().as_u16(),
-                started,
-                None,
-                None,
-                Some(e.code()),
-            );
-            e.into_response()
-        }
+        Err(e) => refused(app, path, started, "conversation_init", "error", e),
     }
 }
 
@@ -365,17 +375,7 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             if let ApiError::InvalidSignature(why) = &e {
                 tracing::warn!(reason = why, "post-call webhook refused");
             }
-            app.metrics.webhook("post_call", "refused");
-            record(
-                app,
-                path,
-                e.status().as_u16(),
-                started,
-                None,
-                None,
-                Some(e.code()),
-            );
-            e.into_response()
+            refused(app, path, started, "post_call", "refused", e)
         }
     }
 }
