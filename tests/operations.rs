@@ -13,7 +13,7 @@ use base64::Engine;
 use http::Method;
 use serde_json::{Value, json};
 use support::upstream::Upstream;
-use support::{Options, Sidekey, bin, contains, provider_toml, read_tree, run_cli};
+use support::{Options, Sidekey, bin, contains, provider_toml, read_tree, run_cli, snapshot};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -99,26 +99,6 @@ fn serve_refused(dir: &Path, config: &str) -> (i32, String) {
         .read_to_string(&mut err)
         .unwrap();
     (status.code().unwrap_or(-1), err)
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(base, &p, out);
-            } else {
-                out.insert(
-                    p.strip_prefix(base).unwrap().to_path_buf(),
-                    std::fs::read(&p).unwrap(),
-                );
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
 }
 
 fn assert_untouched(before: &BTreeMap<PathBuf, Vec<u8>>, dir: &Path, what: &str) {

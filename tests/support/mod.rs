@@ -702,6 +702,27 @@ async fn spawn(
     }
 }
 
+/// Every file under `dir` with its bytes, by relative path (to prove a
+/// store was left untouched).
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.insert(
+                    p.strip_prefix(base).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                );
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
 /// Every file under `dir`, concatenated (for raw-store scans).
 pub fn read_tree(dir: &Path) -> Vec<u8> {
     let mut out = Vec::new();
