@@ -19,7 +19,6 @@ use crate::app::{App, sha256};
 use crate::body::{self, Body};
 use crate::config::valid_id;
 use crate::error::ApiError;
-use crate::proxy::json_error;
 use crate::secret::Secret;
 use crate::store::{AuditRecord, Credential, Owner, PutUserError, UserProfile};
 
@@ -77,20 +76,8 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     .await
 }
 
-pub(crate) fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest(
-            "This endpoint needs a JSON body.".into(),
-        ));
-    }
-    // serde reads a struct from a JSON array too (fields by position), so
-    // `["tok"]` would be taken as `{"access_token": "tok"}`: objects only.
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(ApiError::BadRequest(
-            "The request body must be a JSON object.".into(),
-        ));
-    }
-    serde_json::from_slice(bytes).map_err(|e| json_error(&e))
+fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    body::json_object(bytes)
 }
 
 fn id<'a>(s: &'a str, what: &str) -> Result<&'a str, ApiError> {

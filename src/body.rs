@@ -44,6 +44,25 @@ pub async fn read_limited(
     }
 }
 
+/// Parses a request body that must be one JSON object. serde would also
+/// read a struct from a JSON array (fields by position), so `["tok"]` could
+/// pass for `{"access_token": "tok"}`: objects only. Errors never quote the
+/// input.
+pub fn json_object<'a, T: serde::Deserialize<'a>>(
+    bytes: &'a [u8],
+) -> Result<T, crate::error::ApiError> {
+    use crate::error::ApiError;
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => Err(ApiError::BadRequest(
+            "This endpoint needs a JSON body.".into(),
+        )),
+        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| crate::proxy::json_error(&e)),
+        Some(_) => Err(ApiError::BadRequest(
+            "The request body must be a JSON object.".into(),
+        )),
+    }
+}
+
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|e| match e {})

@@ -22,7 +22,6 @@ use crate::client::HttpClient;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::providers::{Injection, Providers};
-use crate::proxy::json_error;
 use crate::store::AuditRecord;
 
 // ---------------------------------------------------------------------------
@@ -154,7 +153,7 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
         let b: InitBody = if raw.iter().all(u8::is_ascii_whitespace) {
             InitBody::default()
         } else {
-            serde_json::from_slice(&raw).map_err(|e| json_error(&e))?
+            body::json_object(&raw)?
         };
         let conv = b
             .conversation_id
@@ -337,7 +336,7 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             app.config.elevenlabs.webhook_tolerance_secs,
         )
         .map_err(ApiError::InvalidSignature)?;
-        let ev: PostCall = serde_json::from_slice(&raw).map_err(|e| json_error(&e))?;
+        let ev: PostCall = body::json_object(&raw)?;
         let conv = ev.data.and_then(|d| d.conversation_id);
         let mut revoked = 0;
         if REVOKING_EVENTS.contains(&ev.kind.as_str()) {

@@ -72,7 +72,7 @@ pub async fn start(
     let b: StartBody = if body.iter().all(u8::is_ascii_whitespace) {
         StartBody::default()
     } else {
-        crate::admin::parse(body)?
+        body::json_object(body)?
     };
     let (Some(authorize), Some(_)) = (&p.authorize_url, &p.token_url) else {
         return Err(ApiError::BadRequest(format!(

@@ -116,7 +116,7 @@ async fn call(
     t.provider = Some(name.to_owned());
     let provider = select_provider(app, &session, name)?;
     let raw = read_body(app, &parts.headers, body).await?;
-    let spec: CallSpec = serde_json::from_slice(&raw).map_err(|e| json_error(&e))?;
+    let spec: CallSpec = body::json_object(&raw)?;
     let method = Method::from_bytes(spec.method.trim().to_ascii_uppercase().as_bytes())
         .ok()
         .filter(|m| {
@@ -267,7 +267,7 @@ async fn refresh_providers(
     let req: RefreshBody = if raw.iter().all(u8::is_ascii_whitespace) {
         RefreshBody::default()
     } else {
-        serde_json::from_slice(&raw).map_err(|e| json_error(&e))?
+        body::json_object(&raw)?
     };
     let names: Vec<String> = match req.provider.filter(|p| !p.is_empty()) {
         Some(p) => {

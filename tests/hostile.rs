@@ -2251,3 +2251,32 @@ async fn h2_continuation_flood() {
     assert_healthy_h2(&fx).await;
     fx.control().await;
 }
+
+#[tokio::test]
+async fn agent_side_bodies_must_be_json_objects() {
+    let up = support::upstream::Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
+        "custom", &up.url, "",
+    )))
+    .await;
+    sk.put_credential("arr", "custom", json!({"access_token": "tok-array-case"}))
+        .await;
+    let t = sk.token("arr", &["custom"]).await;
+    for (path, body) in [
+        ("/v1/call/custom", r#"["GET", "/x"]"#),
+        ("/v1/session/refresh", r#"["custom"]"#),
+    ] {
+        let r = sk.proxy(Method::POST, path, &t, body).await;
+        r.assert_error(400, "bad_request");
+    }
+    let r = sk
+        .agent(
+            Method::POST,
+            "/v1/elevenlabs/conversation-init",
+            &[("x-sidekey-init-secret", support::INIT_SECRET)],
+            r#"["+15551234567"]"#,
+        )
+        .await;
+    r.assert_error(400, "bad_request");
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+}
