@@ -76,10 +76,6 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     .await
 }
 
-fn parse<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
-    body::json_object(bytes)
-}
-
 fn id<'a>(s: &'a str, what: &str) -> Result<&'a str, ApiError> {
     if valid_id(s) {
         Ok(s)
@@ -250,7 +246,7 @@ async fn credential_route(
     let now = app.clock.now();
     match *method {
         Method::PUT => {
-            let b: CredentialBody = parse(body)?;
+            let b: CredentialBody = body::json_object(body)?;
             if p.grant == crate::providers::Grant::ClientCredentials {
                 return Err(ApiError::BadRequest(format!(
                     "{} uses one app-level token (grant = client_credentials); sidekey fetches it itself.",
@@ -385,7 +381,7 @@ fn user_json(user: &str, p: &UserProfile) -> Value {
 }
 
 async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let b: UserBody = parse(body)?;
+    let b: UserBody = body::json_object(body)?;
     let mut profile = app
         .store
         .user(user)
@@ -495,7 +491,7 @@ pub fn valid_conversation_id(c: &str) -> bool {
 }
 
 async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, ApiError> {
-    let b: SessionBody = parse(body)?;
+    let b: SessionBody = body::json_object(body)?;
     let user = id(&b.user, "user id")?;
     // No list means every configured provider; an empty list is a mistake.
     let providers = b
@@ -634,7 +630,7 @@ async fn backup(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, ApiError>
     struct B {
         out: String,
     }
-    let b: B = parse(body)?;
+    let b: B = body::json_object(body)?;
     let out = std::path::PathBuf::from(&b.out);
     if !out.is_absolute() {
         return Err(ApiError::BadRequest("out must be an absolute path.".into()));

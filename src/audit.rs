@@ -34,12 +34,30 @@ struct Pending {
 }
 
 impl Pending {
-    fn take(&mut self) -> Vec<(Vec<u8>, usize)> {
+    /// Appends one serialised record; returns how many are pending.
+    fn push(&mut self, json: &[u8]) -> usize {
+        let sep = if self.in_current == 0 { b'[' } else { b',' };
+        self.current.push(sep);
+        self.current.extend_from_slice(json);
+        self.in_current += 1;
+        self.total += 1;
+        if self.in_current == AUDIT_BATCH {
+            self.close_current();
+        }
+        self.total
+    }
+
+    /// Ends the open JSON array and queues it as a batch.
+    fn close_current(&mut self) {
         if self.in_current > 0 {
             self.current.push(b']');
             let n = std::mem::take(&mut self.in_current);
             self.done.push((std::mem::take(&mut self.current), n));
         }
+    }
+
+    fn take(&mut self) -> Vec<(Vec<u8>, usize)> {
+        self.close_current();
         self.total = 0;
         std::mem::take(&mut self.done)
     }
@@ -133,18 +151,7 @@ impl AuditLog {
                 }
                 return;
             }
-            let sep = if p.in_current == 0 { b'[' } else { b',' };
-            p.current.push(sep);
-            p.current.extend_from_slice(&json);
-            p.in_current += 1;
-            p.total += 1;
-            if p.in_current == AUDIT_BATCH {
-                p.current.push(b']');
-                let n = std::mem::take(&mut p.in_current);
-                let chunk = std::mem::take(&mut p.current);
-                p.done.push((chunk, n));
-            }
-            p.total
+            p.push(&json)
         };
         if total == FLUSH_AT {
             s.wake.notify_one();

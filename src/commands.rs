@@ -47,10 +47,7 @@ pub fn serve(path: &Path) -> Result<(), Fatal> {
     }
     let rt = runtime()?;
     rt.block_on(async move {
-        let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen)
-            .await?
-            .with_metrics(cfg.admin.metrics_listen)
-            .await?;
+        let listeners = Listeners::for_config(&cfg).await?;
         let agent_addr = listeners
             .agent
             .local_addr()
@@ -343,10 +340,7 @@ pub async fn start(
 ) -> Result<(Arc<App>, Listeners, Option<Arc<rustls::ServerConfig>>), Fatal> {
     let loaded =
         bootstrap::load(&cfg, cfg.store.generate_missing).map_err(|p| Fatal::new(p.join("\n")))?;
-    let listeners = Listeners::bind(cfg.server.listen, cfg.admin.listen)
-        .await?
-        .with_metrics(cfg.admin.metrics_listen)
-        .await?;
+    let listeners = Listeners::for_config(&cfg).await?;
     let tls = loaded.tls.clone();
     let app = App::new(cfg, loaded, clock)?;
     Ok((app, listeners, tls))

@@ -57,6 +57,14 @@ impl Listeners {
         })
     }
 
+    /// Every listener the config names: agent, admin and, if set, metrics.
+    pub async fn for_config(cfg: &crate::config::Config) -> Result<Listeners, Fatal> {
+        Listeners::bind(cfg.server.listen, cfg.admin.listen)
+            .await?
+            .with_metrics(cfg.admin.metrics_listen)
+            .await
+    }
+
     /// Adds the optional metrics listener.
     pub async fn with_metrics(mut self, addr: Option<SocketAddr>) -> Result<Listeners, Fatal> {
         if let Some(addr) = addr {

@@ -232,8 +232,8 @@ pub struct Store {
     /// Session records by id: every proxied call reads one. Invalidated by
     /// every session write, so revocation is still immediate.
     session_cache: Cache<SessionRecord>,
-    /// Records in the audit tree: counted once, then tracked by
-    /// `append_audit` (sled's `len` is a full scan, too slow per batch).
+    /// Records in the audit tree: counted once (from the batch keys), then
+    /// tracked by `append_audit_json` (sled's `len` is a full scan).
     audit_len: std::sync::Mutex<Option<usize>>,
 }
 
@@ -435,8 +435,8 @@ impl Store {
             .path(path)
             .flush_every_ms(Some(opts.flush_every_ms))
             // sled's page cache defaults to 1 GiB and fills with audit pages
-            // under load (peak RSS 191 MiB in a 60 s soak, 126 MiB with
-            // this). Credentials have their own cache; sessions are small.
+            // under load (peak RSS 191 MiB in a 60 s soak before this cap).
+            // Credentials and sessions have their own caches.
             .cache_capacity(16 * 1024 * 1024)
             .open()
             .map_err(|e| {
@@ -883,8 +883,8 @@ impl Store {
         }
     }
 
-    /// Appends records (serialised to JSON arrays of at most [`AUDIT_BATCH`])
-    /// and trims the log to exactly `max_records`, oldest first.
+    /// Appends typed records (tests; the audit writer hands over JSON).
+    #[cfg(test)]
     pub fn append_audit(
         &self,
         records: &[AuditRecord],
