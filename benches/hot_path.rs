@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use criterion::Criterion;
+use futures_util::FutureExt;
 use http::HeaderMap;
 use sidekey::clock::Clock;
 use sidekey::providers::{Provider, Providers, check_path};
@@ -90,6 +91,8 @@ fn fixture() -> Fixture {
         for p in ["bench", "hdr", "qry", "tg"] {
             store
                 .put_credential(&Owner::User(format!("user-{i:06}")), p, &mut c)
+                .now_or_never()
+                .expect("sled calls do not wait")
                 .expect("put");
         }
     }
@@ -104,6 +107,8 @@ fn fixture() -> Fixture {
     );
     let minted = authority
         .mint("user-000042", vec!["bench".into()], 3600, None)
+        .now_or_never()
+        .expect("sled calls do not wait")
         .expect("mint");
     let ps = providers();
     let get = |n: &str| ps.get(n).expect("provider").clone();
@@ -140,7 +145,13 @@ fn benches(c: &mut Criterion, f: &Fixture) {
 
     let mut g = c.benchmark_group("session");
     g.bench_function("verify", |b| {
-        b.iter(|| f.authority.verify(black_box(&f.token)).expect("valid"))
+        b.iter(|| {
+            f.authority
+                .verify(black_box(&f.token))
+                .now_or_never()
+                .expect("sled calls do not wait")
+                .expect("valid")
+        })
     });
     g.bench_function("jwt_only", |b| {
         // The same checks `verify` asks of jsonwebtoken, without the store.
@@ -157,6 +168,8 @@ fn benches(c: &mut Criterion, f: &Fixture) {
         b.iter(|| {
             f.store
                 .session(black_box(&f.sid))
+                .now_or_never()
+                .expect("sled calls do not wait")
                 .expect("ok")
                 .expect("found")
         })
@@ -164,11 +177,17 @@ fn benches(c: &mut Criterion, f: &Fixture) {
     g.finish();
 
     let mut g = c.benchmark_group("credential");
-    let _ = f.store.credential(&owner, "bench");
+    let _ = f
+        .store
+        .credential(&owner, "bench")
+        .now_or_never()
+        .expect("sled calls do not wait");
     g.bench_function("cached", |b| {
         b.iter(|| {
             f.store
                 .credential(black_box(&owner), "bench")
+                .now_or_never()
+                .expect("sled calls do not wait")
                 .expect("ok")
                 .expect("found")
         })
@@ -177,6 +196,8 @@ fn benches(c: &mut Criterion, f: &Fixture) {
         b.iter(|| {
             f.store
                 .credential_uncached(black_box(&owner), "bench")
+                .now_or_never()
+                .expect("sled calls do not wait")
                 .expect("ok")
                 .expect("found")
         })
@@ -186,6 +207,8 @@ fn benches(c: &mut Criterion, f: &Fixture) {
     let cred = f
         .store
         .credential_uncached(&owner, "bench")
+        .now_or_never()
+        .expect("sled calls do not wait")
         .expect("ok")
         .expect("found");
     let mut g = c.benchmark_group("inject");
@@ -228,6 +251,8 @@ fn benches(c: &mut Criterion, f: &Fixture) {
             let c = f
                 .store
                 .credential(&owner, "bench")
+                .now_or_never()
+                .expect("sled calls do not wait")
                 .expect("ok")
                 .expect("found");
             let mut h = HeaderMap::new();
@@ -239,6 +264,8 @@ fn benches(c: &mut Criterion, f: &Fixture) {
             let c = f
                 .store
                 .credential_uncached(&owner, "bench")
+                .now_or_never()
+                .expect("sled calls do not wait")
                 .expect("ok")
                 .expect("found");
             let mut h = HeaderMap::new();
@@ -294,6 +321,8 @@ fn main() {
         let c = f
             .store
             .credential_uncached(&owners[i % USERS], "bench")
+            .now_or_never()
+            .expect("sled calls do not wait")
             .expect("ok")
             .expect("found");
         let mut h = HeaderMap::new();
@@ -303,12 +332,20 @@ fn main() {
         let c = f
             .store
             .credential(&owners[i % USERS], "bench")
+            .now_or_never()
+            .expect("sled calls do not wait")
             .expect("ok")
             .expect("found");
         let mut h = HeaderMap::new();
         black_box(inject(&f.bearer, &c, &mut h));
     });
     distribution("session verify (JWT + record)", 200_000, |_| {
-        black_box(f.authority.verify(&f.token).expect("valid"));
+        black_box(
+            f.authority
+                .verify(&f.token)
+                .now_or_never()
+                .expect("sled calls do not wait")
+                .expect("valid"),
+        );
     });
 }

@@ -95,7 +95,7 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     use Method as M;
     match (method, segs) {
-        (&M::GET, ["metrics"]) => Ok(metrics(app)),
+        (&M::GET, ["metrics"]) => Ok(metrics(app).await),
         (&M::GET, ["v1", "audit"]) => audit(app, query).await,
         (&M::GET, ["v1", "elevenlabs", "tools"]) => Ok(body::json(
             StatusCode::OK,
@@ -106,14 +106,14 @@ async fn dispatch(
             credential_route(app, method, owner, provider, body).await
         }
         (&M::GET, ["v1", "users", user, "credentials"]) => {
-            list_credentials(app, Owner::User(id(user, "user id")?.to_owned()))
+            list_credentials(app, Owner::User(id(user, "user id")?.to_owned())).await
         }
         (_, ["v1", "tenants", tenant, "credentials", provider]) => {
             let owner = Owner::Tenant(id(tenant, "tenant id")?.to_owned());
             credential_route(app, method, owner, provider, body).await
         }
         (&M::GET, ["v1", "tenants", tenant, "credentials"]) => {
-            list_credentials(app, Owner::Tenant(id(tenant, "tenant id")?.to_owned()))
+            list_credentials(app, Owner::Tenant(id(tenant, "tenant id")?.to_owned())).await
         }
         (&M::POST, ["v1", "users", user, "oauth", provider, "start"]) => {
             let user = id(user, "user id")?;
@@ -122,10 +122,10 @@ async fn dispatch(
             Ok(body::json(StatusCode::OK, &v))
         }
         (&M::PUT, ["v1", "users", user]) => put_user(app, id(user, "user id")?, body).await,
-        (&M::GET, ["v1", "users", user]) => get_user(app, id(user, "user id")?),
+        (&M::GET, ["v1", "users", user]) => get_user(app, id(user, "user id")?).await,
         (&M::DELETE, ["v1", "users", user]) => delete_user(app, id(user, "user id")?).await,
         (&M::POST, ["v1", "sessions"]) => create_session(app, body).await,
-        (&M::GET, ["v1", "sessions", sid]) => get_session(app, sid),
+        (&M::GET, ["v1", "sessions", sid]) => get_session(app, sid).await,
         (&M::DELETE, ["v1", "sessions", sid]) => delete_session(app, sid).await,
         (&M::POST, ["v1", "admin", "backup"]) => backup(app, body).await,
         (_, ["metrics"])
@@ -144,16 +144,11 @@ async fn dispatch(
     }
 }
 
-fn flush_failed(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store write or flush failed");
-    ApiError::Internal
-}
-
 /// Prometheus text; also served by the token-less metrics listener.
-pub fn metrics(app: &Arc<App>) -> Response<Body> {
+pub async fn metrics(app: &Arc<App>) -> Response<Body> {
     let text = app.metrics.render(
-        app.store.session_count(),
-        app.store.credential_count(),
+        app.store.session_count().await,
+        app.store.credential_count().await,
         app.store.size_on_disk(),
     );
     body::text(
@@ -283,6 +278,7 @@ async fn credential_route(
             }
             let expires_at = b.expires_at.or(b.expires_in.map(|s| now + s));
             let mut cred = Credential {
+                reauth_reason: None,
                 access_token: b.access_token,
                 refresh_token: b.refresh_token,
                 expires_at,
@@ -303,9 +299,10 @@ async fn credential_route(
             };
             app.store
                 .put_credential(&owner, provider, &mut cred)
-                .map_err(flush_failed)?;
-            app.store.flush().await.map_err(flush_failed)?;
-            app.refresher.reset(&owner, provider);
+                .await
+                .map_err(ApiError::from)?;
+            app.store.flush().await.map_err(ApiError::from)?;
+            app.refresher.reset(&owner, provider).await;
             tracing::info!(owner = %owner.describe(), provider, "credential stored");
             Ok(body::json(
                 StatusCode::OK,
@@ -315,7 +312,8 @@ async fn credential_route(
         Method::GET => match app
             .store
             .credential_uncached(&owner, provider)
-            .map_err(flush_failed)?
+            .await
+            .map_err(ApiError::from)?
         {
             Some(c) => Ok(body::json(
                 StatusCode::OK,
@@ -330,21 +328,23 @@ async fn credential_route(
         Method::DELETE => {
             app.store
                 .delete_credential(&owner, provider)
-                .map_err(flush_failed)?;
-            app.store.flush().await.map_err(flush_failed)?;
-            app.refresher.reset(&owner, provider);
+                .await
+                .map_err(ApiError::from)?;
+            app.store.flush().await.map_err(ApiError::from)?;
+            app.refresher.reset(&owner, provider).await;
             Ok(body::no_content())
         }
         _ => Err(ApiError::MethodNotAllowed),
     }
 }
 
-fn list_credentials(app: &Arc<App>, owner: Owner) -> Result<Response<Body>, ApiError> {
+async fn list_credentials(app: &Arc<App>, owner: Owner) -> Result<Response<Body>, ApiError> {
     let now = app.clock.now();
     let list: Vec<Value> = app
         .store
         .list_credentials(&owner)
-        .map_err(flush_failed)?
+        .await
+        .map_err(ApiError::from)?
         .iter()
         .map(|(p, c)| credential_metadata(&owner, p, c, now))
         .collect();
@@ -385,7 +385,8 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
     let mut profile = app
         .store
         .user(user)
-        .map_err(flush_failed)?
+        .await
+        .map_err(ApiError::from)?
         .unwrap_or_default();
     if let Some(phones) = b.phone_numbers {
         let mut norm = Vec::new();
@@ -408,7 +409,12 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
         profile.tenant = t;
     }
     profile.updated_at = app.clock.now();
-    match app.store.put_user(user, &profile).map_err(flush_failed)? {
+    match app
+        .store
+        .put_user(user, &profile)
+        .await
+        .map_err(ApiError::from)?
+    {
         Ok(()) => {}
         Err(PutUserError::PhoneTaken { phone, user: other }) => {
             return Err(ApiError::Conflict(format!(
@@ -416,16 +422,17 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
             )));
         }
     }
-    app.store.flush().await.map_err(flush_failed)?;
+    app.store.flush().await.map_err(ApiError::from)?;
     Ok(body::json(StatusCode::OK, &user_json(user, &profile)))
 }
 
-fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
-    let profile = app.store.user(user).map_err(flush_failed)?;
+async fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
+    let profile = app.store.user(user).await.map_err(ApiError::from)?;
     let creds = app
         .store
         .list_credentials(&Owner::User(user.to_owned()))
-        .map_err(flush_failed)?;
+        .await
+        .map_err(ApiError::from)?;
     if profile.is_none() && creds.is_empty() {
         return Err(ApiError::NotFound(format!("There is no user {user}.")));
     }
@@ -442,8 +449,8 @@ fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
 }
 
 async fn delete_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
-    let revoked = app.store.delete_user(user).map_err(flush_failed)?;
-    app.store.flush().await.map_err(flush_failed)?;
+    let revoked = app.store.delete_user(user).await.map_err(ApiError::from)?;
+    app.store.flush().await.map_err(ApiError::from)?;
     tracing::info!(user, sessions_revoked = revoked, "user deleted");
     Ok(body::no_content())
 }
@@ -463,7 +470,7 @@ struct SessionBody {
 }
 
 /// Mints a session; shared by the admin API and conversation-init.
-pub fn mint_session(
+pub async fn mint_session(
     app: &Arc<App>,
     user: &str,
     providers: Vec<String>,
@@ -473,7 +480,8 @@ pub fn mint_session(
     let m = app
         .sessions
         .mint(user, providers.clone(), ttl_secs, conversation_id.clone())
-        .map_err(flush_failed)?;
+        .await
+        .map_err(ApiError::from)?;
     let var = &app.config.sessions.dynamic_variable;
     Ok(json!({
         "session_id": m.sid,
@@ -525,13 +533,13 @@ async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, A
             ));
         }
     }
-    let v = mint_session(app, user, uniq, ttl, b.conversation_id)?;
-    app.store.flush().await.map_err(flush_failed)?;
+    let v = mint_session(app, user, uniq, ttl, b.conversation_id).await?;
+    app.store.flush().await.map_err(ApiError::from)?;
     Ok(body::json(StatusCode::CREATED, &v))
 }
 
-fn get_session(app: &Arc<App>, sid: &str) -> Result<Response<Body>, ApiError> {
-    match app.store.session(sid).map_err(flush_failed)? {
+async fn get_session(app: &Arc<App>, sid: &str) -> Result<Response<Body>, ApiError> {
+    match app.store.session(sid).await.map_err(ApiError::from)? {
         Some(r) if r.exp > app.clock.now() => Ok(body::json(
             StatusCode::OK,
             &json!({
@@ -550,8 +558,11 @@ fn get_session(app: &Arc<App>, sid: &str) -> Result<Response<Body>, ApiError> {
 }
 
 async fn delete_session(app: &Arc<App>, sid: &str) -> Result<Response<Body>, ApiError> {
-    app.store.revoke_session(sid).map_err(flush_failed)?;
-    app.store.flush().await.map_err(flush_failed)?;
+    app.store
+        .revoke_session(sid)
+        .await
+        .map_err(ApiError::from)?;
+    app.store.flush().await.map_err(ApiError::from)?;
     Ok(body::no_content())
 }
 
@@ -577,10 +588,13 @@ async fn audit(app: &Arc<App>, query: Option<&str>) -> Result<Response<Body>, Ap
     }
     app.audit.sync().await;
     let store = app.store.clone();
-    let records = tokio::task::spawn_blocking(move || store.recent_audit(user.as_deref(), limit))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(flush_failed)?;
+    // Decrypting many batches is CPU work: off the request workers.
+    let rt = tokio::runtime::Handle::current();
+    let records = tokio::task::spawn_blocking(move || {
+        rt.block_on(store.recent_audit(user.as_deref(), limit))
+    })
+    .await
+    .map_err(|_| ApiError::Internal)??;
     let out: Vec<Value> = records
         .into_iter()
         .map(|r| {

@@ -10,6 +10,7 @@ use crate::bootstrap::Loaded;
 use crate::client::HttpClient;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::config::StoreBackend;
 use crate::error::Fatal;
 use crate::limits::RateLimits;
 use crate::metrics::Metrics;
@@ -17,7 +18,8 @@ use crate::providers::Providers;
 use crate::refresh::RefreshCoordinator;
 use crate::secret::Secret;
 use crate::session::SessionAuthority;
-use crate::store::{OpenError, Store, StoreOptions};
+use crate::store::postgres::PgOptions;
+use crate::store::{KeyRing, Location, Store, StoreOptions};
 
 pub struct App {
     pub config: Config,
@@ -51,20 +53,9 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 impl App {
     /// Opens the store and wires every component. Must run inside a tokio
     /// runtime (it starts the audit writer and the session GC).
-    pub fn new(config: Config, loaded: Loaded, clock: Clock) -> Result<Arc<App>, Fatal> {
+    pub async fn new(config: Config, loaded: Loaded, clock: Clock) -> Result<Arc<App>, Fatal> {
         let providers = Providers::from_config(&config).map_err(|e| Fatal::new(e.join("; ")))?;
-        let store = Store::open(
-            &config.store.path,
-            loaded.keys,
-            StoreOptions {
-                flush_every_ms: config.store.flush_every_ms,
-                cache_ttl: Duration::from_secs(config.store.cache_ttl_secs),
-                cache_max_entries: config.store.cache_max_entries,
-            },
-        )
-        .map_err(|e| match e {
-            OpenError::WrongKey(m) | OpenError::Locked(m) | OpenError::Other(m) => Fatal::new(m),
-        })?;
+        let store = open_store(&config, loaded.keys).await?;
         let store = Arc::new(store);
         let extra_roots = match &config.server.upstream_ca_file {
             Some(p) => crate::bootstrap::load_roots(p)
@@ -116,41 +107,101 @@ impl App {
     }
 }
 
+/// Opens the store the config names (sled directory or PostgreSQL).
+pub async fn open_store(config: &Config, keys: KeyRing) -> Result<Store, Fatal> {
+    let opts = StoreOptions {
+        flush_every_ms: config.store.flush_every_ms,
+        cache_ttl: Duration::from_secs(config.store.cache_ttl_secs),
+        cache_max_entries: config.store.cache_max_entries,
+    };
+    let loc = store_location(config)?;
+    Store::open_at(loc, keys, opts)
+        .await
+        .map_err(|e| Fatal::new(e.message()))
+}
+
+/// Where the configured store is; reads the PostgreSQL URL's secret.
+pub fn store_location(config: &Config) -> Result<Location, Fatal> {
+    let st = &config.store;
+    Ok(match st.backend {
+        StoreBackend::Sled => Location::Sled(st.path.clone()),
+        StoreBackend::Postgres => {
+            let setting = match &st.postgres_url {
+                crate::config::SecretSource::Env(n) => format!("store.postgres_url_env ({n})"),
+                crate::config::SecretSource::File(f) => {
+                    format!("store.postgres_url_file ({})", f.display())
+                }
+                _ => "store.postgres_url".to_owned(),
+            };
+            let url = st
+                .postgres_url
+                .load()
+                .map_err(|e| Fatal::new(format!("{setting}: {e}")))?
+                .ok_or_else(|| {
+                    Fatal::new(format!(
+                        "{setting}: not set; give the PostgreSQL URL, e.g. postgresql://sidekey@db/sidekey"
+                    ))
+                })?;
+            Location::Postgres(PgOptions {
+                setting,
+                url,
+                pool_size: st.postgres_pool_size,
+                op_timeout: Duration::from_secs(st.postgres_timeout_secs),
+            })
+        }
+    })
+}
+
 /// How long after expiry an OAuth state is still kept (see `spawn_gc`).
 const OAUTH_STATE_GC_GRACE_SECS: i64 = 3600;
 
-/// Removes expired sessions and OAuth states once a minute. Holds only a
-/// weak reference so it ends with the app.
+/// Removes expired sessions and OAuth states (and, on PostgreSQL, trims the
+/// audit log) once a minute. One replica does it per round: the round is a
+/// claim that is left to lapse. Holds only a weak reference so it ends
+/// with the app.
 fn spawn_gc(app: &Arc<App>) {
     let weak = Arc::downgrade(app);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(GC_EVERY);
         loop {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { break };
             let store = app.store.clone();
+            match store.claim("gc", GC_EVERY - Duration::from_secs(5)).await {
+                Ok(crate::store::ClaimOutcome::Granted(_)) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "garbage collection skipped");
+                    continue;
+                }
+            }
             let now = app.clock.now();
+            let max_audit = app.config.audit.max_records;
+            let rt = tokio::runtime::Handle::current();
+            // sled's scans block: off the request workers.
             let res = tokio::task::spawn_blocking(move || {
-                // Expired OAuth states are kept an hour longer: they can
-                // no longer complete a sign-in, but a late callback can
-                // still send the browser back to `return_to?error=state_expired`.
-                (
-                    store.gc_sessions(now),
-                    store.gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS),
-                )
+                rt.block_on(async {
+                    // Expired OAuth states are kept an hour longer: they can
+                    // no longer complete a sign-in, but a late callback can
+                    // still send the browser back to `return_to?error=state_expired`.
+                    let s = store.gc_sessions(now).await?;
+                    let o = store
+                        .gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS)
+                        .await?;
+                    store.trim_audit(max_audit).await?;
+                    Ok::<_, crate::store::StoreError>((s, o))
+                })
             })
             .await;
-            if let Ok((s, o)) = res {
-                match (s, o) {
-                    (Ok(s), Ok(o)) if s + o > 0 => {
-                        tracing::debug!(sessions = s, oauth_states = o, "expired records removed")
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        tracing::warn!(error = %e, "garbage collection failed")
-                    }
-                    _ => {}
+            match res {
+                Ok(Ok((s, o))) if s + o > 0 => {
+                    tracing::debug!(sessions = s, oauth_states = o, "expired records removed")
                 }
+                Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed"),
+                _ => {}
             }
         }
     });
 }
+
+const GC_EVERY: Duration = Duration::from_secs(60);

@@ -112,8 +112,10 @@ impl AuditLog {
                 let batches = lock(&s.buf).take();
                 if !batches.is_empty() {
                     let store = store.clone();
+                    // sled writes block: off the request workers.
+                    let rt = tokio::runtime::Handle::current();
                     let res = tokio::task::spawn_blocking(move || {
-                        store.append_audit_json(&batches, max_records)
+                        rt.block_on(store.append_audit_json(&batches, max_records))
                     })
                     .await;
                     if let Ok(Err(e)) = res {

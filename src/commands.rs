@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::app::App;
 use crate::bootstrap;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::error::Fatal;
 use crate::providers::Providers;
 use crate::server::{self, Listeners};
@@ -64,15 +64,18 @@ pub fn serve(path: &Path) -> Result<(), Fatal> {
             .unwrap_or_else(|| "-".into());
         let tls = loaded.tls.clone();
         let admin_token_at = cfg.admin.token.describe();
-        let store_path = cfg.store.path.clone();
+        let store_at = match cfg.store.backend {
+            crate::config::StoreBackend::Sled => cfg.store.path.display().to_string(),
+            crate::config::StoreBackend::Postgres => "postgres".to_owned(),
+        };
         let providers: Vec<String> = cfg.providers.keys().cloned().collect();
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let app = App::new(cfg, loaded, Clock::system())?;
+        let app = App::new(cfg, loaded, Clock::system()).await?;
         tracing::info!(
             agent = %format!("{scheme}://{agent_addr}"),
             admin = %format!("http://{admin_addr}"),
             metrics = %metrics_addr,
-            store = %store_path.display(),
+            store = %store_at,
             key_id = %app.store.key_id().hex(),
             providers = ?providers,
             "sidekey ready"
@@ -118,19 +121,32 @@ pub fn check_config(path: &Path) -> Result<(), Fatal> {
     Ok(())
 }
 
-fn open_store_offline(cfg: &Config, keys: KeyRing) -> Result<Store, OpenError> {
-    Store::open(
-        &cfg.store.path,
-        keys,
-        StoreOptions {
-            flush_every_ms: cfg.store.flush_every_ms,
-            ..Default::default()
-        },
-    )
+/// Opens the configured store for an offline command: a sled store must
+/// exist and not be in use.
+fn open_store_offline(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<Store, Fatal> {
+    let keys = current_keys(cfg)?;
+    if cfg.store.backend == StoreBackend::Sled {
+        return Store::open(
+            &cfg.store.path,
+            keys,
+            StoreOptions {
+                flush_every_ms: cfg.store.flush_every_ms,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| match e {
+            OpenError::Locked(_) => Fatal::new(format!(
+                "store at {} is in use: stop sidekey first",
+                cfg.store.path.display()
+            )),
+            other => Fatal::new(other.message()),
+        });
+    }
+    rt.block_on(crate::app::open_store(cfg, keys))
 }
 
 fn current_keys(cfg: &Config) -> Result<KeyRing, Fatal> {
-    if !crate::store::exists(&cfg.store.path) {
+    if cfg.store.backend == StoreBackend::Sled && !crate::store::exists(&cfg.store.path) {
         return Err(Fatal::new(format!(
             "store.path: there is no store at {}",
             cfg.store.path.display()
@@ -164,15 +180,10 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
         ));
     }
     let new_id = new_key.id();
-    let store = open_store_offline(&cfg, keys).map_err(|e| match e {
-        OpenError::Locked(_) => Fatal::new(format!(
-            "store at {} is in use: stop sidekey before rotate-key",
-            cfg.store.path.display()
-        )),
-        other => Fatal::new(other.to_string()),
-    })?;
-    let n = store
-        .reseal_all(&KeyRing::new(new_key, vec![]))
+    let rt = runtime()?;
+    let store = open_store_offline(&rt, &cfg)?;
+    let n = rt
+        .block_on(store.reseal_all(&KeyRing::new(new_key, vec![])))
         .map_err(|e| {
             Fatal::new(format!(
                 "rotation stopped: {e}; the store is intact, run the same command again"
@@ -193,6 +204,47 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// `sidekey migrate-store --from SLED_DIR`: copies every record of a sled
+/// store (same master key) into the configured store. Safe to re-run.
+pub fn migrate_store(path: &Path, from: &Path) -> Result<(), Fatal> {
+    let cfg = load_config(path)?;
+    if !crate::store::exists(from) {
+        return Err(Fatal::new(format!(
+            "--from: there is no sled store at {}",
+            from.display()
+        )));
+    }
+    if cfg.store.backend == StoreBackend::Sled && cfg.store.path == from {
+        return Err(Fatal::new(
+            "--from is the store this config already uses; point the config at the new backend ([store] backend = \"postgres\")",
+        ));
+    }
+    let source_keys = bootstrap::load(&cfg, false)
+        .map(|l| l.keys)
+        .map_err(|p| Fatal::new(p.join("\n")))?;
+    let source = Store::open(from, source_keys, StoreOptions::default()).map_err(|e| match e {
+        OpenError::Locked(_) => Fatal::new(format!(
+            "--from: the store at {} is in use; stop the sidekey that serves it first",
+            from.display()
+        )),
+        other => Fatal::new(format!("--from: {}", other.message())),
+    })?;
+    let rt = runtime()?;
+    let target = open_store_offline(&rt, &cfg)?;
+    let n = rt.block_on(target.import_from(&source)).map_err(|e| {
+        Fatal::new(format!(
+            "migration stopped: {e}; nothing is lost, run the same command again"
+        ))
+    })?;
+    println!(
+        "copied {n} records from {} into the {} store (still sealed under key id {}); running this again is safe",
+        from.display(),
+        target.kind(),
+        target.key_id().hex()
+    );
+    Ok(())
+}
+
 /// `sidekey backup --out PATH`: offline, or through the running server's
 /// admin API when the store is in use.
 pub fn backup(path: &Path, out: &Path) -> Result<(), Fatal> {
@@ -204,8 +256,21 @@ pub fn backup(path: &Path, out: &Path) -> Result<(), Fatal> {
             .map_err(|e| Fatal::new(e.to_string()))?
             .join(out)
     };
+    if cfg.store.backend == StoreBackend::Postgres {
+        return Err(Fatal::new(
+            "backup: the store is PostgreSQL; back it up with pg_dump (the dump holds only ciphertext sealed under the master key; keep the key apart from the dump)",
+        ));
+    }
     let keys = current_keys(&cfg)?;
-    match open_store_offline(&cfg, keys) {
+    let opened = Store::open(
+        &cfg.store.path,
+        keys,
+        StoreOptions {
+            flush_every_ms: cfg.store.flush_every_ms,
+            ..Default::default()
+        },
+    );
+    match opened {
         Ok(store) => {
             let n = store
                 .backup_to(&out)
@@ -218,7 +283,7 @@ pub fn backup(path: &Path, out: &Path) -> Result<(), Fatal> {
             Ok(())
         }
         Err(OpenError::Locked(_)) => backup_online(&cfg, &out),
-        Err(e) => Err(Fatal::new(e.to_string())),
+        Err(e) => Err(Fatal::new(e.message())),
     }
 }
 
@@ -342,6 +407,6 @@ pub async fn start(
         bootstrap::load(&cfg, cfg.store.generate_missing).map_err(|p| Fatal::new(p.join("\n")))?;
     let listeners = Listeners::for_config(&cfg).await?;
     let tls = loaded.tls.clone();
-    let app = App::new(cfg, loaded, clock)?;
+    let app = App::new(cfg, loaded, clock).await?;
     Ok((app, listeners, tls))
 }

@@ -156,6 +156,12 @@ struct RawStore {
     flush_every_ms: Option<u64>,
     cache_ttl_secs: Option<u64>,
     cache_max_entries: Option<usize>,
+    backend: Option<String>,
+    postgres_url: Option<String>,
+    postgres_url_env: Option<String>,
+    postgres_url_file: Option<String>,
+    postgres_pool_size: Option<u64>,
+    postgres_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -309,8 +315,24 @@ pub struct AdminConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// Which backend holds the records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Embedded, one process (the default).
+    Sled,
+    /// Several processes on one PostgreSQL database.
+    Postgres,
+}
+
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// libpq URL of the shared database (`backend = "postgres"`).
+    pub postgres_url: SecretSource,
+    /// Connections per process in the pool (the LISTEN connection is extra).
+    pub postgres_pool_size: usize,
+    /// Bound on one database call, pool wait included, seconds.
+    pub postgres_timeout_secs: u64,
     pub path: PathBuf,
     pub master_key: SecretSource,
     /// Old master keys that still open records sealed under them; such
@@ -610,7 +632,40 @@ impl Config {
         if master_key == SecretSource::Unset {
             master_key = SecretSource::File(resolve(dir, "data/master.key"));
         }
+        let backend = match st.backend.as_deref() {
+            None | Some("sled") => StoreBackend::Sled,
+            Some("postgres") | Some("postgresql") => StoreBackend::Postgres,
+            Some(other) => {
+                p.push(format!(
+                    "[store] backend = {other:?}: use \"sled\" (embedded, one process) or \"postgres\" (several replicas on one database)"
+                ));
+                StoreBackend::Sled
+            }
+        };
+        let postgres_url = SecretSource::from_parts(
+            dir,
+            st.postgres_url_file,
+            st.postgres_url_env,
+            st.postgres_url.map(Secret::new),
+            "[store] postgres_url_file / postgres_url_env / postgres_url",
+            p,
+        );
+        if backend == StoreBackend::Postgres && postgres_url == SecretSource::Unset {
+            p.push("[store] backend = \"postgres\" needs postgres_url_env (e.g. \"SIDEKEY_POSTGRES_URL\"), postgres_url_file or postgres_url".into());
+        }
+        let upstream_timeout = server.upstream_timeout_secs;
+        let postgres_timeout_secs = positive(
+            st.postgres_timeout_secs,
+            5.min(upstream_timeout),
+            "[store] postgres_timeout_secs",
+            p,
+        );
         let store = StoreConfig {
+            backend,
+            postgres_url,
+            postgres_pool_size: positive(st.postgres_pool_size, 16, "[store] postgres_pool_size", p)
+                as usize,
+            postgres_timeout_secs,
             path: resolve(dir, st.path.as_deref().unwrap_or("data/sidekey.db")),
             master_key,
             previous_master_key_files: st

@@ -159,7 +159,7 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
             .conversation_id
             .filter(|c| crate::admin::valid_conversation_id(c));
         let user = match b.caller_id.as_deref().and_then(normalize_phone) {
-            Some(phone) => app.store.user_by_phone(&phone).map_err(|e| {
+            Some(phone) => app.store.user_by_phone(&phone).await.map_err(|e| {
                 tracing::error!(error = %e, "cannot look up caller");
                 ApiError::Internal
             })?,
@@ -179,7 +179,8 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
                 providers,
                 app.config.sessions.ttl_secs,
                 conv.clone(),
-            )?;
+            )
+            .await?;
             vars.insert(
                 app.config.sessions.dynamic_variable.clone(),
                 minted["token"].clone(),
@@ -341,13 +342,13 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
         let mut revoked = 0;
         if REVOKING_EVENTS.contains(&ev.kind.as_str()) {
             if let Some(c) = &conv {
-                let sids = app.store.sessions_for_conversation(c).map_err(internal)?;
+                let sids = app.store.sessions_for_conversation(c).await.map_err(ApiError::from)?;
                 for sid in sids {
-                    if app.store.revoke_session(&sid).map_err(internal)? {
+                    if app.store.revoke_session(&sid).await.map_err(ApiError::from)? {
                         revoked += 1;
                     }
                 }
-                app.store.flush().await.map_err(internal)?;
+                app.store.flush().await.map_err(ApiError::from)?;
             }
         }
         Ok((ev.kind, conv, revoked))
@@ -377,11 +378,6 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             refused(app, path, started, "post_call", "refused", e)
         }
     }
-}
-
-fn internal(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store error");
-    ApiError::Internal
 }
 
 // ---------------------------------------------------------------------------

@@ -90,6 +90,9 @@ pub enum ApiError {
     NotConfigured(String),
     #[error("overloaded")]
     Overloaded,
+    /// The shared store (PostgreSQL) cannot be reached; details are logged.
+    #[error("store unavailable")]
+    StoreUnavailable,
     /// Details go to the log at the point of failure, never to the caller.
     #[error("internal error")]
     Internal,
@@ -120,6 +123,7 @@ impl ApiError {
             Conflict(_) => "conflict",
             NotConfigured(_) => "not_configured",
             Overloaded => "overloaded",
+            StoreUnavailable => "store_unavailable",
             Internal => "internal_error",
         }
     }
@@ -140,7 +144,7 @@ impl ApiError {
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Conflict(_) => StatusCode::CONFLICT,
-            NotConfigured(_) | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            NotConfigured(_) | Overloaded | StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -201,6 +205,7 @@ impl ApiError {
             Conflict(m) => m.clone(),
             NotConfigured(m) => m.clone(),
             Overloaded => "sidekey is busy right now; please try again in a moment.".into(),
+            StoreUnavailable => "I can't reach my credential store just now; please try again in a moment.".into(),
             Internal => "Something went wrong inside sidekey; please try again.".into(),
         }
     }
@@ -236,6 +241,20 @@ impl ApiError {
             );
         }
         resp
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    /// The one mapping of store failures: unreachable → 503
+    /// `store_unavailable` (the caller may retry), anything else → 500.
+    fn from(e: crate::store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "store unavailable");
+            ApiError::StoreUnavailable
+        } else {
+            tracing::error!(error = %e, "store error");
+            ApiError::Internal
+        }
     }
 }
 
@@ -305,6 +324,7 @@ mod tests {
                 429,
                 "rate_limited",
             ),
+            (ApiError::StoreUnavailable, 503, "store_unavailable"),
         ];
         for (err, status, code) in cases {
             let resp = err.into_response();

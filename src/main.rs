@@ -50,6 +50,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Copy every record of a sled store into the configured store (e.g.
+    /// PostgreSQL); same master key; safe to run again.
+    MigrateStore {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The sled store directory to copy from (its `[store] path`).
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// ElevenLabs tool definitions.
     Elevenlabs {
         #[command(subcommand)]
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
             new_key_file,
         } => commands::rotate_key(&config.config, &new_key_file),
         Command::Backup { config, out } => commands::backup(&config.config, &out),
+        Command::MigrateStore { config, from } => commands::migrate_store(&config.config, &from),
         Command::Elevenlabs { command } => match command {
             ElevenLabsCommand::Tools(c) => commands::elevenlabs_tools(&c.config),
             ElevenLabsCommand::RewriteTool(c) => {

@@ -134,18 +134,14 @@ pub async fn start(
                 expires_at,
             },
         )
-        .map_err(store_error)?;
-    app.store.flush().await.map_err(store_error)?;
+        .await
+        .map_err(ApiError::from)?;
+    app.store.flush().await.map_err(ApiError::from)?;
     Ok(json!({
         "authorize_url": url.as_str(),
         "state": state,
         "expires_at": expires_at,
     }))
-}
-
-fn store_error(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store error");
-    ApiError::Internal
 }
 
 /// Why a callback failed: the code goes to `return_to?error=`, the text to
@@ -176,7 +172,7 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
     // usable twice, even after a failed exchange.
     let st = match &state {
         None => None,
-        Some(s) => match app.store.take_oauth_state(s) {
+        Some(s) => match app.store.take_oauth_state(s).await {
             Ok(st) => st,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read OAuth state");
@@ -334,6 +330,7 @@ async fn complete(
     let stored = app
         .store
         .put_credential(&owner, provider, &mut cred)
+        .await
         .map_err(|e| e.to_string());
     let flushed = match stored {
         Ok(()) => app.store.flush().await.map_err(|e| e.to_string()),
@@ -348,7 +345,7 @@ async fn complete(
             detail: "sidekey could not save the connection. Please try again from the app.".into(),
         });
     }
-    app.refresher.reset(&owner, provider);
+    app.refresher.reset(&owner, provider).await;
     tracing::info!(provider, user = %st.user, "account connected through OAuth");
     Ok(())
 }

@@ -61,7 +61,7 @@ async fn proxy(
     body: Incoming,
     t: &mut Trace,
 ) -> Result<Response<Body>, ApiError> {
-    let session = authenticate(app, &parts.headers, t)?;
+    let session = authenticate(app, &parts.headers, t).await?;
     let (name, rest) = split_proxy_path(parts.uri.path());
     t.provider = Some(name.to_owned());
     let provider = select_provider(app, &session, name)?;
@@ -112,7 +112,7 @@ async fn call(
     name: &str,
     t: &mut Trace,
 ) -> Result<Response<Body>, ApiError> {
-    let session = authenticate(app, &parts.headers, t)?;
+    let session = authenticate(app, &parts.headers, t).await?;
     t.provider = Some(name.to_owned());
     let provider = select_provider(app, &session, name)?;
     let raw = read_body(app, &parts.headers, body).await?;
@@ -257,7 +257,7 @@ async fn refresh_providers(
     body: Incoming,
     t: &mut Trace,
 ) -> Result<Response<Body>, ApiError> {
-    let session = authenticate(app, &parts.headers, t)?;
+    let session = authenticate(app, &parts.headers, t).await?;
     let raw = read_body(app, &parts.headers, body).await?;
     #[derive(serde::Deserialize, Default)]
     struct RefreshBody {
@@ -285,7 +285,7 @@ async fn refresh_providers(
     let mut out = serde_json::Map::new();
     for name in names {
         let provider = app.providers.get(&name).expect("filtered above").clone();
-        let owner = owner_with_credential(app, &provider, &session.user)?;
+        let owner = owner_with_credential(app, &provider, &session.user).await?;
         let result = match &owner {
             Some(o) => app.refresher.force(&provider, o).await,
             None => Ok(None),
@@ -328,13 +328,13 @@ fn session_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Phase 1: the session token, conversation binding and rate limits.
-fn authenticate(
+async fn authenticate(
     app: &Arc<App>,
     headers: &HeaderMap,
     t: &mut Trace,
 ) -> Result<VerifiedSession, ApiError> {
     let token = session_token(headers).ok_or(ApiError::InvalidSession("no session token"))?;
-    let mut session = app.sessions.verify(token)?;
+    let mut session = app.sessions.verify(token).await?;
     t.user = Some(session.user.clone());
     t.session_id = Some(session.sid.clone());
 
@@ -357,7 +357,7 @@ fn authenticate(
         (Some(_), None) if app.config.sessions.require_conversation_header => {
             return Err(ApiError::ConversationMismatch);
         }
-        (None, Some(c)) => match app.store.bind_session(&session.sid, c) {
+        (None, Some(c)) => match app.store.bind_session(&session.sid, c).await {
             Ok(crate::store::BindOutcome::Bound) => {
                 tracing::info!(session_id = %session.sid, conversation_id = %c, "session bound to conversation");
                 session.conv = Some(c.to_owned());
@@ -450,7 +450,7 @@ async fn read_body(app: &Arc<App>, headers: &HeaderMap, body: Incoming) -> Resul
 
 /// Which owner holds the credential a user would use, without refreshing:
 /// the app (client credentials), the user, or the user's tenant.
-fn owner_with_credential(
+async fn owner_with_credential(
     app: &Arc<App>,
     p: &Provider,
     user: &str,
@@ -462,7 +462,8 @@ fn owner_with_credential(
     if app
         .store
         .credential(&own, &p.name)
-        .map_err(store_error)?
+        .await
+        .map_err(ApiError::from)?
         .is_some()
     {
         return Ok(Some(own));
@@ -470,14 +471,16 @@ fn owner_with_credential(
     if let Some(tenant) = app
         .store
         .user(user)
-        .map_err(store_error)?
+        .await
+        .map_err(ApiError::from)?
         .and_then(|u| u.tenant)
     {
         let t = Owner::Tenant(tenant);
         if app
             .store
             .credential(&t, &p.name)
-            .map_err(store_error)?
+            .await
+            .map_err(ApiError::from)?
             .is_some()
         {
             return Ok(Some(t));
@@ -505,7 +508,8 @@ async fn credential_for(
     if let Some(tenant) = app
         .store
         .user(user)
-        .map_err(store_error)?
+        .await
+        .map_err(ApiError::from)?
         .and_then(|u| u.tenant)
     {
         let t = Owner::Tenant(tenant);
@@ -514,11 +518,6 @@ async fn credential_for(
         }
     }
     Err(ApiError::CredentialMissing(p.label()))
-}
-
-fn store_error(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store error");
-    ApiError::Internal
 }
 
 /// A request ready to go upstream, minus the credential.

@@ -28,7 +28,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::providers::{ClientAuth, Grant, Provider};
 use crate::secret::{Secret, scrub};
-use crate::store::{Credential, Owner, Store};
+use crate::store::{Claim, ClaimOutcome, Credential, Owner, Store};
 
 /// What a token endpoint granted.
 #[derive(Debug)]
@@ -253,12 +253,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-#[derive(Clone, Copy)]
-struct Backoff {
-    failures: u32,
-    until_ms: i64,
-}
-
 /// Outcome of a forced refresh, for the refresh tool.
 #[derive(Debug)]
 pub enum Forced {
@@ -268,15 +262,25 @@ pub enum Forced {
     Active(Arc<Credential>),
 }
 
-/// Serialises refreshes per credential and remembers transient failures.
+/// How much longer than one token call a refresh claim lasts: the bound
+/// after which another replica takes over from one that died mid-refresh.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How often a replica waiting on another's refresh looks again, when no
+/// change notification wakes it first.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Serialises refreshes per credential: in this process with a lock per
+/// credential (one task per replica goes further), across processes with
+/// a claim in the store (one replica calls the token endpoint). Transient
+/// failures start a back-off that the store shares between replicas.
 pub struct RefreshCoordinator {
     store: Arc<Store>,
     client: HttpClient,
     clock: Clock,
     metrics: Arc<Metrics>,
+    /// One deadline for a whole token call (answer headers and body).
     timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    backoff: Mutex<HashMap<String, Backoff>>,
 }
 
 impl RefreshCoordinator {
@@ -294,8 +298,12 @@ impl RefreshCoordinator {
             metrics,
             timeout,
             locks: Mutex::new(HashMap::new()),
-            backoff: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long a claim lasts: longer than the token call it covers.
+    pub fn lease(&self) -> Duration {
+        self.timeout + LEASE_MARGIN
     }
 
     fn needs_refresh(&self, p: &Provider, c: &Credential) -> bool {
@@ -318,7 +326,11 @@ impl RefreshCoordinator {
         p: &Provider,
         owner: &Owner,
     ) -> Result<Option<Arc<Credential>>, ApiError> {
-        let cur = self.store.credential(owner, &p.name).map_err(internal)?;
+        let cur = self
+            .store
+            .credential(owner, &p.name)
+            .await
+            .map_err(ApiError::from)?;
         let Some(c) = cur else {
             if p.grant == Grant::ClientCredentials {
                 return self.refresh(p, owner, None, false).await.map(Some);
@@ -358,7 +370,8 @@ impl RefreshCoordinator {
         let cur = self
             .store
             .credential_uncached(owner, &p.name)
-            .map_err(internal)?;
+            .await
+            .map_err(ApiError::from)?;
         match cur {
             Some(c) if c.generation != seen && !c.reauth_required => return Ok(Some(Arc::new(c))),
             Some(c) if !self.refreshable(p, &c) => return Ok(None),
@@ -373,7 +386,8 @@ impl RefreshCoordinator {
         let cur = self
             .store
             .credential_uncached(owner, &p.name)
-            .map_err(internal)?;
+            .await
+            .map_err(ApiError::from)?;
         let c = match cur {
             None if p.grant == Grant::ClientCredentials => {
                 return self
@@ -432,39 +446,81 @@ impl RefreshCoordinator {
         result
     }
 
+    /// Under this process's lock: use a newer credential if one appeared,
+    /// otherwise claim the refresh cluster-wide, or wait for the holder.
     async fn refresh_locked(
         &self,
         p: &Provider,
         owner: &Owner,
-        seen: Option<u64>,
+        mut seen: Option<u64>,
         force: bool,
     ) -> Result<Arc<Credential>, ApiError> {
-        let key = owner.key(&p.name);
-        let cur = self
-            .store
-            .credential_uncached(owner, &p.name)
-            .map_err(internal)?;
-        if let Some(c) = &cur {
-            if c.reauth_required {
-                return Err(ApiError::ReauthRequired(p.label()));
+        let claim_key = claim_key(owner, &p.name);
+        // A waiter gives up after a holder's whole lease plus one call.
+        let give_up = tokio::time::Instant::now() + self.lease() + self.timeout;
+        loop {
+            // Registered before the checks, so a change between the check
+            // and the wait still wakes us.
+            let changed = self.store.caches().changed.notified();
+            let cur = self
+                .store
+                .credential_uncached(owner, &p.name)
+                .await
+                .map_err(ApiError::from)?;
+            if let Some(c) = &cur {
+                if c.reauth_required {
+                    return Err(ApiError::ReauthRequired(p.label()));
+                }
+                let moved_on = seen.is_some_and(|g| g != c.generation);
+                if (moved_on || !force) && !self.needs_refresh(p, c) {
+                    self.metrics.refresh(&p.name, "shared");
+                    return Ok(Arc::new(c.clone()));
+                }
+            } else if p.grant != Grant::ClientCredentials {
+                return Err(ApiError::CredentialMissing(p.label()));
             }
-            let moved_on = seen.is_some_and(|g| g != c.generation);
-            if (moved_on || !force) && !self.needs_refresh(p, c) {
-                self.metrics.refresh(&p.name, "shared");
-                return Ok(Arc::new(c.clone()));
+            match self
+                .store
+                .claim(&claim_key, self.lease())
+                .await
+                .map_err(ApiError::from)?
+            {
+                ClaimOutcome::Granted(claim) => {
+                    let res = self.refresh_claimed(p, owner, cur, &claim).await;
+                    return res;
+                }
+                ClaimOutcome::BackingOff(_) => {
+                    self.metrics.refresh(&p.name, "backoff");
+                    return Err(ApiError::RefreshFailed(p.label()));
+                }
+                ClaimOutcome::Held => {
+                    // Another replica is calling the token endpoint. Its
+                    // write (or its release) notifies; poll in case the
+                    // notification is lost.
+                    if tokio::time::Instant::now() >= give_up {
+                        return Err(ApiError::RefreshFailed(p.label()));
+                    }
+                    if seen.is_none() {
+                        seen = cur.as_ref().map(|c| c.generation);
+                    }
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep(WAIT_POLL) => {}
+                    }
+                }
             }
-        } else if p.grant != Grant::ClientCredentials {
-            return Err(ApiError::CredentialMissing(p.label()));
         }
+    }
 
-        let now_ms = self.clock.now_millis();
-        if let Some(b) = self.backoff_get(&key) {
-            if now_ms < b.until_ms {
-                self.metrics.refresh(&p.name, "backoff");
-                return Err(ApiError::RefreshFailed(p.label()));
-            }
-        }
-
+    /// Holding the claim: one token call, then a compare-and-swap on the
+    /// generation this call started from, then the claim is released.
+    async fn refresh_claimed(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        cur: Option<Credential>,
+        claim: &Claim,
+    ) -> Result<Arc<Credential>, ApiError> {
         let grant = match (&cur, p.grant) {
             (_, Grant::ClientCredentials) => {
                 let scope = p.scopes.join(&p.scope_separator);
@@ -473,71 +529,71 @@ impl RefreshCoordinator {
                     params.push(("scope", scope.as_str()));
                 }
                 self.metrics.token_call(&p.name);
-                call_token_endpoint(&self.client, p, &params, self.timeout).await
+                self.token_call(p, &params).await
             }
             (Some(c), _) => {
                 let Some(rt) = &c.refresh_token else {
+                    self.release_claim(claim, None).await;
                     return Err(ApiError::ReauthRequired(p.label()));
                 };
                 self.metrics.token_call(&p.name);
-                call_token_endpoint(
-                    &self.client,
+                self.token_call(
                     p,
                     &[
                         ("grant_type", "refresh_token"),
                         ("refresh_token", rt.expose()),
                     ],
-                    self.timeout,
                 )
                 .await
             }
-            (None, _) => return Err(ApiError::CredentialMissing(p.label())),
-        };
-
-        let now = self.clock.now();
-        // The admin API and the OAuth callback write credentials without
-        // this lock. If the credential was replaced or deleted while the
-        // token endpoint answered, the replacement wins: it is neither
-        // overwritten by a token from the old grant nor marked
-        // reauth_required because the old grant was refused.
-        if let Some(used) = &cur {
-            let latest = self
-                .store
-                .credential_uncached(owner, &p.name)
-                .map_err(internal)?;
-            match latest {
-                Some(c) if c.generation == used.generation => {}
-                Some(c) if c.reauth_required => return Err(ApiError::ReauthRequired(p.label())),
-                Some(c) => {
-                    self.metrics.refresh(&p.name, "shared");
-                    return Ok(Arc::new(c));
-                }
-                None => return Err(ApiError::CredentialMissing(p.label())),
+            (None, _) => {
+                self.release_claim(claim, None).await;
+                return Err(ApiError::CredentialMissing(p.label()));
             }
-        }
+        };
+        let now = self.clock.now();
         match grant {
             Ok(g) => {
-                let prev = cur.unwrap_or_default();
+                let prev = cur.clone().unwrap_or_default();
                 let rotated = g.refresh_token.is_some();
                 let mut next = Credential {
                     access_token: Some(g.access_token),
                     // Keep the old refresh token unless the provider rotated it.
                     refresh_token: g.refresh_token.or(prev.refresh_token.clone()),
-                    expires_at: g.expires_in.map(|s| now + s),
+                    expires_at: g.expires_in.map(|s| now.saturating_add(s)),
                     scopes: g.scopes.unwrap_or(prev.scopes.clone()),
                     username: prev.username.clone(),
                     password: prev.password.clone(),
                     reauth_required: false,
+                    reauth_reason: None,
                     updated_at: now,
                     generation: prev.generation,
                 };
+                // The admin API and the OAuth callback write credentials
+                // without the claim. A credential replaced (or deleted)
+                // while the token endpoint answered wins: it is not
+                // overwritten by a token from the old grant.
+                let written = match &cur {
+                    Some(c) => self
+                        .store
+                        .replace_credential_if(owner, &p.name, c.generation, &mut next)
+                        .await
+                        .map_err(ApiError::from)?,
+                    None => {
+                        self.store
+                            .put_credential(owner, &p.name, &mut next)
+                            .await
+                            .map_err(ApiError::from)?;
+                        true
+                    }
+                };
                 // Durable before use: if the provider rotated the refresh
                 // token, the old one is already dead.
-                self.store
-                    .put_credential(owner, &p.name, &mut next)
-                    .map_err(internal)?;
-                self.store.flush().await.map_err(internal)?;
-                self.backoff_clear(&key);
+                self.store.flush().await.map_err(ApiError::from)?;
+                self.release_claim(claim, Some(false)).await;
+                if !written {
+                    return self.latest(p, owner).await;
+                }
                 self.metrics.refresh(&p.name, "refreshed");
                 tracing::info!(
                     provider = %p.name,
@@ -549,17 +605,22 @@ impl RefreshCoordinator {
                 Ok(Arc::new(next))
             }
             Err(TokenError::Refused(code)) => {
-                if let Some(mut c) = self
-                    .store
-                    .credential_uncached(owner, &p.name)
-                    .map_err(internal)?
-                {
+                let mut marked = false;
+                if let Some(mut c) = cur {
+                    let gen_used = c.generation;
                     c.reauth_required = true;
+                    c.reauth_reason = Some(code.clone());
                     c.updated_at = now;
-                    self.store
-                        .put_credential(owner, &p.name, &mut c)
-                        .map_err(internal)?;
-                    self.store.flush().await.map_err(internal)?;
+                    marked = self
+                        .store
+                        .replace_credential_if(owner, &p.name, gen_used, &mut c)
+                        .await
+                        .map_err(ApiError::from)?;
+                    self.store.flush().await.map_err(ApiError::from)?;
+                }
+                self.release_claim(claim, None).await;
+                if !marked {
+                    return self.latest(p, owner).await;
                 }
                 self.metrics.refresh(&p.name, "reauth_required");
                 tracing::warn!(
@@ -571,56 +632,72 @@ impl RefreshCoordinator {
                 Err(ApiError::ReauthRequired(p.label()))
             }
             Err(e) => {
-                let b = self.backoff_bump(&key, now_ms);
+                self.release_claim(claim, Some(true)).await;
                 self.metrics.refresh(&p.name, "failed");
                 tracing::warn!(
                     provider = %p.name,
                     owner = %owner.describe(),
                     error = %e,
-                    retry_in_ms = b.until_ms - now_ms,
-                    "token refresh failed; credential left unchanged"
+                    "token refresh failed; credential left unchanged, back-off started"
                 );
                 Err(ApiError::RefreshFailed(p.label()))
             }
         }
     }
 
-    fn backoff_get(&self, key: &str) -> Option<Backoff> {
-        self.backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .copied()
+    /// One token call under one deadline (headers and body together), so
+    /// it ends before the claim's lease does.
+    async fn token_call(
+        &self,
+        p: &Provider,
+        params: &[(&str, &str)],
+    ) -> Result<TokenGrant, TokenError> {
+        match tokio::time::timeout(
+            self.timeout,
+            call_token_endpoint(&self.client, p, params, self.timeout),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TokenError::Transient("timed out".into())),
+        }
     }
 
-    fn backoff_clear(&self, key: &str) {
-        self.backoff
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
+    /// The credential someone else wrote while our call ran.
+    async fn latest(&self, p: &Provider, owner: &Owner) -> Result<Arc<Credential>, ApiError> {
+        match self
+            .store
+            .credential_uncached(owner, &p.name)
+            .await
+            .map_err(ApiError::from)?
+        {
+            Some(c) if c.reauth_required => Err(ApiError::ReauthRequired(p.label())),
+            Some(c) => {
+                self.metrics.refresh(&p.name, "shared");
+                Ok(Arc::new(c))
+            }
+            None => Err(ApiError::CredentialMissing(p.label())),
+        }
     }
 
-    fn backoff_bump(&self, key: &str, now_ms: i64) -> Backoff {
-        let mut m = self.backoff.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry(key.to_owned()).or_insert(Backoff {
-            failures: 0,
-            until_ms: 0,
-        });
-        e.failures = e.failures.saturating_add(1);
-        let delay = (1000i64 << (e.failures - 1).min(6)).min(60_000);
-        e.until_ms = now_ms + delay;
-        *e
+    /// Releases a claim; a failure here only means the lease lapses.
+    async fn release_claim(&self, claim: &Claim, failed: Option<bool>) {
+        if let Err(e) = self.store.release(claim, failed).await {
+            tracing::debug!(error = %e, "refresh claim not released; its lease will lapse");
+        }
     }
 
-    /// Forgets a credential's backoff (it was replaced by the admin API).
-    pub fn reset(&self, owner: &Owner, provider: &str) {
-        self.backoff_clear(&owner.key(provider));
+    /// Forgets a credential's back-off (it was replaced by the admin API).
+    pub async fn reset(&self, owner: &Owner, provider: &str) {
+        if let Err(e) = self.store.clear_backoff(&claim_key(owner, provider)).await {
+            tracing::debug!(error = %e, "refresh back-off not cleared");
+        }
     }
 }
 
-fn internal(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "store error");
-    ApiError::Internal
+/// The claim that serialises refreshes of one credential cluster-wide.
+fn claim_key(owner: &Owner, provider: &str) -> String {
+    format!("refresh:{}", owner.key(provider))
 }
 
 #[cfg(test)]

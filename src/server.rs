@@ -265,6 +265,12 @@ async fn route(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &json!({"status": "draining"}),
             )
+        } else if let Err(e) = app.store.ready().await {
+            tracing::warn!(error = %e, "not ready: store unavailable");
+            body::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "store_unavailable"}),
+            )
         } else {
             body::json(StatusCode::OK, &json!({"status": "ready"}))
         };
@@ -281,7 +287,7 @@ async fn route(
         Role::Admin => crate::admin::handle(app, req).await,
         Role::Agent => route_agent(app, req).await,
         Role::Metrics if path == "/metrics" && req.method() == Method::GET => {
-            crate::admin::metrics(app)
+            crate::admin::metrics(app).await
         }
         Role::Metrics => {
             ApiError::NotFound("This listener serves /metrics, /healthz and /readyz only.".into())

@@ -222,7 +222,7 @@ impl SessionAuthority {
     }
 
     /// Signs a token and writes its record (the caller flushes).
-    pub fn mint(
+    pub async fn mint(
         &self,
         user: &str,
         providers: Vec<String>,
@@ -251,16 +251,18 @@ impl SessionAuthority {
         header.kid = Some(self.keys.signer.kid.clone());
         let token = jsonwebtoken::encode(&header, &claims, &self.keys.signer.key)
             .expect("signing with a parsed key does not fail");
-        self.store.put_session(
-            &sid,
-            &SessionRecord {
-                user: user.to_owned(),
-                providers,
-                iat: now,
-                exp,
-                conv,
-            },
-        )?;
+        self.store
+            .put_session(
+                &sid,
+                &SessionRecord {
+                    user: user.to_owned(),
+                    providers,
+                    iat: now,
+                    exp,
+                    conv,
+                },
+            )
+            .await?;
         Ok(Minted {
             sid,
             token: Secret::new(token),
@@ -270,7 +272,7 @@ impl SessionAuthority {
     }
 
     /// Checks signature, algorithm, claims and the store record.
-    pub fn verify(&self, token: &str) -> Result<VerifiedSession, ApiError> {
+    pub async fn verify(&self, token: &str) -> Result<VerifiedSession, ApiError> {
         if token.is_empty() {
             return Err(ApiError::InvalidSession("empty token"));
         }
@@ -297,13 +299,10 @@ impl SessionAuthority {
         if c.iat > now + 60 {
             return Err(ApiError::InvalidSession("token issued in the future"));
         }
-        let rec = match self.store.session(&c.sid) {
+        let rec = match self.store.session(&c.sid).await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(ApiError::InvalidSession("session revoked or unknown")),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read session record");
-                return Err(ApiError::Internal);
-            }
+            Err(e) => return Err(ApiError::from(e)),
         };
         if rec.user != c.sub {
             return Err(ApiError::InvalidSession(
@@ -395,34 +394,40 @@ mod tests {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
     }
 
-    #[test]
-    fn mint_verify_revoke() {
+    #[tokio::test]
+    async fn mint_verify_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let a = authority(dir.path(), &SessionKeys::generate_hs256());
-        let m = a.mint("alice", vec!["slack".into()], 60, None).unwrap();
-        let v = a.verify(m.token.expose()).unwrap();
+        let m = a
+            .mint("alice", vec!["slack".into()], 60, None)
+            .await
+            .unwrap();
+        let v = a.verify(m.token.expose()).await.unwrap();
         assert_eq!(v.user, "alice");
         assert_eq!(v.providers, vec!["slack"]);
         let header = jsonwebtoken::decode_header(m.token.expose()).unwrap();
         assert_eq!(header.alg, Algorithm::HS256);
         assert!(header.kid.unwrap().starts_with("hs-"));
-        a.store.revoke_session(&m.sid).unwrap();
+        a.store.revoke_session(&m.sid).await.unwrap();
         assert!(matches!(
-            a.verify(m.token.expose()),
+            a.verify(m.token.expose()).await,
             Err(ApiError::InvalidSession("session revoked or unknown"))
         ));
     }
 
-    #[test]
-    fn alg_none_and_tampering_refused() {
+    #[tokio::test]
+    async fn alg_none_and_tampering_refused() {
         let dir = tempfile::tempdir().unwrap();
         let a = authority(dir.path(), &SessionKeys::generate_hs256());
-        let m = a.mint("alice", vec!["slack".into()], 60, None).unwrap();
+        let m = a
+            .mint("alice", vec!["slack".into()], 60, None)
+            .await
+            .unwrap();
         let parts: Vec<&str> = m.token.expose().split('.').collect();
         let kid = a.keys.kid().to_owned();
         let none_header = b64(format!(r#"{{"alg":"none","kid":"{kid}"}}"#).as_bytes());
         let forged = format!("{none_header}.{}.", parts[1]);
-        assert!(a.verify(&forged).is_err());
+        assert!(a.verify(&forged).await.is_err());
         let mut claims: serde_json::Value = serde_json::from_slice(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(parts[1])
@@ -436,18 +441,18 @@ mod tests {
             b64(claims.to_string().as_bytes()),
             parts[2]
         );
-        assert!(a.verify(&tampered).is_err());
-        assert!(a.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).is_err());
-        assert!(a.verify("not.a.jwt").is_err());
+        assert!(a.verify(&tampered).await.is_err());
+        assert!(a.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).await.is_err());
+        assert!(a.verify("not.a.jwt").await.is_err());
     }
 
-    #[test]
-    fn other_key_and_previous_keys() {
+    #[tokio::test]
+    async fn other_key_and_previous_keys() {
         let dir = tempfile::tempdir().unwrap();
         let k1 = SessionKeys::generate_hs256();
         let k2 = SessionKeys::generate_hs256();
         let a = authority(dir.path(), &k1);
-        let m = a.mint("alice", vec![], 60, None).unwrap();
+        let m = a.mint("alice", vec![], 60, None).await.unwrap();
         // A verifier with only k2 refuses; with k1 as previous it accepts.
         let b = SessionAuthority::new(
             SessionKeys::new(&k2, &[]).unwrap(),
@@ -456,7 +461,7 @@ mod tests {
             a.store.clone(),
             Clock::system(),
         );
-        assert!(b.verify(m.token.expose()).is_err());
+        assert!(b.verify(m.token.expose()).await.is_err());
         let c = SessionAuthority::new(
             SessionKeys::new(&k2, std::slice::from_ref(&k1)).unwrap(),
             "sidekey".into(),
@@ -464,39 +469,39 @@ mod tests {
             a.store.clone(),
             Clock::system(),
         );
-        assert!(c.verify(m.token.expose()).is_ok());
+        assert!(c.verify(m.token.expose()).await.is_ok());
     }
 
-    #[test]
-    fn expiry_follows_the_clock() {
+    #[tokio::test]
+    async fn expiry_follows_the_clock() {
         let dir = tempfile::tempdir().unwrap();
         let a = authority(dir.path(), &SessionKeys::generate_hs256());
-        let m = a.mint("alice", vec![], 30, None).unwrap();
-        assert!(a.verify(m.token.expose()).is_ok());
+        let m = a.mint("alice", vec![], 30, None).await.unwrap();
+        assert!(a.verify(m.token.expose()).await.is_ok());
         a.clock.advance(31);
         assert!(matches!(
-            a.verify(m.token.expose()),
+            a.verify(m.token.expose()).await,
             Err(ApiError::InvalidSession("token expired"))
         ));
     }
 
-    #[test]
-    fn eddsa_keys() {
+    #[tokio::test]
+    async fn eddsa_keys() {
         let dir = tempfile::tempdir().unwrap();
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         let pem = Secret::new(pair.serialize_pem());
         let a = authority(dir.path(), &pem);
         assert_eq!(a.keys.algorithm(), Algorithm::EdDSA);
-        let m = a.mint("alice", vec![], 60, None).unwrap();
-        assert!(a.verify(m.token.expose()).is_ok());
+        let m = a.mint("alice", vec![], 60, None).await.unwrap();
+        assert!(a.verify(m.token.expose()).await.is_ok());
         assert_eq!(
             jsonwebtoken::decode_header(m.token.expose()).unwrap().alg,
             Algorithm::EdDSA
         );
     }
 
-    #[test]
-    fn short_hs_secret_refused() {
+    #[tokio::test]
+    async fn short_hs_secret_refused() {
         let e = SessionKeys::new(&Secret::new("c2hvcnQ="), &[]).unwrap_err();
         assert!(e.contains("at least 32"), "{e}");
     }

@@ -717,9 +717,14 @@ fn populate_offline(dir: &Path, n: usize) -> Result<(), String> {
             updated_at: now,
             ..Default::default()
         };
-        store
-            .put_credential(&Owner::User(user_id(i)), "bench", &mut c)
-            .map_err(|e| e.to_string())?;
+        // A sled store's calls complete without waiting.
+        futures_util::FutureExt::now_or_never(store.put_credential(
+            &Owner::User(user_id(i)),
+            "bench",
+            &mut c,
+        ))
+        .expect("sled writes do not wait")
+        .map_err(|e| e.to_string())?;
     }
     store.flush_blocking().map_err(|e| e.to_string())?;
     Ok(())

@@ -1,17 +1,28 @@
 //! The encrypted store: credentials, sessions, users, OAuth states and the
-//! audit log in sled, every value sealed under the master key.
+//! audit log, every value sealed under the master key, behind one API that
+//! the rest of sidekey uses whichever backend holds the bytes.
+//!
+//! This front does everything both backends share: sealing (the record key
+//! as associated data), record formats, indexes, the memory caches, and the
+//! rules (generation bumps, single-use states, first-bind-wins). A backend
+//! only stores sealed bytes under `(tree, key)` and offers a few atomic
+//! operations:
+//! - [`sled_backend`]: embedded, one process, nothing to run (the default);
+//! - [`postgres`]: several processes on one database, with cache eviction
+//!   by LISTEN/NOTIFY and refresh claims on the database clock.
 //!
 //! Keys are plain (user ids, provider names, session ids, conversation ids);
 //! values are ciphertext. Phone numbers are indexed by a keyed hash so a
-//! stolen disk does not list who calls from where. A key-check file beside
-//! sled's own files lets start-up refuse a wrong master key before sled
-//! touches anything.
+//! stolen disk or dump does not list who calls from where.
 
 mod cache;
 pub mod crypto;
+pub mod postgres;
+pub mod sled_backend;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -27,6 +38,8 @@ pub type CredentialCache = Cache<Credential>;
 pub use crypto::{CryptoError, KeyId, KeyRing, MasterKey};
 
 use crate::secret::Secret;
+use postgres::{PgBackend, PgOptions};
+use sled_backend::SledBackend;
 
 /// A user's (or tenant's, or the app's) credential for one provider.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -48,6 +61,10 @@ pub struct Credential {
     /// refresh is attempted until the credential is replaced.
     #[serde(default)]
     pub reauth_required: bool,
+    /// Why the credential needs reconnecting (the provider's error code,
+    /// e.g. `invalid_grant`), shown by the admin API. Never a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reauth_reason: Option<String>,
     #[serde(default)]
     pub updated_at: i64,
     /// Bumped on every write, so a request can tell whether the credential
@@ -160,11 +177,21 @@ pub struct AuditRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store I/O: {0}")]
-    Sled(#[from] sled::Error),
+    Io(String),
     #[error("store record {key}: {err}")]
     Crypto { key: String, err: CryptoError },
     #[error("store record {0} is not valid JSON")]
     Decode(String),
+    /// The shared database cannot be reached (or did not answer in time):
+    /// callers answer 503 `store_unavailable` and may retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -183,63 +210,202 @@ pub enum PutUserError {
 }
 
 const KEYCHECK_FILE: &str = "sidekey.keycheck";
-/// Audit records per sealed sled value.
+/// Audit records per sealed value.
 pub const AUDIT_BATCH: usize = 128;
 const CANARY: &[u8] = b"sidekey key check v1";
 
-#[derive(Serialize, Deserialize)]
-struct KeyCheck {
-    format: u32,
-    key_id: String,
-    canary: String,
+/// What a backend stores: one namespace per kind of record. The name is
+/// part of every record's associated data, so a record cannot be moved to
+/// another tree or key without failing to open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tree {
+    Credentials = 0,
+    Sessions = 1,
+    Users = 2,
+    Phones = 3,
+    OAuthStates = 4,
+    Audit = 5,
+    Meta = 6,
+    /// `<conv>\0<sid>` → empty: sessions of a conversation without a scan.
+    ConvIndex = 7,
+    /// `<user>\0<sid>` → empty: sessions of a user, for user deletion.
+    UserSessions = 8,
+    /// `<exp big-endian>\0<sid>` → empty: expired sessions in order, for GC.
+    SessionExpiry = 9,
+    /// Connect-page tickets, by keyed hash.
+    Tickets = 10,
 }
 
-/// A sled tree whose values are sealed records; the AAD is `tree/key`.
-#[derive(Clone)]
-struct Sealed {
-    name: &'static str,
-    tree: sled::Tree,
+impl Tree {
+    pub const ALL: [Tree; 11] = [
+        Tree::Credentials,
+        Tree::Sessions,
+        Tree::Users,
+        Tree::Phones,
+        Tree::OAuthStates,
+        Tree::Audit,
+        Tree::Meta,
+        Tree::ConvIndex,
+        Tree::UserSessions,
+        Tree::SessionExpiry,
+        Tree::Tickets,
+    ];
+
+    /// The sled tree name, and the prefix of every record's AAD.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Credentials => "credentials",
+            Tree::Sessions => "sessions",
+            Tree::Users => "users",
+            Tree::Phones => "phones",
+            Tree::OAuthStates => "oauth_states",
+            Tree::Audit => "audit",
+            Tree::Meta => "meta",
+            Tree::ConvIndex => "conv_index",
+            Tree::UserSessions => "user_sessions",
+            Tree::SessionExpiry => "session_expiry",
+            Tree::Tickets => "connect_tickets",
+        }
+    }
+
+    /// The namespace column in PostgreSQL.
+    pub fn ns(self) -> i16 {
+        self as i16
+    }
+
+    /// Trees whose values are sealed (the indexes hold empty values).
+    pub fn sealed(self) -> bool {
+        !matches!(
+            self,
+            Tree::ConvIndex | Tree::UserSessions | Tree::SessionExpiry
+        )
+    }
+
+    fn from_ns(n: i16) -> Option<Tree> {
+        Tree::ALL.iter().copied().find(|t| t.ns() == n)
+    }
 }
 
-/// Decrypted bytes that a caller deserialises; reports staleness so the
-/// caller can re-seal under the current key.
-struct Plain {
-    bytes: Zeroizing<Vec<u8>>,
-    stale: bool,
-    raw: sled::IVec,
+/// One write of a [`Store::batch`].
+#[derive(Debug)]
+pub enum Op {
+    Put(Tree, Vec<u8>, Vec<u8>),
+    Remove(Tree, Vec<u8>),
+}
+
+/// A held refresh (or GC) claim; `fence` orders holders, so a holder whose
+/// lease lapsed cannot release its successor's claim.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub key: String,
+    pub fence: i64,
+}
+
+#[derive(Debug)]
+pub enum ClaimOutcome {
+    Granted(Claim),
+    /// Another holder's lease is running.
+    Held,
+    /// A shared back-off after provider failures runs this much longer.
+    BackingOff(Duration),
+}
+
+/// 1 s, 2 s, 4 s … 60 s after the n-th consecutive failure.
+pub fn backoff_delay(failures: u32) -> Duration {
+    Duration::from_millis((1000u64 << failures.saturating_sub(1).min(6)).min(60_000))
+}
+
+/// The memory caches, shared with the backend that keeps them true: the
+/// PostgreSQL listener evicts on other replicas' writes and turns caching
+/// off while it cannot hear them.
+pub struct Caches {
+    pub credentials: CredentialCache,
+    /// Session records by id: every proxied call reads one. Invalidated by
+    /// every session write, so revocation is still immediate.
+    pub sessions: Cache<SessionRecord>,
+    live: AtomicBool,
+    /// Woken by every change another replica announces (refresh waiters).
+    pub changed: tokio::sync::Notify,
+}
+
+impl Caches {
+    fn new(opts: &StoreOptions, live: bool) -> Caches {
+        Caches {
+            credentials: CredentialCache::new(opts.cache_ttl, opts.cache_max_entries),
+            sessions: Cache::new(opts.cache_ttl, opts.cache_max_entries),
+            live: AtomicBool::new(live),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn set_live(&self, v: bool) {
+        self.live.store(v, Ordering::Release);
+    }
+
+    pub fn clear_all(&self) {
+        self.credentials.clear();
+        self.sessions.clear();
+        self.changed.notify_waiters();
+    }
+
+    /// A change notification: `<ns>:<hex key>` or `claim:<key>`.
+    pub fn on_change(&self, payload: &str) {
+        if let Some((ns, hex)) = payload.split_once(':') {
+            let key = decode_hex(hex).map(|k| String::from_utf8_lossy(&k).into_owned());
+            match (ns.parse().ok().and_then(Tree::from_ns), key) {
+                (Some(Tree::Credentials), Some(k)) => self.credentials.invalidate(&k),
+                (Some(Tree::Sessions), Some(k)) => self.sessions.invalidate(&k),
+                _ => {}
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+enum Backend {
+    Sled(SledBackend),
+    Postgres(PgBackend),
+}
+
+/// Calls the same method on whichever backend is configured.
+macro_rules! on_backend {
+    ($self:ident, $b:ident => $e:expr) => {
+        match &$self.backend {
+            Backend::Sled($b) => $e,
+            Backend::Postgres($b) => $e,
+        }
+    };
 }
 
 pub struct Store {
-    db: sled::Db,
-    path: PathBuf,
+    backend: Backend,
     keys: Arc<KeyRing>,
-    credentials: Sealed,
-    sessions: Sealed,
-    users: Sealed,
-    phones: Sealed,
-    oauth_states: Sealed,
-    audit: Sealed,
-    meta: Sealed,
-    /// `<conv>\0<sid>` → empty: sessions of a conversation without a scan.
-    conv_index: sled::Tree,
-    /// `<user>\0<sid>` → empty: sessions of a user, for user deletion.
-    user_sessions: sled::Tree,
-    /// `<exp big-endian>\0<sid>` → empty: expired sessions in order, for GC.
-    session_expiry: sled::Tree,
-    /// Keyed hash for the phone index; random per store, kept sealed in meta.
+    /// Keyed hash for the phone and ticket indexes; random per store, kept
+    /// sealed in meta.
     index_key: Zeroizing<Vec<u8>>,
-    cache: CredentialCache,
-    /// Session records by id: every proxied call reads one. Invalidated by
-    /// every session write, so revocation is still immediate.
-    session_cache: Cache<SessionRecord>,
-    /// Records in the audit tree: counted once (from the batch keys), then
-    /// tracked by `append_audit_json` (sled's `len` is a full scan).
-    audit_len: std::sync::Mutex<Option<usize>>,
+    caches: Arc<Caches>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store")
+            .field("backend", &self.kind())
+            .finish()
     }
 }
 
@@ -251,6 +417,14 @@ pub enum OpenError {
     Locked(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl OpenError {
+    pub fn message(self) -> String {
+        match self {
+            OpenError::WrongKey(m) | OpenError::Locked(m) | OpenError::Other(m) => m,
+        }
+    }
 }
 
 pub struct StoreOptions {
@@ -269,13 +443,13 @@ impl Default for StoreOptions {
     }
 }
 
-/// Whether a store exists at `path` (so a missing master key must not be
-/// generated: a new key would not open it).
+/// Whether a sled store exists at `path` (so a missing master key must not
+/// be generated: a new key would not open it).
 pub fn exists(path: &Path) -> bool {
     path.join(KEYCHECK_FILE).exists() || path.join("db").exists() || path.join("conf").exists()
 }
 
-/// Checks `keys` against the key-check file without opening sled.
+/// Checks `keys` against a sled store's key-check file without opening sled.
 pub fn check_key(path: &Path, keys: &KeyRing) -> Result<bool, OpenError> {
     let kc_path = path.join(KEYCHECK_FILE);
     let text = match std::fs::read_to_string(&kc_path) {
@@ -298,20 +472,30 @@ pub fn check_key(path: &Path, keys: &KeyRing) -> Result<bool, OpenError> {
     let sealed = base64::engine::general_purpose::STANDARD
         .decode(&kc.canary)
         .map_err(|_| OpenError::Other(format!("{} is damaged", kc_path.display())))?;
-    match keys.open(b"keycheck", &sealed) {
+    check_canary(keys, &sealed, &format!("the store at {}", path.display()))
+}
+
+/// Opens the key-check canary; a wrong key is [`OpenError::WrongKey`].
+fn check_canary(keys: &KeyRing, sealed: &[u8], what: &str) -> Result<bool, OpenError> {
+    match keys.open(b"keycheck", sealed) {
         Ok(o) if &o.plaintext[..] == CANARY => Ok(true),
         Ok(_) | Err(CryptoError::Tampered) | Err(CryptoError::Format) => {
             Err(OpenError::WrongKey(format!(
-                "master key does not match the store at {} (the store's key check failed); set store.master_key_file / master_key_env to the key this store was created with",
-                path.display()
+                "master key does not match {what} (the store's key check failed); set store.master_key_file / master_key_env to the key this store was created with"
             )))
         }
         Err(CryptoError::UnknownKey(id)) => Err(OpenError::WrongKey(format!(
-            "master key (id {}) does not match the store at {}, which is sealed under key id {id}; set store.master_key_file / master_key_env to that key (or list it in store.previous_master_key_files during a rotation)",
+            "master key (id {}) does not match {what}, which is sealed under key id {id}; set store.master_key_file / master_key_env to that key (or list it in store.previous_master_key_files during a rotation)",
             keys.current_id().hex(),
-            path.display()
         ))),
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyCheck {
+    format: u32,
+    key_id: String,
+    canary: String,
 }
 
 fn write_keycheck(path: &Path, keys: &KeyRing) -> std::io::Result<()> {
@@ -335,79 +519,36 @@ fn write_keycheck(path: &Path, keys: &KeyRing) -> std::io::Result<()> {
     Ok(())
 }
 
-impl Sealed {
-    fn aad(&self, key: &[u8]) -> Vec<u8> {
-        let mut a = Vec::with_capacity(self.name.len() + 1 + key.len());
-        a.extend_from_slice(self.name.as_bytes());
-        a.push(b'/');
-        a.extend_from_slice(key);
-        a
-    }
+fn aad(t: Tree, key: &[u8]) -> Vec<u8> {
+    let name = t.name();
+    let mut a = Vec::with_capacity(name.len() + 1 + key.len());
+    a.extend_from_slice(name.as_bytes());
+    a.push(b'/');
+    a.extend_from_slice(key);
+    a
+}
 
-    fn get(&self, keys: &KeyRing, key: &[u8]) -> Result<Option<Plain>, StoreError> {
-        let Some(raw) = self.tree.get(key)? else {
-            return Ok(None);
-        };
-        self.open(keys, key, raw).map(Some)
-    }
-
-    fn open(&self, keys: &KeyRing, key: &[u8], raw: sled::IVec) -> Result<Plain, StoreError> {
-        let o = keys
-            .open(&self.aad(key), &raw)
-            .map_err(|err| StoreError::Crypto {
-                key: format!("{}/{}", self.name, String::from_utf8_lossy(key)),
-                err,
-            })?;
-        Ok(Plain {
-            bytes: o.plaintext,
-            stale: o.stale,
-            raw,
-        })
-    }
-
-    fn seal(&self, keys: &KeyRing, key: &[u8], plain: &[u8]) -> Vec<u8> {
-        keys.seal(&self.aad(key), plain)
-    }
-
-    fn put<T: Serialize>(&self, keys: &KeyRing, key: &[u8], value: &T) -> Result<(), StoreError> {
-        let plain = Zeroizing::new(serde_json::to_vec(value).expect("serialisable"));
-        self.tree.insert(key, self.seal(keys, key, &plain))?;
-        Ok(())
-    }
-
-    fn decode<T: DeserializeOwned>(&self, key: &[u8], p: &Plain) -> Result<T, StoreError> {
-        serde_json::from_slice(&p.bytes).map_err(|_| {
-            StoreError::Decode(format!("{}/{}", self.name, String::from_utf8_lossy(key)))
-        })
-    }
-
-    /// Re-seals a record read under an old key, unless it changed meanwhile.
-    fn reseal_if_stale(&self, keys: &KeyRing, key: &[u8], p: &Plain) {
-        if p.stale {
-            let new = self.seal(keys, key, &p.bytes);
-            let _ = self.tree.compare_and_swap(key, Some(&p.raw), Some(new));
-        }
-    }
-
-    fn get_as<T: DeserializeOwned>(
-        &self,
-        keys: &KeyRing,
-        key: &[u8],
-    ) -> Result<Option<T>, StoreError> {
-        match self.get(keys, key)? {
-            None => Ok(None),
-            Some(p) => {
-                let v = self.decode(key, &p)?;
-                self.reseal_if_stale(keys, key, &p);
-                Ok(Some(v))
-            }
-        }
-    }
+/// Where the store lives, from the config.
+pub enum Location {
+    Sled(PathBuf),
+    Postgres(PgOptions),
 }
 
 impl Store {
-    /// Opens (or creates) the store. A wrong master key is detected from the
-    /// key-check file before sled opens, so the store is left untouched.
+    /// Opens the configured backend.
+    pub async fn open_at(
+        loc: Location,
+        keys: KeyRing,
+        opts: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        match loc {
+            Location::Sled(p) => Store::open(&p, keys, opts),
+            Location::Postgres(pg) => Store::open_postgres(pg, keys, opts).await,
+        }
+    }
+
+    /// Opens (or creates) a sled store. A wrong master key is detected from
+    /// the key-check file before sled opens, so the store is left untouched.
     pub fn open(path: &Path, keys: KeyRing, opts: StoreOptions) -> Result<Store, OpenError> {
         let has_check = check_key(path, &keys)?;
         if !has_check {
@@ -431,339 +572,500 @@ impl Store {
                 ))
             })?;
         }
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(opts.flush_every_ms))
-            // sled's page cache defaults to 1 GiB and fills with audit pages
-            // under load (peak RSS 191 MiB in a 60 s soak before this cap).
-            // Credentials and sessions have their own caches.
-            .cache_capacity(16 * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                let msg = e.to_string();
-                if msg.contains("lock")
-                    || msg.contains("WouldBlock")
-                    || msg.contains("temporarily unavailable")
-                {
-                    OpenError::Locked(format!(
-                        "store at {} is in use by another sidekey process",
-                        path.display()
-                    ))
-                } else {
-                    OpenError::Other(format!("cannot open store at {}: {msg}", path.display()))
-                }
-            })?;
+        let backend = SledBackend::open(path, opts.flush_every_ms)?;
         let keys = Arc::new(keys);
-        let tree = |name: &'static str| -> Result<sled::Tree, OpenError> {
-            db.open_tree(name)
-                .map_err(|e| OpenError::Other(format!("cannot open store tree {name}: {e}")))
-        };
-        let sealed = |name: &'static str| -> Result<Sealed, OpenError> {
-            Ok(Sealed {
-                name,
-                tree: tree(name)?,
-            })
-        };
-        let meta = sealed("meta")?;
-        let index_key = match meta.get(&keys, b"index_key") {
-            Ok(Some(p)) => {
-                meta.reseal_if_stale(&keys, b"index_key", &p);
-                Zeroizing::new(p.bytes.to_vec())
-            }
-            Ok(None) => {
-                let mut k = vec![0u8; 32];
-                rand::fill(&mut k[..]);
-                let rec = meta.seal(&keys, b"index_key", &k);
-                meta.tree
-                    .insert(b"index_key", rec)
-                    .map_err(|e| OpenError::Other(format!("cannot write store: {e}")))?;
-                db.flush()
-                    .map_err(|e| OpenError::Other(format!("cannot flush store: {e}")))?;
-                Zeroizing::new(k)
-            }
-            Err(e) => {
-                return Err(OpenError::WrongKey(format!(
-                    "cannot open the store's index key ({e}); the master key does not match the store at {}",
-                    path.display()
-                )));
-            }
-        };
+        // sled calls complete without awaiting anything: drive them here.
+        let index_key = futures_util::FutureExt::now_or_never(meta_index_key(&backend, &keys))
+            .expect("sled calls are synchronous")?;
+        backend
+            .flush_blocking()
+            .map_err(|e| OpenError::Other(format!("cannot flush store: {e}")))?;
         Ok(Store {
-            credentials: sealed("credentials")?,
-            sessions: sealed("sessions")?,
-            users: sealed("users")?,
-            phones: sealed("phones")?,
-            oauth_states: sealed("oauth_states")?,
-            audit: sealed("audit")?,
-            meta,
-            conv_index: tree("conv_index")?,
-            user_sessions: tree("user_sessions")?,
-            session_expiry: tree("session_expiry")?,
-            index_key,
-            cache: CredentialCache::new(opts.cache_ttl, opts.cache_max_entries),
-            session_cache: Cache::new(opts.cache_ttl, opts.cache_max_entries),
-            audit_len: std::sync::Mutex::new(None),
-            db,
-            path: path.to_path_buf(),
+            backend: Backend::Sled(backend),
             keys,
+            index_key,
+            caches: Arc::new(Caches::new(&opts, true)),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Connects to PostgreSQL, applies the schema, and checks the master
+    /// key against the database's key check (written by the first replica).
+    pub async fn open_postgres(
+        pg: PgOptions,
+        keys: KeyRing,
+        opts: StoreOptions,
+    ) -> Result<Store, OpenError> {
+        let caches = Arc::new(Caches::new(&opts, false));
+        let backend = PgBackend::open(pg, caches.clone()).await?;
+        let keys = Arc::new(keys);
+        let io = |e: StoreError| OpenError::Other(format!("cannot read the PostgreSQL store: {e}"));
+        let fresh = keys.seal(&aad(Tree::Meta, b"keycheck"), CANARY);
+        if !backend
+            .cas(Tree::Meta, b"keycheck", None, Some(&fresh))
+            .await
+            .map_err(io)?
+        {
+            let sealed = backend
+                .get(Tree::Meta, b"keycheck")
+                .await
+                .map_err(io)?
+                .unwrap_or_default();
+            match keys.open(&aad(Tree::Meta, b"keycheck"), &sealed) {
+                Ok(o) if &o.plaintext[..] == CANARY => {}
+                Err(CryptoError::UnknownKey(id)) => {
+                    return Err(OpenError::WrongKey(format!(
+                        "master key (id {}) does not match the PostgreSQL store, which is sealed under key id {id}; set store.master_key_file / master_key_env to that key (or list it in store.previous_master_key_files during a rotation)",
+                        keys.current_id().hex()
+                    )));
+                }
+                _ => {
+                    return Err(OpenError::WrongKey(
+                        "master key does not match the PostgreSQL store (its key check failed); set store.master_key_file / master_key_env to the key every replica uses".into(),
+                    ));
+                }
+            }
+        }
+        let index_key = meta_index_key(&backend, &keys).await?;
+        Ok(Store {
+            backend: Backend::Postgres(backend),
+            keys,
+            index_key,
+            caches,
+        })
+    }
+
+    /// `sled` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The sled directory, if this is a sled store.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sled(b) => Some(b.path()),
+            Backend::Postgres(_) => None,
+        }
     }
 
     pub fn key_id(&self) -> KeyId {
         self.keys.current_id()
     }
 
+    pub fn caches(&self) -> &Arc<Caches> {
+        &self.caches
+    }
+
     /// Makes every write so far durable. Admin writes and refreshed tokens
-    /// call this before anyone is told the write happened.
+    /// call this before anyone is told the write happened. (PostgreSQL
+    /// commits each write before it returns.)
     pub async fn flush(&self) -> Result<(), StoreError> {
-        // Not sled's `flush_async`: in sled 0.34 concurrent calls park every
-        // sled I/O thread waiting for a log write that needs one of those
-        // same threads, and the whole store hangs (spacejam/sled#1308; ~8
-        // concurrent admin writes were enough here). A blocking flush on
-        // tokio's blocking pool waits without holding a sled I/O thread.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|_| {
-                StoreError::Sled(sled::Error::ReportableBug("store flush task failed".into()))
-            })??;
-        Ok(())
+        on_backend!(self, b => b.flush().await)
     }
 
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        match &self.backend {
+            Backend::Sled(b) => b.flush_blocking(),
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        match &self.backend {
+            Backend::Sled(b) => b.size_on_disk(),
+            Backend::Postgres(_) => 0,
+        }
+    }
+
+    /// Whether the store answers now (for `/readyz`).
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Postgres(b) => b.ping().await,
+        }
+    }
+
+    // ----- sealed records --------------------------------------------------
+
+    fn seal(&self, t: Tree, key: &[u8], plain: &[u8]) -> Vec<u8> {
+        self.keys.seal(&aad(t, key), plain)
+    }
+
+    fn seal_json<T: Serialize>(&self, t: Tree, key: &[u8], value: &T) -> Vec<u8> {
+        let plain = Zeroizing::new(serde_json::to_vec(value).expect("serialisable"));
+        self.seal(t, key, &plain)
+    }
+
+    fn open_raw(&self, t: Tree, key: &[u8], raw: &[u8]) -> Result<crypto::Opened, StoreError> {
+        self.keys
+            .open(&aad(t, key), raw)
+            .map_err(|err| StoreError::Crypto {
+                key: format!("{}/{}", t.name(), String::from_utf8_lossy(key)),
+                err,
+            })
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        t: Tree,
+        key: &[u8],
+        raw: &[u8],
+    ) -> Result<(T, bool), StoreError> {
+        let o = self.open_raw(t, key, raw)?;
+        let v = serde_json::from_slice(&o.plaintext).map_err(|_| {
+            StoreError::Decode(format!("{}/{}", t.name(), String::from_utf8_lossy(key)))
+        })?;
+        Ok((v, o.stale))
+    }
+
+    /// Reads and decodes a record; one sealed under an old key is re-sealed
+    /// under the current key unless it changed meanwhile (lazy rotation).
+    async fn get_as<T: DeserializeOwned + Serialize>(
+        &self,
+        t: Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        let Some(raw) = on_backend!(self, b => b.get(t, key).await)? else {
+            return Ok(None);
+        };
+        let (v, stale) = self.decode::<T>(t, key, &raw)?;
+        if stale {
+            let new = self.seal_json(t, key, &v);
+            let _ = on_backend!(self, b => b.cas(t, key, Some(&raw), Some(&new)).await);
+        }
+        Ok(Some(v))
+    }
+
+    async fn put_as<T: Serialize>(&self, t: Tree, key: &[u8], v: &T) -> Result<(), StoreError> {
+        let sealed = self.seal_json(t, key, v);
+        on_backend!(self, b => b.put(t, key, &sealed).await)
+    }
+
+    async fn batch(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        on_backend!(self, b => b.batch(ops).await)
     }
 
     // ----- credentials -----------------------------------------------------
 
     /// The credential, from the memory cache when fresh.
-    pub fn credential(
+    pub async fn credential(
         &self,
         owner: &Owner,
         provider: &str,
     ) -> Result<Option<Arc<Credential>>, StoreError> {
         let key = owner.key(provider);
-        match self.cache.get(&key) {
+        if !self.caches.is_live() {
+            return Ok(self
+                .credential_uncached(owner, provider)
+                .await?
+                .map(Arc::new));
+        }
+        match self.caches.credentials.get(&key) {
             Ok(c) => Ok(Some(c)),
             Err(epoch) => {
                 let c = self
-                    .credentials
-                    .get_as::<Credential>(&self.keys, key.as_bytes())?;
+                    .get_as::<Credential>(Tree::Credentials, key.as_bytes())
+                    .await?;
                 Ok(c.map(|c| {
                     let c = Arc::new(c);
-                    self.cache.insert(&key, c.clone(), epoch);
+                    self.caches.credentials.insert(&key, c.clone(), epoch);
                     c
                 }))
             }
         }
     }
 
-    /// The credential as on disk, bypassing the cache (refresh decisions).
-    pub fn credential_uncached(
+    /// The credential as stored, bypassing the cache (refresh decisions).
+    pub async fn credential_uncached(
         &self,
         owner: &Owner,
         provider: &str,
     ) -> Result<Option<Credential>, StoreError> {
         let key = owner.key(provider);
-        self.credentials.get_as(&self.keys, key.as_bytes())
+        self.get_as(Tree::Credentials, key.as_bytes()).await
     }
 
-    /// Writes a credential (not yet durable: call [`flush`]). The generation
-    /// is set to one past whatever is stored.
-    pub fn put_credential(
+    /// Writes a credential (on sled not yet durable: call [`flush`]). The
+    /// generation is set to one past whatever is stored.
+    pub async fn put_credential(
         &self,
         owner: &Owner,
         provider: &str,
         cred: &mut Credential,
     ) -> Result<(), StoreError> {
-        let key = owner.key(provider);
-        let prev = self
-            .credentials
-            .get_as::<Credential>(&self.keys, key.as_bytes())
-            .ok()
-            .flatten()
-            .map(|c| c.generation)
-            .unwrap_or(0);
-        cred.generation = cred.generation.max(prev) + 1;
-        self.credentials.put(&self.keys, key.as_bytes(), cred)?;
-        self.cache.invalidate(&key);
-        Ok(())
+        loop {
+            if self.write_credential(owner, provider, None, cred).await? {
+                return Ok(());
+            }
+        }
     }
 
-    pub fn delete_credential(&self, owner: &Owner, provider: &str) -> Result<bool, StoreError> {
+    /// Writes a credential only if the stored one still has generation
+    /// `expected` (a refresh result must not overwrite a replacement).
+    /// Returns whether it was written.
+    pub async fn replace_credential_if(
+        &self,
+        owner: &Owner,
+        provider: &str,
+        expected: u64,
+        cred: &mut Credential,
+    ) -> Result<bool, StoreError> {
+        self.write_credential(owner, provider, Some(expected), cred)
+            .await
+    }
+
+    /// One compare-and-swap attempt; `false` when the record moved (or, with
+    /// `expected`, has another generation).
+    async fn write_credential(
+        &self,
+        owner: &Owner,
+        provider: &str,
+        expected: Option<u64>,
+        cred: &mut Credential,
+    ) -> Result<bool, StoreError> {
         let key = owner.key(provider);
-        let existed = self.credentials.tree.remove(key.as_bytes())?.is_some();
-        self.cache.invalidate(&key);
+        let k = key.as_bytes();
+        let raw = on_backend!(self, b => b.get(Tree::Credentials, k).await)?;
+        let prev = match &raw {
+            Some(r) => self
+                .decode::<Credential>(Tree::Credentials, k, r)
+                .ok()
+                .map(|(c, _)| c.generation),
+            None => None,
+        };
+        if let Some(exp) = expected {
+            if prev != Some(exp) {
+                return Ok(false);
+            }
+        }
+        cred.generation = cred.generation.max(prev.unwrap_or(0)) + 1;
+        let new = self.seal_json(Tree::Credentials, k, cred);
+        let ok =
+            on_backend!(self, b => b.cas(Tree::Credentials, k, raw.as_deref(), Some(&new)).await)?;
+        self.caches.credentials.invalidate(&key);
+        if ok {
+            self.caches.changed.notify_waiters();
+        }
+        Ok(ok)
+    }
+
+    pub async fn delete_credential(
+        &self,
+        owner: &Owner,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
+        let key = owner.key(provider);
+        let existed =
+            on_backend!(self, b => b.remove(Tree::Credentials, key.as_bytes()).await)?.is_some();
+        self.caches.credentials.invalidate(&key);
         Ok(existed)
     }
 
     /// Every credential of an owner, by provider name.
-    pub fn list_credentials(&self, owner: &Owner) -> Result<Vec<(String, Credential)>, StoreError> {
+    pub async fn list_credentials(
+        &self,
+        owner: &Owner,
+    ) -> Result<Vec<(String, Credential)>, StoreError> {
         let prefix = owner.prefix();
         let mut out = Vec::new();
-        for item in self.credentials.tree.scan_prefix(prefix.as_bytes()) {
-            let (k, v) = item?;
-            let p = self.credentials.open(&self.keys, &k, v)?;
-            let c: Credential = self.credentials.decode(&k, &p)?;
+        let rows =
+            on_backend!(self, b => b.scan_prefix(Tree::Credentials, prefix.as_bytes()).await)?;
+        for (k, v) in rows {
+            let (c, _) = self.decode::<Credential>(Tree::Credentials, &k, &v)?;
             let provider = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
             out.push((provider, c));
         }
         Ok(out)
     }
 
-    pub fn credential_count(&self) -> usize {
-        self.credentials.tree.len()
+    pub async fn credential_count(&self) -> usize {
+        on_backend!(self, b => b.count(Tree::Credentials).await).unwrap_or(0)
     }
 
     // ----- sessions --------------------------------------------------------
 
-    pub fn put_session(&self, sid: &str, rec: &SessionRecord) -> Result<(), StoreError> {
-        self.sessions.put(&self.keys, sid.as_bytes(), rec)?;
-        self.session_cache.invalidate(sid);
-        self.user_sessions.insert(join0(&rec.user, sid), &[])?;
-        self.session_expiry.insert(expiry_key(rec.exp, sid), &[])?;
+    pub async fn put_session(&self, sid: &str, rec: &SessionRecord) -> Result<(), StoreError> {
+        let mut ops = vec![
+            Op::Put(
+                Tree::Sessions,
+                sid.as_bytes().to_vec(),
+                self.seal_json(Tree::Sessions, sid.as_bytes(), rec),
+            ),
+            Op::Put(Tree::UserSessions, join0(&rec.user, sid), Vec::new()),
+            Op::Put(Tree::SessionExpiry, expiry_key(rec.exp, sid), Vec::new()),
+        ];
         if let Some(conv) = &rec.conv {
-            self.conv_index.insert(join0(conv, sid), &[])?;
+            ops.push(Op::Put(Tree::ConvIndex, join0(conv, sid), Vec::new()));
         }
-        Ok(())
+        let r = self.batch(ops).await;
+        self.caches.sessions.invalidate(sid);
+        r
     }
 
-    pub fn session(&self, sid: &str) -> Result<Option<Arc<SessionRecord>>, StoreError> {
-        match self.session_cache.get(sid) {
+    pub async fn session(&self, sid: &str) -> Result<Option<Arc<SessionRecord>>, StoreError> {
+        if !self.caches.is_live() {
+            return Ok(self
+                .get_as::<SessionRecord>(Tree::Sessions, sid.as_bytes())
+                .await?
+                .map(Arc::new));
+        }
+        match self.caches.sessions.get(sid) {
             Ok(r) => Ok(Some(r)),
             Err(epoch) => {
                 let r = self
-                    .sessions
-                    .get_as::<SessionRecord>(&self.keys, sid.as_bytes())?;
+                    .get_as::<SessionRecord>(Tree::Sessions, sid.as_bytes())
+                    .await?;
                 Ok(r.map(|r| {
                     let r = Arc::new(r);
-                    self.session_cache.insert(sid, r.clone(), epoch);
+                    self.caches.sessions.insert(sid, r.clone(), epoch);
                     r
                 }))
             }
         }
     }
 
-    /// Binds an unbound session to a conversation, atomically: of two
-    /// concurrent first calls with different ids exactly one wins.
-    pub fn bind_session(&self, sid: &str, conv: &str) -> Result<BindOutcome, StoreError> {
+    /// Binds an unbound session to a conversation, atomically (in the
+    /// database, for every replica): of two concurrent first calls with
+    /// different ids exactly one wins.
+    pub async fn bind_session(&self, sid: &str, conv: &str) -> Result<BindOutcome, StoreError> {
+        let k = sid.as_bytes();
         loop {
-            let Some(p) = self.sessions.get(&self.keys, sid.as_bytes())? else {
+            let Some(raw) = on_backend!(self, b => b.get(Tree::Sessions, k).await)? else {
                 return Ok(BindOutcome::Gone);
             };
-            let mut rec: SessionRecord = self.sessions.decode(sid.as_bytes(), &p)?;
+            let (mut rec, _) = self.decode::<SessionRecord>(Tree::Sessions, k, &raw)?;
             match &rec.conv {
                 Some(c) if c == conv => return Ok(BindOutcome::Bound),
                 Some(_) => return Ok(BindOutcome::Mismatch),
                 None => {}
             }
             rec.conv = Some(conv.to_owned());
-            let plain = Zeroizing::new(serde_json::to_vec(&rec).expect("serialisable"));
-            let new = self.sessions.seal(&self.keys, sid.as_bytes(), &plain);
+            let new = self.seal_json(Tree::Sessions, k, &rec);
             // Index first: a dangling index entry is harmless, a missing one
             // would let post-call revocation miss this session.
-            self.conv_index.insert(join0(conv, sid), &[])?;
-            match self
-                .sessions
-                .tree
-                .compare_and_swap(sid.as_bytes(), Some(&p.raw), Some(new))?
-            {
-                Ok(()) => {
-                    self.session_cache.invalidate(sid);
-                    return Ok(BindOutcome::Bound);
-                }
-                Err(_) => {
-                    self.conv_index.remove(join0(conv, sid))?;
-                    continue;
-                }
+            on_backend!(self, b => b.put(Tree::ConvIndex, &join0(conv, sid), &[]).await)?;
+            if on_backend!(self, b => b.cas(Tree::Sessions, k, Some(&raw), Some(&new)).await)? {
+                self.caches.sessions.invalidate(sid);
+                return Ok(BindOutcome::Bound);
             }
+            on_backend!(self, b => b.remove(Tree::ConvIndex, &join0(conv, sid)).await)?;
         }
     }
 
     /// Deletes a session and its index entries. Returns whether it existed.
-    pub fn revoke_session(&self, sid: &str) -> Result<bool, StoreError> {
-        let rec = match self.session(sid) {
+    pub async fn revoke_session(&self, sid: &str) -> Result<bool, StoreError> {
+        let rec = match self
+            .get_as::<SessionRecord>(Tree::Sessions, sid.as_bytes())
+            .await
+        {
             Ok(r) => r,
             // A record that no longer opens is revoked all the same.
             Err(StoreError::Crypto { .. }) | Err(StoreError::Decode(_)) => None,
             Err(e) => return Err(e),
         };
-        let existed = self.sessions.tree.remove(sid.as_bytes())?.is_some();
+        let existed =
+            on_backend!(self, b => b.remove(Tree::Sessions, sid.as_bytes()).await)?.is_some();
         // After the removal: a reader that loaded the record before it
         // cannot cache it any more.
-        self.session_cache.invalidate(sid);
+        self.caches.sessions.invalidate(sid);
         if let Some(rec) = rec {
-            self.user_sessions.remove(join0(&rec.user, sid))?;
-            self.session_expiry.remove(expiry_key(rec.exp, sid))?;
+            let mut ops = vec![
+                Op::Remove(Tree::UserSessions, join0(&rec.user, sid)),
+                Op::Remove(Tree::SessionExpiry, expiry_key(rec.exp, sid)),
+            ];
             if let Some(conv) = &rec.conv {
-                self.conv_index.remove(join0(conv, sid))?;
+                ops.push(Op::Remove(Tree::ConvIndex, join0(conv, sid)));
             }
+            self.batch(ops).await?;
         }
         Ok(existed)
     }
 
     /// Session ids bound to a conversation (index lookup, no scan).
-    pub fn sessions_for_conversation(&self, conv: &str) -> Result<Vec<String>, StoreError> {
-        prefix_ids(&self.conv_index, conv)
+    pub async fn sessions_for_conversation(&self, conv: &str) -> Result<Vec<String>, StoreError> {
+        self.prefix_ids(Tree::ConvIndex, conv).await
     }
 
-    pub fn sessions_for_user(&self, user: &str) -> Result<Vec<String>, StoreError> {
-        prefix_ids(&self.user_sessions, user)
+    pub async fn sessions_for_user(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        self.prefix_ids(Tree::UserSessions, user).await
+    }
+
+    async fn prefix_ids(&self, t: Tree, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut p = prefix.as_bytes().to_vec();
+        p.push(0);
+        let rows = on_backend!(self, b => b.scan_prefix(t, &p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k[p.len()..]).into_owned())
+            .collect())
     }
 
     /// Removes sessions that expired before `now`; returns how many.
-    pub fn gc_sessions(&self, now: i64) -> Result<usize, StoreError> {
+    pub async fn gc_sessions(&self, now: i64) -> Result<usize, StoreError> {
         let mut n = 0;
         let end = (now.max(0) as u64).to_be_bytes();
-        let expired: Vec<sled::IVec> = self
-            .session_expiry
-            .range(..&end[..])
-            .keys()
-            .collect::<Result<_, _>>()?;
-        for k in expired {
-            let sid = String::from_utf8_lossy(&k[9..]).into_owned();
-            if self.revoke_session(&sid)? {
-                n += 1;
+        loop {
+            let expired =
+                on_backend!(self, b => b.keys_before(Tree::SessionExpiry, &end, 500).await)?;
+            if expired.is_empty() {
+                break;
             }
-            self.session_expiry.remove(&k)?;
+            for k in expired {
+                let sid = String::from_utf8_lossy(&k[9.min(k.len())..]).into_owned();
+                if self.revoke_session(&sid).await? {
+                    n += 1;
+                }
+                on_backend!(self, b => b.remove(Tree::SessionExpiry, &k).await)?;
+            }
         }
         Ok(n)
     }
 
-    pub fn session_count(&self) -> usize {
-        self.sessions.tree.len()
+    pub async fn session_count(&self) -> usize {
+        on_backend!(self, b => b.count(Tree::Sessions).await).unwrap_or(0)
     }
 
     // ----- users -----------------------------------------------------------
 
-    fn phone_key(&self, e164: &str) -> Vec<u8> {
+    /// Keyed hash of an index value (phone number, ticket), so the stored
+    /// key does not reveal it.
+    pub fn index_hash(&self, value: &str) -> Vec<u8> {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.index_key).expect("any key size");
-        mac.update(e164.as_bytes());
+        mac.update(value.as_bytes());
         mac.finalize().into_bytes().to_vec()
     }
 
-    pub fn user(&self, user: &str) -> Result<Option<UserProfile>, StoreError> {
-        self.users.get_as(&self.keys, user.as_bytes())
+    pub async fn user(&self, user: &str) -> Result<Option<UserProfile>, StoreError> {
+        self.get_as(Tree::Users, user.as_bytes()).await
+    }
+
+    /// Users in id order after `after`, at most `limit`, with profiles.
+    pub async fn list_users(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, UserProfile)>, StoreError> {
+        let rows =
+            on_backend!(self, b => b.page(Tree::Users, after.map(str::as_bytes), limit).await)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let (p, _) = self.decode::<UserProfile>(Tree::Users, &k, &v)?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), p));
+        }
+        Ok(out)
     }
 
     /// Stores a profile and re-points its phone numbers. A number that
     /// belongs to another user is refused, and nothing changes.
-    pub fn put_user(
+    pub async fn put_user(
         &self,
         user: &str,
         profile: &UserProfile,
     ) -> Result<Result<(), PutUserError>, StoreError> {
         for phone in &profile.phone_numbers {
-            if let Some(owner) = self.user_by_phone(phone)? {
+            if let Some(owner) = self.user_by_phone(phone).await? {
                 if owner != user {
                     return Ok(Err(PutUserError::PhoneTaken {
                         phone: phone.clone(),
@@ -772,99 +1074,111 @@ impl Store {
                 }
             }
         }
-        if let Some(old) = self.user(user)? {
+        let mut ops = Vec::new();
+        if let Some(old) = self.user(user).await? {
             for phone in old.phone_numbers {
                 if !profile.phone_numbers.contains(&phone) {
-                    self.phones.tree.remove(self.phone_key(&phone))?;
+                    ops.push(Op::Remove(Tree::Phones, self.index_hash(&phone)));
                 }
             }
         }
         for phone in &profile.phone_numbers {
-            let k = self.phone_key(phone);
-            self.phones.put(&self.keys, &k, &user)?;
+            let k = self.index_hash(phone);
+            let v = self.seal_json(Tree::Phones, &k, &user);
+            ops.push(Op::Put(Tree::Phones, k, v));
         }
-        self.users.put(&self.keys, user.as_bytes(), profile)?;
+        ops.push(Op::Put(
+            Tree::Users,
+            user.as_bytes().to_vec(),
+            self.seal_json(Tree::Users, user.as_bytes(), profile),
+        ));
+        self.batch(ops).await?;
         Ok(Ok(()))
     }
 
-    pub fn user_by_phone(&self, e164: &str) -> Result<Option<String>, StoreError> {
-        let k = self.phone_key(e164);
-        self.phones.get_as(&self.keys, &k)
+    pub async fn user_by_phone(&self, e164: &str) -> Result<Option<String>, StoreError> {
+        let k = self.index_hash(e164);
+        self.get_as(Tree::Phones, &k).await
     }
 
     /// Removes a user's credentials, sessions, phone numbers and profile.
     /// Returns how many sessions were revoked.
-    pub fn delete_user(&self, user: &str) -> Result<usize, StoreError> {
+    pub async fn delete_user(&self, user: &str) -> Result<usize, StoreError> {
         let owner = Owner::User(user.to_owned());
-        for (provider, _) in self.list_credentials(&owner).unwrap_or_default() {
-            self.delete_credential(&owner, &provider)?;
-        }
         // Records that no longer decrypt are removed too.
         let prefix = owner.prefix();
-        for k in self.credentials.tree.scan_prefix(prefix.as_bytes()).keys() {
-            let k = k?;
-            self.credentials.tree.remove(&k)?;
-            self.cache.invalidate(&String::from_utf8_lossy(&k));
+        let creds =
+            on_backend!(self, b => b.scan_prefix(Tree::Credentials, prefix.as_bytes()).await)?;
+        let mut ops = Vec::new();
+        for (k, _) in &creds {
+            ops.push(Op::Remove(Tree::Credentials, k.clone()));
+        }
+        self.batch(ops).await?;
+        for (k, _) in &creds {
+            self.caches
+                .credentials
+                .invalidate(&String::from_utf8_lossy(k));
         }
         let mut revoked = 0;
-        for sid in self.sessions_for_user(user)? {
-            if self.revoke_session(&sid)? {
+        for sid in self.sessions_for_user(user).await? {
+            if self.revoke_session(&sid).await? {
                 revoked += 1;
             }
-            self.user_sessions.remove(join0(user, &sid))?;
+            on_backend!(self, b => b.remove(Tree::UserSessions, &join0(user, &sid)).await)?;
         }
-        if let Some(profile) = self.user(user)? {
+        let mut ops = Vec::new();
+        if let Ok(Some(profile)) = self.user(user).await {
             for phone in profile.phone_numbers {
-                self.phones.tree.remove(self.phone_key(&phone))?;
+                ops.push(Op::Remove(Tree::Phones, self.index_hash(&phone)));
             }
         }
-        self.users.tree.remove(user.as_bytes())?;
+        ops.push(Op::Remove(Tree::Users, user.as_bytes().to_vec()));
+        self.batch(ops).await?;
         Ok(revoked)
     }
 
     // ----- OAuth states ----------------------------------------------------
 
-    pub fn put_oauth_state(&self, state: &str, rec: &OAuthState) -> Result<(), StoreError> {
-        self.oauth_states.put(&self.keys, state.as_bytes(), rec)
+    pub async fn put_oauth_state(&self, state: &str, rec: &OAuthState) -> Result<(), StoreError> {
+        let k = self.index_hash(state);
+        self.put_as(Tree::OAuthStates, &k, rec).await
     }
 
-    /// Removes and returns a state: each state is usable exactly once.
-    pub fn take_oauth_state(&self, state: &str) -> Result<Option<OAuthState>, StoreError> {
-        let Some(raw) = self.oauth_states.tree.remove(state.as_bytes())? else {
+    /// Removes and returns a state: each state is usable exactly once,
+    /// across every replica (the removal is what decides).
+    pub async fn take_oauth_state(&self, state: &str) -> Result<Option<OAuthState>, StoreError> {
+        let k = self.index_hash(state);
+        let Some(raw) = on_backend!(self, b => b.remove(Tree::OAuthStates, &k).await)? else {
             return Ok(None);
         };
-        let p = self.oauth_states.open(&self.keys, state.as_bytes(), raw)?;
-        Ok(Some(self.oauth_states.decode(state.as_bytes(), &p)?))
+        Ok(Some(self.decode(Tree::OAuthStates, &k, &raw)?.0))
     }
 
     /// Drops OAuth states that expired before `now`.
-    pub fn gc_oauth_states(&self, now: i64) -> Result<usize, StoreError> {
+    pub async fn gc_oauth_states(&self, now: i64) -> Result<usize, StoreError> {
         let mut n = 0;
-        for item in self.oauth_states.tree.iter() {
-            let (k, v) = item?;
-            let expired = match self.oauth_states.open(&self.keys, &k, v) {
-                Ok(p) => self
-                    .oauth_states
-                    .decode::<OAuthState>(&k, &p)
-                    .map(|s| s.expires_at < now)
-                    .unwrap_or(true),
-                Err(_) => true,
-            };
-            if expired {
-                self.oauth_states.tree.remove(&k)?;
-                n += 1;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows =
+                on_backend!(self, b => b.page(Tree::OAuthStates, after.as_deref(), 500).await)?;
+            let Some((last, _)) = rows.last() else { break };
+            after = Some(last.clone());
+            for (k, v) in rows {
+                let expired = self
+                    .decode::<OAuthState>(Tree::OAuthStates, &k, &v)
+                    .map(|(s, _)| s.expires_at < now)
+                    .unwrap_or(true);
+                if expired
+                    && on_backend!(self, b => b.cas(Tree::OAuthStates, &k, Some(&v), None).await)?
+                {
+                    n += 1;
+                }
             }
         }
         Ok(n)
     }
 
     // ----- audit -----------------------------------------------------------
-
-    /// Opens one audit batch (a sealed JSON array of records).
-    fn audit_batch(&self, k: &[u8], v: sled::IVec) -> Result<Vec<AuditRecord>, StoreError> {
-        let p = self.audit.open(&self.keys, k, v)?;
-        self.audit.decode(k, &p)
-    }
 
     /// Audit keys are `<id: 8 bytes BE><records in the batch: 2 bytes BE>`,
     /// so counting and trimming never decrypt a batch.
@@ -875,17 +1189,9 @@ impl Store {
         k
     }
 
-    fn audit_key_count(k: &[u8]) -> usize {
-        if k.len() == 10 {
-            u16::from_be_bytes([k[8], k[9]]) as usize
-        } else {
-            0
-        }
-    }
-
     /// Appends typed records (tests; the audit writer hands over JSON).
     #[cfg(test)]
-    pub fn append_audit(
+    pub async fn append_audit(
         &self,
         records: &[AuditRecord],
         max_records: usize,
@@ -894,126 +1200,157 @@ impl Store {
             .chunks(AUDIT_BATCH)
             .map(|c| (serde_json::to_vec(c).expect("serialisable"), c.len()))
             .collect();
-        self.append_audit_json(&chunks, max_records)
+        self.append_audit_json(&chunks, max_records).await
     }
 
     /// Appends batches that are already JSON arrays (`(json, records)`), as
-    /// the audit writer builds them, sealing each as one sled value.
+    /// the audit writer builds them, sealing each as one value.
     ///
-    /// A sealed batch per value (not a record per key) keeps writing cheap,
-    /// and small values (≤ [`AUDIT_BATCH`] records) keep sled economical.
-    pub fn append_audit_json(
+    /// A sealed batch per value (not a record per key) keeps writing cheap.
+    /// sled trims to `max_records` exactly on every append; PostgreSQL
+    /// trims whole batches in the cluster-wide GC ([`trim_audit`]).
+    pub async fn append_audit_json(
         &self,
         chunks: &[(Vec<u8>, usize)],
         max_records: usize,
     ) -> Result<(), StoreError> {
-        let mut count = self.audit_len.lock().unwrap_or_else(|e| e.into_inner());
-        let mut len = match *count {
-            Some(n) => n,
-            None => {
-                let mut n = 0;
-                for k in self.audit.tree.iter().keys() {
-                    n += Store::audit_key_count(&k?);
-                }
-                n
+        let mut batches = Vec::with_capacity(chunks.len());
+        for (json, n) in chunks {
+            if *n == 0 {
+                continue;
             }
-        };
-        // Kept current on every exit, errors included.
-        let result = (|| {
-            for (json, n) in chunks {
-                if *n == 0 {
-                    continue;
-                }
-                let key = Store::audit_key(self.db.generate_id()?, *n);
-                self.audit
-                    .tree
-                    .insert(key, self.audit.seal(&self.keys, &key, json))?;
-                len += n;
-            }
-            while len > max_records {
-                let Some((k, v)) = self.audit.tree.first()? else {
-                    len = 0;
-                    break;
-                };
-                let n = Store::audit_key_count(&k);
-                let excess = len - max_records;
-                if n <= excess {
-                    self.audit.tree.remove(&k)?;
-                    len -= n;
-                } else {
-                    // Keep the newest part of the oldest batch, under a key
-                    // that counts what is left.
-                    let batch = self.audit_batch(&k, v).unwrap_or_default();
+            let id = on_backend!(self, b => b.next_id().await)?;
+            let key = Store::audit_key(id, *n);
+            let sealed = self.seal(Tree::Audit, &key, json);
+            batches.push((key.to_vec(), sealed, *n));
+        }
+        match &self.backend {
+            Backend::Sled(b) => {
+                // Keep the newest part of a batch that straddles the limit.
+                let trim = |k: &[u8], v: &[u8], excess: usize| {
+                    let (batch, _) = self
+                        .decode::<Vec<AuditRecord>>(Tree::Audit, k, v)
+                        .unwrap_or_default();
                     let kept = &batch[excess.min(batch.len())..];
+                    if kept.is_empty() {
+                        return None;
+                    }
                     let id = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]));
                     let key = Store::audit_key(id, kept.len());
-                    self.audit.put(&self.keys, &key, &kept)?;
-                    self.audit.tree.remove(&k)?;
-                    len -= n - kept.len();
-                }
+                    Some((key.to_vec(), self.seal_json(Tree::Audit, &key, &kept)))
+                };
+                b.append_audit(batches, max_records, &trim).await
             }
-            Ok(())
-        })();
-        *count = Some(len);
-        result
+            Backend::Postgres(b) => b.append_audit(batches).await,
+        }
     }
 
-    /// Newest first, optionally only one user's.
-    pub fn recent_audit(
+    /// Trims the audit log to about `max_records` (PostgreSQL; sled trims
+    /// on append).
+    pub async fn trim_audit(&self, max_records: usize) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(0),
+            Backend::Postgres(b) => b.trim_audit(max_records).await,
+        }
+    }
+
+    /// Newest first, optionally only one user's, at most `limit`.
+    pub async fn recent_audit(
         &self,
         user: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
         let mut out = Vec::new();
-        'batches: for item in self.audit.tree.iter().rev() {
-            let (k, v) = item?;
-            for r in self.audit_batch(&k, v)?.into_iter().rev() {
-                if out.len() >= limit {
-                    break 'batches;
-                }
-                if user.is_none_or(|u| r.user.as_deref() == Some(u)) {
-                    out.push(r);
+        let mut before: Option<Vec<u8>> = None;
+        'pages: loop {
+            let rows =
+                on_backend!(self, b => b.page_rev(Tree::Audit, before.as_deref(), 64).await)?;
+            let Some((last, _)) = rows.last() else { break };
+            before = Some(last.clone());
+            for (k, v) in rows {
+                let (batch, _) = self.decode::<Vec<AuditRecord>>(Tree::Audit, &k, &v)?;
+                for r in batch.into_iter().rev() {
+                    if out.len() >= limit {
+                        break 'pages;
+                    }
+                    if user.is_none_or(|u| r.user.as_deref() == Some(u)) {
+                        out.push(r);
+                    }
                 }
             }
         }
         Ok(out)
     }
 
+    // ----- refresh claims --------------------------------------------------
+
+    /// Claims `key` for `lease` (refresh of one credential, or a GC round):
+    /// at most one holder cluster-wide until it releases or the lease lapses.
+    pub async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        on_backend!(self, b => b.claim(key, lease).await)
+    }
+
+    /// Releases a claim: `Some(true)` after a provider failure (starts the
+    /// shared back-off), `Some(false)` after a success (clears it), `None`
+    /// otherwise.
+    pub async fn release(&self, claim: &Claim, failed: Option<bool>) -> Result<(), StoreError> {
+        on_backend!(self, b => b.release(claim, failed).await)
+    }
+
+    pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
+        on_backend!(self, b => b.clear_backoff(key).await)
+    }
+
     // ----- operations ------------------------------------------------------
 
-    /// Re-seals every record under `new_keys`' current key, then rewrites
-    /// the key check. Safe to re-run after a crash: records already under
-    /// the new key are opened with it and sealed again.
-    pub fn reseal_all(&self, new_keys: &KeyRing) -> Result<usize, StoreError> {
+    /// Re-seals every record under `new_keys`' current key, in pages, then
+    /// rewrites the key check. Safe to re-run after a crash: records
+    /// already under the new key are opened with it and sealed again.
+    pub async fn reseal_all(&self, new_keys: &KeyRing) -> Result<usize, StoreError> {
         let mut n = 0;
-        for t in [
-            &self.credentials,
-            &self.sessions,
-            &self.users,
-            &self.phones,
-            &self.oauth_states,
-            &self.audit,
-            &self.meta,
-        ] {
-            for item in t.tree.iter() {
-                let (k, v) = item?;
-                let plain = match new_keys.open(&t.aad(&k), &v) {
-                    Ok(o) => o.plaintext,
-                    Err(_) => t.open(&self.keys, &k, v)?.bytes,
-                };
-                t.tree.insert(&k, new_keys.seal(&t.aad(&k), &plain))?;
-                n += 1;
+        for t in Tree::ALL.into_iter().filter(|t| t.sealed()) {
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let rows = on_backend!(self, b => b.page(t, after.as_deref(), 500).await)?;
+                let Some((last, _)) = rows.last() else { break };
+                after = Some(last.clone());
+                let mut ops = Vec::with_capacity(rows.len());
+                for (k, v) in rows {
+                    if t == Tree::Meta && k == b"keycheck" {
+                        continue;
+                    }
+                    let a = aad(t, &k);
+                    let plain = match new_keys.open(&a, &v) {
+                        Ok(o) => o.plaintext,
+                        Err(_) => self.open_raw(t, &k, &v)?.plaintext,
+                    };
+                    ops.push(Op::Put(t, k, new_keys.seal(&a, &plain)));
+                    n += 1;
+                }
+                self.batch(ops).await?;
             }
         }
-        self.db.flush()?;
-        write_keycheck(&self.path, new_keys).map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        self.cache.clear();
+        self.flush().await?;
+        match &self.backend {
+            Backend::Sled(b) => write_keycheck(b.path(), new_keys)
+                .map_err(|e| StoreError::Io(format!("cannot write the key check: {e}")))?,
+            Backend::Postgres(b) => {
+                let sealed = new_keys.seal(&aad(Tree::Meta, b"keycheck"), CANARY);
+                b.put(Tree::Meta, b"keycheck", &sealed).await?;
+            }
+        }
+        self.caches.clear_all();
         Ok(n)
     }
 
-    /// Writes a consistent, still-encrypted copy of the store to `out`
+    /// Writes a consistent, still-encrypted copy of a sled store to `out`
     /// (a new directory): every record as sealed bytes, plus the key check.
     pub fn backup_to(&self, out: &Path) -> Result<usize, String> {
+        let Backend::Sled(b) = &self.backend else {
+            return Err(
+                "backup copies sled stores; for PostgreSQL use pg_dump (a dump holds only ciphertext sealed under the master key)".into(),
+            );
+        };
         if out.exists()
             && std::fs::read_dir(out)
                 .map(|mut d| d.next().is_some())
@@ -1027,28 +1364,134 @@ impl Store {
         std::fs::create_dir_all(out)
             .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
         set_private_dir(out);
-        std::fs::copy(self.path.join(KEYCHECK_FILE), out.join(KEYCHECK_FILE))
+        std::fs::copy(b.path().join(KEYCHECK_FILE), out.join(KEYCHECK_FILE))
             .map_err(|e| format!("cannot copy key check: {e}"))?;
-        let copy = sled::Config::new()
-            .path(out)
-            .open()
-            .map_err(|e| format!("cannot create backup store at {}: {e}", out.display()))?;
+        b.backup_to(out)
+    }
+
+    /// Copies every record of `from` into this store (`migrate-store`):
+    /// sealed bytes as they are (the same master key and the same
+    /// associated data), phone numbers re-indexed under this store's index
+    /// key. Upserts, so running it again is safe. Returns records copied.
+    pub async fn import_from(&self, from: &Store) -> Result<usize, StoreError> {
         let mut n = 0;
-        for name in self.db.tree_names() {
-            let src = self.db.open_tree(&name).map_err(|e| e.to_string())?;
-            let dst = copy.open_tree(&name).map_err(|e| e.to_string())?;
-            // A batch per tree: the copy of each tree is applied atomically.
-            let mut batch = sled::Batch::default();
-            for item in src.iter() {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                batch.insert(k, v);
-                n += 1;
+        for t in Tree::ALL {
+            if matches!(
+                t,
+                Tree::Meta | Tree::Phones | Tree::OAuthStates | Tree::Tickets
+            ) && !self.same_index_key(from)
+            {
+                // Keyed by the source's index hash: re-keyed below (phones)
+                // or short-lived and left behind (states, tickets).
+                continue;
             }
-            dst.apply_batch(batch).map_err(|e| e.to_string())?;
+            if t == Tree::Meta {
+                continue;
+            }
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let rows = on_backend!(from, b => b.page(t, after.as_deref(), 500).await)?;
+                let Some((last, _)) = rows.last() else { break };
+                after = Some(last.clone());
+                n += rows.len();
+                let ops = rows.into_iter().map(|(k, v)| Op::Put(t, k, v)).collect();
+                self.batch(ops).await?;
+            }
         }
-        copy.flush()
-            .map_err(|e| format!("cannot flush backup: {e}"))?;
+        if !self.same_index_key(from) {
+            let mut after: Option<String> = None;
+            loop {
+                let users = from.list_users(after.as_deref(), 500).await?;
+                let Some((last, _)) = users.last() else { break };
+                after = Some(last.clone());
+                let mut ops = Vec::new();
+                for (user, profile) in users {
+                    for phone in &profile.phone_numbers {
+                        let k = self.index_hash(phone);
+                        let v = self.seal_json(Tree::Phones, &k, &user);
+                        ops.push(Op::Put(Tree::Phones, k, v));
+                        n += 1;
+                    }
+                }
+                self.batch(ops).await?;
+            }
+        }
+        self.flush().await?;
+        self.caches.clear_all();
         Ok(n)
+    }
+
+    fn same_index_key(&self, other: &Store) -> bool {
+        self.index_key[..] == other.index_key[..]
+    }
+}
+
+/// The store's index key from meta, created by the first opener (a CAS, so
+/// replicas starting together agree on one).
+async fn meta_index_key<B: MetaAccess>(
+    backend: &B,
+    keys: &KeyRing,
+) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+    let a = aad(Tree::Meta, b"index_key");
+    let io = |e: StoreError| OpenError::Other(format!("cannot read the store: {e}"));
+    loop {
+        if let Some(raw) = backend.meta_get(b"index_key").await.map_err(io)? {
+            return match keys.open(&a, &raw) {
+                Ok(o) => {
+                    if o.stale {
+                        let new = keys.seal(&a, &o.plaintext);
+                        let _ = backend.meta_cas(b"index_key", Some(&raw), &new).await;
+                    }
+                    Ok(Zeroizing::new(o.plaintext.to_vec()))
+                }
+                Err(e) => Err(OpenError::WrongKey(format!(
+                    "cannot open the store's index key ({e}); the master key does not match the store"
+                ))),
+            };
+        }
+        let mut k = vec![0u8; 32];
+        rand::fill(&mut k[..]);
+        let rec = keys.seal(&a, &k);
+        if backend
+            .meta_cas(b"index_key", None, &rec)
+            .await
+            .map_err(io)?
+        {
+            return Ok(Zeroizing::new(k));
+        }
+    }
+}
+
+/// The two meta operations start-up needs before a [`Store`] exists.
+trait MetaAccess {
+    async fn meta_get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    async fn meta_cas(&self, k: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError>;
+}
+
+impl MetaAccess for SledBackend {
+    async fn meta_get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(Tree::Meta, k).await
+    }
+    async fn meta_cas(&self, k: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
+        self.cas(Tree::Meta, k, old, Some(new)).await
+    }
+}
+
+impl MetaAccess for PgBackend {
+    async fn meta_get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(Tree::Meta, k).await
+    }
+    async fn meta_cas(&self, k: &[u8], old: Option<&[u8]>, new: &[u8]) -> Result<bool, StoreError> {
+        self.cas(Tree::Meta, k, old, Some(new)).await
+    }
+}
+
+/// Records in an audit batch, from its key.
+fn audit_key_count(k: &[u8]) -> usize {
+    if k.len() == 10 {
+        u16::from_be_bytes([k[8], k[9]]) as usize
+    } else {
+        0
     }
 }
 
@@ -1065,17 +1508,6 @@ fn expiry_key(exp: i64, sid: &str) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(sid.as_bytes());
     k
-}
-
-fn prefix_ids(tree: &sled::Tree, prefix: &str) -> Result<Vec<String>, StoreError> {
-    let mut p = prefix.as_bytes().to_vec();
-    p.push(0);
-    let mut out = Vec::new();
-    for k in tree.scan_prefix(&p).keys() {
-        let k = k?;
-        out.push(String::from_utf8_lossy(&k[p.len()..]).into_owned());
-    }
-    Ok(out)
 }
 
 #[cfg(unix)]
@@ -1104,14 +1536,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn credentials_round_trip_and_survive_reopen() {
+    #[tokio::test]
+    async fn credentials_round_trip_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");
         {
             let s = Store::open(&p, ring(1), StoreOptions::default()).unwrap();
             let mut c = cred("xoxb-1");
             s.put_credential(&Owner::User("alice".into()), "slack", &mut c)
+                .await
                 .unwrap();
             assert_eq!(c.generation, 1);
             s.flush_blocking().unwrap();
@@ -1119,16 +1552,20 @@ mod tests {
         let s = Store::open(&p, ring(1), StoreOptions::default()).unwrap();
         let c = s
             .credential(&Owner::User("alice".into()), "slack")
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(c.access_token.as_ref().unwrap().expose(), "xoxb-1");
-        let list = s.list_credentials(&Owner::User("alice".into())).unwrap();
+        let list = s
+            .list_credentials(&Owner::User("alice".into()))
+            .await
+            .unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].0, "slack");
     }
 
-    #[test]
-    fn wrong_key_refused_before_sled_opens() {
+    #[tokio::test]
+    async fn wrong_key_refused_before_sled_opens() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");
         {
@@ -1154,23 +1591,23 @@ mod tests {
         assert_eq!(before, after);
     }
 
-    #[test]
-    fn generations_increase_and_cache_sees_writes() {
+    #[tokio::test]
+    async fn generations_increase_and_cache_sees_writes() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
         let o = Owner::User("u".into());
-        s.put_credential(&o, "g", &mut cred("a")).unwrap();
-        assert_eq!(s.credential(&o, "g").unwrap().unwrap().generation, 1);
-        s.put_credential(&o, "g", &mut cred("b")).unwrap();
-        let c = s.credential(&o, "g").unwrap().unwrap();
+        s.put_credential(&o, "g", &mut cred("a")).await.unwrap();
+        assert_eq!(s.credential(&o, "g").await.unwrap().unwrap().generation, 1);
+        s.put_credential(&o, "g", &mut cred("b")).await.unwrap();
+        let c = s.credential(&o, "g").await.unwrap().unwrap();
         assert_eq!(c.generation, 2);
         assert_eq!(c.access_token.as_ref().unwrap().expose(), "b");
-        assert!(s.delete_credential(&o, "g").unwrap());
-        assert!(s.credential(&o, "g").unwrap().is_none());
+        assert!(s.delete_credential(&o, "g").await.unwrap());
+        assert!(s.credential(&o, "g").await.unwrap().is_none());
     }
 
-    #[test]
-    fn sessions_bind_once_and_index_by_conversation() {
+    #[tokio::test]
+    async fn sessions_bind_once_and_index_by_conversation() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
         let rec = SessionRecord {
@@ -1180,19 +1617,28 @@ mod tests {
             exp: 100,
             conv: None,
         };
-        s.put_session("s1", &rec).unwrap();
-        assert_eq!(s.bind_session("s1", "c1").unwrap(), BindOutcome::Bound);
-        assert_eq!(s.bind_session("s1", "c1").unwrap(), BindOutcome::Bound);
-        assert_eq!(s.bind_session("s1", "c2").unwrap(), BindOutcome::Mismatch);
-        assert_eq!(s.sessions_for_conversation("c1").unwrap(), vec!["s1"]);
-        assert!(s.sessions_for_conversation("c").unwrap().is_empty());
-        assert!(s.revoke_session("s1").unwrap());
-        assert!(s.sessions_for_conversation("c1").unwrap().is_empty());
-        assert_eq!(s.bind_session("s1", "c1").unwrap(), BindOutcome::Gone);
+        s.put_session("s1", &rec).await.unwrap();
+        assert_eq!(
+            s.bind_session("s1", "c1").await.unwrap(),
+            BindOutcome::Bound
+        );
+        assert_eq!(
+            s.bind_session("s1", "c1").await.unwrap(),
+            BindOutcome::Bound
+        );
+        assert_eq!(
+            s.bind_session("s1", "c2").await.unwrap(),
+            BindOutcome::Mismatch
+        );
+        assert_eq!(s.sessions_for_conversation("c1").await.unwrap(), vec!["s1"]);
+        assert!(s.sessions_for_conversation("c").await.unwrap().is_empty());
+        assert!(s.revoke_session("s1").await.unwrap());
+        assert!(s.sessions_for_conversation("c1").await.unwrap().is_empty());
+        assert_eq!(s.bind_session("s1", "c1").await.unwrap(), BindOutcome::Gone);
     }
 
-    #[test]
-    fn gc_removes_only_expired() {
+    #[tokio::test]
+    async fn gc_removes_only_expired() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
         for (sid, exp) in [("a", 10), ("b", 20), ("c", 30)] {
@@ -1206,16 +1652,17 @@ mod tests {
                     conv: None,
                 },
             )
+            .await
             .unwrap();
         }
-        assert_eq!(s.gc_sessions(25).unwrap(), 2);
-        assert!(s.session("a").unwrap().is_none());
-        assert!(s.session("c").unwrap().is_some());
-        assert_eq!(s.sessions_for_user("u").unwrap(), vec!["c"]);
+        assert_eq!(s.gc_sessions(25).await.unwrap(), 2);
+        assert!(s.session("a").await.unwrap().is_none());
+        assert!(s.session("c").await.unwrap().is_some());
+        assert_eq!(s.sessions_for_user("u").await.unwrap(), vec!["c"]);
     }
 
-    #[test]
-    fn phones_are_unique_and_hashed() {
+    #[tokio::test]
+    async fn phones_are_unique_and_hashed() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");
         let s = Store::open(&p, ring(1), StoreOptions::default()).unwrap();
@@ -1224,27 +1671,28 @@ mod tests {
             tenant: None,
             updated_at: 0,
         };
-        s.put_user("alice", &prof).unwrap().unwrap();
+        s.put_user("alice", &prof).await.unwrap().unwrap();
         assert_eq!(
-            s.user_by_phone("+15551234567").unwrap().as_deref(),
+            s.user_by_phone("+15551234567").await.unwrap().as_deref(),
             Some("alice")
         );
         assert!(matches!(
-            s.put_user("bob", &prof).unwrap(),
+            s.put_user("bob", &prof).await.unwrap(),
             Err(PutUserError::PhoneTaken { .. })
         ));
         s.put_user("alice", &UserProfile::default())
+            .await
             .unwrap()
             .unwrap();
-        assert!(s.user_by_phone("+15551234567").unwrap().is_none());
+        assert!(s.user_by_phone("+15551234567").await.unwrap().is_none());
         s.flush_blocking().unwrap();
         drop(s);
         let raw = read_all(&p);
         assert!(!contains(&raw, b"+15551234567"));
     }
 
-    #[test]
-    fn audit_batches_trim_exactly_and_read_newest_first() {
+    #[tokio::test]
+    async fn audit_batches_trim_exactly_and_read_newest_first() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
         let rec = |i: i64| AuditRecord {
@@ -1262,10 +1710,11 @@ mod tests {
         };
         for batch in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] {
             let records: Vec<_> = batch.iter().map(|i| rec(*i)).collect();
-            s.append_audit(&records, 5).unwrap();
+            s.append_audit(&records, 5).await.unwrap();
         }
         let times: Vec<i64> = s
             .recent_audit(None, 100)
+            .await
             .unwrap()
             .iter()
             .map(|r| r.time)
@@ -1273,6 +1722,7 @@ mod tests {
         assert_eq!(times, vec![9, 8, 7, 6, 5]);
         let times: Vec<i64> = s
             .recent_audit(Some("odd"), 2)
+            .await
             .unwrap()
             .iter()
             .map(|r| r.time)
@@ -1281,9 +1731,10 @@ mod tests {
         // The count survives a reopen (recomputed from the batches).
         drop(s);
         let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
-        s.append_audit(&[rec(10)], 5).unwrap();
+        s.append_audit(&[rec(10)], 5).await.unwrap();
         let times: Vec<i64> = s
             .recent_audit(None, 100)
+            .await
             .unwrap()
             .iter()
             .map(|r| r.time)
@@ -1291,8 +1742,8 @@ mod tests {
         assert_eq!(times, vec![10, 9, 8, 7, 6]);
     }
 
-    #[test]
-    fn oauth_state_single_use() {
+    #[tokio::test]
+    async fn oauth_state_single_use() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
         let st = OAuthState {
@@ -1303,20 +1754,20 @@ mod tests {
             redirect_uri: "x".into(),
             expires_at: 10,
         };
-        s.put_oauth_state("st", &st).unwrap();
-        assert!(s.take_oauth_state("st").unwrap().is_some());
-        assert!(s.take_oauth_state("st").unwrap().is_none());
+        s.put_oauth_state("st", &st).await.unwrap();
+        assert!(s.take_oauth_state("st").await.unwrap().is_some());
+        assert!(s.take_oauth_state("st").await.unwrap().is_none());
     }
 
-    #[test]
-    fn rotation_and_lazy_reseal() {
+    #[tokio::test]
+    async fn rotation_and_lazy_reseal() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");
         let o = Owner::User("u".into());
         {
             let s = Store::open(&p, ring(1), StoreOptions::default()).unwrap();
-            s.put_credential(&o, "g", &mut cred("tok-1")).unwrap();
-            s.reseal_all(&ring(2)).unwrap();
+            s.put_credential(&o, "g", &mut cred("tok-1")).await.unwrap();
+            s.reseal_all(&ring(2)).await.unwrap();
         }
         assert!(matches!(
             Store::open(&p, ring(1), StoreOptions::default()),
@@ -1325,6 +1776,7 @@ mod tests {
         let s = Store::open(&p, ring(2), StoreOptions::default()).unwrap();
         assert_eq!(
             s.credential(&o, "g")
+                .await
                 .unwrap()
                 .unwrap()
                 .access_token
@@ -1341,16 +1793,18 @@ mod tests {
             vec![MasterKey::from_bytes(&[2; 32])],
         );
         let s = Store::open(&p, rot, StoreOptions::default()).unwrap();
-        assert!(s.credential_uncached(&o, "g").unwrap().is_some());
-        let raw = s.credentials.tree.get(o.key("g")).unwrap().unwrap();
+        assert!(s.credential_uncached(&o, "g").await.unwrap().is_some());
+        let raw = on_backend!(s, b => b.get(Tree::Credentials, o.key("g").as_bytes()).await)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             KeyRing::record_key_id(&raw),
             Some(MasterKey::from_bytes(&[3; 32]).id())
         );
     }
 
-    #[test]
-    fn backup_is_openable_and_encrypted() {
+    #[tokio::test]
+    async fn backup_is_openable_and_encrypted() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");
         let out = dir.path().join("backup");
@@ -1358,12 +1812,13 @@ mod tests {
         {
             let s = Store::open(&p, ring(1), StoreOptions::default()).unwrap();
             s.put_credential(&o, "g", &mut cred("secret-token-xyz"))
+                .await
                 .unwrap();
             assert!(s.backup_to(&out).unwrap() > 0);
         }
         assert!(!contains(&read_all(&out), b"secret-token-xyz"));
         let s = Store::open(&out, ring(1), StoreOptions::default()).unwrap();
-        assert!(s.credential(&o, "g").unwrap().is_some());
+        assert!(s.credential(&o, "g").await.unwrap().is_some());
     }
 
     fn read_all(p: &Path) -> Vec<u8> {

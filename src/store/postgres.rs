@@ -1,0 +1,956 @@
+//! The shared backend: several sidekey processes on one PostgreSQL database.
+//!
+//! The same sealed records as sled, in one table keyed by `(tree, key)`, so
+//! both backends share every line of sealing, indexing and caching in the
+//! store front, and `migrate-store` copies ciphertext as it is. What only a
+//! shared database needs lives here:
+//! - schema versions applied at start under an advisory lock, so replicas
+//!   starting together on an empty database do not race;
+//! - a trigger that notifies `sidekey` inside every write of a credential,
+//!   session or user, and one dedicated LISTEN connection per process that
+//!   evicts cache entries on those notifications (outside the pool: LISTEN
+//!   does not survive PgBouncer's transaction mode);
+//! - refresh claims (owner, fencing counter, lease expiry on the database
+//!   clock) and shared back-off in `sidekey_claims`;
+//! - every call bounded by a timeout, and every failure to reach the
+//!   database reported as [`StoreError::Unavailable`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::{Caches, Claim, ClaimOutcome, Op, OpenError, StoreError, Tree};
+use crate::secret::Secret;
+
+/// The schema this build writes; older schemas are upgraded at start.
+pub const SCHEMA_VERSION: i32 = 1;
+/// Advisory lock key for schema changes ("sidekey" as ASCII, truncated).
+const SCHEMA_LOCK: i64 = 0x0073_6964_656b_6579;
+/// The notification channel.
+pub const CHANNEL: &str = "sidekey";
+
+const MIGRATION_1: &str = r#"
+CREATE TABLE IF NOT EXISTS sidekey_kv (
+    ns smallint NOT NULL,
+    k bytea NOT NULL,
+    v bytea NOT NULL,
+    PRIMARY KEY (ns, k)
+);
+CREATE TABLE IF NOT EXISTS sidekey_claims (
+    k text PRIMARY KEY,
+    owner text,
+    fence bigint NOT NULL DEFAULT 0,
+    lease_until timestamptz,
+    failures integer NOT NULL DEFAULT 0,
+    backoff_until timestamptz
+);
+CREATE SEQUENCE IF NOT EXISTS sidekey_ids;
+CREATE OR REPLACE FUNCTION sidekey_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE r record;
+BEGIN
+    IF TG_OP = 'DELETE' THEN r := OLD; ELSE r := NEW; END IF;
+    -- credentials (0), sessions (1), users (2): what replicas cache
+    IF r.ns IN (0, 1, 2) THEN
+        PERFORM pg_notify('sidekey', r.ns::text || ':' || encode(r.k, 'hex'));
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS sidekey_kv_notify ON sidekey_kv;
+CREATE TRIGGER sidekey_kv_notify AFTER INSERT OR UPDATE OR DELETE ON sidekey_kv
+    FOR EACH ROW EXECUTE FUNCTION sidekey_notify();
+"#;
+
+pub struct PgBackend {
+    pool: Pool,
+    /// Bound on every database call, pool wait included.
+    op_timeout: Duration,
+    /// This process, as recorded in the claims it holds.
+    owner: String,
+    caches: Arc<Caches>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBackend")
+            .field("owner", &self.owner)
+            .finish()
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Options the config gives the backend.
+pub struct PgOptions {
+    /// Where the URL came from, for messages (`store.postgres_url_env`).
+    pub setting: String,
+    pub url: Secret,
+    pub pool_size: usize,
+    pub op_timeout: Duration,
+}
+
+/// A parsed URL and the TLS it asks for.
+struct Target {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+}
+
+fn parse_target(opts: &PgOptions) -> Result<Target, OpenError> {
+    let bad = |why: String| OpenError::Other(format!("{}: {why}", opts.setting));
+    let (url, sslmode, rootcert) = split_tls_params(opts.url.expose());
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| bad(format!("not a valid PostgreSQL URL ({e})")))?;
+    let verify = match sslmode.as_deref() {
+        None | Some("prefer") => {
+            config.ssl_mode(SslMode::Prefer);
+            false
+        }
+        Some("disable") | Some("allow") => {
+            config.ssl_mode(SslMode::Disable);
+            false
+        }
+        Some("require") => {
+            config.ssl_mode(SslMode::Require);
+            // libpq verifies a `require` connection when a root cert is given.
+            rootcert.is_some()
+        }
+        Some("verify-ca") | Some("verify-full") => {
+            config.ssl_mode(SslMode::Require);
+            true
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+            )));
+        }
+    };
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(opts.op_timeout);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("sidekey");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(format!("TLS setup: {e}")))?;
+    let tls = if verify {
+        let mut roots = rustls::RootCertStore::empty();
+        match &rootcert {
+            Some(path) => {
+                for c in crate::bootstrap::load_roots(&std::path::PathBuf::from(path))
+                    .map_err(|e| bad(format!("sslrootcert: {e}")))?
+                {
+                    roots.add(c).map_err(|e| bad(format!("sslrootcert: {e}")))?;
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        // libpq's prefer/require encrypt without checking the certificate;
+        // verify-full is what checks it.
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    };
+    Ok(Target {
+        config,
+        tls: MakeRustlsConnect::new(tls),
+    })
+}
+
+/// Removes `sslmode` and `sslrootcert` (tokio-postgres knows only some
+/// modes and no root-cert parameter), returning them.
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let mut sslmode = None;
+    let mut rootcert = None;
+    if url.contains("://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), None, None);
+        };
+        let mut kept = url::form_urlencoded::Serializer::new(String::new());
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "sslmode" => sslmode = Some(v.into_owned()),
+                "sslrootcert" => rootcert = Some(v.into_owned()),
+                _ => {
+                    kept.append_pair(&k, &v);
+                }
+            }
+        }
+        let kept = kept.finish();
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{kept}")
+        };
+        (url, sslmode, rootcert)
+    } else {
+        let mut parts = Vec::new();
+        for p in url.split_whitespace() {
+            match p.split_once('=') {
+                Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
+                Some(("sslrootcert", v)) => rootcert = Some(v.to_owned()),
+                _ => parts.push(p),
+            }
+        }
+        (parts.join(" "), sslmode, rootcert)
+    }
+}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+/// A pooled connection, or `Unavailable`.
+macro_rules! conn {
+    ($self:ident) => {
+        $self
+            .pool
+            .get()
+            .await
+            .map_err(|e| unavailable("PostgreSQL connection", e))?
+    };
+}
+
+impl PgBackend {
+    /// Connects, applies the schema, and starts the change listener.
+    /// Failing to connect or log in here is a configuration problem.
+    pub async fn open(opts: PgOptions, caches: Arc<Caches>) -> Result<PgBackend, OpenError> {
+        let target = parse_target(&opts)?;
+        let mgr = Manager::from_config(
+            target.config.clone(),
+            target.tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(opts.pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(opts.op_timeout))
+            .create_timeout(Some(opts.op_timeout))
+            .recycle_timeout(Some(opts.op_timeout))
+            .build()
+            .map_err(|e| OpenError::Other(format!("{}: {e}", opts.setting)))?;
+        let fail = |e: String| {
+            OpenError::Other(format!(
+                "{}: cannot use the PostgreSQL database ({e}); check the URL, user, password and that the server is reachable",
+                opts.setting
+            ))
+        };
+        let mut client = tokio::time::timeout(opts.op_timeout * 2, pool.get())
+            .await
+            .map_err(|_| fail("timed out connecting".into()))?
+            .map_err(|e| fail(connect_error(&e)))?;
+        migrate(&mut client)
+            .await
+            .map_err(|e| fail(format!("schema setup failed: {e}")))?;
+        drop(client);
+        let mut id = [0u8; 6];
+        rand::fill(&mut id);
+        let owner = format!(
+            "{}-{}",
+            std::process::id(),
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let listener = tokio::spawn(listen_forever(target, caches.clone()));
+        Ok(PgBackend {
+            pool,
+            op_timeout: opts.op_timeout,
+            owner,
+            caches,
+            listener,
+        })
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "PostgreSQL did not answer within {} ms",
+                self.op_timeout.as_millis()
+            ))),
+        }
+    }
+
+    pub async fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("SELECT v FROM sidekey_kv WHERE ns = $1 AND k = $2")
+                .await
+                .map_err(pg)?;
+            let row = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+        .await
+    }
+
+    pub async fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                     ON CONFLICT (ns, k) DO UPDATE SET v = EXCLUDED.v",
+                )
+                .await
+                .map_err(pg)?;
+            c.execute(&st, &[&t.ns(), &k, &v]).await.map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn remove(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2 RETURNING v")
+                .await
+                .map_err(pg)?;
+            let row = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+        .await
+    }
+
+    /// Compare-and-swap on the sealed bytes: every seal has a fresh nonce,
+    /// so equal bytes mean the record was not rewritten meanwhile.
+    pub async fn cas(
+        &self,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let n = match (old, new) {
+                (None, Some(new)) => {
+                    let st = c
+                        .prepare_cached(
+                            "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                             ON CONFLICT (ns, k) DO NOTHING",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.execute(&st, &[&t.ns(), &k, &new]).await.map_err(pg)?
+                }
+                (Some(old), Some(new)) => {
+                    let st = c
+                        .prepare_cached(
+                            "UPDATE sidekey_kv SET v = $4 WHERE ns = $1 AND k = $2 AND v = $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.execute(&st, &[&t.ns(), &k, &old, &new])
+                        .await
+                        .map_err(pg)?
+                }
+                (Some(old), None) => {
+                    let st = c
+                        .prepare_cached(
+                            "DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2 AND v = $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.execute(&st, &[&t.ns(), &k, &old]).await.map_err(pg)?
+                }
+                (None, None) => {
+                    let st = c
+                        .prepare_cached("SELECT 1 FROM sidekey_kv WHERE ns = $1 AND k = $2")
+                        .await
+                        .map_err(pg)?;
+                    let exists = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
+                    u64::from(exists.is_none())
+                }
+            };
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Several writes in one transaction.
+    pub async fn batch(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        self.timed(async {
+            let mut c = conn!(self);
+            let tx = c.transaction().await.map_err(pg)?;
+            let put = tx
+                .prepare_cached(
+                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                     ON CONFLICT (ns, k) DO UPDATE SET v = EXCLUDED.v",
+                )
+                .await
+                .map_err(pg)?;
+            let del = tx
+                .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2")
+                .await
+                .map_err(pg)?;
+            for op in &ops {
+                match op {
+                    Op::Put(t, k, v) => {
+                        tx.execute(&put, &[&t.ns(), k, v]).await.map_err(pg)?;
+                    }
+                    Op::Remove(t, k) => {
+                        tx.execute(&del, &[&t.ns(), k]).await.map_err(pg)?;
+                    }
+                }
+            }
+            tx.commit().await.map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn scan_prefix(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let rows = match prefix_end(prefix) {
+                Some(end) => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k >= $2 AND k < $3 ORDER BY k",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &prefix, &end]).await.map_err(pg)?
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k >= $2 ORDER BY k",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &prefix]).await.map_err(pg)?
+                }
+            };
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    pub async fn page(
+        &self,
+        t: Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k > $2 ORDER BY k LIMIT $3",
+                )
+                .await
+                .map_err(pg)?;
+            let after = after.unwrap_or(&[]);
+            let rows = c
+                .query(&st, &[&t.ns(), &after, &(limit as i64)])
+                .await
+                .map_err(pg)?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    pub async fn page_rev(
+        &self,
+        t: Tree,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let rows = match before {
+                Some(b) => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k < $2 ORDER BY k DESC LIMIT $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &b, &(limit as i64)])
+                        .await
+                        .map_err(pg)?
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 ORDER BY k DESC LIMIT $2",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &(limit as i64)])
+                        .await
+                        .map_err(pg)?
+                }
+            };
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    pub async fn keys_before(
+        &self,
+        t: Tree,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "SELECT k FROM sidekey_kv WHERE ns = $1 AND k < $2 ORDER BY k LIMIT $3",
+                )
+                .await
+                .map_err(pg)?;
+            let rows = c
+                .query(&st, &[&t.ns(), &end, &(limit as i64)])
+                .await
+                .map_err(pg)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        })
+        .await
+    }
+
+    pub async fn count(&self, t: Tree) -> Result<usize, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("SELECT count(*) FROM sidekey_kv WHERE ns = $1")
+                .await
+                .map_err(pg)?;
+            let n: i64 = c.query_one(&st, &[&t.ns()]).await.map_err(pg)?.get(0);
+            Ok(n.max(0) as usize)
+        })
+        .await
+    }
+
+    pub async fn next_id(&self) -> Result<u64, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("SELECT nextval('sidekey_ids')")
+                .await
+                .map_err(pg)?;
+            let n: i64 = c.query_one(&st, &[]).await.map_err(pg)?.get(0);
+            Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
+    /// Every statement commits before it returns: nothing to flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Whether a query goes through now (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            c.simple_query("SELECT 1").await.map_err(pg)?;
+            Ok(())
+        })
+        .await?;
+        if !self.caches.live.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "the change listener is reconnecting".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends sealed audit batches; trimming is done by the cluster-wide
+    /// GC ([`trim_audit`]), not per append.
+    pub async fn append_audit(
+        &self,
+        batches: Vec<(Vec<u8>, Vec<u8>, usize)>,
+    ) -> Result<(), StoreError> {
+        let ops = batches
+            .into_iter()
+            .map(|(k, v, _)| Op::Put(Tree::Audit, k, v))
+            .collect();
+        self.batch(ops).await
+    }
+
+    /// Keeps the newest batches that hold at most `max_records` records.
+    pub async fn trim_audit(&self, max_records: usize) -> Result<u64, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            // Batch keys end in a 2-byte record count (see `audit_key`).
+            let n = c
+                .execute(
+                    "DELETE FROM sidekey_kv WHERE ns = $1 AND k IN (\
+                       SELECT k FROM (\
+                         SELECT k, sum(get_byte(k, 8) * 256 + get_byte(k, 9)) \
+                           OVER (ORDER BY k DESC) AS upto \
+                         FROM sidekey_kv WHERE ns = $1 AND length(k) = 10) s \
+                       WHERE upto > $2)",
+                    &[&Tree::Audit.ns(), &(max_records as i64)],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Takes the claim unless another process holds an unexpired one or a
+    /// back-off is running. Lease expiry is on the database's clock, so
+    /// replicas' clocks do not matter.
+    pub async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO sidekey_claims AS c (k, owner, fence, lease_until) \
+                     VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
+                     ON CONFLICT (k) DO UPDATE SET owner = EXCLUDED.owner, fence = c.fence + 1, \
+                       lease_until = EXCLUDED.lease_until \
+                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp()) \
+                       AND (c.backoff_until IS NULL OR c.backoff_until <= clock_timestamp()) \
+                     RETURNING fence",
+                )
+                .await
+                .map_err(pg)?;
+            let lease_ms = lease.as_millis() as f64;
+            if let Some(row) = c
+                .query_opt(&st, &[&key, &self.owner, &lease_ms])
+                .await
+                .map_err(pg)?
+            {
+                return Ok(ClaimOutcome::Granted(Claim {
+                    key: key.to_owned(),
+                    fence: row.get(0),
+                }));
+            }
+            let st = c
+                .prepare_cached(
+                    "SELECT (extract(epoch FROM (backoff_until - clock_timestamp())) * 1000)::float8 \
+                     FROM sidekey_claims WHERE k = $1",
+                )
+                .await
+                .map_err(pg)?;
+            let left: Option<f64> = c
+                .query_opt(&st, &[&key])
+                .await
+                .map_err(pg)?
+                .and_then(|r| r.get(0));
+            Ok(match left {
+                Some(ms) if ms > 0.0 => {
+                    ClaimOutcome::BackingOff(Duration::from_millis(ms.ceil() as u64))
+                }
+                _ => ClaimOutcome::Held,
+            })
+        })
+        .await
+    }
+
+    /// Ends a claim (only if still ours, by fence). `failed`: `Some(true)`
+    /// starts or extends the shared back-off, `Some(false)` clears it.
+    pub async fn release(&self, claim: &Claim, failed: Option<bool>) -> Result<(), StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let sql = match failed {
+                Some(true) => {
+                    "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
+                       failures = failures + 1, \
+                       backoff_until = clock_timestamp() + \
+                         least(60000, 1000 * power(2, least(failures, 6))) * interval '1 millisecond' \
+                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
+                }
+                Some(false) => {
+                    "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
+                       failures = 0, backoff_until = NULL \
+                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
+                }
+                None => {
+                    "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL \
+                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
+                }
+            };
+            let st = c.prepare_cached(sql).await.map_err(pg)?;
+            c.query(&st, &[&claim.key, &claim.fence])
+                .await
+                .map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "UPDATE sidekey_claims SET failures = 0, backoff_until = NULL WHERE k = $1",
+                )
+                .await
+                .map_err(pg)?;
+            c.execute(&st, &[&key]).await.map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(connect_error(&e))
+}
+
+/// A database error's message without the connection string.
+fn connect_error(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The smallest byte string above every key with this prefix.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), String> {
+    let tx = c.transaction().await.map_err(|e| connect_error(&e))?;
+    // Replicas starting together queue here; the first applies the schema.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(|e| connect_error(&e))?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS sidekey_schema (version integer NOT NULL)")
+        .await
+        .map_err(|e| connect_error(&e))?;
+    let current: Option<i32> = tx
+        .query_opt("SELECT max(version) FROM sidekey_schema", &[])
+        .await
+        .map_err(|e| connect_error(&e))?
+        .and_then(|r| r.get(0));
+    let current = current.unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        return Err(format!(
+            "the database has schema version {current}, newer than this sidekey ({SCHEMA_VERSION}); upgrade sidekey"
+        ));
+    }
+    if current < 1 {
+        tx.batch_execute(MIGRATION_1)
+            .await
+            .map_err(|e| connect_error(&e))?;
+    }
+    if current < SCHEMA_VERSION {
+        tx.execute("DELETE FROM sidekey_schema", &[])
+            .await
+            .map_err(|e| connect_error(&e))?;
+        tx.execute(
+            "INSERT INTO sidekey_schema (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )
+        .await
+        .map_err(|e| connect_error(&e))?;
+        tracing::info!(
+            from = current,
+            to = SCHEMA_VERSION,
+            "PostgreSQL schema upgraded"
+        );
+    }
+    tx.commit().await.map_err(|e| connect_error(&e))
+}
+
+/// Holds one LISTEN connection for the life of the process. While it is
+/// down the caches are bypassed (`live` false); after every (re)connect
+/// they are cleared, since notifications may have been missed.
+async fn listen_forever(target: Target, caches: Arc<Caches>) {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match listen_once(&target, &caches).await {
+            Ok(()) => delay = Duration::from_millis(50),
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL change listener down; caches bypassed until it reconnects");
+            }
+        }
+        caches.set_live(false);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn listen_once(target: &Target, caches: &Arc<Caches>) -> Result<(), String> {
+    use futures_util::StreamExt;
+    let (client, mut conn) = target
+        .config
+        .connect(target.tls.clone())
+        .await
+        .map_err(|e| connect_error(&e))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = stream.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    if tx.send(n.payload().to_owned()).is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(connect_error(&e)),
+            }
+        }
+        Ok(())
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .map_err(|e| connect_error(&e))?;
+    // Anything cached before this point may have missed a notification.
+    caches.clear_all();
+    caches.set_live(true);
+    tracing::debug!("PostgreSQL change listener connected");
+    while let Some(payload) = rx.recv().await {
+        caches.on_change(&payload);
+    }
+    caches.set_live(false);
+    drop(client);
+    match driver.await {
+        Ok(Ok(())) => Err("listener connection closed".into()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_params_are_split_from_urls() {
+        let (u, m, r) = split_tls_params(
+            "postgresql://u@db/sk?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x",
+        );
+        assert_eq!(u, "postgresql://u@db/sk?application_name=x");
+        assert_eq!(m.as_deref(), Some("verify-full"));
+        assert_eq!(r.as_deref(), Some("/ca.pem"));
+        let (u, m, _) = split_tls_params("postgresql://postgres@/sk?host=/run/postgresql");
+        assert_eq!(u, "postgresql://postgres@/sk?host=%2Frun%2Fpostgresql");
+        assert!(m.is_none());
+        let (u, m, _) = split_tls_params("host=/tmp dbname=sk sslmode=disable");
+        assert_eq!(u, "host=/tmp dbname=sk");
+        assert_eq!(m.as_deref(), Some("disable"));
+    }
+
+    #[test]
+    fn unix_socket_urls_parse() {
+        let opts = PgOptions {
+            setting: "store.postgres_url".into(),
+            url: Secret::new("postgresql://postgres@/sk?host=/run/postgresql&sslmode=disable"),
+            pool_size: 4,
+            op_timeout: Duration::from_secs(1),
+        };
+        let t = parse_target(&opts).unwrap();
+        assert!(matches!(
+            t.config.get_hosts()[0],
+            tokio_postgres::config::Host::Unix(_)
+        ));
+        assert_eq!(t.config.get_dbname(), Some("sk"));
+        let bad = PgOptions {
+            url: Secret::new("postgresql://x/y?sslmode=sometimes"),
+            ..opts
+        };
+        let err = parse_target(&bad).err().unwrap().to_string();
+        assert!(
+            err.starts_with("store.postgres_url: sslmode=sometimes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end(b"u/a/"), Some(b"u/a0".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+    }
+}
