@@ -861,8 +861,11 @@ async fn listen_forever(target: Target, caches: Arc<Caches>) {
 
 async fn listen_once(target: &Target, caches: &Arc<Caches>) -> Result<(), String> {
     use futures_util::StreamExt;
-    let (client, mut conn) = target
-        .config
+    // Named so an operator (or a test) can find this process's listener in
+    // pg_stat_activity.
+    let mut config = target.config.clone();
+    config.application_name(&format!("sidekey listener {}", std::process::id()));
+    let (client, mut conn) = config
         .connect(target.tls.clone())
         .await
         .map_err(|e| connect_error(&e))?;

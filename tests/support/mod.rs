@@ -3,6 +3,7 @@
 //! generated certificate, and fake upstreams and token endpoints.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod token;
 pub mod upstream;
 
@@ -178,6 +179,9 @@ pub struct Options {
     pub elevenlabs_toml: String,
     /// SIDEKEY_LOG value.
     pub log: String,
+    /// The PostgreSQL database of this instance (and its restarts and
+    /// clones), created on first use when the suite runs on PostgreSQL.
+    pub pg_db: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Default for Options {
@@ -191,6 +195,7 @@ impl Default for Options {
             sessions_toml: String::new(),
             elevenlabs_toml: String::new(),
             log: "info".into(),
+            pg_db: Arc::new(std::sync::OnceLock::new()),
         }
     }
 }
@@ -246,6 +251,24 @@ impl Options {
         self
     }
 
+    /// Runs this instance on PostgreSQL whatever the suite's backend.
+    pub fn postgres(self) -> Self {
+        let url = self.pg_url();
+        self.store(&format!("backend = \"postgres\"\npostgres_url = \"{url}\""))
+    }
+
+    /// This instance's database URL (the database is created on first use).
+    pub fn pg_url(&self) -> String {
+        let c = pg::cluster();
+        c.url(self.pg_db.get_or_init(|| c.new_database()))
+    }
+
+    /// Whether this instance's store is PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.store_toml.contains("backend = \"postgres\"")
+            || (pg::selected() && !self.store_toml.contains("backend ="))
+    }
+
     /// The config file text. Keys given in the extra section text replace
     /// the base ones, so tests can override any default.
     pub fn config_text(&self) -> String {
@@ -289,11 +312,23 @@ impl Options {
             ),
             section(
                 "store",
-                &[
-                    "path = \"data/sidekey.db\"",
-                    "master_key_file = \"data/master.key\"",
-                    "generate_missing = true",
-                ],
+                &{
+                    let mut base = vec![
+                        "path = \"data/sidekey.db\"".to_owned(),
+                        "master_key_file = \"data/master.key\"".to_owned(),
+                        "generate_missing = true".to_owned(),
+                    ];
+                    // SIDEKEY_TEST_BACKEND=postgres: the same suite on a
+                    // database of its own, unless the test chose a backend.
+                    if pg::selected() && !self.store_toml.contains("backend =") {
+                        base.push("backend = \"postgres\"".to_owned());
+                        base.push(format!("postgres_url = \"{}\"", self.pg_url()));
+                    }
+                    base
+                }
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
                 &self.store_toml,
             ),
             section(
