@@ -8,6 +8,7 @@
 //! touches anything.
 
 mod cache;
+mod connect;
 pub mod crypto;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use cache::Cache;
+pub use connect::{ClaimOutcome, ConnectTicket};
 
 /// Decrypted credentials by record key.
 pub type CredentialCache = Cache<Credential>;
@@ -130,6 +132,11 @@ pub struct OAuthState {
     pub return_to: Option<String>,
     pub redirect_uri: String,
     pub expires_at: i64,
+    /// Record id ([`Store::connect_ticket_id`]) of the connect link this
+    /// flow belongs to: the callback completes only in the browser bound
+    /// to that ticket.
+    #[serde(default)]
+    pub ticket: Option<String>,
 }
 
 /// One audit entry: who did what, when. Never a token or a body.
@@ -1302,6 +1309,7 @@ mod tests {
             return_to: None,
             redirect_uri: "x".into(),
             expires_at: 10,
+            ticket: None,
         };
         s.put_oauth_state("st", &st).unwrap();
         assert!(s.take_oauth_state("st").unwrap().is_some());
