@@ -119,7 +119,7 @@ impl App {
 /// How long after expiry an OAuth state is still kept (see `spawn_gc`).
 const OAUTH_STATE_GC_GRACE_SECS: i64 = 3600;
 
-/// Removes expired sessions and OAuth states once a minute. Holds only a
+/// Removes expired sessions, OAuth states and connect tickets once a minute. Holds only a
 /// weak reference so it ends with the app.
 fn spawn_gc(app: &Arc<App>) {
     let weak = Arc::downgrade(app);
@@ -136,14 +136,24 @@ fn spawn_gc(app: &Arc<App>) {
                 // still send the browser back to `return_to?error=state_expired`.
                 (
                     store.gc_sessions(now),
-                    store.gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS),
+                    store
+                        .gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS)
+                        .and_then(|o| {
+                            store
+                                .gc_connect_tickets(now - crate::connect::GC_GRACE_SECS)
+                                .map(|c| o + c)
+                        }),
                 )
             })
             .await;
             if let Ok((s, o)) = res {
                 match (s, o) {
                     (Ok(s), Ok(o)) if s + o > 0 => {
-                        tracing::debug!(sessions = s, oauth_states = o, "expired records removed")
+                        tracing::debug!(
+                            sessions = s,
+                            oauth_states_and_tickets = o,
+                            "expired records removed"
+                        )
                     }
                     (Err(e), _) | (_, Err(e)) => {
                         tracing::warn!(error = %e, "garbage collection failed")

@@ -241,6 +241,14 @@ impl Options {
         self
     }
 
+    /// `[oauth] bind_browser = false`: a bare `authorize_url` completes a
+    /// flow in any client (tests of the flow itself, without a browser).
+    pub fn unbound_oauth(mut self) -> Self {
+        self.extra_toml
+            .push_str("\n[oauth]\nbind_browser = false\n");
+        self
+    }
+
     pub fn log(mut self, filter: &str) -> Self {
         self.log = filter.into();
         self
