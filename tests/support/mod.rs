@@ -5,6 +5,7 @@
 
 pub mod token;
 pub mod upstream;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
