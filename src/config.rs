@@ -1086,6 +1086,29 @@ mod tests {
     }
 
     #[test]
+    fn connect_theming_and_bind_browser_are_validated() {
+        let c = parse("").unwrap();
+        assert!(c.oauth.bind_browser, "bound by default");
+        assert_eq!(c.connect.accent_color, "#2563eb");
+        let c = parse(
+            "[oauth]\nbind_browser = false\n[connect]\napp_name = \"Acme\"\naccent_color = \"#0F8\"\nlogo_url = \"https://cdn.example/l.svg\"\n",
+        )
+        .unwrap();
+        assert!(!c.oauth.bind_browser);
+        assert!(c.warnings.iter().any(|w| w.contains("bind_browser")));
+        assert_eq!(c.connect.accent_color, "#00ff88");
+        assert_eq!(c.connect.app_name.as_deref(), Some("Acme"));
+        let e = parse(
+            "[connect]\napp_name = \"a\\nb\"\naccent_color = \"red;}body{x\"\nlogo_url = \"javascript:alert(1)\"\n[providers.x]\nbase_url = \"https://x.example\"\ndescription = \"\"\n",
+        )
+        .unwrap_err();
+        for key in ["app_name", "accent_color", "logo_url", "description"] {
+            assert!(e.iter().any(|m| m.contains(key)), "{key}: {e:?}");
+        }
+        assert!(parse("[connect]\nlogo_url = \"http://cdn.example/l.png\"\n").is_err());
+    }
+
+    #[test]
     fn ids() {
         assert!(valid_id("u1"));
         assert!(valid_id("alice@example.com"));

@@ -1,12 +1,14 @@
 //! The OAuth authorization-code flow with PKCE (S256).
 //!
-//! The main app asks for an authorize URL (`start`), sends the user's
-//! browser there, and the provider redirects back to `callback` on the
-//! agent-facing listener. The state is random, sealed in the store, usable
-//! once, for ten minutes; the code is exchanged with the PKCE verifier and
-//! the credential stored before the browser is sent on. Every failure
-//! shows a page (or redirects to `return_to?error=<code>`) and stores
-//! nothing.
+//! A flow starts from the connect page or from the admin API (`start`,
+//! which answers an authorize URL and a `connect_url`); the provider
+//! redirects back to `callback` on the agent-facing listener. The state is
+//! random, sealed in the store, usable once, for ten minutes, and names the
+//! connect link it belongs to: the callback completes only in the browser
+//! bound to that link ([`crate::connect`]). The code is exchanged with the
+//! PKCE verifier and the credential stored before the browser is sent on.
+//! Every failure shows a page (or redirects to `return_to?error=<code>`)
+//! and stores nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
