@@ -1,9 +1,11 @@
 //! Connect-link tickets: the records behind `<public_url>/connect/<ticket>`.
 //!
-//! The ticket in the URL is a bearer secret (256 random bits). It is never
-//! stored: records are keyed by a keyed hash of it ([`Store::connect_ticket_id`],
-//! HMAC-SHA256 under the store's random index key, as for phone numbers),
-//! and the value is sealed like every other record (AAD `connect_tickets/<id>`).
+//! The ticket in the URL is a bearer secret (256 random bits). Its record is
+//! keyed by a keyed hash of it ([`Store::connect_ticket_id`], HMAC-SHA256
+//! under the store's random index key, as for phone numbers), and the value
+//! is sealed like every other record (AAD `connect_tickets/<id>`). (The raw
+//! ticket only appears, sealed, in the `return_to` of a page flow's OAuth
+//! state.)
 //!
 //! API (the whole surface; a Postgres backend implements the same):
 //!
