@@ -121,6 +121,9 @@ async fn dispatch(
             let v = crate::oauth::start(app, user, provider, body).await?;
             Ok(body::json(StatusCode::OK, &v))
         }
+        (&M::POST, ["v1", "users", user, "connect"]) => {
+            crate::connect::create_link(app, id(user, "user id")?, body).await
+        }
         (&M::PUT, ["v1", "users", user]) => put_user(app, id(user, "user id")?, body).await,
         (&M::GET, ["v1", "users", user]) => get_user(app, id(user, "user id")?).await,
         (&M::DELETE, ["v1", "users", user]) => delete_user(app, id(user, "user id")?).await,
@@ -134,6 +137,7 @@ async fn dispatch(
         | (_, ["v1", "users", _, "credentials"])
         | (_, ["v1", "tenants", _, "credentials"])
         | (_, ["v1", "users", _, "oauth", _, "start"])
+        | (_, ["v1", "users", _, "connect"])
         | (_, ["v1", "users", _])
         | (_, ["v1", "sessions"])
         | (_, ["v1", "sessions", _])

@@ -155,7 +155,8 @@ pub fn store_location(config: &Config) -> Result<Location, Fatal> {
 /// How long after expiry an OAuth state is still kept (see `spawn_gc`).
 const OAUTH_STATE_GC_GRACE_SECS: i64 = 3600;
 
-/// Removes expired sessions and OAuth states (and, on PostgreSQL, trims the
+/// Removes expired sessions, OAuth states and connect tickets (and, on
+/// PostgreSQL, trims the
 /// audit log) once a minute. One replica does it per round: the round is a
 /// claim that is left to lapse. Holds only a weak reference so it ends
 /// with the app.
@@ -188,8 +189,11 @@ fn spawn_gc(app: &Arc<App>) {
                     let o = store
                         .gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS)
                         .await?;
+                    let t = store
+                        .gc_connect_tickets(now - crate::connect::GC_GRACE_SECS)
+                        .await?;
                     store.trim_audit(max_audit).await?;
-                    Ok::<_, crate::store::StoreError>((s, o))
+                    Ok::<_, crate::store::StoreError>((s, o + t))
                 })
             })
             .await;

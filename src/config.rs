@@ -112,7 +112,25 @@ struct RawConfig {
     #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
+    oauth: RawOAuth,
+    #[serde(default)]
+    connect: RawConnect,
+    #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOAuth {
+    bind_browser: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConnect {
+    app_name: Option<String>,
+    accent_color: Option<String>,
+    logo_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -232,6 +250,7 @@ pub enum RawInject {
 pub struct RawProvider {
     pub preset: Option<String>,
     pub display_name: Option<String>,
+    pub description: Option<String>,
     pub base_url: Option<String>,
     pub token_url: Option<String>,
     pub authorize_url: Option<String>,
@@ -270,6 +289,8 @@ pub struct Config {
     pub elevenlabs: ElevenLabsConfig,
     pub limits: LimitsConfig,
     pub audit: AuditConfig,
+    pub oauth: OAuthConfig,
+    pub connect: ConnectConfig,
     /// Provider sections as written; `providers::Providers` resolves presets.
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Non-fatal remarks (`check-config` prints them, `serve` logs them).
@@ -397,12 +418,101 @@ pub struct AuditConfig {
     pub max_records: usize,
 }
 
+/// `[oauth]`: how authorization-code flows are completed.
+#[derive(Clone, Debug)]
+pub struct OAuthConfig {
+    /// The callback completes only in the browser that opened the connect
+    /// link (RFC 9700 §4.7.1: bind the flow to the user agent). `false`
+    /// lets a bare `authorize_url` complete anywhere, as before.
+    pub bind_browser: bool,
+}
+
+/// `[connect]`: the look of the hosted connect page.
+#[derive(Clone, Debug)]
+pub struct ConnectConfig {
+    /// Name of the main app, in the title and the "Done — back to" link.
+    pub app_name: Option<String>,
+    /// `#rrggbb`: buttons and highlights.
+    pub accent_color: String,
+    /// Shown above the title; its origin is added to the page's `img-src`.
+    pub logo_url: Option<Url>,
+}
+
+impl ConnectConfig {
+    fn from_raw(c: RawConnect, p: &mut Vec<String>) -> ConnectConfig {
+        if let Some(n) = &c.app_name {
+            if !page_text_ok(n, 64) {
+                p.push("[connect] app_name: 1-64 characters without control characters".into());
+            }
+        }
+        let accent_color = match c.accent_color {
+            None => "#2563eb".to_owned(),
+            Some(a) => match parse_hex_color(&a) {
+                Some(rgb) => format!("#{:02x}{:02x}{:02x}", rgb[0], rgb[1], rgb[2]),
+                None => {
+                    p.push(format!(
+                        "[connect] accent_color = {a:?}: give a hex colour, #rgb or #rrggbb"
+                    ));
+                    "#2563eb".to_owned()
+                }
+            },
+        };
+        let logo_url = c.logo_url.and_then(|l| match Url::parse(&l) {
+            Ok(u)
+                if (u.scheme() == "https" || (u.scheme() == "http" && is_loopback_url(&u)))
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && l.len() <= 2048 =>
+            {
+                Some(u)
+            }
+            _ => {
+                p.push(format!("[connect] logo_url = {l:?}: give an https:// image URL (at most 2048 characters, no credentials)"));
+                None
+            }
+        });
+        ConnectConfig {
+            app_name: c.app_name,
+            accent_color,
+            logo_url,
+        }
+    }
+}
+
+/// `#rgb` or `#rrggbb` → bytes.
+pub fn parse_hex_color(s: &str) -> Option<[u8; 3]> {
+    let h = s.strip_prefix('#')?;
+    if !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let d = |c: &str| u8::from_str_radix(c, 16).ok();
+    match h.len() {
+        3 => {
+            let mut out = [0u8; 3];
+            for (i, c) in h.chars().enumerate() {
+                out[i] = d(&c.to_string())? * 17;
+            }
+            Some(out)
+        }
+        6 => Some([d(&h[0..2])?, d(&h[2..4])?, d(&h[4..6])?]),
+        _ => None,
+    }
+}
+
+/// Text shown on a page: present, bounded, and free of control characters.
+pub fn page_text_ok(s: &str, max_chars: usize) -> bool {
+    let n = s.chars().count();
+    (1..=max_chars).contains(&n) && !s.chars().any(char::is_control)
+}
+
 /// A provider section, secrets resolved to their sources.
 #[derive(Clone, Debug)]
 pub struct ProviderConfig {
     pub raw_inject: Option<RawInject>,
     pub preset: Option<String>,
     pub display_name: Option<String>,
+    /// What the provider is used for, shown on the connect page.
+    pub description: Option<String>,
     pub base_url: Option<String>,
     pub token_url: Option<String>,
     pub authorize_url: Option<String>,
@@ -819,8 +929,26 @@ impl Config {
             max_records: raw.audit.max_records.unwrap_or(100_000).max(1),
         };
 
+        let oauth = OAuthConfig {
+            bind_browser: raw.oauth.bind_browser.unwrap_or(true),
+        };
+        if !oauth.bind_browser {
+            w.push("[oauth] bind_browser = false: a bare authorize_url completes a sign-in in any browser, so a forwarded link can connect someone else's account; keep it true unless the main app binds the flow itself".into());
+        }
+        let connect = ConnectConfig::from_raw(raw.connect, p);
+
         let mut providers = BTreeMap::new();
         for (name, rp) in raw.providers {
+            for (key, value, max) in [
+                ("display_name", &rp.display_name, 64),
+                ("description", &rp.description, 300),
+            ] {
+                if let Some(v) = value {
+                    if !page_text_ok(v, max) {
+                        p.push(format!("[providers.{name}] {key}: 1-{max} characters without control characters"));
+                    }
+                }
+            }
             if !valid_id(&name) {
                 p.push(format!(
                     "[providers.{name}] provider names are 1-128 characters of A-Za-z0-9._@:+-"
@@ -852,6 +980,7 @@ impl Config {
                     raw_inject: rp.inject,
                     preset: rp.preset,
                     display_name: rp.display_name,
+                    description: rp.description,
                     base_url: rp.base_url,
                     token_url: rp.token_url,
                     authorize_url: rp.authorize_url,
@@ -888,6 +1017,8 @@ impl Config {
             elevenlabs,
             limits,
             audit,
+            oauth,
+            connect,
             providers,
             warnings: Vec::new(),
         }
@@ -1007,6 +1138,29 @@ mod tests {
         let e = parse("[providers.x]\nbase_url = \"https://a\"\nclient_secret = 12345678\n")
             .unwrap_err();
         assert!(!e[0].contains("12345678"), "{e:?}");
+    }
+
+    #[test]
+    fn connect_theming_and_bind_browser_are_validated() {
+        let c = parse("").unwrap();
+        assert!(c.oauth.bind_browser, "bound by default");
+        assert_eq!(c.connect.accent_color, "#2563eb");
+        let c = parse(
+            "[oauth]\nbind_browser = false\n[connect]\napp_name = \"Acme\"\naccent_color = \"#0F8\"\nlogo_url = \"https://cdn.example/l.svg\"\n",
+        )
+        .unwrap();
+        assert!(!c.oauth.bind_browser);
+        assert!(c.warnings.iter().any(|w| w.contains("bind_browser")));
+        assert_eq!(c.connect.accent_color, "#00ff88");
+        assert_eq!(c.connect.app_name.as_deref(), Some("Acme"));
+        let e = parse(
+            "[connect]\napp_name = \"a\\nb\"\naccent_color = \"red;}body{x\"\nlogo_url = \"javascript:alert(1)\"\n[providers.x]\nbase_url = \"https://x.example\"\ndescription = \"\"\n",
+        )
+        .unwrap_err();
+        for key in ["app_name", "accent_color", "logo_url", "description"] {
+            assert!(e.iter().any(|m| m.contains(key)), "{key}: {e:?}");
+        }
+        assert!(parse("[connect]\nlogo_url = \"http://cdn.example/l.png\"\n").is_err());
     }
 
     #[test]

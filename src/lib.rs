@@ -13,6 +13,7 @@
 //! - [`proxy`]      — the agent-facing request path, as named phases
 //! - [`refresh`]    — token refresh: single flight, rotation, backoff
 //! - [`oauth`]      — the authorization-code flow with PKCE
+//! - [`connect`]    — the hosted connect page; OAuth flows bound to a browser
 //! - [`elevenlabs`] — init and post-call webhooks, tool definitions
 //! - [`admin`]      — the main app's API: credentials, users, sessions
 //! - [`server`]     — listeners, TLS, routing, graceful shutdown
@@ -32,6 +33,7 @@ pub mod client;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod connect;
 pub mod elevenlabs;
 pub mod error;
 pub mod limits;

@@ -1,18 +1,20 @@
 //! The OAuth authorization-code flow with PKCE (S256).
 //!
-//! The main app asks for an authorize URL (`start`), sends the user's
-//! browser there, and the provider redirects back to `callback` on the
-//! agent-facing listener. The state is random, sealed in the store, usable
-//! once, for ten minutes; the code is exchanged with the PKCE verifier and
-//! the credential stored before the browser is sent on. Every failure
-//! shows a page (or redirects to `return_to?error=<code>`) and stores
-//! nothing.
+//! A flow starts from the connect page or from the admin API (`start`,
+//! which answers an authorize URL and a `connect_url`); the provider
+//! redirects back to `callback` on the agent-facing listener. The state is
+//! random, sealed in the store, usable once, for ten minutes, and names the
+//! connect link it belongs to: the callback completes only in the browser
+//! bound to that link ([`crate::connect`]). The code is exchanged with the
+//! PKCE verifier and the credential stored before the browser is sent on.
+//! Every failure shows a page (or redirects to `return_to?error=<code>`)
+//! and stores nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -20,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::app::App;
 use crate::body::{self, Body, html_escape};
+use crate::connect::Binding;
 use crate::error::ApiError;
 use crate::refresh::{TokenError, call_token_endpoint};
 use crate::secret::Secret;
@@ -32,7 +35,7 @@ fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn random_b64(n: usize) -> String {
+pub fn random_b64(n: usize) -> String {
     let mut b = vec![0u8; n];
     rand::fill(&mut b[..]);
     b64url(&b)
@@ -58,6 +61,11 @@ struct StartBody {
 }
 
 /// `POST /v1/users/{user}/oauth/{provider}/start` (admin).
+///
+/// Answers the bare `authorize_url` and a `connect_url`: opening the
+/// latter binds the browser to the flow, then redirects to the former.
+/// With `[oauth] bind_browser` on (the default) only a bound browser can
+/// complete the flow.
 pub async fn start(
     app: &Arc<App>,
     user: &str,
@@ -74,6 +82,72 @@ pub async fn start(
     } else {
         body::json_object(body)?
     };
+    if let Some(rt) = &b.return_to {
+        check_return_to(rt)?;
+    }
+    let link = crate::connect::new_ticket(app);
+    let flow = begin(
+        app,
+        user,
+        &p,
+        b.return_to.clone(),
+        b.scopes,
+        Some(link.id.clone()),
+    )
+    .await?;
+    app.store
+        .put_connect_ticket(
+            &link.id,
+            &crate::store::ConnectTicket {
+                user: user.to_owned(),
+                providers: vec![provider.to_owned()],
+                return_to: b.return_to,
+                user_label: None,
+                created_at: app.clock.now(),
+                expires_at: flow.expires_at,
+                browser: None,
+                authorize_url: Some(flow.authorize_url.clone()),
+            },
+        )
+        .await
+        .map_err(ApiError::from)?;
+    app.store.flush().await.map_err(ApiError::from)?;
+    Ok(json!({
+        "authorize_url": flow.authorize_url,
+        "state": flow.state,
+        "expires_at": flow.expires_at,
+        "connect_url": link.url,
+    }))
+}
+
+/// `return_to` must be an absolute http(s) URL.
+pub fn check_return_to(rt: &str) -> Result<(), ApiError> {
+    match url::Url::parse(rt) {
+        Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && rt.len() <= 2048 => Ok(()),
+        _ => Err(ApiError::BadRequest(
+            "return_to must be an absolute http(s) URL of at most 2048 characters.".into(),
+        )),
+    }
+}
+
+/// A started authorization: where to send the browser, and its state.
+pub struct Flow {
+    pub authorize_url: String,
+    pub state: String,
+    pub expires_at: i64,
+}
+
+/// Starts an authorization-code flow: a fresh state and PKCE verifier,
+/// sealed in the store (not yet flushed), and the provider's authorize URL.
+/// `ticket` is the connect link the flow belongs to.
+pub async fn begin(
+    app: &Arc<App>,
+    user: &str,
+    p: &crate::providers::Provider,
+    return_to: Option<String>,
+    scopes: Option<Vec<String>>,
+    ticket: Option<String>,
+) -> Result<Flow, ApiError> {
     let (Some(authorize), Some(_)) = (&p.authorize_url, &p.token_url) else {
         return Err(ApiError::BadRequest(format!(
             "{} has no authorize_url and token_url configured, so it cannot be connected through OAuth.",
@@ -86,21 +160,11 @@ pub async fn start(
             p.display, p.name
         )));
     };
-    if let Some(rt) = &b.return_to {
-        match url::Url::parse(rt) {
-            Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {}
-            _ => {
-                return Err(ApiError::BadRequest(
-                    "return_to must be an absolute http(s) URL.".into(),
-                ));
-            }
-        }
-    }
     let state = random_b64(32);
     let verifier = Secret::new(random_b64(32));
     let challenge = pkce_challenge(verifier.expose());
-    let redirect = redirect_uri(app, provider);
-    let scopes = b.scopes.unwrap_or_else(|| p.scopes.clone());
+    let redirect = redirect_uri(app, &p.name);
+    let scopes = scopes.unwrap_or_else(|| p.scopes.clone());
 
     let mut url = authorize.clone();
     {
@@ -127,21 +191,22 @@ pub async fn start(
             &state,
             &OAuthState {
                 user: user.to_owned(),
-                provider: provider.to_owned(),
+                provider: p.name.clone(),
                 verifier,
-                return_to: b.return_to,
+                return_to,
                 redirect_uri: redirect,
                 expires_at,
+                ticket,
             },
         )
         .await
         .map_err(ApiError::from)?;
     app.store.flush().await.map_err(ApiError::from)?;
-    Ok(json!({
-        "authorize_url": url.as_str(),
-        "state": state,
-        "expires_at": expires_at,
-    }))
+    Ok(Flow {
+        authorize_url: url.into(),
+        state,
+        expires_at,
+    })
 }
 
 /// Why a callback failed: the code goes to `return_to?error=`, the text to
@@ -183,7 +248,23 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
     if st.is_some() {
         let _ = app.store.flush().await;
     }
-    let outcome = complete(app, provider, &display, st.as_ref(), code, error).await;
+    // The binding is checked once the state is consumed, before anything
+    // else: a refused callback can never be retried with the same state.
+    let binding = match &st {
+        Some(s) if s.provider == provider => {
+            crate::connect::callback_binding(app, req.headers(), s).await
+        }
+        _ => Binding::Unbound,
+    };
+    let outcome = match &binding {
+        Binding::Refused => Err(Failure {
+            code: "browser_mismatch",
+            status: StatusCode::FORBIDDEN,
+            title: "This sign-in was started in another browser",
+            detail: "For your safety, a sign-in completes only in the browser that opened the connect link. Nothing was connected. If you started it yourself, go back to that browser and press Connect again.".into(),
+        }),
+        _ => complete(app, provider, &display, st.as_ref(), code, error).await,
+    };
     let (status, user) = match &outcome {
         Ok(_) => (StatusCode::SEE_OTHER, st.as_ref().map(|s| s.user.clone())),
         Err(f) => (f.status, st.as_ref().map(|s| s.user.clone())),
@@ -204,11 +285,26 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         conversation_id: None,
         error: outcome.as_ref().err().map(|f| f.code.to_owned()),
     });
-    let return_to = st.as_ref().and_then(|s| s.return_to.clone());
+    if let Binding::Page(page) = &binding {
+        // Back to the connect page, which puts the outcome into words.
+        let p: String = url::form_urlencoded::byte_serialize(provider.as_bytes()).collect();
+        return crate::connect::redirect(
+            app,
+            &match &outcome {
+                Ok(()) => format!("{page}?connected={p}"),
+                Err(f) => format!("{page}?error={}&provider={p}", f.code),
+            },
+        );
+    }
+    let return_to = match binding {
+        Binding::Refused => None,
+        _ => st.as_ref().and_then(|s| s.return_to.clone()),
+    };
     match outcome {
         Ok(()) => match return_to {
-            Some(rt) => redirect(&rt),
+            Some(rt) => crate::connect::redirect(app, &rt),
             None => page(
+                app,
                 StatusCode::OK,
                 &format!("{} connected", html_escape(&display)),
                 &format!(
@@ -220,9 +316,9 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         Err(f) => match return_to {
             Some(rt) => {
                 let sep = if rt.contains('?') { '&' } else { '?' };
-                redirect(&format!("{rt}{sep}error={}", f.code))
+                crate::connect::redirect(app, &format!("{rt}{sep}error={}", f.code))
             }
-            None => page(f.status, f.title, &html_escape(&f.detail)),
+            None => page(app, f.status, f.title, &html_escape(&f.detail)),
         },
     }
 }
@@ -350,39 +446,9 @@ async fn complete(
     Ok(())
 }
 
-fn redirect(to: &str) -> Response<Body> {
-    let mut resp = Response::new(body::empty());
-    *resp.status_mut() = StatusCode::SEE_OTHER;
-    match HeaderValue::try_from(to) {
-        Ok(v) => {
-            resp.headers_mut().insert(header::LOCATION, v);
-        }
-        Err(_) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "Cannot return to the app",
-                "The app's return address is not valid.",
-            );
-        }
-    }
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp.headers_mut().insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    resp
-}
-
-fn page(status: StatusCode, title: &str, detail: &str) -> Response<Body> {
-    body::html(
-        status,
-        format!(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\"><title>{title}</title>\
-<style>body{{font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem;color:#222}}h1{{font-size:1.4rem}}</style></head>\
-<body><h1>{title}</h1><p>{detail}</p></body></html>"
-        ),
-    )
+/// `title` and `detail` are HTML (already escaped).
+fn page(app: &App, status: StatusCode, title: &str, detail: &str) -> Response<Body> {
+    crate::connect::message_page(app, status, title, detail)
 }
 
 #[cfg(test)]

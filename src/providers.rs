@@ -145,6 +145,8 @@ pub struct Provider {
     pub metric_label: crate::metrics::Label,
     /// Name the voice agent says ("Google").
     pub display: String,
+    /// What this provider is used for (`description`), on the connect page.
+    pub description: Option<String>,
     pub preset: Option<String>,
     pub base: BaseUrl,
     pub inject: Injection,
@@ -175,6 +177,15 @@ pub struct Provider {
 impl Provider {
     pub fn label(&self) -> ProviderLabel {
         ProviderLabel::new(&self.name, &self.display)
+    }
+
+    /// Whether a user can connect it through the authorization-code flow
+    /// (connect page and admin `oauth/start`).
+    pub fn oauth_capable(&self) -> bool {
+        self.grant == Grant::AuthorizationCode
+            && self.authorize_url.is_some()
+            && self.token_url.is_some()
+            && self.client_id.is_some()
     }
 
     /// Whether tokens of this provider can be renewed at all.
@@ -768,6 +779,7 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
         name: name.to_owned(),
         metric_label: crate::metrics::Label::new(name),
         display,
+        description: pc.description.clone(),
         preset: pc.preset.clone(),
         base: base.expect("checked above"),
         inject,

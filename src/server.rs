@@ -309,6 +309,11 @@ async fn route_agent(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         let provider = provider.to_owned();
         return crate::proxy::handle_call(app, req, &provider).await;
     }
+    // ---- connect page (issue 14): /connect/<ticket>[/connect|/disconnect], CSS
+    if path.starts_with("/connect/") {
+        return crate::connect::handle(app, req).await;
+    }
+    // ---- end connect page
     if let Some(rest) = path.strip_prefix("/oauth/") {
         if let Some(provider) = rest.strip_suffix("/callback") {
             if method != Method::GET {

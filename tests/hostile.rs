@@ -1552,7 +1552,8 @@ async fn oauth_start(fx: &Fx, user: &str, body: Value) -> (String, String) {
 
 #[tokio::test]
 async fn hostile_oauth_callbacks() {
-    let fx = Fx::start().await;
+    // The flow without a browser binding (tests/connect.rs covers that).
+    let fx = Fx::start_with(Options::unbound_oauth).await;
     let sk = &fx.sk;
 
     // A state used once, successfully: its replay must do nothing.

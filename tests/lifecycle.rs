@@ -974,12 +974,15 @@ async fn oauth_code_flow_with_pkce_stores_the_credential() {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
     require_valid_token(&up, &tok);
-    let mut sk = InProcess::start(Options::with_providers(&oauth_provider(
-        "custom",
-        &up,
-        &tok,
-        "scopes = [\"read\", \"write\"]",
-    )))
+    let mut sk = InProcess::start(
+        Options::with_providers(&oauth_provider(
+            "custom",
+            &up,
+            &tok,
+            "scopes = [\"read\", \"write\"]",
+        ))
+        .unbound_oauth(),
+    )
     .await;
 
     let r = sk
@@ -1110,9 +1113,9 @@ async fn oauth_code_flow_with_pkce_stores_the_credential() {
 async fn oauth_state_expires_after_ten_minutes() {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
-    let mut sk = InProcess::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
-    )))
+    let mut sk = InProcess::start(
+        Options::with_providers(&oauth_provider("custom", &up, &tok, "")).unbound_oauth(),
+    )
     .await;
     let (url, state) = oauth_start(&sk, "olga", "custom", json!({"return_to": RETURN_TO})).await;
     let challenge = query_param(&url, "code_challenge").unwrap();
@@ -1146,7 +1149,7 @@ async fn oauth_presets_add_their_authorize_parameters() {
         &tok,
         "scopes = [\"channels:read\"]\nuser_scopes = [\"chat:write\", \"users:read\"]",
     );
-    let mut sk = InProcess::start(Options::with_providers(&toml)).await;
+    let mut sk = InProcess::start(Options::with_providers(&toml).unbound_oauth()).await;
 
     let (url, _) = oauth_start(&sk, "pia", "google", json!({"return_to": RETURN_TO})).await;
     assert!(url.starts_with("https://accounts.google.com/"), "{url}");

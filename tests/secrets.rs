@@ -149,6 +149,7 @@ async fn secrets_never_escape() {
         "inject = \"basic\"",
     ));
     let opts = Options::with_providers(&toml)
+        .unbound_oauth()
         .env("SECRETS_BODY_SECRET", body_secret)
         .env("SECRETS_BASIC_SECRET", basic_secret)
         .log("trace");

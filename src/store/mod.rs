@@ -32,6 +32,7 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use cache::Cache;
+pub use connect::{ConnectTicket, TicketClaim};
 
 /// Decrypted credentials by record key.
 pub type CredentialCache = Cache<Credential>;
@@ -147,6 +148,11 @@ pub struct OAuthState {
     pub return_to: Option<String>,
     pub redirect_uri: String,
     pub expires_at: i64,
+    /// Record id ([`Store::connect_ticket_id`]) of the connect link this
+    /// flow belongs to: the callback completes only in the browser bound
+    /// to that ticket.
+    #[serde(default)]
+    pub ticket: Option<String>,
 }
 
 /// One audit entry: who did what, when. Never a token or a body.
@@ -391,6 +397,8 @@ macro_rules! on_backend {
         }
     };
 }
+
+mod connect;
 
 pub struct Store {
     backend: Backend,
@@ -1753,6 +1761,7 @@ mod tests {
             return_to: None,
             redirect_uri: "x".into(),
             expires_at: 10,
+            ticket: None,
         };
         s.put_oauth_state("st", &st).await.unwrap();
         assert!(s.take_oauth_state("st").await.unwrap().is_some());

@@ -864,7 +864,7 @@ async fn listen_once(target: &Target, caches: &Arc<Caches>) -> Result<(), String
     // Named so an operator (or a test) can find this process's listener in
     // pg_stat_activity.
     let mut config = target.config.clone();
-    config.application_name(&format!("sidekey listener {}", std::process::id()));
+    config.application_name(format!("sidekey listener {}", std::process::id()));
     let (client, mut conn) = config
         .connect(target.tls.clone())
         .await

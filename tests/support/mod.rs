@@ -6,6 +6,7 @@
 pub mod pg;
 pub mod token;
 pub mod upstream;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -243,6 +244,14 @@ impl Options {
     pub fn elevenlabs(mut self, toml: &str) -> Self {
         self.elevenlabs_toml.push_str(toml);
         self.elevenlabs_toml.push('\n');
+        self
+    }
+
+    /// `[oauth] bind_browser = false`: a bare `authorize_url` completes a
+    /// flow in any client (tests of the flow itself, without a browser).
+    pub fn unbound_oauth(mut self) -> Self {
+        self.extra_toml
+            .push_str("\n[oauth]\nbind_browser = false\n");
         self
     }
 

@@ -1,0 +1,770 @@
+//! The hosted connect page and browser-bound OAuth, over HTTP (issue 14):
+//! admin links, page headers and cookie, ticket expiry and reuse, CSRF,
+//! disconnect, callbacks refused in another browser, and the admin
+//! `oauth/start` connect_url. tests/connect_browser.rs drives the same flow
+//! in a real Chromium.
+
+mod support;
+
+use http::Method;
+use serde_json::{Value, json};
+use support::token::TokenServer;
+use support::upstream::Upstream;
+use support::{InProcess, Options, Resp, query_param};
+
+const RETURN_TO: &str = "https://app.example/settings";
+
+/// A port that was free a moment ago, so `public_url` can name the real
+/// listener and the redirects sidekey answers can be followed.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Fx {
+    sk: InProcess,
+    tok: TokenServer,
+    _up: Upstream,
+    public: String,
+}
+
+async fn start(tune: impl FnOnce(Options) -> Options) -> Fx {
+    let up = Upstream::start().await;
+    let tok = TokenServer::start().await;
+    let port = free_port();
+    let public = format!("https://localhost:{port}");
+    let providers = format!(
+        "[providers.custom]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
+         authorize_url = \"https://auth.example.com/authorize\"\n\
+         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
+         display_name = \"Acme Calendar\"\ndescription = \"Reads and books <meetings> for you\"\n\
+         [providers.other]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
+         authorize_url = \"https://login.other.example/oauth\"\n\
+         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
+         [providers.plain]\nbase_url = \"{up}\"\n\
+         [connect]\napp_name = \"Acme\"\naccent_color = \"#0f766e\"\n\
+         logo_url = \"https://cdn.acme.example/logo.svg\"\n",
+        up = up.url,
+        tok = tok.url
+    );
+    let opts = Options::with_providers(&providers)
+        .server(&format!("listen = \"127.0.0.1:{port}\""))
+        .server(&format!("public_url = \"{public}\""));
+    let sk = InProcess::start(tune(opts)).await;
+    Fx {
+        sk,
+        tok,
+        _up: up,
+        public,
+    }
+}
+
+impl Fx {
+    async fn link(&self, user: &str, body: Value) -> Resp {
+        self.sk
+            .admin(
+                Method::POST,
+                &format!("/v1/users/{user}/connect"),
+                Some(body),
+            )
+            .await
+    }
+
+    /// A connect link's path (`/connect/<ticket>`).
+    async fn link_path(&self, user: &str, body: Value) -> String {
+        let r = self.link(user, body).await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let url = r.json()["connect_url"].as_str().unwrap().to_owned();
+        url.strip_prefix(&self.public).unwrap().to_owned()
+    }
+
+    /// GET on the agent listener, as a browser with (or without) a cookie.
+    async fn get(&self, path: &str, cookie: Option<&str>) -> Resp {
+        let c = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+        let mut h = vec![];
+        if let Some(c) = &c {
+            h.push(("cookie", c.as_str()));
+        }
+        self.sk.agent(Method::GET, path, &h, "").await
+    }
+
+    async fn post_form(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let c = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+        let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+        if let Some(c) = &c {
+            h.push(("cookie", c.as_str()));
+        }
+        self.sk.agent(Method::POST, path, &h, body).await
+    }
+
+    async fn cred_status(&self, user: &str, provider: &str) -> u16 {
+        self.sk
+            .admin(
+                Method::GET,
+                &format!("/v1/users/{user}/credentials/{provider}"),
+                None,
+            )
+            .await
+            .status
+            .as_u16()
+    }
+}
+
+fn header(r: &Resp, name: &str) -> String {
+    r.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The binding cookie's value from Set-Cookie, after checking its attributes.
+fn binding_cookie(r: &Resp) -> String {
+    let sc = header(r, "set-cookie");
+    assert!(sc.starts_with("__Host-sidekey-connect="), "{sc:?}");
+    let attrs: Vec<String> = sc
+        .split(';')
+        .skip(1)
+        .map(|a| a.trim().to_ascii_lowercase())
+        .collect();
+    for want in ["secure", "httponly", "samesite=lax", "path=/"] {
+        assert!(attrs.iter().any(|a| a == want), "{want} missing: {sc}");
+    }
+    assert!(
+        !attrs.iter().any(|a| a.starts_with("domain")),
+        "__Host- cookies carry no Domain: {sc}"
+    );
+    let v = sc["__Host-sidekey-connect=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(v.len() >= 43, "cookie value of >= 256 bits: {v}");
+    v
+}
+
+fn no_cookie(r: &Resp) {
+    assert!(
+        r.headers.get("set-cookie").is_none(),
+        "no cookie expected: {:?}",
+        r.headers.get("set-cookie")
+    );
+}
+
+fn assert_html(r: &Resp, status: u16) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(header(r, "content-type"), "text/html; charset=utf-8");
+}
+
+/// The security headers every connect answer carries.
+fn assert_hardened(r: &Resp) {
+    let csp = header(r, "content-security-policy");
+    for part in [
+        "default-src 'none'",
+        "script-src 'none'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ] {
+        assert!(csp.contains(part), "CSP lacks {part}: {csp}");
+    }
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(header(r, "x-frame-options"), "DENY");
+    assert_eq!(header(r, "referrer-policy"), "no-referrer");
+    assert_eq!(header(r, "x-content-type-options"), "nosniff");
+    assert_eq!(header(r, "cache-control"), "no-store");
+    assert!(
+        header(r, "strict-transport-security").starts_with("max-age="),
+        "HSTS under TLS"
+    );
+}
+
+fn csrf_of(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
+    html[at..at + html[at..].find('"').unwrap()].to_owned()
+}
+
+fn location(r: &Resp) -> String {
+    header(r, "location")
+}
+
+#[tokio::test]
+async fn admin_link_defaults_and_validation() {
+    let fx = start(|o| o).await;
+    let r = fx.link("alice", json!({})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let url = v["connect_url"].as_str().unwrap();
+    let ticket = url
+        .strip_prefix(&format!("{}/connect/", fx.public))
+        .unwrap_or_else(|| panic!("connect_url under public_url: {url}"));
+    assert!(ticket.len() >= 22, "at least 128 bits: {ticket}");
+    assert!(
+        ticket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "URL-safe: {ticket}"
+    );
+    let exp = v["expires_at"].as_i64().unwrap();
+    assert!(
+        (exp - fx.sk.clock.now() - 600).abs() <= 2,
+        "default ttl 600"
+    );
+    assert_eq!(
+        v["providers"],
+        json!(["custom", "other"]),
+        "default: every OAuth-capable provider"
+    );
+    // Two links never share a ticket, and the store never holds it.
+    let r2 = fx.link("alice", json!({})).await;
+    assert_ne!(r2.json()["connect_url"], v["connect_url"]);
+    fx.sk.app.store.flush().await.unwrap();
+    let raw = support::read_tree(&fx.sk.dir.path().join("data"));
+    assert!(!support::contains(&raw, ticket), "raw ticket on disk");
+
+    let r = fx
+        .link(
+            "alice",
+            json!({"providers": ["custom"], "ttl_secs": 120, "return_to": RETURN_TO, "user_label": "alice@example.com in Acme"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["providers"], json!(["custom"]));
+    assert!((r.json()["expires_at"].as_i64().unwrap() - fx.sk.clock.now() - 120).abs() <= 2);
+
+    fx.link("alice", json!({"providers": ["nope"]}))
+        .await
+        .assert_error(404, "unknown_provider");
+    for bad in [
+        json!({"providers": ["plain"]}),
+        json!({"providers": []}),
+        json!({"ttl_secs": 5}),
+        json!({"ttl_secs": 86_401}),
+        json!({"return_to": "javascript:alert(1)"}),
+        json!({"user_label": "two\nlines"}),
+        json!({"user_label": ""}),
+        json!({"surprise": true}),
+        json!([]),
+    ] {
+        fx.link("alice", bad.clone())
+            .await
+            .assert_error(400, "bad_request");
+    }
+    fx.sk
+        .admin(Method::POST, "/v1/users/a%20b/connect", Some(json!({})))
+        .await
+        .assert_error(400, "bad_request");
+}
+
+#[tokio::test]
+async fn page_headers_cookie_statuses_and_no_secret() {
+    let fx = start(|o| o).await;
+    fx.sk
+        .put_credential(
+            "alice",
+            "custom",
+            json!({"access_token": "at-SECRET-page-1", "refresh_token": "rt-SECRET-page-1", "expires_in": 3600}),
+        )
+        .await;
+    fx.sk
+        .put_credential(
+            "bob",
+            "other",
+            json!({"access_token": "at-SECRET-bob", "expires_in": 3600}),
+        )
+        .await;
+    let path = fx
+        .link_path(
+            "alice",
+            json!({"return_to": RETURN_TO, "user_label": "<b>alice</b> in Acme"}),
+        )
+        .await;
+    let r = fx.get(&path, None).await;
+    assert_html(&r, 200);
+    assert_hardened(&r);
+    let csp = header(&r, "content-security-policy");
+    assert!(
+        csp.contains("img-src 'self' https://cdn.acme.example"),
+        "{csp}"
+    );
+    assert!(
+        csp.contains("form-action 'self' https://auth.example.com https://login.other.example"),
+        "{csp}"
+    );
+    let cookie = binding_cookie(&r);
+    let html = r.text();
+    for want in [
+        "Connect your accounts",
+        "&lt;b&gt;alice&lt;/b&gt; in Acme",
+        "Acme Calendar",
+        "Reads and books &lt;meetings&gt; for you",
+        "Connected",
+        "Not connected",
+        "Reconnect",
+        "Disconnect",
+        "Done — back to Acme",
+        "href=\"https://app.example/settings\"",
+        "href=\"/connect/assets/style.css\"",
+        "src=\"https://cdn.acme.example/logo.svg\"",
+    ] {
+        assert!(html.contains(want), "page lacks {want:?}:\n{html}");
+    }
+    assert!(!html.contains("<b>alice"), "label escaped");
+    assert!(!html.contains("<script"), "no script");
+    assert!(!html.contains("style=\""), "no inline style");
+    assert!(!html.contains("<style"), "no inline style");
+    for secret in [
+        "at-SECRET-page-1",
+        "rt-SECRET-page-1",
+        "test-client-secret",
+        "at-SECRET-bob",
+        cookie.as_str(),
+    ] {
+        assert!(!html.contains(secret), "page shows a secret");
+    }
+    // The stylesheet carries the accent colour and a readable text colour.
+    let css = fx.get("/connect/assets/style.css", None).await;
+    assert_eq!(css.status, 200);
+    assert_eq!(header(&css, "content-type"), "text/css; charset=utf-8");
+    assert_eq!(header(&css, "x-content-type-options"), "nosniff");
+    assert!(
+        css.text()
+            .contains("--accent: #0f766e; --on-accent: #ffffff")
+    );
+    assert!(
+        css.text().contains(":focus-visible"),
+        "keyboard focus styles"
+    );
+
+    // The same browser may come back; any other browser may not.
+    let again = fx.get(&path, Some(&cookie)).await;
+    assert_html(&again, 200);
+    assert_eq!(binding_cookie(&again), cookie);
+    let other = fx.get(&path, None).await;
+    assert_html(&other, 403);
+    assert_hardened(&other);
+    no_cookie(&other);
+    assert!(other.text().contains("already used"), "{}", other.text());
+    let forged = "A".repeat(43);
+    let other = fx.get(&path, Some(&forged)).await;
+    assert_html(&other, 403);
+    no_cookie(&other);
+    assert!(!other.text().contains("name=\"csrf\""));
+}
+
+#[tokio::test]
+async fn unknown_and_expired_tickets_set_no_cookie() {
+    let fx = start(|o| o).await;
+    for path in [
+        format!("/connect/{}", "Q".repeat(43)),
+        "/connect/short".into(),
+        "/connect/%3Cscript%3E".into(),
+        format!("/connect/{}/elsewhere", "Q".repeat(43)),
+    ] {
+        let r = fx.get(&path, None).await;
+        assert_html(&r, 404);
+        assert_hardened(&r);
+        no_cookie(&r);
+        assert!(!r.text().contains("<script>"));
+    }
+    let path = fx.link_path("alice", json!({"ttl_secs": 60})).await;
+    let opened = fx.get(&path, None).await;
+    let cookie = binding_cookie(&opened);
+    let csrf = csrf_of(&opened.text());
+    fx.sk.clock.advance(61);
+    for c in [None, Some(cookie.as_str())] {
+        let r = fx.get(&path, c).await;
+        assert_html(&r, 410);
+        no_cookie(&r);
+        assert!(r.text().contains("expired"));
+    }
+    let r = fx
+        .post_form(
+            &format!("{path}/connect"),
+            Some(&cookie),
+            &[("csrf", &csrf), ("provider", "custom")],
+        )
+        .await;
+    assert_html(&r, 410);
+    // A never-opened link that expired is refused the same way.
+    let fresh = fx.link_path("alice", json!({"ttl_secs": 60})).await;
+    fx.sk.clock.advance(61);
+    let r = fx.get(&fresh, None).await;
+    assert_html(&r, 410);
+    no_cookie(&r);
+}
+
+#[tokio::test]
+async fn disconnect_needs_the_binding_and_a_csrf_token() {
+    let fx = start(|o| o).await;
+    fx.sk
+        .put_credential(
+            "carol",
+            "custom",
+            json!({"access_token": "at-SECRET-carol", "refresh_token": "rt-SECRET-carol"}),
+        )
+        .await;
+    let path = fx.link_path("carol", json!({})).await;
+    let r = fx.get(&path, None).await;
+    let cookie = binding_cookie(&r);
+    let csrf = csrf_of(&r.text());
+    assert!(
+        r.text().contains(&format!("action=\"{path}/disconnect\"")),
+        "a Disconnect form"
+    );
+    // A second link for the same user, opened by the same browser: its
+    // token does not work on the first.
+    let path2 = fx.link_path("carol", json!({})).await;
+    let csrf2 = csrf_of(&fx.get(&path2, Some(&cookie)).await.text());
+    assert_ne!(csrf, csrf2);
+    let other_cookie = binding_cookie(&fx.get(&fx.link_path("eve", json!({})).await, None).await);
+
+    let disconnect = format!("{path}/disconnect");
+    let wrong = "x".repeat(43);
+    for (why, c, form) in [
+        (
+            "no token",
+            Some(cookie.as_str()),
+            vec![("provider", "custom")],
+        ),
+        (
+            "wrong token",
+            Some(cookie.as_str()),
+            vec![("csrf", wrong.as_str()), ("provider", "custom")],
+        ),
+        (
+            "another link's token",
+            Some(cookie.as_str()),
+            vec![("csrf", csrf2.as_str()), ("provider", "custom")],
+        ),
+        (
+            "no cookie",
+            None,
+            vec![("csrf", csrf.as_str()), ("provider", "custom")],
+        ),
+        (
+            "another browser's cookie",
+            Some(other_cookie.as_str()),
+            vec![("csrf", csrf.as_str()), ("provider", "custom")],
+        ),
+    ] {
+        let r = fx.post_form(&disconnect, c, &form).await;
+        assert_html(&r, 403);
+        assert_hardened(&r);
+        assert_eq!(fx.cred_status("carol", "custom").await, 200, "{why}: kept");
+    }
+    let r = fx
+        .post_form(
+            &disconnect,
+            Some(&cookie),
+            &[("csrf", &csrf), ("provider", "plain")],
+        )
+        .await;
+    assert_html(&r, 400);
+    let r = fx.get(&disconnect, Some(&cookie)).await;
+    assert_eq!(r.status, 405, "a GET never changes anything");
+    assert_eq!(fx.cred_status("carol", "custom").await, 200);
+
+    let r = fx
+        .post_form(
+            &disconnect,
+            Some(&cookie),
+            &[("csrf", &csrf), ("provider", "custom")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_hardened(&r);
+    assert_eq!(
+        location(&r),
+        format!("{}{path}?disconnected=custom", fx.public)
+    );
+    assert_eq!(fx.cred_status("carol", "custom").await, 404, "gone");
+    let page = fx
+        .get(&format!("{path}?disconnected=custom"), Some(&cookie))
+        .await;
+    assert_html(&page, 200);
+    let html = page.text();
+    assert!(html.contains("Acme Calendar was disconnected"), "{html}");
+    assert!(!html.contains("Reconnect"), "{html}");
+    // The audit names the action, never the ticket.
+    fx.sk.app.audit.sync().await;
+    let audit = fx
+        .sk
+        .admin(Method::GET, "/v1/audit?user=carol", None)
+        .await
+        .text();
+    assert!(audit.contains("/connect/{ticket}/disconnect"), "{audit}");
+    assert!(!audit.contains(path.trim_start_matches("/connect/")));
+}
+
+#[tokio::test]
+async fn callback_completes_only_in_the_bound_browser() {
+    let fx = start(|o| o).await;
+    let path = fx
+        .link_path(
+            "dana",
+            json!({"providers": ["custom"], "return_to": RETURN_TO}),
+        )
+        .await;
+    let r = fx.get(&path, None).await;
+    let cookie = binding_cookie(&r);
+    let csrf = csrf_of(&r.text());
+    let start = || async {
+        let r = fx
+            .post_form(
+                &format!("{path}/connect"),
+                Some(&cookie),
+                &[("csrf", &csrf), ("provider", "custom")],
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        assert_hardened(&r);
+        let url = location(&r);
+        assert!(
+            url.starts_with("https://auth.example.com/authorize?"),
+            "{url}"
+        );
+        assert_eq!(
+            query_param(&url, "redirect_uri").unwrap(),
+            format!("{}/oauth/custom/callback", fx.public)
+        );
+        assert_eq!(query_param(&url, "code_challenge_method").unwrap(), "S256");
+        url
+    };
+
+    // A Connect form without the CSRF token starts nothing.
+    let r = fx
+        .post_form(
+            &format!("{path}/connect"),
+            Some(&cookie),
+            &[("provider", "custom")],
+        )
+        .await;
+    assert_html(&r, 403);
+
+    // The authorize URL forwarded to someone else: their browser has no
+    // binding cookie, so the callback is refused, nothing is exchanged or
+    // stored, and the state is spent.
+    let url = start().await;
+    let state = query_param(&url, "state").unwrap();
+    fx.tok.register_code(
+        "code-victim",
+        &query_param(&url, "code_challenge").unwrap(),
+        &query_param(&url, "redirect_uri").unwrap(),
+    );
+    let cb = format!("/oauth/custom/callback?code=code-victim&state={state}");
+    for c in [None, Some("B".repeat(43))] {
+        let r = fx.get(&cb, c.as_deref()).await;
+        if c.is_none() {
+            assert_html(&r, 403);
+            assert_hardened(&r);
+            assert!(r.text().contains("another browser"), "{}", r.text());
+            assert!(!r.text().contains("code-victim"));
+            assert!(r.headers.get("location").is_none(), "not sent to return_to");
+        } else {
+            // The state was consumed by the refused attempt.
+            assert_html(&r, 400);
+        }
+    }
+    assert_eq!(fx.tok.calls(), 0, "no code exchange");
+    assert_eq!(
+        fx.cred_status("dana", "custom").await,
+        404,
+        "nothing stored"
+    );
+    // Even the right browser cannot reuse the spent state.
+    let r = fx.get(&cb, Some(&cookie)).await;
+    assert_html(&r, 400);
+    assert_eq!(fx.tok.calls(), 0);
+
+    // In the bound browser it completes and lands back on the page.
+    let url = start().await;
+    fx.tok.register_code(
+        "code-dana",
+        &query_param(&url, "code_challenge").unwrap(),
+        &query_param(&url, "redirect_uri").unwrap(),
+    );
+    let state = query_param(&url, "state").unwrap();
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-dana&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_hardened(&r);
+    let back = location(&r);
+    assert_eq!(back, format!("{}{path}?connected=custom", fx.public));
+    assert_eq!(fx.cred_status("dana", "custom").await, 200, "stored");
+    let page = fx
+        .get(back.strip_prefix(&fx.public).unwrap(), Some(&cookie))
+        .await;
+    assert_html(&page, 200);
+    let html = page.text();
+    assert!(html.contains("Acme Calendar is now connected."), "{html}");
+    assert!(html.contains("Status: </span>Connected"), "{html}");
+    assert!(!html.contains("code-dana"));
+    for t in fx.tok.all_tokens() {
+        assert!(!html.contains(&t), "token on the page");
+    }
+
+    // A provider error comes back to the page in words.
+    let url = start().await;
+    let state = query_param(&url, "state").unwrap();
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?error=access_denied&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    let back = location(&r);
+    assert_eq!(
+        back,
+        format!("{}{path}?error=access_denied&provider=custom", fx.public)
+    );
+    let html = fx
+        .get(back.strip_prefix(&fx.public).unwrap(), Some(&cookie))
+        .await
+        .text();
+    assert!(html.contains("Access denied"), "{html}");
+    assert!(html.contains("role=\"alert\""), "{html}");
+    for (q, words) in [
+        ("error=state_expired&provider=custom", "The link expired"),
+        ("error=exchange_failed&provider=custom", "try again"),
+        ("error=%3Cscript%3E&provider=%3Cb%3E", "did not work"),
+    ] {
+        let html = fx.get(&format!("{path}?{q}"), Some(&cookie)).await.text();
+        assert!(html.contains(words), "{q}: {html}");
+        assert!(
+            !html.contains("<script>") && !html.contains("<b>"),
+            "{html}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn admin_start_connect_url_binds_the_browser() {
+    let fx = start(|o| o).await;
+    let fx = &fx;
+    let start = |user: &'static str| async move {
+        let r = fx
+            .sk
+            .admin(
+                Method::POST,
+                &format!("/v1/users/{user}/oauth/custom/start"),
+                Some(json!({"return_to": RETURN_TO})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let authorize = v["authorize_url"].as_str().unwrap().to_owned();
+        fx.tok.register_code(
+            &format!("code-{user}"),
+            &query_param(&authorize, "code_challenge").unwrap(),
+            &query_param(&authorize, "redirect_uri").unwrap(),
+        );
+        (
+            authorize,
+            v["state"].as_str().unwrap().to_owned(),
+            v["connect_url"].as_str().unwrap().to_owned(),
+        )
+    };
+
+    // The bare authorize_url no longer completes (bind_browser defaults on).
+    let (_, state, _) = start("erin").await;
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-erin&state={state}"),
+            None,
+        )
+        .await;
+    assert_html(&r, 403);
+    assert_eq!(fx.tok.calls(), 0);
+    assert_eq!(fx.cred_status("erin", "custom").await, 404);
+
+    // Through connect_url: binding cookie, then 303 to the provider.
+    let (authorize, state, connect_url) = start("frank").await;
+    let path = connect_url.strip_prefix(&fx.public).unwrap().to_owned();
+    let r = fx.get(&path, None).await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(location(&r), authorize);
+    assert_hardened(&r);
+    let cookie = binding_cookie(&r);
+    // Another browser opening the same link gets nothing.
+    let r = fx.get(&path, None).await;
+    assert_html(&r, 403);
+    no_cookie(&r);
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-frank&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(location(&r), RETURN_TO);
+    assert_eq!(fx.cred_status("frank", "custom").await, 200);
+}
+
+#[tokio::test]
+async fn bind_browser_false_lets_the_bare_url_complete_but_not_page_flows() {
+    let fx = start(Options::unbound_oauth).await;
+    let r = fx
+        .sk
+        .admin(
+            Method::POST,
+            "/v1/users/gina/oauth/custom/start",
+            Some(json!({})),
+        )
+        .await;
+    let v = r.json();
+    assert!(v["connect_url"].is_string(), "still answered: {v}");
+    let authorize = v["authorize_url"].as_str().unwrap();
+    fx.tok.register_code(
+        "code-gina",
+        &query_param(authorize, "code_challenge").unwrap(),
+        &query_param(authorize, "redirect_uri").unwrap(),
+    );
+    let state = v["state"].as_str().unwrap();
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-gina&state={state}"),
+            None,
+        )
+        .await;
+    assert_html(&r, 200);
+    assert_eq!(fx.cred_status("gina", "custom").await, 200);
+
+    // A flow started from the page is always bound.
+    let path = fx.link_path("hugo", json!({})).await;
+    let r = fx.get(&path, None).await;
+    let cookie = binding_cookie(&r);
+    let r = fx
+        .post_form(
+            &format!("{path}/connect"),
+            Some(&cookie),
+            &[("csrf", &csrf_of(&r.text())), ("provider", "custom")],
+        )
+        .await;
+    let url = location(&r);
+    fx.tok.register_code(
+        "code-hugo",
+        &query_param(&url, "code_challenge").unwrap(),
+        &query_param(&url, "redirect_uri").unwrap(),
+    );
+    let state = query_param(&url, "state").unwrap();
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-hugo&state={state}"),
+            None,
+        )
+        .await;
+    assert_html(&r, 403);
+    assert_eq!(fx.cred_status("hugo", "custom").await, 404);
+}

@@ -1,0 +1,370 @@
+//! The connect page in a real browser (headless Chromium over WebDriver):
+//! open a connect link, Connect, approve at a fake provider, land back on
+//! "Connected", Disconnect; the same callback URL opened in a second
+//! browser profile is refused and stores nothing.
+//!
+//! Screenshots go to `target/connect-screenshots/`, or to `docs/img/` with
+//! `SIDEKEY_SCREENSHOTS=docs` (how the docs' images are made). Without
+//! Chromium the test fails under `CI=true` and skips loudly otherwise.
+
+mod support;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use support::token::TokenServer;
+use support::upstream::Upstream;
+use support::webdriver::{Driver, available_or_fail};
+use support::{InProcess, Options};
+use tokio::net::TcpListener;
+
+/// A provider's authorize page: shows what is asked and an Approve button
+/// that sends the browser to the callback with a code and the state.
+#[derive(Clone)]
+struct FakeProvider {
+    origin: String,
+    /// Callback URLs (with code and state) handed out, newest last.
+    issued: Arc<Mutex<Vec<String>>>,
+}
+
+const LOGO_SVG: &str = r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 40 40"><rect width="40" height="40" rx="9" fill="#4338ca"/><path d="M11 28 20 10l9 18h-5l-4-9-4 9z" fill="#fff"/></svg>"##;
+
+impl FakeProvider {
+    /// Serves HTTPS with sidekey's own generated certificate (Chromium is
+    /// told to accept it) on an already-bound listener.
+    fn serve(listener: TcpListener, cert_dir: PathBuf, tok: TokenServer) -> FakeProvider {
+        let origin = format!(
+            "https://localhost:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(cert_dir.join("server.crt"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(cert_dir.join("server.key")).unwrap();
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let fake = FakeProvider {
+            origin,
+            issued: Arc::new(Mutex::new(Vec::new())),
+        };
+        let f = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (f, tok, acceptor) = (f.clone(), tok.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (f, tok) = (f.clone(), tok.clone());
+                        async move { Ok::<_, Infallible>(f.handle(&tok, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        fake
+    }
+
+    async fn handle(&self, tok: &TokenServer, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let method = req.method().clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let q = |src: &[u8], k: &str| {
+            url::form_urlencoded::parse(src)
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        };
+        let html = |s: String| {
+            Response::builder()
+                .header("content-type", "text/html; charset=utf-8")
+                .body(Full::new(Bytes::from(s)))
+                .unwrap()
+        };
+        match (method, path.as_str()) {
+            (Method::GET, "/logo.svg") => Response::builder()
+                .header("content-type", "image/svg+xml")
+                .body(Full::new(Bytes::from(LOGO_SVG)))
+                .unwrap(),
+            (Method::GET, "/authorize") => {
+                let q = |k| q(query.as_bytes(), k);
+                let redirect = q("redirect_uri");
+                let n = self.issued.lock().unwrap().len() + 1;
+                let code = format!("code-browser-{n}");
+                tok.register_code(&code, &q("code_challenge"), &redirect);
+                let mut cb = url::Url::parse(&redirect).unwrap();
+                cb.query_pairs_mut()
+                    .append_pair("code", &code)
+                    .append_pair("state", &q("state"));
+                self.issued.lock().unwrap().push(cb.to_string());
+                let e = |s: &str| {
+                    s.replace('&', "&amp;")
+                        .replace('"', "&quot;")
+                        .replace('<', "&lt;")
+                };
+                html(format!(
+                    "<!doctype html><html><head><meta name=viewport content=\"width=device-width\"><title>Fake provider</title></head>\
+<body><h1>Fake provider</h1><p>An app asks for access: {scope}</p>\
+<form method=\"post\" action=\"/approve\"><input type=hidden name=callback value=\"{cb}\">\
+<button id=\"approve\" type=\"submit\">Approve</button></form></body></html>",
+                    scope = e(&q("scope")),
+                    cb = e(cb.as_str()),
+                ))
+            }
+            (Method::POST, "/approve") => Response::builder()
+                .status(302)
+                .header("location", q(&body, "callback"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+            _ => Response::builder()
+                .status(404)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        }
+    }
+
+    fn last_callback(&self) -> String {
+        self.issued
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("an authorize visit")
+    }
+}
+
+fn shot_path(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if std::env::var("SIDEKEY_SCREENSHOTS").is_ok_and(|v| v == "docs") {
+        root.join("docs/img").join(name)
+    } else {
+        root.join("target/connect-screenshots").join(name)
+    }
+}
+
+#[tokio::test]
+async fn connect_page_in_a_real_browser() {
+    if !available_or_fail("connect_page_in_a_real_browser") {
+        return;
+    }
+    let up = Upstream::start().await;
+    let tok = TokenServer::start().await;
+    let provider_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake_origin = format!(
+        "https://localhost:{}",
+        provider_listener.local_addr().unwrap().port()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let public = format!("https://localhost:{port}");
+    let provider = |name: &str, display: &str, description: &str| {
+        format!(
+            "[providers.{name}]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
+             authorize_url = \"{fake_origin}/authorize\"\nclient_id = \"test-client\"\n\
+             client_secret = \"test-client-secret\"\nscopes = [\"{name}.read\", \"{name}.write\"]\n\
+             display_name = \"{display}\"\ndescription = \"{description}\"\n",
+            up = up.url,
+            tok = tok.url,
+        )
+    };
+    let toml = [
+        provider(
+            "google",
+            "Google Calendar",
+            "Reads your calendar and books meetings when you ask.",
+        ),
+        provider(
+            "slack",
+            "Slack",
+            "Posts messages to your team's channels for you.",
+        ),
+        provider("notion", "Notion", "Finds and updates your notes."),
+        format!(
+            "[connect]\napp_name = \"Acme Assistant\"\naccent_color = \"#4338ca\"\nlogo_url = \"{fake_origin}/logo.svg\"\n"
+        ),
+    ]
+    .concat();
+    let sk = InProcess::start(
+        Options::with_providers(&toml)
+            .server(&format!("listen = \"127.0.0.1:{port}\""))
+            .server(&format!("public_url = \"{public}\"")),
+    )
+    .await;
+    let fake = FakeProvider::serve(provider_listener, sk.dir.path().join("certs"), tok.clone());
+    assert_eq!(fake.origin, fake_origin);
+    sk.put_credential(
+        "maya",
+        "slack",
+        json!({"access_token": "xoxp-SECRET-browser", "refresh_token": "rt-SECRET-browser", "expires_in": 3600}),
+    )
+    .await;
+    sk.put_credential(
+        "maya",
+        "notion",
+        json!({"access_token": "ntn-SECRET-browser", "expires_at": 1_000_000}),
+    )
+    .await;
+    let r = sk
+        .admin(
+            Method::POST,
+            "/v1/users/maya/connect",
+            Some(json!({"return_to": "https://app.example/settings", "user_label": "maya@acme.example in Acme"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let connect_url = r.json()["connect_url"].as_str().unwrap().to_owned();
+    let cred = |p: &'static str| {
+        let sk = &sk;
+        async move {
+            sk.admin(
+                Method::GET,
+                &format!("/v1/users/maya/credentials/{p}"),
+                None,
+            )
+            .await
+            .status
+            .as_u16()
+        }
+    };
+
+    let driver = Driver::start().await;
+    let b1 = driver.browser().await;
+    b1.goto(&connect_url).await;
+    let text = b1.text().await;
+    for want in [
+        "Connect your accounts",
+        "maya@acme.example in Acme",
+        "Google Calendar",
+        "Not connected",
+        "Slack",
+        "Connected",
+        "Notion",
+        "Expired",
+        "Done — back to Acme Assistant",
+    ] {
+        assert!(text.contains(want), "page lacks {want:?}:\n{text}");
+    }
+    let source = b1.source().await;
+    for secret in [
+        "xoxp-SECRET-browser",
+        "rt-SECRET-browser",
+        "ntn-SECRET-browser",
+        "test-client-secret",
+    ] {
+        assert!(!source.contains(secret), "secret on the page");
+    }
+    // The binding cookie as the browser stored it.
+    let cookies = b1.cookies().await;
+    let c = cookies
+        .iter()
+        .find(|c| c["name"] == "__Host-sidekey-connect")
+        .unwrap_or_else(|| panic!("binding cookie set: {cookies:?}"));
+    assert_eq!(c["httpOnly"], true);
+    assert_eq!(c["secure"], true);
+    assert_eq!(c["sameSite"], "Lax");
+    assert_eq!(c["path"], "/");
+    // The stylesheet applied (CSP allows it): the accent colour reached the
+    // Connect button, and the logo loaded.
+    assert!(source.contains("/connect/assets/style.css"));
+    // Keyboard: the first Tab stops are the page's own controls.
+    let focused = b1.tab_focus_text(1).await;
+    assert!(
+        focused.contains("Connect"),
+        "first Tab focuses Connect: {focused:?}"
+    );
+    b1.screenshot(&shot_path("connect-page.png")).await;
+
+    // Connect → the provider's page → Approve → back on "Connected".
+    b1.click("#provider-google button[value=connect]").await;
+    b1.wait_url("the provider's authorize page", |u| {
+        u.starts_with(&fake_origin)
+    })
+    .await;
+    assert!(b1.text().await.contains("google.read google.write"));
+    b1.click("#approve").await;
+    let back = b1
+        .wait_url("the connect page again", |u| u.contains("connected=google"))
+        .await;
+    assert!(back.starts_with(&connect_url), "{back}");
+    let text = b1.text().await;
+    assert!(text.contains("Google Calendar is now connected."), "{text}");
+    assert_eq!(cred("google").await, 200, "stored");
+    b1.screenshot(&shot_path("connect-connected.png")).await;
+    let source = b1.source().await;
+    for t in tok.all_tokens() {
+        assert!(!source.contains(&t), "token on the page");
+    }
+    assert!(!source.contains("code-browser-1"), "code on the page");
+
+    // Disconnect (a form POST with the CSRF token).
+    b1.click("#provider-google button[value=disconnect]").await;
+    b1.wait_url("the page after Disconnect", |u| {
+        u.contains("disconnected=google")
+    })
+    .await;
+    assert!(b1.text().await.contains("Google Calendar was disconnected"));
+    assert_eq!(cred("google").await, 404, "gone");
+
+    // Connect again, but the callback URL goes to another browser profile:
+    // refused, nothing stored, the state spent.
+    b1.click("#provider-google button[value=connect]").await;
+    b1.wait_url("the provider's authorize page", |u| {
+        u.starts_with(&fake_origin)
+    })
+    .await;
+    let callback = fake.last_callback();
+    let b2 = driver.browser().await;
+    b2.goto(&callback).await;
+    let text = b2.text().await;
+    assert!(text.contains("started in another browser"), "{text}");
+    assert!(text.contains("Nothing was connected"), "{text}");
+    b2.screenshot(&shot_path("connect-refused.png")).await;
+    assert_eq!(cred("google").await, 404, "nothing stored");
+    // The connect link itself is no use to the second browser either.
+    b2.goto(&connect_url).await;
+    assert!(b2.text().await.contains("already used"));
+    assert!(
+        b2.cookies()
+            .await
+            .iter()
+            .all(|c| c["name"] != "__Host-sidekey-connect"),
+        "no binding cookie for the second browser"
+    );
+    // And the first browser cannot finish the spent flow afterwards.
+    b1.click("#approve").await;
+    b1.wait_url("the callback", |u| u.contains("/oauth/google/callback"))
+        .await;
+    assert!(b1.text().await.contains("not valid"));
+    assert_eq!(cred("google").await, 404);
+    b2.close().await;
+    b1.close().await;
+}
