@@ -154,15 +154,27 @@ async fn writes_through_one_replica_are_served_by_all() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.last().bearer().as_deref(), Some("tok-acme"));
 
-    // A deletion on C is refused everywhere.
+    // A deletion on C is refused everywhere within the propagation bound.
     let r = c
         .admin(Method::DELETE, "/v1/users/alice/credentials/custom", None)
         .await;
     assert_eq!(r.status, 204);
-    let r = a
-        .proxy(Method::GET, "/v1/proxy/custom/me", &session, "")
-        .await;
-    r.assert_error(424, "credential_missing");
+    let deleted_at = Instant::now();
+    for sk in [a, b] {
+        loop {
+            let r = sk
+                .proxy(Method::GET, "/v1/proxy/custom/me", &session, "")
+                .await;
+            if r.status == 424 {
+                r.assert_error(424, "credential_missing");
+                break;
+            }
+            assert!(
+                deleted_at.elapsed() < Duration::from_millis(250),
+                "a deleted credential was still served after 250 ms"
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -528,15 +540,27 @@ async fn postgres_outage_is_503_then_recovers_without_losing_writes() {
             .await;
         assert_eq!(m.status, 200, "u{i}: {}", m.text());
     }
-    let ready = support::send(
-        &rs[0].admin_client,
-        Method::GET,
-        &rs[0].admin_url("/readyz"),
-        &[],
-        "",
-    )
-    .await;
-    assert_eq!(ready.status, 200);
+    // Ready again once the change listener is back (it retries every
+    // second at most).
+    let start = Instant::now();
+    loop {
+        let ready = support::send(
+            &rs[0].admin_client,
+            Method::GET,
+            &rs[0].admin_url("/readyz"),
+            &[],
+            "",
+        )
+        .await;
+        if ready.status == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

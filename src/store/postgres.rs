@@ -855,7 +855,7 @@ async fn listen_forever(target: Target, caches: Arc<Caches>) {
         }
         caches.set_live(false);
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(2));
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 
