@@ -129,13 +129,15 @@ impl Cluster {
             data = data.display(),
             dir = dir.display(),
         );
-        Command::new("setsid")
-            .args(["sh", "-c", &watchdog])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the cluster watchdog");
+        // Detached (setsid, backgrounded by a shell we wait for) so that
+        // it outlives this process and cleans up after it.
+        let quoted = watchdog.replace('\'', "'\\''");
+        run(
+            Command::new("sh").arg("-c").arg(format!(
+                "setsid sh -c '{quoted}' </dev/null >/dev/null 2>&1 &"
+            )),
+            "start the cluster watchdog",
+        );
         Cluster { dir, bin }
     }
 
