@@ -221,6 +221,11 @@ pub fn credential_metadata(owner: &Owner, provider: &str, c: &Credential, now: i
         "scopes": c.scopes,
         "updated_at": c.updated_at,
     });
+    if c.reauth_required {
+        // The provider's refusal code (e.g. `invalid_grant`): why the user
+        // must reconnect. Never a token.
+        v["reason"] = json!(c.reauth_reason.as_deref().unwrap_or("refresh_refused"));
+    }
     match owner {
         Owner::User(u) => v["user"] = json!(u),
         Owner::Tenant(t) => v["tenant"] = json!(t),
