@@ -151,7 +151,8 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
             new_key_file.display()
         ))
     })?;
-    let new_key = MasterKey::parse(&crate::secret::Secret::new(new_text))
+    let new_text = crate::secret::Secret::new(new_text);
+    let new_key = MasterKey::parse(&new_text)
         .map_err(|e| Fatal::new(format!("--new-key-file: {} {e}", new_key_file.display())))?;
     let keys = current_keys(&cfg)?;
     // The current key again is refused, unless previous keys are listed: a
@@ -164,13 +165,33 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
         ));
     }
     let new_id = new_key.id();
-    let store = open_store_offline(&cfg, keys).map_err(|e| match e {
-        OpenError::Locked(_) => Fatal::new(format!(
-            "store at {} is in use: stop sidekey before rotate-key",
-            cfg.store.path.display()
-        )),
-        other => Fatal::new(other.to_string()),
-    })?;
+    let store = match open_store_offline(&cfg, keys) {
+        Ok(s) => s,
+        Err(OpenError::Locked(_)) => {
+            return Err(Fatal::new(format!(
+                "store at {} is in use: stop sidekey before rotate-key",
+                cfg.store.path.display()
+            )));
+        }
+        Err(OpenError::WrongKey(msg)) => {
+            // A second run after a finished rotation: the configured key no
+            // longer opens the store, but the new one does.
+            let again = MasterKey::parse(&new_text)
+                .map(|k| KeyRing::new(k, vec![]))
+                .ok()
+                .and_then(|ring| crate::store::check_key(&cfg.store.path, &ring).ok());
+            if again == Some(true) {
+                println!(
+                    "the rotation is already done: the store is encrypted under key id {} from {}; point store.master_key_file at that file (nothing was changed)",
+                    new_id.hex(),
+                    new_key_file.display()
+                );
+                return Ok(());
+            }
+            return Err(Fatal::new(msg));
+        }
+        Err(other) => return Err(Fatal::new(other.to_string())),
+    };
     let n = store
         .reseal_all(&KeyRing::new(new_key, vec![]))
         .map_err(|e| {
@@ -331,6 +352,18 @@ pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal>
         }
         Err(e) => Err(Fatal::new(format!("push-tools: {e}"))),
     }
+}
+
+/// `sidekey echo-upstream [--listen ADDR]`: serves until stopped, by
+/// default where the config's `demo` provider sends its calls.
+pub fn echo_upstream(path: &Path, listen: Option<std::net::SocketAddr>) -> Result<(), Fatal> {
+    let listen = match listen {
+        Some(a) => a,
+        None => crate::demo::listen_from_config(path).map_err(Fatal::new)?,
+    };
+    let rt = runtime()?;
+    rt.block_on(crate::demo::run(listen))
+        .map_err(|e| Fatal::new(format!("--listen {listen}: {e}")))
 }
 
 /// Used by `serve` callers that already have a runtime (tests, embedding).

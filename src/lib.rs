@@ -20,6 +20,7 @@
 //! - [`audit`], [`metrics`], [`limits`] — what operators watch and cap
 //! - [`client`], [`body`], [`secret`], [`clock`], [`logging`] — plumbing
 //! - [`commands`]   — the CLI commands `main` calls
+//! - [`demo`]       — `sidekey echo-upstream`, a local provider for the walkthrough
 
 #![forbid(unsafe_code)]
 
@@ -32,6 +33,7 @@ pub mod client;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod elevenlabs;
 pub mod error;
 pub mod limits;
