@@ -121,6 +121,7 @@ async fn dispatch(
             let v = crate::oauth::start(app, user, provider, body).await?;
             Ok(body::json(StatusCode::OK, &v))
         }
+        (&M::GET, ["v1", "users"]) => list_users(app, query),
         (&M::PUT, ["v1", "users", user]) => put_user(app, id(user, "user id")?, body).await,
         (&M::GET, ["v1", "users", user]) => get_user(app, id(user, "user id")?),
         (&M::DELETE, ["v1", "users", user]) => delete_user(app, id(user, "user id")?).await,
@@ -134,6 +135,7 @@ async fn dispatch(
         | (_, ["v1", "users", _, "credentials"])
         | (_, ["v1", "tenants", _, "credentials"])
         | (_, ["v1", "users", _, "oauth", _, "start"])
+        | (_, ["v1", "users"])
         | (_, ["v1", "users", _])
         | (_, ["v1", "sessions"])
         | (_, ["v1", "sessions", _])
@@ -141,6 +143,14 @@ async fn dispatch(
         _ => Err(ApiError::NotFound(
             "There is no such admin endpoint.".into(),
         )),
+    }
+}
+
+/// `unknown_provider` for the main app: lists the configured providers.
+pub fn unknown_provider(app: &App, name: &str) -> ApiError {
+    ApiError::UnknownProviderAdmin {
+        name: name.to_owned(),
+        configured: app.providers.names().to_vec(),
     }
 }
 
@@ -241,7 +251,7 @@ async fn credential_route(
     let p = app
         .providers
         .get(provider)
-        .ok_or_else(|| ApiError::UnknownProvider(app.providers.label(provider)))?
+        .ok_or_else(|| unknown_provider(app, provider))?
         .clone();
     let now = app.clock.now();
     match *method {
@@ -420,17 +430,23 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
     Ok(body::json(StatusCode::OK, &user_json(user, &profile)))
 }
 
-fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
+/// A user's profile and credential metadata; `None` when neither exists.
+/// A user known only through credentials (created by a credential PUT) has
+/// no profile: its `updated_at` is that of its latest credential write.
+fn user_view(app: &Arc<App>, user: &str) -> Result<Option<Value>, ApiError> {
     let profile = app.store.user(user).map_err(flush_failed)?;
     let creds = app
         .store
         .list_credentials(&Owner::User(user.to_owned()))
         .map_err(flush_failed)?;
     if profile.is_none() && creds.is_empty() {
-        return Err(ApiError::NotFound(format!("There is no user {user}.")));
+        return Ok(None);
     }
     let now = app.clock.now();
-    let mut v = user_json(user, &profile.unwrap_or_default());
+    let mut profile = profile.unwrap_or_default();
+    let latest_credential = creds.iter().map(|(_, c)| c.updated_at).max();
+    profile.updated_at = profile.updated_at.max(latest_credential.unwrap_or(0));
+    let mut v = user_json(user, &profile);
     let owner = Owner::User(user.to_owned());
     v["credentials"] = Value::Array(
         creds
@@ -438,7 +454,54 @@ fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
             .map(|(p, c)| credential_metadata(&owner, p, c, now))
             .collect(),
     );
-    Ok(body::json(StatusCode::OK, &v))
+    Ok(Some(v))
+}
+
+fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
+    match user_view(app, user)? {
+        Some(v) => Ok(body::json(StatusCode::OK, &v)),
+        None => Err(ApiError::NotFound(format!("There is no user {user}."))),
+    }
+}
+
+/// `GET /v1/users?limit=&after=`: users in id order, a page at a time;
+/// `next` is the `after` of the following page (null on the last one).
+fn list_users(app: &Arc<App>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let mut after: Option<String> = None;
+    let mut limit = 100usize;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "after" if !v.is_empty() => after = Some(id(&v, "after cursor")?.to_owned()),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("limit must be between 1 and 1000.".into())
+                    })?
+            }
+            _ => {}
+        }
+    }
+    let mut ids = app
+        .store
+        .list_users(after.as_deref(), limit + 1)
+        .map_err(flush_failed)?;
+    let more = ids.len() > limit;
+    ids.truncate(limit);
+    let mut users = Vec::with_capacity(ids.len());
+    for u in &ids {
+        // A user deleted since the key scan is simply left out.
+        if let Some(v) = user_view(app, u)? {
+            users.push(v);
+        }
+    }
+    let next = if more { ids.last().cloned() } else { None };
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({"users": users, "next": next}),
+    ))
 }
 
 async fn delete_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
@@ -505,7 +568,7 @@ async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, A
     let mut uniq: Vec<String> = Vec::new();
     for p in providers {
         if app.providers.get(&p).is_none() {
-            return Err(ApiError::UnknownProvider(app.providers.label(&p)));
+            return Err(unknown_provider(app, &p));
         }
         if !uniq.contains(&p) {
             uniq.push(p);

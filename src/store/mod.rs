@@ -755,6 +755,41 @@ impl Store {
         self.users.get_as(&self.keys, user.as_bytes())
     }
 
+    /// User ids with a profile or a credential, ascending, strictly after
+    /// `after`, at most `limit`. Reads record keys only (nothing decrypted).
+    pub fn list_users(&self, after: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        use std::collections::BTreeSet;
+        use std::ops::Bound;
+        let after = after.unwrap_or("");
+        let beyond = |u: &str| u > after;
+        let mut ids = BTreeSet::new();
+        let from = Bound::Excluded(after.as_bytes().to_vec());
+        for k in self.users.tree.range((from, Bound::Unbounded)).keys() {
+            if ids.len() >= limit {
+                break;
+            }
+            ids.insert(String::from_utf8_lossy(&k?).into_owned());
+        }
+        // `u/<user>/<provider>`: '+', '-' and '.' sort before '/', so key
+        // order is not user order; every user after `after` has a key at or
+        // above `u/<after>`, and the whole tail is read.
+        let start = format!("u/{after}");
+        for k in self.credentials.tree.range(start.as_bytes()..).keys() {
+            let k = k?;
+            let Some(rest) = k.strip_prefix(b"u/") else {
+                break;
+            };
+            let Some(end) = rest.iter().position(|b| *b == b'/') else {
+                continue;
+            };
+            let u = String::from_utf8_lossy(&rest[..end]);
+            if beyond(&u) {
+                ids.insert(u.into_owned());
+            }
+        }
+        Ok(ids.into_iter().take(limit).collect())
+    }
+
     /// Stores a profile and re-points its phone numbers. A number that
     /// belongs to another user is refused, and nothing changes.
     pub fn put_user(
