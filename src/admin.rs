@@ -24,6 +24,10 @@ use crate::store::{AuditRecord, Credential, Owner, PutUserError, UserProfile};
 
 const MAX_ADMIN_BODY: usize = 1 << 20;
 
+/// The OpenAPI 3.1 description of both listeners, served as committed
+/// (tests/openapi.rs checks it against the running server).
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
+
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     if !authorized(app, req.headers()) {
@@ -96,6 +100,11 @@ async fn dispatch(
     use Method as M;
     match (method, segs) {
         (&M::GET, ["metrics"]) => Ok(metrics(app)),
+        (&M::GET, ["v1", "openapi.json"]) => Ok(body::text(
+            StatusCode::OK,
+            "application/json",
+            OPENAPI_JSON.to_owned(),
+        )),
         (&M::GET, ["v1", "audit"]) => audit(app, query).await,
         (&M::GET, ["v1", "elevenlabs", "tools"]) => Ok(body::json(
             StatusCode::OK,
@@ -130,6 +139,7 @@ async fn dispatch(
         (&M::DELETE, ["v1", "sessions", sid]) => delete_session(app, sid).await,
         (&M::POST, ["v1", "admin", "backup"]) => backup(app, body).await,
         (_, ["metrics"])
+        | (_, ["v1", "openapi.json"])
         | (_, ["v1", "audit"])
         | (_, ["v1", "elevenlabs", "tools"])
         | (_, ["v1", "users", _, "credentials"])
