@@ -293,7 +293,59 @@ fn readme_walkthrough_runs_as_written() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // docs/elevenlabs.md's session mint, against the same server.
+    let el = std::fs::read_to_string(repo().join("docs/elevenlabs.md")).unwrap();
+    let mint = blocks(&el, "## 1. Pass the session at conversation start");
+    let (_, cmd) = mint.iter().find(|(i, _)| i == "sh").expect("mint block");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{}", ports(cmd)))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)));
+    assert!(v["session_id"].as_str().unwrap().starts_with("ses_"), "{v}");
+    assert_eq!(
+        v["dynamic_variables"]["secret__sidekey_session"], v["token"],
+        "{v}"
+    );
     drop(running);
+}
+
+#[test]
+fn elevenlabs_doc_rewrite_tool_runs_as_written() {
+    let el = std::fs::read_to_string(repo().join("docs/elevenlabs.md")).unwrap();
+    let found = blocks(&el, "### Convert an existing tool");
+    let (_, cmd) = found
+        .iter()
+        .find(|(i, _)| i == "sh")
+        .expect("rewrite-tool block");
+    let (_, expected) = found
+        .iter()
+        .find(|(i, _)| i == "json")
+        .expect("its output");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(repo().join("config.toml"), dir.path().join("config.toml")).unwrap();
+    std::fs::create_dir_all(dir.path().join("target/release")).unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_sidekey"),
+        dir.path().join("target/release/sidekey"),
+    )
+    .unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{cmd}"))
+        .current_dir(dir.path())
+        .env_remove("SIDEKEY_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: serde_json::Value = serde_json::from_str(expected).unwrap();
+    assert_eq!(got, want, "docs/elevenlabs.md promises a different tool");
 }
 
 #[test]
