@@ -304,7 +304,11 @@ fn readme_walkthrough_runs_as_written() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)));
     assert!(v["session_id"].as_str().unwrap().starts_with("ses_"), "{v}");
@@ -323,10 +327,7 @@ fn elevenlabs_doc_rewrite_tool_runs_as_written() {
         .iter()
         .find(|(i, _)| i == "sh")
         .expect("rewrite-tool block");
-    let (_, expected) = found
-        .iter()
-        .find(|(i, _)| i == "json")
-        .expect("its output");
+    let (_, expected) = found.iter().find(|(i, _)| i == "json").expect("its output");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(repo().join("config.toml"), dir.path().join("config.toml")).unwrap();
     std::fs::create_dir_all(dir.path().join("target/release")).unwrap();
@@ -342,7 +343,11 @@ fn elevenlabs_doc_rewrite_tool_runs_as_written() {
         .env_remove("SIDEKEY_CONFIG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let want: serde_json::Value = serde_json::from_str(expected).unwrap();
     assert_eq!(got, want, "docs/elevenlabs.md promises a different tool");
