@@ -159,7 +159,8 @@ async fn dispatch(
 /// `unknown_provider` for the main app: lists the configured providers.
 pub fn unknown_provider(app: &App, name: &str) -> ApiError {
     ApiError::UnknownProviderAdmin {
-        name: name.to_owned(),
+        // Names from a session body are not validated ids: bound the echo.
+        name: name.chars().take(128).collect(),
         configured: app.providers.names().to_vec(),
     }
 }

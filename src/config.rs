@@ -823,8 +823,6 @@ impl Config {
     }
 }
 
-/// toml quotes the offending value in backticks for type errors; a value
-/// may be an inline secret, so type errors lose their quotes.
 /// The raw shape, and every unknown key and type error in it. serde stops
 /// at the first such error, so each one found is recorded and its lines
 /// blanked (line numbers stay right), until the rest parses; a syntax error
@@ -895,6 +893,8 @@ fn line_of(m: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// toml quotes the offending value for type errors; a value may be an
+/// inline secret, so type errors keep only the value's kind.
 fn without_values(msg: &str) -> String {
     if !(msg.starts_with("invalid type") || msg.starts_with("invalid value")) {
         return msg.to_owned();
