@@ -390,3 +390,68 @@ async fn push_tools_refuses_answers_that_are_not_elevenlabs() {
     }
     assert_eq!(other.count(), 1, "nothing created after a bad listing");
 }
+
+#[tokio::test]
+async fn user_pages_match_a_sorted_listing_whatever_the_ids() {
+    let up = Upstream::start().await;
+    let sk = InProcess::start(Options::with_providers(&provider_toml(
+        "custom", &up.url, "",
+    )))
+    .await;
+    // Ids built from characters that sort below, at and above the store's
+    // '/' separator, so key order and id order disagree often.
+    let alphabet = ['a', 'b', '.', '+', '-', 'Z', '_'];
+    let mut all = std::collections::BTreeSet::new();
+    let mut n = 7u32;
+    for i in 0..60 {
+        n = n.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let len = 1 + (n >> 8) as usize % 4;
+        let id: String = (0..len)
+            .map(|j| alphabet[((n >> (10 + 3 * j)) as usize) % alphabet.len()])
+            .collect();
+        let id = format!("a{id}");
+        if i % 5 == 0 {
+            let r = sk
+                .admin(
+                    Method::PUT,
+                    &format!("/v1/users/{}", id.replace('+', "%2B")),
+                    Some(json!({})),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{id}: {}", r.text());
+        } else {
+            sk.put_credential(
+                &id.replace('+', "%2B"),
+                "custom",
+                json!({"access_token": "t"}),
+            )
+            .await;
+        }
+        all.insert(id);
+    }
+    let all: Vec<String> = all.into_iter().collect();
+    for limit in [1, 2, 3, 7, 100] {
+        let mut seen: Vec<String> = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let q = match &after {
+                Some(a) => format!("/v1/users?limit={limit}&after={}", a.replace('+', "%2B")),
+                None => format!("/v1/users?limit={limit}"),
+            };
+            let v = sk.admin(Method::GET, &q, None).await.json();
+            let page: Vec<String> = v["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u["user"].as_str().unwrap().to_owned())
+                .collect();
+            assert!(page.len() <= limit);
+            seen.extend(page);
+            match v["next"].as_str() {
+                Some(n) => after = Some(n.to_owned()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all, "limit {limit}");
+    }
+}

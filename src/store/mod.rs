@@ -770,9 +770,13 @@ impl Store {
             }
             ids.insert(String::from_utf8_lossy(&k?).into_owned());
         }
-        // `u/<user>/<provider>`: '+', '-' and '.' sort before '/', so key
-        // order is not user order; every user after `after` has a key at or
-        // above `u/<after>`, and the whole tail is read.
+        // Credential keys are `u/<user>/<provider>`. Every user after
+        // `after` has a key at or above `u/<after>`. Key order is user order
+        // except that '+', '-' and '.' sort before '/': a key after user
+        // `w`'s can only belong to a user above `w` or to a proper prefix of
+        // `w` cut just before one of those characters. So once `limit`
+        // users below `w` are known, those prefixes are looked up directly
+        // and the scan stops.
         let start = format!("u/{after}");
         for k in self.credentials.tree.range(start.as_bytes()..).keys() {
             let k = k?;
@@ -782,10 +786,29 @@ impl Store {
             let Some(end) = rest.iter().position(|b| *b == b'/') else {
                 continue;
             };
-            let u = String::from_utf8_lossy(&rest[..end]);
-            if beyond(&u) {
-                ids.insert(u.into_owned());
+            let u = String::from_utf8_lossy(&rest[..end]).into_owned();
+            if !beyond(&u) {
+                continue;
             }
+            if ids.len() >= limit && ids.iter().nth(limit - 1).is_some_and(|m| *m < u) {
+                for (i, c) in u.char_indices() {
+                    let v = &u[..i];
+                    if matches!(c, '+' | '-' | '.') && !v.is_empty() && beyond(v) {
+                        let key = format!("u/{v}/");
+                        if self
+                            .credentials
+                            .tree
+                            .scan_prefix(key.as_bytes())
+                            .next()
+                            .is_some()
+                        {
+                            ids.insert(v.to_owned());
+                        }
+                    }
+                }
+                break;
+            }
+            ids.insert(u);
         }
         Ok(ids.into_iter().take(limit).collect())
     }
