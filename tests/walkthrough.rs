@@ -25,14 +25,21 @@ fn blocks(markdown: &str, heading: &str) -> Vec<(String, String)> {
     let end = rest[..end].find("\n### ").unwrap_or(end);
     let mut out = Vec::new();
     let mut cur: Option<(String, String)> = None;
+    // Fences may be indented (blocks inside list items); so is their text.
+    let mut indent = 0;
     for line in rest[..end].lines() {
-        if let Some(info) = line.strip_prefix("```") {
+        let trimmed = line.trim_start();
+        if let Some(info) = trimmed.strip_prefix("```") {
             match cur.take() {
                 Some(b) => out.push(b),
-                None => cur = Some((info.trim().to_owned(), String::new())),
+                None => {
+                    indent = line.len() - trimmed.len();
+                    cur = Some((info.trim().to_owned(), String::new()));
+                }
             }
         } else if let Some((_, text)) = cur.as_mut() {
-            text.push_str(line);
+            let cut = line.len() - line.trim_start().len();
+            text.push_str(&line[cut.min(indent)..]);
             text.push('\n');
         }
     }
@@ -314,6 +321,23 @@ fn readme_walkthrough_runs_as_written() {
     assert!(v["session_id"].as_str().unwrap().starts_with("ses_"), "{v}");
     assert_eq!(
         v["dynamic_variables"]["secret__sidekey_session"], v["token"],
+        "{v}"
+    );
+
+    // docs/elevenlabs.md's phone number registration.
+    let phones = blocks(&el, "## 3. Inbound phone calls");
+    let (_, cmd) = phones.iter().find(|(i, _)| i == "sh").expect("phone block");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{}", ports(cmd)))
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        v["phone_numbers"],
+        serde_json::json!(["+15551234567"]),
         "{v}"
     );
     drop(running);
