@@ -439,6 +439,98 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
     Some(r)
 }
 
+/// `{anything}` → `{}`, a trailing `{path...}` → `{}`, query dropped.
+fn normalise(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut out = String::new();
+    let mut inside = false;
+    for c in path.chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push_str("{}");
+            }
+            '}' => inside = false,
+            _ if !inside => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Every route the README's API tables name is described, so the tables
+/// and the description list the same API.
+#[test]
+fn readme_routes_are_all_described() {
+    let doc = spec();
+    let mut described = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for m in item.as_object().unwrap().keys() {
+            described.insert(format!("{} {}", m.to_uppercase(), normalise(path)));
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut routes = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| ")) {
+        let Some(cell) = line.split(" | ").next() else {
+            continue;
+        };
+        // Cells look like `| ✚ \`GET /v1/users/{user}\`` or `PUT\|GET /…`.
+        for code in cell.split('`').skip(1).step_by(2) {
+            let Some((methods, path)) = code.split_once(' ') else {
+                continue;
+            };
+            if !path.starts_with('/') {
+                continue;
+            }
+            for m in methods.split("\\|") {
+                let ms: Vec<&str> = if m == "ANY" {
+                    vec!["GET", "POST", "PUT", "PATCH", "DELETE"]
+                } else {
+                    vec![m]
+                };
+                for m in ms {
+                    let key = format!("{m} {}", normalise(path));
+                    assert!(
+                        described.contains(&key),
+                        "README names {key}, docs/openapi.json does not describe it"
+                    );
+                    routes += 1;
+                }
+            }
+        }
+    }
+    assert!(routes >= 30, "only {routes} README routes found");
+}
+
+/// The description is valid OpenAPI 3.1 (checked with the Python
+/// openapi-spec-validator where it is installed).
+#[test]
+fn openapi_is_valid_where_a_validator_is_installed() {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import openapi_spec_validator"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("openapi-spec-validator not installed: validity not checked here");
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1])))",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docs/openapi.json is not valid OpenAPI: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn openapi_matches_the_running_server() {
     let doc = spec();
