@@ -24,6 +24,10 @@ use crate::store::{AuditRecord, Credential, Owner, PutUserError, UserProfile};
 
 const MAX_ADMIN_BODY: usize = 1 << 20;
 
+/// The OpenAPI 3.1 description of both listeners, served as committed
+/// (tests/openapi.rs checks it against the running server).
+pub const OPENAPI_JSON: &str = include_str!("../docs/openapi.json");
+
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     if !authorized(app, req.headers()) {
@@ -96,6 +100,11 @@ async fn dispatch(
     use Method as M;
     match (method, segs) {
         (&M::GET, ["metrics"]) => Ok(metrics(app).await),
+        (&M::GET, ["v1", "openapi.json"]) => Ok(body::text(
+            StatusCode::OK,
+            "application/json",
+            OPENAPI_JSON.to_owned(),
+        )),
         (&M::GET, ["v1", "audit"]) => audit(app, query).await,
         (&M::GET, ["v1", "elevenlabs", "tools"]) => Ok(body::json(
             StatusCode::OK,
@@ -124,6 +133,7 @@ async fn dispatch(
         (&M::POST, ["v1", "users", user, "connect"]) => {
             crate::connect::create_link(app, id(user, "user id")?, body).await
         }
+        (&M::GET, ["v1", "users"]) => list_users(app, query).await,
         (&M::PUT, ["v1", "users", user]) => put_user(app, id(user, "user id")?, body).await,
         (&M::GET, ["v1", "users", user]) => get_user(app, id(user, "user id")?).await,
         (&M::DELETE, ["v1", "users", user]) => delete_user(app, id(user, "user id")?).await,
@@ -132,12 +142,14 @@ async fn dispatch(
         (&M::DELETE, ["v1", "sessions", sid]) => delete_session(app, sid).await,
         (&M::POST, ["v1", "admin", "backup"]) => backup(app, body).await,
         (_, ["metrics"])
+        | (_, ["v1", "openapi.json"])
         | (_, ["v1", "audit"])
         | (_, ["v1", "elevenlabs", "tools"])
         | (_, ["v1", "users", _, "credentials"])
         | (_, ["v1", "tenants", _, "credentials"])
         | (_, ["v1", "users", _, "oauth", _, "start"])
         | (_, ["v1", "users", _, "connect"])
+        | (_, ["v1", "users"])
         | (_, ["v1", "users", _])
         | (_, ["v1", "sessions"])
         | (_, ["v1", "sessions", _])
@@ -145,6 +157,15 @@ async fn dispatch(
         _ => Err(ApiError::NotFound(
             "There is no such admin endpoint.".into(),
         )),
+    }
+}
+
+/// `unknown_provider` for the main app: lists the configured providers.
+pub fn unknown_provider(app: &App, name: &str) -> ApiError {
+    ApiError::UnknownProviderAdmin {
+        // Names from a session body are not validated ids: bound the echo.
+        name: name.chars().take(128).collect(),
+        configured: app.providers.names().to_vec(),
     }
 }
 
@@ -245,7 +266,7 @@ async fn credential_route(
     let p = app
         .providers
         .get(provider)
-        .ok_or_else(|| ApiError::UnknownProvider(app.providers.label(provider)))?
+        .ok_or_else(|| unknown_provider(app, provider))?
         .clone();
     let now = app.clock.now();
     match *method {
@@ -435,7 +456,10 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
     Ok(body::json(StatusCode::OK, &user_json(user, &profile)))
 }
 
-async fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
+/// A user's profile and credential metadata; `None` when neither exists.
+/// A user known only through credentials (created by a credential PUT) has
+/// no profile: its `updated_at` is that of its latest credential write.
+async fn user_view(app: &Arc<App>, user: &str) -> Result<Option<Value>, ApiError> {
     let profile = app.store.user(user).await.map_err(ApiError::from)?;
     let creds = app
         .store
@@ -443,10 +467,13 @@ async fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError
         .await
         .map_err(ApiError::from)?;
     if profile.is_none() && creds.is_empty() {
-        return Err(ApiError::NotFound(format!("There is no user {user}.")));
+        return Ok(None);
     }
     let now = app.clock.now();
-    let mut v = user_json(user, &profile.unwrap_or_default());
+    let mut profile = profile.unwrap_or_default();
+    let latest_credential = creds.iter().map(|(_, c)| c.updated_at).max();
+    profile.updated_at = profile.updated_at.max(latest_credential.unwrap_or(0));
+    let mut v = user_json(user, &profile);
     let owner = Owner::User(user.to_owned());
     v["credentials"] = Value::Array(
         creds
@@ -454,7 +481,55 @@ async fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError
             .map(|(p, c)| credential_metadata(&owner, p, c, now))
             .collect(),
     );
-    Ok(body::json(StatusCode::OK, &v))
+    Ok(Some(v))
+}
+
+async fn get_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
+    match user_view(app, user).await? {
+        Some(v) => Ok(body::json(StatusCode::OK, &v)),
+        None => Err(ApiError::NotFound(format!("There is no user {user}."))),
+    }
+}
+
+/// `GET /v1/users?limit=&after=`: users in id order, a page at a time;
+/// `next` is the `after` of the following page (null on the last one).
+async fn list_users(app: &Arc<App>, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let mut after: Option<String> = None;
+    let mut limit = 100usize;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "after" if !v.is_empty() => after = Some(id(&v, "after cursor")?.to_owned()),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("limit must be between 1 and 1000.".into())
+                    })?
+            }
+            _ => {}
+        }
+    }
+    let mut ids = app
+        .store
+        .list_users(after.as_deref(), limit + 1)
+        .await
+        .map_err(ApiError::from)?;
+    let more = ids.len() > limit;
+    ids.truncate(limit);
+    let mut users = Vec::with_capacity(ids.len());
+    for u in &ids {
+        // A user deleted since the key scan is simply left out.
+        if let Some(v) = user_view(app, u).await? {
+            users.push(v);
+        }
+    }
+    let next = if more { ids.last().cloned() } else { None };
+    Ok(body::json(
+        StatusCode::OK,
+        &json!({"users": users, "next": next}),
+    ))
 }
 
 async fn delete_user(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
@@ -522,7 +597,7 @@ async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, A
     let mut uniq: Vec<String> = Vec::new();
     for p in providers {
         if app.providers.get(&p).is_none() {
-            return Err(ApiError::UnknownProvider(app.providers.label(&p)));
+            return Err(unknown_provider(app, &p));
         }
         if !uniq.contains(&p) {
             uniq.push(p);

@@ -167,7 +167,8 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
             new_key_file.display()
         ))
     })?;
-    let new_key = MasterKey::parse(&crate::secret::Secret::new(new_text))
+    let new_text = crate::secret::Secret::new(new_text);
+    let new_key = MasterKey::parse(&new_text)
         .map_err(|e| Fatal::new(format!("--new-key-file: {} {e}", new_key_file.display())))?;
     let keys = current_keys(&cfg)?;
     // The current key again is refused, unless previous keys are listed: a
@@ -181,7 +182,23 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
     }
     let new_id = new_key.id();
     let rt = runtime()?;
-    let store = open_store_offline(&rt, &cfg)?;
+    drop(keys);
+    let store = match open_store_offline(&rt, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            // A second run after a finished rotation: the configured key no
+            // longer opens the store, but the new one does.
+            if opens_with(&rt, &cfg, &new_text) {
+                println!(
+                    "the rotation is already done: the store is encrypted under key id {} from {}; point store.master_key_file at that file (nothing was changed)",
+                    new_id.hex(),
+                    new_key_file.display()
+                );
+                return Ok(());
+            }
+            return Err(e);
+        }
+    };
     let n = rt
         .block_on(store.reseal_all(&KeyRing::new(new_key, vec![])))
         .map_err(|e| {
@@ -202,6 +219,18 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
         new_key_file.display()
     );
     Ok(())
+}
+
+/// Whether the key in `text` alone opens the configured store.
+fn opens_with(rt: &tokio::runtime::Runtime, cfg: &Config, text: &crate::secret::Secret) -> bool {
+    let Ok(key) = MasterKey::parse(text) else {
+        return false;
+    };
+    let ring = KeyRing::new(key, vec![]);
+    match cfg.store.backend {
+        StoreBackend::Sled => crate::store::check_key(&cfg.store.path, &ring).unwrap_or(false),
+        StoreBackend::Postgres => rt.block_on(crate::app::open_store(cfg, ring)).is_ok(),
+    }
 }
 
 /// `sidekey migrate-store --from SLED_DIR`: copies every record of a sled
@@ -396,6 +425,18 @@ pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal>
         }
         Err(e) => Err(Fatal::new(format!("push-tools: {e}"))),
     }
+}
+
+/// `sidekey echo-upstream [--listen ADDR]`: serves until stopped, by
+/// default where the config's `demo` provider sends its calls.
+pub fn echo_upstream(path: &Path, listen: Option<std::net::SocketAddr>) -> Result<(), Fatal> {
+    let listen = match listen {
+        Some(a) => a,
+        None => crate::demo::listen_from_config(path).map_err(Fatal::new)?,
+    };
+    let rt = runtime()?;
+    rt.block_on(crate::demo::run(listen))
+        .map_err(|e| Fatal::new(format!("--listen {listen}: {e}")))
 }
 
 /// Used by `serve` callers that already have a runtime (tests, embedding).

@@ -563,23 +563,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config, Vec<String>> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            // The error's own Display quotes the offending line, which could
-            // hold an inline secret: report the position and message only.
-            let pos = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
-                    format!(" (line {line})")
-                })
-                .unwrap_or_default();
-            vec![format!(
-                "{}{pos}: {}",
-                path.display(),
-                without_values(e.message().trim())
-            )]
-        })?;
-        let mut p = Vec::new();
+        let (raw, mut p) = parse_raw(text, path)?;
         let mut warnings = Vec::new();
         let mut cfg = Config::from_raw(raw, path, dir, &mut p, &mut warnings);
         cfg.warnings = warnings;
@@ -1025,11 +1009,89 @@ impl Config {
     }
 }
 
-/// toml quotes the offending value in backticks for type errors; a value
-/// may be an inline secret, so type errors lose their quotes.
+/// The raw shape, and every unknown key and type error in it. serde stops
+/// at the first such error, so each one found is recorded and its lines
+/// blanked (line numbers stay right), until the rest parses; a syntax error
+/// stops there, as what follows it cannot be read reliably.
+fn parse_raw(text: &str, path: &Path) -> Result<(RawConfig, Vec<String>), Vec<String>> {
+    // The error's own Display quotes the offending line, which could hold an
+    // inline secret: report the position and message only.
+    let describe = |e: &toml::de::Error, text: &str| {
+        let msg = without_values(e.message().trim());
+        let Some(span) = e.span() else {
+            return format!("{}: {msg}", path.display());
+        };
+        let at = span.start.min(text.len());
+        let line = text[..at].matches('\n').count() + 1;
+        // Name the key (never the value) when the message does not.
+        let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let key = text[line_start..]
+            .lines()
+            .next()
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && !k.starts_with('[') && !msg.contains(*k));
+        match key {
+            Some(k) => format!("{} (line {line}): {k}: {msg}", path.display()),
+            None => format!("{} (line {line}): {msg}", path.display()),
+        }
+    };
+    if let Err(e) = text.parse::<toml::Table>() {
+        return Err(vec![describe(&e, text)]);
+    }
+    let mut problems: Vec<String> = Vec::new();
+    let mut current = text.to_owned();
+    for _ in 0..100 {
+        let e = match toml::from_str::<RawConfig>(&current) {
+            Ok(raw) => {
+                problems.sort_by_key(|m| line_of(m));
+                return Ok((raw, problems));
+            }
+            Err(e) => e,
+        };
+        problems.push(describe(&e, &current));
+        let Some(span) = e.span() else { break };
+        let start = current[..span.start.min(current.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let end = current[span.end.min(current.len())..]
+            .find('\n')
+            .map_or(current.len(), |i| span.end + i);
+        let blanked: String = current[start..end]
+            .chars()
+            .map(|c| if c == '\n' { '\n' } else { ' ' })
+            .collect();
+        let next = format!("{}{blanked}{}", &current[..start], &current[end..]);
+        if next == current {
+            break;
+        }
+        current = next;
+    }
+    problems.sort_by_key(|m| line_of(m));
+    Err(problems)
+}
+
+/// The line a parse problem names, to list them in file order.
+fn line_of(m: &str) -> usize {
+    m.split_once("(line ")
+        .and_then(|(_, r)| r.split(')').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0)
+}
+
+/// toml quotes the offending value for type errors; a value may be an
+/// inline secret, so type errors keep only the value's kind.
 fn without_values(msg: &str) -> String {
     if !(msg.starts_with("invalid type") || msg.starts_with("invalid value")) {
         return msg.to_owned();
+    }
+    // `invalid type: string "hunter2", expected u64`: keep the kind only.
+    if let (Some(rest), Some(exp)) = (msg.strip_prefix("invalid type: "), msg.find(", expected")) {
+        let kind = rest.split([' ', ',']).next().unwrap_or("value");
+        return format!("invalid type: {kind}{}", &msg[exp..]);
+    }
+    if let (true, Some(exp)) = (msg.starts_with("invalid value"), msg.find(", expected")) {
+        return format!("invalid value (hidden){}", &msg[exp..]);
     }
     let mut out = String::new();
     let mut inside = false;
@@ -1131,6 +1193,36 @@ mod tests {
         assert!(e.iter().any(|m| m.contains("max_body_bytes")));
         assert!(e.iter().any(|m| m.contains("[admin] listen")));
         assert!(e.iter().any(|m| m.contains("secret__")));
+    }
+
+    #[test]
+    fn unknown_keys_and_type_errors_are_reported_together() {
+        let e = parse(
+            "[server]\nmax_body_bytes = \"big\"\nlisten_addr = 3\n[store]\ngenerate_missing = \"yes\"\n[providers.x]\nbase_url = \"https://a\"\nscopes = [\n  1,\n]\nbase = 1\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 5, "{e:?}");
+        for (line, what) in [
+            ("line 2)", "max_body_bytes"),
+            ("line 3)", "listen_addr"),
+            ("line 5)", ""),
+            ("line 11)", "base"),
+        ] {
+            assert!(
+                e.iter().any(|m| m.contains(line) && m.contains(what)),
+                "{line} {what}: {e:?}"
+            );
+        }
+        assert!(
+            e.iter()
+                .any(|m| m.contains("line 8)") || m.contains("line 9)")),
+            "{e:?}"
+        );
+        assert!(e[0].contains("line 2)"), "file order: {e:?}");
+        assert!(
+            !e.iter().any(|m| m.contains("big")),
+            "values never echoed: {e:?}"
+        );
     }
 
     #[test]

@@ -525,6 +525,13 @@ pub fn tools(cfg: &Config, providers: &Providers) -> Vec<Value> {
 /// the API (`{"id", "tool_config"}`), or a bare tool config.
 pub fn rewrite_tool(cfg: &Config, providers: &Providers, input: &Value) -> Result<Value, String> {
     let mut out = input.clone();
+    // An item of the API's listing carries read-only fields that the
+    // create/update request does not accept.
+    if let Some(o) = out.as_object_mut() {
+        for k in ["id", "access_info", "usage_stats"] {
+            o.remove(k);
+        }
+    }
     let tc = if out.get("tool_config").is_some() {
         out.get_mut("tool_config").expect("checked")
     } else {
@@ -717,12 +724,14 @@ pub async fn push_tools(
             None => format!("{base}/v1/convai/tools"),
         };
         let list = api_call(client, Method::GET, &url, api_key, None).await?;
-        for t in list
-            .get("tools")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        // Anything but a tools list means this is not ElevenLabs' API (or
+        // not the version we know): creating tools blindly would duplicate.
+        let Some(items) = list.get("tools").and_then(Value::as_array) else {
+            return Err(format!(
+                "GET {url} did not answer with a tools list ({{\"tools\": [...]}}); is {base} the ElevenLabs API?"
+            ));
+        };
+        for t in items {
             let id = t.get("id").and_then(Value::as_str);
             let name = t
                 .get("tool_config")
@@ -774,7 +783,12 @@ pub async fn push_tools(
                 let id = created
                     .get("id")
                     .and_then(Value::as_str)
-                    .unwrap_or("?")
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| {
+                        format!(
+                            "POST {base}/v1/convai/tools answered without the new tool's id; is {base} the ElevenLabs API?"
+                        )
+                    })?
                     .to_owned();
                 lines.push(format!("created {name} ({id})"));
                 existing.push((name, id));

@@ -60,6 +60,13 @@ pub enum ApiError {
     BadPath(&'static str),
     #[error("unknown provider {}", .0.name)]
     UnknownProvider(ProviderLabel),
+    /// The admin API's `unknown_provider`: speaks to the main app's
+    /// developer, not the caller, and lists what is configured.
+    #[error("unknown provider {name}")]
+    UnknownProviderAdmin {
+        name: String,
+        configured: Vec<String>,
+    },
     #[error("no credential for {}", .0.name)]
     CredentialMissing(ProviderLabel),
     #[error("reauthorisation required for {}", .0.name)]
@@ -107,7 +114,7 @@ impl ApiError {
             ProviderNotAllowed(_) => "provider_not_allowed",
             PathNotAllowed(_) => "path_not_allowed",
             BadPath(_) => "bad_path",
-            UnknownProvider(_) => "unknown_provider",
+            UnknownProvider(_) | UnknownProviderAdmin { .. } => "unknown_provider",
             CredentialMissing(_) => "credential_missing",
             ReauthRequired(_) => "reauth_required",
             BodyTooLarge(_) => "body_too_large",
@@ -136,7 +143,7 @@ impl ApiError {
             }
             ProviderNotAllowed(_) | PathNotAllowed(_) => StatusCode::FORBIDDEN,
             BadPath(_) | BadRequest(_) => StatusCode::BAD_REQUEST,
-            UnknownProvider(_) | NotFound(_) => StatusCode::NOT_FOUND,
+            UnknownProvider(_) | UnknownProviderAdmin { .. } | NotFound(_) => StatusCode::NOT_FOUND,
             CredentialMissing(_) | ReauthRequired(_) => StatusCode::FAILED_DEPENDENCY,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RefreshFailed(_) | UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -169,6 +176,10 @@ impl ApiError {
             ),
             BadPath(_) => "That request address isn't allowed.".into(),
             UnknownProvider(p) => format!("I don't know a service called {}.", p.display),
+            UnknownProviderAdmin { name, configured } => format!(
+                "No provider named {name} is configured; the configured providers are: {}.",
+                configured.join(", ")
+            ),
             CredentialMissing(p) => format!(
                 "Your {} account isn't connected yet; please connect it in the app.",
                 p.display
@@ -194,8 +205,9 @@ impl ApiError {
                 p.display
             ),
             RateLimited { retry_after_secs } => format!(
-                "Too many requests right now; please try again in {} seconds.",
-                retry_after_secs
+                "Too many requests right now; please try again in {} second{}.",
+                retry_after_secs,
+                if *retry_after_secs == 1 { "" } else { "s" }
             ),
             Unauthorized => "Missing or wrong credentials for this endpoint.".into(),
             InvalidSignature(_) => "The webhook signature is missing, invalid or too old.".into(),
@@ -221,6 +233,7 @@ impl ApiError {
             | RefreshFailed(p)
             | UpstreamUnreachable(p)
             | UpstreamTimeout(p) => Some(&p.name),
+            UnknownProviderAdmin { name, .. } => Some(name),
             _ => None,
         }
     }

@@ -21,6 +21,7 @@
 //! - [`audit`], [`metrics`], [`limits`] — what operators watch and cap
 //! - [`client`], [`body`], [`secret`], [`clock`], [`logging`] — plumbing
 //! - [`commands`]   — the CLI commands `main` calls
+//! - [`demo`]       — `sidekey echo-upstream`, a local provider for the walkthrough
 
 #![forbid(unsafe_code)]
 
@@ -34,6 +35,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod connect;
+pub mod demo;
 pub mod elevenlabs;
 pub mod error;
 pub mod limits;

@@ -38,7 +38,8 @@ enum Command {
     RotateKey {
         #[command(flatten)]
         config: ConfigArg,
-        /// File with the new key: 32 random bytes, base64.
+        /// File with the new key: 32 random bytes, base64 (`openssl rand -base64 32`)
+        /// or 64 hex digits (`openssl rand -hex 32`).
         #[arg(long)]
         new_key_file: PathBuf,
     },
@@ -58,6 +59,16 @@ enum Command {
         /// The sled store directory to copy from (its `[store] path`).
         #[arg(long)]
         from: PathBuf,
+    },
+    /// A local upstream that answers with what it received (tokens masked),
+    /// for the `demo` provider of the shipped config.
+    EchoUpstream {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Address to listen on (plain HTTP); default: the host and port of
+        /// the config's [providers.demo] base_url, else 127.0.0.1:8099.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// ElevenLabs tool definitions.
     Elevenlabs {
@@ -95,6 +106,7 @@ fn main() -> ExitCode {
         } => commands::rotate_key(&config.config, &new_key_file),
         Command::Backup { config, out } => commands::backup(&config.config, &out),
         Command::MigrateStore { config, from } => commands::migrate_store(&config.config, &from),
+        Command::EchoUpstream { config, listen } => commands::echo_upstream(&config.config, listen),
         Command::Elevenlabs { command } => match command {
             ElevenLabsCommand::Tools(c) => commands::elevenlabs_tools(&c.config),
             ElevenLabsCommand::RewriteTool(c) => {

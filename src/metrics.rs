@@ -72,6 +72,9 @@ pub struct Metrics {
     credentials: Gauge,
     store_bytes: Gauge,
     connections: Gauge,
+    /// Requests answered `store_unavailable` (the Postgres backend could not
+    /// be reached); alerting needs it even while it stays at 0.
+    store_unavailable: Counter,
     none: Label,
 }
 
@@ -145,6 +148,12 @@ impl Metrics {
             "Open client connections on both listeners",
             connections.clone(),
         );
+        let store_unavailable = Counter::default();
+        registry.register(
+            "store_unavailable",
+            "Requests answered store_unavailable because the credential store could not be reached",
+            store_unavailable.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -156,6 +165,7 @@ impl Metrics {
             credentials,
             store_bytes,
             connections,
+            store_unavailable,
             none: Label::new("-"),
         }
     }
@@ -210,6 +220,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Call once per request answered `store_unavailable`.
+    pub fn store_unavailable(&self) {
+        self.store_unavailable.inc();
+    }
+
     pub fn connection_opened(&self) {
         self.connections.inc();
     }
@@ -246,6 +261,7 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("sidekey_sessions_active 3"), "{t}");
+        assert!(t.contains("sidekey_store_unavailable_total 0"), "{t}");
         assert!(t.contains("sidekey_upstream_latency_seconds_bucket"), "{t}");
         assert!(t.ends_with("# EOF\n"));
     }

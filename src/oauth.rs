@@ -24,6 +24,7 @@ use crate::app::App;
 use crate::body::{self, Body, html_escape};
 use crate::connect::Binding;
 use crate::error::ApiError;
+use crate::providers::Provider;
 use crate::refresh::{TokenError, call_token_endpoint};
 use crate::secret::Secret;
 use crate::store::{AuditRecord, Credential, OAuthState, Owner};
@@ -60,6 +61,24 @@ struct StartBody {
     scopes: Option<Vec<String>>,
 }
 
+/// Where the operator sets the missing client id: the source the config
+/// names (e.g. the shipped config's `SLACK_CLIENT_ID`), not just the section.
+pub fn client_id_missing(app: &App, p: &Provider) -> String {
+    use crate::config::SecretSource;
+    match app.config.providers.get(&p.name).map(|c| &c.client_id) {
+        None | Some(SecretSource::Unset) => format!(
+            "{}'s client id is not configured; set client_id, client_id_env or client_id_file in [providers.{}].",
+            p.display, p.name
+        ),
+        Some(other) => format!(
+            "{}'s client id is not configured: {} (named by [providers.{}]) is not set.",
+            p.display,
+            other.describe(),
+            p.name
+        ),
+    }
+}
+
 /// `POST /v1/users/{user}/oauth/{provider}/start` (admin).
 ///
 /// Answers the bare `authorize_url` and a `connect_url`: opening the
@@ -75,7 +94,7 @@ pub async fn start(
     let p = app
         .providers
         .get(provider)
-        .ok_or_else(|| ApiError::UnknownProvider(app.providers.label(provider)))?
+        .ok_or_else(|| crate::admin::unknown_provider(app, provider))?
         .clone();
     let b: StartBody = if body.iter().all(u8::is_ascii_whitespace) {
         StartBody::default()
@@ -149,16 +168,18 @@ pub async fn begin(
     ticket: Option<String>,
 ) -> Result<Flow, ApiError> {
     let (Some(authorize), Some(_)) = (&p.authorize_url, &p.token_url) else {
+        let missing = match (&p.authorize_url, &p.token_url) {
+            (None, None) => "authorize_url and token_url",
+            (None, Some(_)) => "authorize_url",
+            _ => "token_url",
+        };
         return Err(ApiError::BadRequest(format!(
-            "{} has no authorize_url and token_url configured, so it cannot be connected through OAuth.",
-            p.display
+            "{} cannot be connected through OAuth: [providers.{}] has no {missing}.",
+            p.display, p.name
         )));
     };
     let Some(client_id) = &p.client_id else {
-        return Err(ApiError::NotConfigured(format!(
-            "{}'s client_id is not configured; set it in [providers.{}].",
-            p.display, p.name
-        )));
+        return Err(ApiError::NotConfigured(client_id_missing(app, p)));
     };
     let state = random_b64(32);
     let verifier = Secret::new(random_b64(32));

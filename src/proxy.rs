@@ -302,6 +302,19 @@ async fn refresh_providers(
             Err(e @ ApiError::ReauthRequired(_)) => {
                 json!({"status": "reauth_required", "message": e.message()})
             }
+            // Without a client id no retry can succeed: say so rather than
+            // "try again in a moment", and tell the operator in the log.
+            Err(ApiError::RefreshFailed(_)) if provider.client_id.is_none() => {
+                tracing::warn!(
+                    provider = %provider.name,
+                    "refresh tool: {}",
+                    crate::oauth::client_id_missing(app, &provider)
+                );
+                json!({"status": "refresh_failed", "message": format!(
+                    "I can't renew access to your {} account because sidekey isn't set up for {} yet; please let the app's support team know.",
+                    provider.display, provider.display
+                )})
+            }
             Err(e @ ApiError::RefreshFailed(_)) => {
                 json!({"status": "refresh_failed", "message": e.message()})
             }

@@ -160,6 +160,15 @@ pub async fn run(
                             tracing::error!("request handler panicked");
                             ApiError::Internal.into_response()
                         });
+                    // Counted where every answer passes: the store error can
+                    // surface in any handler.
+                    if resp
+                        .headers()
+                        .get("x-sidekey-error")
+                        .is_some_and(|v| v == "store_unavailable")
+                    {
+                        app.metrics.store_unavailable();
+                    }
                     Ok::<_, Infallible>(resp)
                 }
             });

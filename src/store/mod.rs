@@ -1049,8 +1049,8 @@ impl Store {
         self.get_as(Tree::Users, user.as_bytes()).await
     }
 
-    /// Users in id order after `after`, at most `limit`, with profiles.
-    pub async fn list_users(
+    /// Profiles in key order after `after`, at most `limit` (migration).
+    async fn profiles_page(
         &self,
         after: Option<&str>,
         limit: usize,
@@ -1063,6 +1063,71 @@ impl Store {
             out.push((String::from_utf8_lossy(&k).into_owned(), p));
         }
         Ok(out)
+    }
+
+    /// User ids with a profile or a credential, ascending, strictly after
+    /// `after`, at most `limit`. Reads record keys only (nothing decrypted).
+    pub async fn list_users(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        use std::collections::BTreeSet;
+        let after = after.unwrap_or("");
+        let beyond = |u: &str| u > after;
+        let mut ids = BTreeSet::new();
+        let mut cursor: Option<Vec<u8>> = (!after.is_empty()).then(|| after.as_bytes().to_vec());
+        'users: loop {
+            let rows = on_backend!(self, b => b.page(Tree::Users, cursor.as_deref(), limit.min(500)).await)?;
+            let Some((last, _)) = rows.last() else { break };
+            cursor = Some(last.clone());
+            for (k, _) in rows {
+                if ids.len() >= limit {
+                    break 'users;
+                }
+                ids.insert(String::from_utf8_lossy(&k).into_owned());
+            }
+        }
+        // Credential keys are `u/<user>/<provider>`. Every user after
+        // `after` has a key at or above `u/<after>`. Key order is user order
+        // except that '+', '-' and '.' sort before '/': a key after user
+        // `w`'s can only belong to a user above `w` or to a proper prefix of
+        // `w` cut just before one of those characters. So once `limit`
+        // users below `w` are known, those prefixes are looked up directly
+        // and the scan stops.
+        let mut cursor = format!("u/{after}").into_bytes();
+        'creds: loop {
+            let rows = on_backend!(self, b => b.page(Tree::Credentials, Some(&cursor), 500).await)?;
+            let Some((last, _)) = rows.last() else { break };
+            cursor = last.clone();
+            for (k, _) in rows {
+                let Some(rest) = k.strip_prefix(b"u/") else {
+                    break 'creds;
+                };
+                let Some(end) = rest.iter().position(|b| *b == b'/') else {
+                    continue;
+                };
+                let u = String::from_utf8_lossy(&rest[..end]).into_owned();
+                if !beyond(&u) {
+                    continue;
+                }
+                if ids.len() >= limit && ids.iter().nth(limit - 1).is_some_and(|m| *m < u) {
+                    for (i, c) in u.char_indices() {
+                        let v = &u[..i];
+                        if matches!(c, '+' | '-' | '.') && !v.is_empty() && beyond(v) {
+                            let key = format!("u/{v}/");
+                            let found = on_backend!(self, b => b.scan_prefix(Tree::Credentials, key.as_bytes()).await)?;
+                            if !found.is_empty() {
+                                ids.insert(v.to_owned());
+                            }
+                        }
+                    }
+                    break 'creds;
+                }
+                ids.insert(u);
+            }
+        }
+        Ok(ids.into_iter().take(limit).collect())
     }
 
     /// Stores a profile and re-points its phone numbers. A number that
@@ -1409,7 +1474,7 @@ impl Store {
         if !self.same_index_key(from) {
             let mut after: Option<String> = None;
             loop {
-                let users = from.list_users(after.as_deref(), 500).await?;
+                let users = from.profiles_page(after.as_deref(), 500).await?;
                 let Some((last, _)) = users.last() else { break };
                 after = Some(last.clone());
                 let mut ops = Vec::new();

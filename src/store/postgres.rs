@@ -314,6 +314,13 @@ impl PgBackend {
             id.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let listener = tokio::spawn(listen_forever(target, caches.clone()));
+        // Ready means hearing other replicas' writes: give the listener its
+        // first connection before start-up goes on (it keeps retrying
+        // after that, and /readyz says 503 until it is up).
+        let deadline = tokio::time::Instant::now() + opts.op_timeout;
+        while !caches.is_live() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Ok(PgBackend {
             pool,
             op_timeout: opts.op_timeout,

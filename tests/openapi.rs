@@ -1,0 +1,657 @@
+//! docs/openapi.json against the real server: every path, method and status
+//! it describes is provoked on a running sidekey, and the answer must have
+//! that status, the documented error code (body and `X-Sidekey-Error`), and
+//! a body that fits the documented schema. A documented status without a
+//! way to provoke it here fails the test, so the description cannot promise
+//! more than the server does. Operations or responses marked
+//! `x-sidekey-pending` (defined by the contract, served by a later build)
+//! must still answer 404/405 here: once they are served, the mark has to go
+//! and a scenario be added.
+mod support;
+
+use std::collections::BTreeSet;
+
+use http::Method;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use support::token::TokenServer;
+use support::upstream::{Recorded, Reply, Upstream};
+use support::{InProcess, Options, Resp, send};
+
+fn spec() -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json")).unwrap();
+    serde_json::from_str(&text).expect("docs/openapi.json is JSON")
+}
+
+/// Follows a local `$ref` (`#/components/...`).
+fn resolve<'a>(root: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let ptr = r.strip_prefix('#').expect("local $ref");
+            resolve(
+                root,
+                root.pointer(ptr)
+                    .unwrap_or_else(|| panic!("dangling $ref {r}")),
+            )
+        }
+        None => v,
+    }
+}
+
+/// The JSON Schema subset the description uses: type (one or a list),
+/// required, properties, additionalProperties (schema), items, enum, $ref.
+fn validate(root: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(root, schema);
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => false,
+        });
+        if !ok {
+            return Err(format!("{at}: {v} is not {types:?}"));
+        }
+    }
+    if let Some(e) = schema.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            return Err(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    if let Some(obj) = v.as_object() {
+        for r in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let r = r.as_str().unwrap();
+            if !obj.contains_key(r) {
+                return Err(format!("{at}: required {r} missing in {v}"));
+            }
+        }
+        let props = schema.get("properties").and_then(Value::as_object);
+        for (k, val) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => validate(root, s, val, &format!("{at}.{k}"))?,
+                None => {
+                    if let Some(extra) = schema.get("additionalProperties") {
+                        if extra.is_object() {
+                            validate(root, extra, val, &format!("{at}.{k}"))?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            validate(root, items, x, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+struct Ctx {
+    sk: InProcess,
+    up: Upstream,
+    tokens: TokenServer,
+}
+
+impl Ctx {
+    async fn token(&self, providers: &[&str]) -> String {
+        self.sk.token("alice", providers).await
+    }
+
+    async fn agent(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Resp {
+        self.sk.agent(method, path, headers, body.to_owned()).await
+    }
+
+    async fn admin_raw(&self, method: Method, path: &str, auth: bool, body: &str) -> Resp {
+        let bearer = format!("Bearer {}", self.sk.admin_token);
+        let mut headers = vec![("content-type", "application/json")];
+        if auth {
+            headers.push(("authorization", bearer.as_str()));
+        }
+        send(
+            &self.sk.admin_client,
+            method,
+            &self.sk.admin_url(path),
+            &headers,
+            body.to_owned(),
+        )
+        .await
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Value) -> Resp {
+        let b = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        self.admin_raw(method, path, true, &b).await
+    }
+
+    /// A proxied call with a fresh session for `custom` (and `other` when asked).
+    async fn proxy(&self, method: &Method, path: &str, body: &str) -> Resp {
+        let t = self.token(&["custom"]).await;
+        self.agent(
+            method.clone(),
+            path,
+            &[("x-sidekey-session", &t), ("x-conversation-id", "conv_oa")],
+            body,
+        )
+        .await
+    }
+}
+
+fn pkce_challenge_from(url: &str) -> (String, String) {
+    let u = url::Url::parse(url).unwrap();
+    let get = |k: &str| {
+        u.query_pairs()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.into_owned())
+            .unwrap()
+    };
+    (get("code_challenge"), get("redirect_uri"))
+}
+
+/// Provokes `status` on `method path` (the spec's path template). None: no
+/// scenario is known, which fails the test.
+async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Resp> {
+    let m = method.clone();
+    let r = match (path, method.as_str(), status) {
+        ("/healthz", "GET", 200) => c.agent(m, "/healthz", &[], "").await,
+        ("/readyz", "GET", 200) => c.agent(m, "/readyz", &[], "").await,
+        ("/metrics", "GET", 200) => c.admin(m, "/metrics", Value::Null).await,
+        ("/v1/openapi.json", "GET", 200) => c.admin(m, "/v1/openapi.json", Value::Null).await,
+        ("/v1/users", "GET", 200) => c.admin(m, "/v1/users?limit=5", Value::Null).await,
+        ("/v1/users", "GET", 400) => c.admin(m, "/v1/users?limit=0", Value::Null).await,
+        ("/v1/users/{user}", "GET", 200) => c.admin(m, "/v1/users/alice", Value::Null).await,
+        ("/v1/users/{user}", "GET", 400) => c.admin(m, "/v1/users/a%20b", Value::Null).await,
+        ("/v1/users/{user}", "GET", 404) => c.admin(m, "/v1/users/nobody", Value::Null).await,
+        ("/v1/users/{user}", "PUT", 200) => {
+            c.admin(m, "/v1/users/alice", json!({"phone_numbers": ["+15550001111"], "tenant": "acme"}))
+                .await
+        }
+        ("/v1/users/{user}", "PUT", 400) => {
+            c.admin(m, "/v1/users/alice", json!({"phone_numbers": ["not a number"]}))
+                .await
+        }
+        ("/v1/users/{user}", "PUT", 409) => {
+            c.admin(Method::PUT, "/v1/users/carol", json!({"phone_numbers": ["+15550002222"]}))
+                .await;
+            c.admin(m, "/v1/users/dave", json!({"phone_numbers": ["+15550002222"]}))
+                .await
+        }
+        ("/v1/users/{user}", "DELETE", 204) => c.admin(m, "/v1/users/erin", Value::Null).await,
+        ("/v1/users/{user}/credentials/{provider}", "PUT", 200)
+        | ("/v1/tenants/{tenant}/credentials/{provider}", "PUT", 200) => {
+            let p = path
+                .replace("{user}", "alice")
+                .replace("{tenant}", "acme")
+                .replace("{provider}", "custom");
+            c.admin(m, &p, json!({"access_token": "at-openapi", "expires_in": 3600}))
+                .await
+        }
+        ("/v1/users/{user}/credentials/{provider}", "PUT", 400)
+        | ("/v1/tenants/{tenant}/credentials/{provider}", "PUT", 400) => {
+            let p = path
+                .replace("{user}", "alice")
+                .replace("{tenant}", "acme")
+                .replace("{provider}", "custom");
+            c.admin(m, &p, json!({"acess_token": "typo"})).await
+        }
+        ("/v1/users/{user}/credentials/{provider}", _, 404)
+        | ("/v1/tenants/{tenant}/credentials/{provider}", _, 404) => {
+            let p = path
+                .replace("{user}", "alice")
+                .replace("{tenant}", "acme")
+                .replace("{provider}", "dropbox");
+            let body = if m == Method::PUT {
+                json!({"access_token": "x"})
+            } else {
+                Value::Null
+            };
+            c.admin(m, &p, body).await
+        }
+        ("/v1/users/{user}/credentials/{provider}", "GET", 200)
+        | ("/v1/tenants/{tenant}/credentials/{provider}", "GET", 200) => {
+            let p = path
+                .replace("{user}", "alice")
+                .replace("{tenant}", "acme")
+                .replace("{provider}", "custom");
+            c.admin(Method::PUT, &p, json!({"access_token": "at-openapi"}))
+                .await;
+            c.admin(m, &p, Value::Null).await
+        }
+        ("/v1/users/{user}/credentials/{provider}", "DELETE", 204)
+        | ("/v1/tenants/{tenant}/credentials/{provider}", "DELETE", 204) => {
+            let p = path
+                .replace("{user}", "frank")
+                .replace("{tenant}", "acme2")
+                .replace("{provider}", "custom");
+            c.admin(m, &p, Value::Null).await
+        }
+        ("/v1/users/{user}/credentials", "GET", 200) => {
+            c.admin(m, "/v1/users/alice/credentials", Value::Null).await
+        }
+        ("/v1/tenants/{tenant}/credentials", "GET", 200) => {
+            c.admin(m, "/v1/tenants/acme/credentials", Value::Null).await
+        }
+        ("/v1/users/{user}/oauth/{provider}/start", "POST", 200) => {
+            c.admin(m, "/v1/users/alice/oauth/custom/start", json!({"return_to": "https://app.example/settings"}))
+                .await
+        }
+        ("/v1/users/{user}/oauth/{provider}/start", "POST", 400) => {
+            c.admin(m, "/v1/users/alice/oauth/plain/start", json!({})).await
+        }
+        ("/v1/users/{user}/oauth/{provider}/start", "POST", 404) => {
+            c.admin(m, "/v1/users/alice/oauth/dropbox/start", json!({})).await
+        }
+        ("/v1/users/{user}/oauth/{provider}/start", "POST", 503) => {
+            c.admin(m, "/v1/users/alice/oauth/noclient/start", json!({})).await
+        }
+        ("/v1/sessions", "POST", 201) => {
+            c.admin(m, "/v1/sessions", json!({"user": "alice", "providers": ["custom"], "ttl_secs": 60}))
+                .await
+        }
+        ("/v1/sessions", "POST", 400) => {
+            c.admin(m, "/v1/sessions", json!({"user": "alice", "ttl_secs": 0})).await
+        }
+        ("/v1/sessions", "POST", 404) => {
+            c.admin(m, "/v1/sessions", json!({"user": "alice", "providers": ["dropbox"]}))
+                .await
+        }
+        ("/v1/sessions/{session_id}", "GET", 200) => {
+            let s = c.sk.session("alice", &["custom"]).await;
+            let sid = s["session_id"].as_str().unwrap();
+            c.admin(m, &format!("/v1/sessions/{sid}"), Value::Null).await
+        }
+        ("/v1/sessions/{session_id}", "GET", 404) => {
+            c.admin(m, "/v1/sessions/ses_none", Value::Null).await
+        }
+        ("/v1/sessions/{session_id}", "DELETE", 204) => {
+            let s = c.sk.session("alice", &["custom"]).await;
+            let sid = s["session_id"].as_str().unwrap();
+            c.admin(m, &format!("/v1/sessions/{sid}"), Value::Null).await
+        }
+        ("/v1/elevenlabs/tools", "GET", 200) => {
+            c.admin(m, "/v1/elevenlabs/tools", Value::Null).await
+        }
+        ("/v1/audit", "GET", 200) => c.admin(m, "/v1/audit?limit=5", Value::Null).await,
+        ("/v1/audit", "GET", 400) => c.admin(m, "/v1/audit?limit=0", Value::Null).await,
+        ("/v1/admin/backup", "POST", 200) => {
+            let out = c.sk.dir.path().join("backup-openapi");
+            c.admin(m, "/v1/admin/backup", json!({"out": out.to_string_lossy()}))
+                .await
+        }
+        ("/v1/admin/backup", "POST", 400) => {
+            c.admin(m, "/v1/admin/backup", json!({"out": "relative/dir"})).await
+        }
+
+        // ----- agent listener
+        ("/v1/proxy/{provider}/{path}", _, 200) => {
+            c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
+                .await;
+            c.proxy(method, "/v1/proxy/custom/ok/x", "").await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 400) => {
+            c.proxy(method, "/v1/proxy/custom/ok/%2e%2e/x", "").await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 401) => {
+            c.agent(m, "/v1/proxy/custom/ok/x", &[("x-sidekey-session", "not-a-jwt")], "")
+                .await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 403) => {
+            c.proxy(method, "/v1/proxy/other/ok/x", "").await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 404) => {
+            c.proxy(method, "/v1/proxy/dropbox/x", "").await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 413) => {
+            c.proxy(method, "/v1/proxy/custom/ok/x", &"x".repeat(4096)).await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 424) => {
+            let t = c.sk.token("nocred", &["custom"]).await;
+            c.agent(m, "/v1/proxy/custom/ok/x", &[("x-sidekey-session", &t)], "")
+                .await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 429) => {
+            c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
+                .await;
+            let t = c.token(&["custom"]).await;
+            let h = [("x-sidekey-session", t.as_str())];
+            c.agent(m.clone(), "/v1/proxy/custom/ok/x", &h, "").await;
+            c.agent(m, "/v1/proxy/custom/ok/x", &h, "").await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 502) => {
+            c.admin(Method::PUT, "/v1/users/alice/credentials/dead", json!({"access_token": "at-openapi"}))
+                .await;
+            let t = c.token(&["dead"]).await;
+            c.agent(m, "/v1/proxy/dead/ok/x", &[("x-sidekey-session", &t)], "")
+                .await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 504) => {
+            c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
+                .await;
+            c.proxy(method, "/v1/proxy/custom/ok/slow", "").await
+        }
+        ("/v1/call/{provider}", "POST", 200 | 403 | 404 | 424) => {
+            c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
+                .await;
+            let (user, provider) = match status {
+                200 | 403 => ("alice", if status == 200 { "custom" } else { "other" }),
+                404 => ("alice", "dropbox"),
+                _ => ("nocred", "custom"),
+            };
+            let t = c.sk.token(user, &["custom"]).await;
+            let body = json!({"method": "GET", "path": "/ok/call"}).to_string();
+            c.agent(m, &format!("/v1/call/{provider}"), &[("x-sidekey-session", &t)], &body)
+                .await
+        }
+        ("/v1/call/{provider}", "POST", 400) => {
+            let t = c.token(&["custom"]).await;
+            c.agent(m, "/v1/call/custom", &[("x-sidekey-session", &t)], "[1]")
+                .await
+        }
+        ("/v1/call/{provider}", "POST", 401) => {
+            c.agent(m, "/v1/call/custom", &[], r#"{"method":"GET","path":"/ok"}"#)
+                .await
+        }
+        ("/v1/session/refresh", "POST", 200) => {
+            let t = c.token(&["custom"]).await;
+            c.agent(m, "/v1/session/refresh", &[("x-sidekey-session", &t)], "{}")
+                .await
+        }
+        ("/v1/session/refresh", "POST", 401) => {
+            c.agent(m, "/v1/session/refresh", &[("authorization", "Bearer nope")], "{}")
+                .await
+        }
+        ("/v1/elevenlabs/conversation-init", "POST", 200) => {
+            c.agent(
+                m,
+                "/v1/elevenlabs/conversation-init",
+                &[("x-sidekey-init-secret", support::INIT_SECRET)],
+                r#"{"caller_id": "+15550001111", "agent_id": "a", "called_number": "+15550009999", "call_sid": "CA1"}"#,
+            )
+            .await
+        }
+        ("/v1/elevenlabs/conversation-init", "POST", 401) => {
+            c.agent(m, "/v1/elevenlabs/conversation-init", &[], "{}").await
+        }
+        ("/v1/elevenlabs/post-call", "POST", 200) => {
+            let body = r#"{"type":"post_call_transcription","event_timestamp":1,"data":{"conversation_id":"conv_oa_end"}}"#;
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            use hmac::Mac;
+            let mut mac =
+                hmac::Hmac::<Sha256>::new_from_slice(support::WEBHOOK_SECRET.as_bytes()).unwrap();
+            mac.update(format!("{t}.{body}").as_bytes());
+            let hex: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let sig = format!("t={t},v0={hex}");
+            c.agent(m, "/v1/elevenlabs/post-call", &[("elevenlabs-signature", &sig)], body)
+                .await
+        }
+        ("/v1/elevenlabs/post-call", "POST", 401) => {
+            c.agent(m, "/v1/elevenlabs/post-call", &[("elevenlabs-signature", "t=1,v0=00")], "{}")
+                .await
+        }
+        ("/oauth/{provider}/callback", "GET", 303) => {
+            let r = c
+                .admin(Method::POST, "/v1/users/alice/oauth/custom/start", json!({"return_to": "https://app.example/settings"}))
+                .await;
+            let v = r.json();
+            let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
+            c.tokens.register_code("code-openapi", &challenge, &redirect_uri);
+            let state = v["state"].as_str().unwrap();
+            c.agent(m, &format!("/oauth/custom/callback?code=code-openapi&state={state}"), &[], "")
+                .await
+        }
+        ("/oauth/{provider}/callback", "GET", 400) => {
+            c.agent(m, "/oauth/custom/callback?code=x&state=unknown", &[], "").await
+        }
+        _ => return None,
+    };
+    Some(r)
+}
+
+/// `{anything}` → `{}`, a trailing `{path...}` → `{}`, query dropped.
+fn normalise(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut out = String::new();
+    let mut inside = false;
+    for c in path.chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push_str("{}");
+            }
+            '}' => inside = false,
+            _ if !inside => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Every route the README's API tables name is described, so the tables
+/// and the description list the same API.
+#[test]
+fn readme_routes_are_all_described() {
+    let doc = spec();
+    let mut described = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for m in item.as_object().unwrap().keys() {
+            described.insert(format!("{} {}", m.to_uppercase(), normalise(path)));
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut routes = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| ")) {
+        let Some(cell) = line.split(" | ").next() else {
+            continue;
+        };
+        // Cells look like `| ✚ \`GET /v1/users/{user}\`` or `PUT\|GET /…`.
+        for code in cell.split('`').skip(1).step_by(2) {
+            let Some((methods, path)) = code.split_once(' ') else {
+                continue;
+            };
+            if !path.starts_with('/') {
+                continue;
+            }
+            for m in methods.split("\\|") {
+                let ms: Vec<&str> = if m == "ANY" {
+                    vec!["GET", "POST", "PUT", "PATCH", "DELETE"]
+                } else {
+                    vec![m]
+                };
+                for m in ms {
+                    let key = format!("{m} {}", normalise(path));
+                    assert!(
+                        described.contains(&key),
+                        "README names {key}, docs/openapi.json does not describe it"
+                    );
+                    routes += 1;
+                }
+            }
+        }
+    }
+    assert!(routes >= 30, "only {routes} README routes found");
+}
+
+/// The description is valid OpenAPI 3.1 (checked with the Python
+/// openapi-spec-validator where it is installed).
+#[test]
+fn openapi_is_valid_where_a_validator_is_installed() {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import openapi_spec_validator"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("openapi-spec-validator not installed: validity not checked here");
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1])))",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docs/openapi.json is not valid OpenAPI: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn openapi_matches_the_running_server() {
+    let doc = spec();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let up = Upstream::start_with(std::sync::Arc::new(|r: &Recorded| {
+        if r.path.ends_with("/slow") {
+            Reply::Delay(
+                std::time::Duration::from_secs(3),
+                Box::new(support::upstream::echo(r)),
+            )
+        } else {
+            support::upstream::echo(r)
+        }
+    }))
+    .await;
+    let tokens = TokenServer::start().await;
+    let authorize = format!("{}/authorize", up.url);
+    let providers = format!(
+        "[providers.custom]\nbase_url = \"{u}\"\nallow = [\"/ok/**\"]\ntoken_url = \"{t}\"\nauthorize_url = \"{authorize}\"\nclient_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\n\
+         [providers.other]\nbase_url = \"{u}\"\n\n\
+         [providers.dead]\nbase_url = \"http://127.0.0.1:1\"\n\n\
+         [providers.plain]\nbase_url = \"{u}\"\n\n\
+         [providers.noclient]\nbase_url = \"{u}\"\ntoken_url = \"{t}\"\nauthorize_url = \"{authorize}\"\n\n\
+         [limits]\nper_session_rps = 0.5\nper_session_burst = 1\n",
+        u = up.url,
+        t = tokens.url,
+    );
+    let sk = InProcess::start(
+        Options::with_providers(&providers)
+            .server("max_body_bytes = 1024\nupstream_timeout_secs = 1"),
+    )
+    .await;
+    let c = Ctx { sk, up, tokens };
+    // The served description is the committed file.
+    let r = c.admin(Method::GET, "/v1/openapi.json", Value::Null).await;
+    assert_eq!(r.json(), doc);
+
+    let mut checked = 0;
+    let mut pending = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let Ok(m) = method.to_uppercase().parse::<Method>() else {
+                continue;
+            };
+            if !["GET", "PUT", "POST", "DELETE", "PATCH"].contains(&m.as_str()) {
+                continue;
+            }
+            let admin = item["servers"][0]["url"]
+                .as_str()
+                .unwrap()
+                .starts_with("http://");
+            if let Some(why) = op.get("x-sidekey-pending") {
+                // Not served yet: the route must not answer as if it were.
+                let concrete = path.replace("{user}", "alice").replace("{ticket}", "t1");
+                let r = if admin {
+                    c.admin(m.clone(), &concrete, json!({})).await
+                } else {
+                    c.agent(m.clone(), &concrete, &[], "").await
+                };
+                assert!(
+                    [404, 405].contains(&r.status.as_u16()),
+                    "{method} {path} is marked x-sidekey-pending ({why}) but answers {}: remove the mark and add a scenario",
+                    r.status
+                );
+                pending.insert(format!("{} {path}", m));
+                continue;
+            }
+            for (status, resp) in op["responses"].as_object().unwrap() {
+                let code: u16 = status.parse().unwrap();
+                let resp = resolve(&doc, resp);
+                if let Some(why) = resp.get("x-sidekey-pending") {
+                    pending.insert(format!("{m} {path} {status} ({})", why.as_str().unwrap()));
+                    continue;
+                }
+                let what = format!("{m} {path} → {status}");
+                let r = if code == 401 && admin {
+                    let concrete = path
+                        .replace("{user}", "alice")
+                        .replace("{tenant}", "acme")
+                        .replace("{provider}", "custom")
+                        .replace("{session_id}", "ses_x");
+                    c.admin_raw(m.clone(), &concrete, false, "{}").await
+                } else {
+                    provoke(&c, path, &m, code).await.unwrap_or_else(|| {
+                        panic!("{what}: documented, but no scenario provokes it")
+                    })
+                };
+                assert_eq!(r.status.as_u16(), code, "{what}: {}", r.text());
+                if let Some(codes) = resp.get("x-sidekey-codes").and_then(Value::as_array) {
+                    let got = r.error_code();
+                    assert!(
+                        codes.iter().any(|c| c == &json!(got)),
+                        "{what}: error code {got} not documented ({codes:?})"
+                    );
+                }
+                if let Some(content) = resp.get("content").and_then(Value::as_object) {
+                    let (ct, media) = content.iter().next().unwrap();
+                    let got_ct = r
+                        .headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    if ct != "*/*" {
+                        assert!(
+                            got_ct.starts_with(ct.as_str()),
+                            "{what}: content-type {got_ct}, documented {ct}"
+                        );
+                    }
+                    if ct == "application/json" {
+                        if let Some(schema) = media.get("schema") {
+                            if let Err(e) = validate(&doc, schema, &r.json(), "body") {
+                                panic!("{what}: {e}");
+                            }
+                        }
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("checked {checked} path/method/status combinations; pending: {pending:#?}");
+    assert!(checked > 80, "only {checked} checked");
+    assert!(c.up.count() > 0);
+}
