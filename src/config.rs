@@ -51,14 +51,17 @@ impl SecretSource {
     }
 
     /// Reads the secret. `Ok(None)` when unset, or when the file or variable
-    /// does not exist; `Err` when it exists but cannot be read.
+    /// does not exist; `Err` when it exists but cannot be read. A file or
+    /// variable that exists but is blank gives an empty secret (callers
+    /// refuse it, naming the setting): it must never pass for "no secret"
+    /// nor for a valid one.
     pub fn load(&self) -> Result<Option<Secret>, String> {
         match self {
             SecretSource::Unset => Ok(None),
             SecretSource::Inline(s) => Ok(Some(s.clone())),
             SecretSource::Env(name) => match std::env::var(name) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some(Secret::new(v.trim()))),
-                Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+                Ok(v) => Ok(Some(Secret::new(v.trim()))),
+                Err(std::env::VarError::NotPresent) => Ok(None),
                 Err(std::env::VarError::NotUnicode(_)) => {
                     Err(format!("environment variable {name} is not valid UTF-8"))
                 }
@@ -238,6 +241,7 @@ pub struct RawProvider {
     pub client_secret_file: Option<String>,
     pub client_auth: Option<String>,
     pub refresh_skew_secs: Option<u64>,
+    pub refresh_cooldown_secs: Option<u64>,
     pub allow: Option<Vec<String>>,
     pub grant: Option<String>,
     pub scopes: Option<Vec<String>>,
@@ -388,6 +392,9 @@ pub struct ProviderConfig {
     pub client_secret: SecretSource,
     pub client_auth: Option<String>,
     pub refresh_skew_secs: Option<u64>,
+    /// Seconds after a successful refresh in which the refresh tool answers
+    /// `active` without calling the token endpoint (default 30).
+    pub refresh_cooldown_secs: Option<u64>,
     pub allow: Vec<String>,
     pub grant: Option<String>,
     pub scopes: Option<Vec<String>>,
@@ -399,6 +406,22 @@ pub struct ProviderConfig {
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// Shortest secret sidekey accepts for the secrets it checks itself (admin
+/// token, init secret, webhook secret): anything shorter can be guessed.
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// Why a loaded secret is refused (empty or shorter than `min`), or `None`.
+pub fn weak_secret(s: &Secret, min: usize) -> Option<String> {
+    let n = s.expose().chars().count();
+    if n == 0 {
+        Some("is empty".into())
+    } else if n < min {
+        Some(format!("is only {n} characters long; use at least {min}"))
+    } else {
+        None
+    }
+}
 
 /// `1–128` characters of `A-Za-z0-9._@:+-`: user ids, tenant ids, provider names.
 pub fn valid_id(s: &str) -> bool {
@@ -737,7 +760,8 @@ impl Config {
                 "[elevenlabs] max_webhook_bytes",
                 p,
             ),
-            webhook_tolerance_secs: el.webhook_tolerance_secs.unwrap_or(1800) as i64,
+            webhook_tolerance_secs: i64::try_from(el.webhook_tolerance_secs.unwrap_or(1800))
+                .unwrap_or(i64::MAX),
             tool_response_timeout_secs: tool_timeout,
         };
 
@@ -804,6 +828,7 @@ impl Config {
                     client_secret,
                     client_auth: rp.client_auth,
                     refresh_skew_secs: rp.refresh_skew_secs,
+                    refresh_cooldown_secs: rp.refresh_cooldown_secs,
                     allow: rp.allow.unwrap_or_default(),
                     grant: rp.grant,
                     scopes: rp.scopes,

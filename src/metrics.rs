@@ -106,7 +106,7 @@ impl Metrics {
         let refresh = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "refresh",
-            "Token refresh outcomes (refreshed, shared, failed, backoff, reauth_required)",
+            "Token refresh outcomes (refreshed, shared, cooldown, failed, backoff, reauth_required)",
             refresh.clone(),
         );
         let token_calls = Family::<TokenLabels, Counter>::default();

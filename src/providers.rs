@@ -153,8 +153,12 @@ pub struct Provider {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
-    /// Refresh when the token expires within this many seconds.
+    /// Refresh when the token expires within this many seconds (capped at
+    /// half the token's issued lifetime, see `refresh::effective_skew`).
     pub refresh_skew_secs: i64,
+    /// The refresh tool does not call the token endpoint again within this
+    /// many seconds of a successful refresh; 0 turns the cooldown off.
+    pub refresh_cooldown_secs: i64,
     /// Empty means every path is allowed.
     allow: Vec<AllowRule>,
     /// The allow list as written, for generated tool descriptions.
@@ -698,13 +702,21 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
     }
 
     let client_id = match pc.client_id.load() {
-        Ok(v) => v.map(|s| s.expose().to_owned()),
+        // A blank id is no id: the note below says it is not set.
+        Ok(v) => v.map(|s| s.expose().to_owned()).filter(|s| !s.is_empty()),
         Err(e) => {
             p.push(format!("{sec} client_id: {e}"));
             None
         }
     };
     let client_secret = match pc.client_secret.load() {
+        Ok(Some(s)) if s.is_empty() => {
+            p.push(format!(
+                "{sec} client_secret: {} is empty; put the provider's client secret in it, or remove the setting",
+                pc.client_secret.describe()
+            ));
+            None
+        }
         Ok(v) => v,
         Err(e) => {
             p.push(format!("{sec} client_secret: {e}"));
@@ -776,7 +788,9 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
         client_id,
         client_secret,
         client_auth,
-        refresh_skew_secs: pc.refresh_skew_secs.unwrap_or(60) as i64,
+        refresh_skew_secs: i64::try_from(pc.refresh_skew_secs.unwrap_or(60)).unwrap_or(i64::MAX),
+        refresh_cooldown_secs: i64::try_from(pc.refresh_cooldown_secs.unwrap_or(30))
+            .unwrap_or(i64::MAX),
         allow,
         allow_patterns: pc.allow.clone(),
         grant,

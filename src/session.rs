@@ -236,7 +236,8 @@ impl SessionAuthority {
             "ses_{}",
             id.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let exp = now + ttl_secs as i64;
+        // Saturating: a huge configured TTL must not wrap into the past.
+        let exp = now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
         let claims = SessionClaims {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
@@ -294,7 +295,7 @@ impl SessionAuthority {
         if c.exp <= now {
             return Err(ApiError::InvalidSession("token expired"));
         }
-        if c.iat > now + 60 {
+        if c.iat > now.saturating_add(60) {
             return Err(ApiError::InvalidSession("token issued in the future"));
         }
         let rec = match self.store.session(&c.sid) {

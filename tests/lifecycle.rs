@@ -872,7 +872,9 @@ async fn refresh_tool_reports_each_provider_without_tokens() {
     let tok = TokenServer::start().await;
     require_valid_token(&up, &tok);
     tok.issue_refresh("rt-seed");
-    let toml = oauth_provider("custom", &up, &tok, "")
+    // No cooldown here: this test forces two refreshes back to back (the
+    // cooldown has its own test in tests/hardening.rs).
+    let toml = oauth_provider("custom", &up, &tok, "refresh_cooldown_secs = 0")
         + &oauth_provider("other", &up, &tok, "")
         + &oauth_provider("dead", &up, &tok, "")
         + &oauth_provider("outside", &up, &tok, "")
