@@ -1,0 +1,578 @@
+//! Hardening from the outside review (issue 12) and session errors that say
+//! why (issue 13 item 7, contract section 7). Each test names the item it
+//! proves; each fails without its fix.
+mod support;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use futures_util::future::join_all;
+use http::Method;
+use serde_json::{Value, json};
+use support::token::TokenServer;
+use support::upstream::{Reply, Upstream};
+use support::{Api, InProcess, Options, Resp, Sidekey};
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A refreshable provider pointing at a fake upstream and token endpoint.
+fn oauth_provider(name: &str, base_url: &str, token_url: &str, extra: &str) -> String {
+    format!(
+        "[providers.{name}]\nbase_url = \"{base_url}\"\ntoken_url = \"{token_url}\"\n\
+         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
+         refresh_skew_secs = 60\n{extra}\n"
+    )
+}
+
+/// The upstream answers 401 unless the bearer token is one the fake token
+/// endpoint issued (or was told about).
+fn require_valid_token(up: &Upstream, tok: &TokenServer) {
+    let t = tok.clone();
+    up.set_handler(move |r| match r.bearer() {
+        Some(b) if t.is_valid_access(&b) => Reply::Json(200, json!({"ok": true})),
+        _ => Reply::Json(401, json!({"error": "invalid_token"})),
+    });
+}
+
+async fn meta(api: &Api, user: &str, provider: &str) -> Value {
+    let r = api
+        .admin(
+            Method::GET,
+            &format!("/v1/users/{user}/credentials/{provider}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+async fn refresh_tool(api: &Api, session: &str, body: &str) -> Resp {
+    api.agent(
+        Method::POST,
+        "/v1/session/refresh",
+        &[
+            ("x-sidekey-session", session),
+            ("content-type", "application/json"),
+        ],
+        body.to_owned(),
+    )
+    .await
+}
+
+/// Runs `sidekey <args>` in `dir` for at most `limit` (a server that should
+/// have refused to start is killed), with `env` on top of a clean one.
+fn run_bounded(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> (Option<i32>, String) {
+    let mut cmd = Command::new(support::bin());
+    cmd.args(args)
+        .current_dir(dir)
+        .env_remove("SIDEKEY_CONFIG")
+        .env_remove("RUST_LOG")
+        .env_remove("TEST_WEBHOOK_SECRET")
+        .env_remove("TEST_INIT_SECRET")
+        .env("SIDEKEY_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, t_err.join().unwrap())
+}
+
+// ---------------------------------------------------------------------------
+// Item 1: empty and short secrets fail closed
+
+#[test]
+fn item1_blank_or_short_secrets_are_refused_at_start_and_by_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = Options::default().config_text();
+    std::fs::write(dir.path().join("config.toml"), &text).unwrap();
+    let check = ["check-config", "--config", "config.toml"];
+    let serve = ["serve", "--config", "config.toml"];
+    let limit = Duration::from_secs(20);
+
+    // Sanity: with good secrets the config is fine.
+    let good = [
+        ("TEST_INIT_SECRET", support::INIT_SECRET),
+        ("TEST_WEBHOOK_SECRET", support::WEBHOOK_SECRET),
+    ];
+    let (code, err) = run_bounded(dir.path(), &check, &good, limit);
+    assert_eq!(code, Some(0), "{err}");
+
+    // Environment variables: blank, whitespace-only, short.
+    for (var, value, setting) in [
+        ("TEST_INIT_SECRET", "", "init_secret"),
+        ("TEST_INIT_SECRET", "   \t ", "init_secret"),
+        ("TEST_INIT_SECRET", "short-secret", "init_secret"),
+        ("TEST_WEBHOOK_SECRET", "", "webhook_secret"),
+        ("TEST_WEBHOOK_SECRET", "wsec_123", "webhook_secret"),
+    ] {
+        let env: Vec<(&str, &str)> = good
+            .iter()
+            .map(|(k, v)| if *k == var { (*k, value) } else { (*k, *v) })
+            .collect();
+        for args in [&check, &serve] {
+            let (code, err) = run_bounded(dir.path(), args, &env, limit);
+            assert_eq!(
+                code,
+                Some(2),
+                "{} with {var}={value:?} must exit 2:\n{err}",
+                args[0]
+            );
+            assert!(
+                err.lines()
+                    .any(|l| l.starts_with("error:") && l.contains(setting)),
+                "{} must name {setting}:\n{err}",
+                args[0]
+            );
+            if !value.trim().is_empty() {
+                assert!(!err.contains(value), "the secret leaked:\n{err}");
+            }
+        }
+    }
+
+    // Files: an empty or whitespace-only secret file.
+    let files = text.replace(
+        "webhook_secret_env = \"TEST_WEBHOOK_SECRET\"\ninit_secret_env = \"TEST_INIT_SECRET\"",
+        "webhook_secret_file = \"webhook.secret\"\ninit_secret_file = \"init.secret\"",
+    );
+    std::fs::write(dir.path().join("config.toml"), files).unwrap();
+    std::fs::write(dir.path().join("webhook.secret"), support::WEBHOOK_SECRET).unwrap();
+    for (content, setting) in [("", "init_secret"), ("\n  \n", "init_secret")] {
+        std::fs::write(dir.path().join("init.secret"), content).unwrap();
+        for args in [&check, &serve] {
+            let (code, err) = run_bounded(dir.path(), args, &[], limit);
+            assert_eq!(code, Some(2), "{} with a blank file:\n{err}", args[0]);
+            assert!(err.contains(setting), "{err}");
+        }
+    }
+    std::fs::write(dir.path().join("init.secret"), support::INIT_SECRET).unwrap();
+    std::fs::write(dir.path().join("webhook.secret"), " \n").unwrap();
+    let (code, err) = run_bounded(dir.path(), &check, &[], limit);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("webhook_secret"), "{err}");
+
+    // The admin token file: blank is refused, not regenerated or accepted.
+    std::fs::write(dir.path().join("webhook.secret"), support::WEBHOOK_SECRET).unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/admin.token"), "  \n").unwrap();
+    let (code, err) = run_bounded(dir.path(), &check, &[], limit);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("admin.token_file"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Item 4: no refresh storm when tokens live shorter than the skew
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item4_short_lived_tokens_do_not_cause_a_refresh_storm() {
+    let up = Upstream::start().await;
+    let tok = TokenServer::start().await;
+    require_valid_token(&up, &tok);
+    tok.set_expires_in(5);
+    tok.issue_refresh("rt-seed");
+    let sk = InProcess::start(Options::with_providers(&oauth_provider(
+        "short", &up.url, &tok.url, "",
+    )))
+    .await;
+    sk.put_credential(
+        "alice",
+        "short",
+        json!({"access_token": "at-old", "refresh_token": "rt-seed", "expires_in": 5}),
+    )
+    .await;
+    let session = sk.token("alice", &["short"]).await;
+    sk.clock.advance(6);
+
+    // 50 concurrent calls with an expired token: one token call.
+    let calls = (0..50).map(|_| sk.proxy(Method::GET, "/v1/proxy/short/me", &session, ""));
+    for r in join_all(calls).await {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(tok.calls(), 1, "concurrent callers must share one refresh");
+
+    // 5 sequential calls right after: the new 5 s token is used as is,
+    // although 5 s is below refresh_skew_secs (60).
+    for _ in 0..5 {
+        let r = sk
+            .proxy(Method::GET, "/v1/proxy/short/me", &session, "")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(tok.calls(), 1, "sequential calls must not refresh again");
+
+    // Past half its lifetime it is refreshed once more, then reused.
+    sk.clock.advance(3);
+    for _ in 0..3 {
+        let r = sk
+            .proxy(Method::GET, "/v1/proxy/short/me", &session, "")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(tok.calls(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Item 5: token responses as real servers send them
+
+/// A token endpoint (on the fake upstream) answering `answer` to every call.
+async fn token_endpoint(answer: Value) -> Upstream {
+    let t = Upstream::start().await;
+    t.set_handler(move |_| Reply::Json(200, answer.clone()));
+    t
+}
+
+#[tokio::test]
+async fn item5_refresh_reads_float_expiry_list_scopes_and_ignores_extras() {
+    let up = Upstream::start().await;
+    let tok = token_endpoint(json!({
+        "access_token": "at-float-1", "token_type": "Bearer", "expires_in": 5.0,
+        "ext_expires_in": 7200, "scope": ["read", "write"], "refresh_token": "rt-next"
+    }))
+    .await;
+    let sk = Sidekey::start(Options::with_providers(&oauth_provider(
+        "f",
+        &up.url,
+        &format!("{}/token", tok.url),
+        "",
+    )))
+    .await;
+    sk.put_credential(
+        "alice",
+        "f",
+        json!({"access_token": "at-old", "refresh_token": "rt-old", "expires_at": 1000}),
+    )
+    .await;
+    let session = sk.token("alice", &["f"]).await;
+    let r = sk.proxy(Method::GET, "/v1/proxy/f/me", &session, "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tok.count(), 1);
+    assert_eq!(up.last().bearer().as_deref(), Some("at-float-1"));
+    let m = meta(&sk, "alice", "f").await;
+    let exp = m["expires_at"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("expires_in 5.0 was ignored: {m}"));
+    assert!((unix_now()..=unix_now() + 6).contains(&exp), "{m}");
+    assert_eq!(m["scopes"], json!(["read", "write"]));
+}
+
+#[tokio::test]
+async fn item5_admin_put_accepts_token_dicts_from_real_libraries() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
+        "p", &up.url, "",
+    )))
+    .await;
+    let now = unix_now();
+    let put = |body: Value| {
+        let sk = &sk;
+        async move {
+            sk.admin(Method::PUT, "/v1/users/ann/credentials/p", Some(body))
+                .await
+        }
+    };
+    // Authlib: expires_in and expires_at together; the earlier wins.
+    let r = put(
+        json!({"access_token": "at-authlib", "token_type": "Bearer", "expires_in": 3600,
+                       "expires_at": now + 1800, "refresh_token": "rt-a", "scope": "a b"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "Authlib: {}", r.text());
+    assert_eq!(r.json()["expires_at"], now + 1800);
+    let r = put(
+        json!({"access_token": "at-authlib", "token_type": "Bearer", "expires_in": 60,
+                       "expires_at": now + 1800}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let e = r.json()["expires_at"].as_i64().unwrap();
+    assert!((now + 59..=now + 62).contains(&e), "{e}");
+    // requests-oauthlib: scope as a list, expires_at as a float.
+    let r = put(
+        json!({"access_token": "at-rol", "token_type": "Bearer", "expires_in": 3599.0,
+                       "expires_at": (now as f64) + 3599.25, "scope": ["read", "write"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "requests-oauthlib: {}", r.text());
+    assert_eq!(r.json()["scopes"], json!(["read", "write"]));
+    assert_eq!(r.json()["expires_at"], now + 3599);
+    // Numeric strings.
+    let r = put(json!({"access_token": "at-str", "expires_in": "3599"})).await;
+    assert_eq!(r.status, 200, "string: {}", r.text());
+    let e = r.json()["expires_at"].as_i64().unwrap();
+    assert!((now + 3598..=now + 3601).contains(&e), "{e}");
+    // Entra: ext_expires_in and other extras are ignored.
+    let r = put(
+        json!({"token_type": "Bearer", "scope": "User.Read", "expires_in": 4455,
+                       "ext_expires_in": 4455, "access_token": "at-entra",
+                       "refresh_token": "rt-entra", "id_token": "eyJ0.e.s",
+                       "client_info": "eyJ1aWQiOiIx"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "Entra: {}", r.text());
+    assert_eq!(r.json()["scopes"], json!(["User.Read"]));
+    // The stored token is used as Bearer.
+    let session = sk.token("ann", &["p"]).await;
+    let r = sk.proxy(Method::GET, "/v1/proxy/p/x", &session, "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().bearer().as_deref(), Some("at-entra"));
+}
+
+#[tokio::test]
+async fn item5_non_bearer_token_types_are_refused_never_injected() {
+    let up = Upstream::start().await;
+    let tok = token_endpoint(json!({
+        "access_token": "at-dpop-bound", "token_type": "DPoP", "expires_in": 3600
+    }))
+    .await;
+    let sk = Sidekey::start(Options::with_providers(&oauth_provider(
+        "d",
+        &up.url,
+        &format!("{}/token", tok.url),
+        "",
+    )))
+    .await;
+    for tt in ["DPoP", "MAC"] {
+        let r = sk
+            .admin(
+                Method::PUT,
+                "/v1/users/ann/credentials/d",
+                Some(json!({"access_token": "at-bound-1", "token_type": tt})),
+            )
+            .await;
+        r.assert_error(400, "bad_request");
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(msg.contains(tt) && msg.contains("bearer"), "{msg}");
+        assert!(!msg.contains("at-bound-1"), "{msg}");
+    }
+    // The refresh path: a DPoP token from the endpoint is never sent.
+    sk.put_credential(
+        "ann",
+        "d",
+        json!({"access_token": "at-old", "refresh_token": "rt-old", "expires_at": 1000}),
+    )
+    .await;
+    let session = sk.token("ann", &["d"]).await;
+    let r = sk.proxy(Method::GET, "/v1/proxy/d/me", &session, "").await;
+    r.assert_error(502, "refresh_failed");
+    assert_eq!(tok.count(), 1);
+    assert!(
+        up.requests()
+            .iter()
+            .all(|r| r.header("authorization").is_none()),
+        "a DPoP token went upstream"
+    );
+    assert!(
+        sk.log_text().contains("DPoP"),
+        "the log must say why the refresh failed"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Item 6: client_secret_basic encodes a space as %20
+
+#[tokio::test]
+async fn item6_client_secret_basic_sends_a_space_as_percent_20() {
+    let up = Upstream::start().await;
+    let tok = token_endpoint(json!({"access_token": "at-basic", "token_type": "Bearer"})).await;
+    let toml = format!(
+        "[providers.b]\nbase_url = \"{}\"\ntoken_url = \"{}/token\"\nclient_id = \"my client\"\n\
+         client_secret = \"s3cret with space+plus\"\nclient_auth = \"basic\"\n",
+        up.url, tok.url
+    );
+    let sk = Sidekey::start(Options::with_providers(&toml)).await;
+    sk.put_credential(
+        "ann",
+        "b",
+        json!({"access_token": "at-old", "refresh_token": "rt-old", "expires_at": 1000}),
+    )
+    .await;
+    let session = sk.token("ann", &["b"]).await;
+    let r = sk.proxy(Method::GET, "/v1/proxy/b/me", &session, "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let auth = tok.last().header("authorization").unwrap();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(auth.strip_prefix("Basic ").unwrap())
+        .unwrap();
+    // What Authlib's `unquote` and every form decoder both read right.
+    assert_eq!(
+        String::from_utf8(raw).unwrap(),
+        "my%20client:s3cret%20with%20space%2Bplus"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Item 9: the refresh tool's cooldown
+
+#[tokio::test]
+async fn item9_refresh_tool_within_cooldown_answers_active_without_token_calls() {
+    let up = Upstream::start().await;
+    let tok = TokenServer::start().await;
+    require_valid_token(&up, &tok);
+    tok.issue_refresh("rt-seed");
+    let sk = InProcess::start(Options::with_providers(&oauth_provider(
+        "c", &up.url, &tok.url, "",
+    )))
+    .await;
+    sk.put_credential(
+        "ann",
+        "c",
+        json!({"access_token": "at-old", "refresh_token": "rt-seed", "expires_in": 3600}),
+    )
+    .await;
+    let session = sk.token("ann", &["c"]).await;
+    let r = refresh_tool(&sk, &session, r#"{"provider": "c"}"#).await;
+    assert_eq!(
+        r.json()["providers"]["c"]["status"],
+        "refreshed",
+        "{}",
+        r.text()
+    );
+    assert_eq!(tok.calls(), 1);
+    let expires = r.json()["providers"]["c"]["expires_at"].clone();
+    for _ in 0..29 {
+        let r = refresh_tool(&sk, &session, r#"{"provider": "c"}"#).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["providers"]["c"]["status"], "active");
+        assert_eq!(r.json()["providers"]["c"]["expires_at"], expires);
+    }
+    assert_eq!(tok.calls(), 1, "forced refreshes within the cooldown");
+    // After the default 30 s cooldown, a forced refresh calls again.
+    sk.clock.advance(31);
+    let r = refresh_tool(&sk, &session, "{}").await;
+    assert_eq!(
+        r.json()["providers"]["c"]["status"],
+        "refreshed",
+        "{}",
+        r.text()
+    );
+    assert_eq!(tok.calls(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// Item 13: defence in depth
+
+fn core_limits(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap()
+        .split_whitespace()
+        .skip(4)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[tokio::test]
+async fn item13_core_dumps_are_disabled_unless_switched_on() {
+    if !Path::new("/proc/self/limits").exists() {
+        panic!("this test needs Linux /proc");
+    }
+    let sk = Sidekey::start(Options::default()).await;
+    assert_eq!(core_limits(sk.pid().unwrap()), "0 0", "soft and hard 0");
+    let on = Sidekey::start(Options::default().env("SIDEKEY_ALLOW_CORE_DUMPS", "1")).await;
+    let mine = core_limits(std::process::id());
+    assert_eq!(
+        core_limits(on.pid().unwrap()),
+        mine,
+        "the switch leaves the inherited limits alone"
+    );
+    assert!(on.log_text().contains("SIDEKEY_ALLOW_CORE_DUMPS"));
+}
+
+#[tokio::test]
+async fn item13_log_directives_cannot_lift_the_caps_on_http_and_tls_targets() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(
+        Options::with_providers(&support::provider_toml("p", &up.url, "")).log(
+            "info,h2::codec=trace,h2::proto=trace,hyper::proto=trace,hyper_util::client=trace,\
+             rustls::conn=trace,sled::tree=trace,[{token}]=trace",
+        ),
+    )
+    .await;
+    sk.put_credential("ann", "p", json!({"access_token": "at-capped-secret-77"}))
+        .await;
+    let session = sk.token("ann", &["p"]).await;
+    // The test client speaks HTTP/2 (ALPN): h2 logs frames at debug.
+    let r = sk.proxy(Method::GET, "/v1/proxy/p/x", &session, "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.version, http::Version::HTTP_2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = sk.log_text();
+    for line in logs.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
+        let level = v["level"].as_str().unwrap_or("");
+        assert!(
+            level != "DEBUG" && level != "TRACE",
+            "a capped target logged below info: {line}"
+        );
+    }
+    assert!(!logs.contains("at-capped-secret-77"));
+    assert!(!logs.contains(&session));
+}
+
+#[tokio::test]
+async fn item13_huge_ttls_and_expiries_saturate_instead_of_wrapping() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(
+        Options::with_providers(&support::provider_toml("p", &up.url, ""))
+            .sessions("max_ttl_secs = 18446744073709551615"),
+    )
+    .await;
+    let r = sk
+        .admin(
+            Method::PUT,
+            "/v1/users/ann/credentials/p",
+            Some(json!({"access_token": "at-forever", "expires_in": 1e300})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "active", "{}", r.text());
+    let s = sk
+        .session_with(json!({"user": "ann", "providers": ["p"], "ttl_secs": u64::MAX}))
+        .await;
+    assert!(s["expires_at"].as_i64().unwrap() > unix_now(), "{s}");
+    let r = sk
+        .proxy(
+            Method::GET,
+            "/v1/proxy/p/x",
+            s["token"].as_str().unwrap(),
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
