@@ -227,14 +227,11 @@ impl Provider {
         };
         if let Some(q) = query.filter(|q| !q.is_empty()) {
             for pair in q.split('&') {
-                if let Some(param) = inject_param {
-                    // A client-supplied copy of the injected parameter must
-                    // not reach the upstream: some servers take the first.
-                    let key = pair.split('=').next().unwrap_or("");
-                    let key = percent_decode_str(key).decode_utf8_lossy();
-                    if key == param {
-                        continue;
-                    }
+                // A client-supplied copy of the injected parameter must not
+                // reach the upstream, in any spelling some server reads as
+                // the same name: some servers take the first copy.
+                if inject_param.is_some_and(|param| names_param(pair, param)) {
+                    continue;
                 }
                 s.push(if first { '?' } else { '&' });
                 first = false;
@@ -305,6 +302,36 @@ impl Provider {
             _ => None,
         }
     }
+}
+
+/// Does this `&`-separated query pair set `param`, as any server might
+/// read it? Servers differ, so every reading counts: `;` as a separator
+/// (`a=1;key=x`), any case (`KEY`), `+` as a space (`key+`), array forms
+/// (`key[]`, `key[0]`), percent-encoding (`%6Bey`, also twice), stray
+/// whitespace or control characters around the name, and PHP's `.` and
+/// space for `_`.
+pub fn names_param(pair: &str, param: &str) -> bool {
+    let want = normalize_param(param);
+    pair.split(';').any(|seg| {
+        let mut key = seg.split('=').next().unwrap_or("").replace('+', " ");
+        for _ in 0..3 {
+            let decoded = percent_decode_str(&key).decode_utf8_lossy().into_owned();
+            if decoded == key {
+                break;
+            }
+            key = decoded.replace('+', " ");
+        }
+        normalize_param(&key) == want
+    })
+}
+
+fn normalize_param(k: &str) -> String {
+    let k = k.split('[').next().unwrap_or("");
+    k.trim_matches(|c: char| c.is_whitespace() || c.is_control())
+        .chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| if c == '.' || c == ' ' { '_' } else { c })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

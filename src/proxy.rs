@@ -129,7 +129,7 @@ async fn call(
             ApiError::BadRequest("method must be GET, POST, PUT, PATCH or DELETE.".into())
         })?;
     let (path_part, query_in_path) = match spec.path.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        Some((p, q)) => (p.to_owned(), Some(encode_tool_query(q))),
         None => (spec.path.clone(), None),
     };
     let encoded = encode_tool_path(&path_part)?;
@@ -138,7 +138,12 @@ async fn call(
     match spec.query {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s.is_empty() => {}
-        Some(Value::String(s)) => query = Some(join_query(query, s.trim_start_matches('?'))),
+        Some(Value::String(s)) => {
+            query = Some(join_query(
+                query,
+                &encode_tool_query(s.trim().trim_start_matches('?')),
+            ))
+        }
         Some(Value::Object(map)) => {
             let mut ser = url::form_urlencoded::Serializer::new(String::new());
             for (k, v) in map {
@@ -204,6 +209,42 @@ fn join_query(a: Option<String>, b: &str) -> String {
         Some(a) if !a.is_empty() => format!("{a}&{b}"),
         _ => b.to_owned(),
     }
+}
+
+/// Percent-encodes what an LLM may write in a query string: space, `#`,
+/// CR, LF and every other character a request line cannot carry, and a `%`
+/// that does not start an escape. `&`, `=`, `+` and existing `%XX` escapes
+/// keep their meaning. Raw, a `#` cut the query short (dropping the
+/// injected `key=`) and a space or CR/LF made the URI unparsable.
+fn encode_tool_query(q: &str) -> String {
+    const ENCODE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'<')
+        .add(b'>')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}')
+        .add(b'|')
+        .add(b'\\')
+        .add(b'^')
+        .add(b'[')
+        .add(b']');
+    let b = q.as_bytes();
+    let mut out = String::with_capacity(q.len());
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let escape =
+            i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit();
+        if c == b'%' && !escape {
+            out.extend(percent_encoding::utf8_percent_encode(&q[start..i], ENCODE));
+            out.push_str("%25");
+            start = i + 1;
+        }
+    }
+    out.extend(percent_encoding::utf8_percent_encode(&q[start..], ENCODE));
+    out
 }
 
 /// Percent-encodes what an LLM may write in a path (spaces, quotes, non-ASCII)
@@ -647,6 +688,12 @@ async fn send(
 fn inject_error(p: &Provider, e: InjectError) -> ApiError {
     match e {
         InjectError::MissingToken => ApiError::CredentialMissing(p.label()),
+        // Path and query were checked and encoded; what is left is a
+        // request line the URI parser still refuses (over 64 KiB): the
+        // caller's input, so a 400, never a 500.
+        InjectError::BadUri => ApiError::BadRequest(
+            "The request address is too long or not valid; shorten the path or query.".into(),
+        ),
         other => {
             tracing::error!(provider = %p.name, error = %other, "cannot build the upstream request");
             ApiError::Internal

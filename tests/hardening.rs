@@ -576,3 +576,181 @@ async fn item13_huge_ttls_and_expiries_saturate_instead_of_wrapping() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+// ---------------------------------------------------------------------------
+// Items 7 and 8: the generic tool's query, and the injected parameter
+
+/// A provider that takes its key in the query, on the fake upstream.
+async fn query_provider() -> (Upstream, Sidekey, String) {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
+        "q",
+        &up.url,
+        "inject = { query = \"key\" }",
+    )))
+    .await;
+    sk.put_credential("ann", "q", json!({"access_token": "tok-real-key"}))
+        .await;
+    let session = sk.token("ann", &["q"]).await;
+    (up, sk, session)
+}
+
+async fn tool_call(api: &Api, session: &str, spec: Value) -> Resp {
+    api.agent(
+        Method::POST,
+        "/v1/call/q",
+        &[
+            ("x-sidekey-session", session),
+            ("content-type", "application/json"),
+        ],
+        spec.to_string(),
+    )
+    .await
+}
+
+/// Every query parameter the upstream got as (name, value), split the way
+/// the most permissive server would (`&` and `;`).
+fn upstream_params(query: &str) -> Vec<(String, String)> {
+    query
+        .split(['&', ';'])
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let d = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (d(k), d(v))
+        })
+        .collect()
+}
+
+/// Exactly one parameter any server could read as `key`, and it is ours.
+fn assert_only_injected_key(query: &str) {
+    let keys: Vec<(String, String)> = upstream_params(query)
+        .into_iter()
+        .filter(|(k, _)| {
+            let n = k.split('[').next().unwrap();
+            let n = n.trim_matches(|c: char| c.is_whitespace() || c.is_control());
+            n.to_lowercase() == "key" || n.to_lowercase().replace("%6b", "k") == "key"
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![("key".to_owned(), "tok-real-key".to_owned())],
+        "upstream query: {query}"
+    );
+}
+
+#[tokio::test]
+async fn item7_generic_tool_query_is_encoded_and_never_a_500() {
+    let (up, sk, session) = query_provider().await;
+    // The reported cases: `#`, space, CR, LF.
+    let r = tool_call(
+        &sk,
+        &session,
+        json!({"method": "GET", "path": "/geo", "query": "q=a b#frag&x=1\r\nX-Evil: 1"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let q = up.last().query.unwrap();
+    assert_only_injected_key(&q);
+    let params = upstream_params(&q);
+    assert!(params.contains(&("q".into(), "a b#frag".into())), "{q}");
+    assert!(
+        params.contains(&("x".into(), "1\r\nX-Evil: 1".into())),
+        "{q}"
+    );
+
+    // Whatever else an LLM may write: never a 500, and when it goes
+    // through, the injected key is there and alone.
+    let nasty = [
+        "#",
+        "##key=evil",
+        "a=%",
+        "a=%zz&b=%4",
+        "a=\u{0}b",
+        "a=\"<>`{}|\\^[]",
+        "ü=ö&€",
+        "?&&=&",
+        "a=1\n\nGET / HTTP/1.1",
+        " key = evil ",
+    ];
+    for q in nasty {
+        for spec in [
+            json!({"method": "GET", "path": "/geo", "query": q}),
+            json!({"method": "GET", "path": format!("/geo?{q}")}),
+        ] {
+            let r = tool_call(&sk, &session, spec.clone()).await;
+            assert_ne!(r.status.as_u16(), 500, "{spec}: {}", r.text());
+            if r.status == 200 {
+                assert_only_injected_key(&up.last().query.unwrap_or_default());
+            }
+        }
+    }
+    // A query too long for any request line is the caller's mistake: 400.
+    let long = format!("a={}", "x".repeat(70_000));
+    let r = tool_call(
+        &sk,
+        &session,
+        json!({"method": "GET", "path": "/geo", "query": long}),
+    )
+    .await;
+    r.assert_error(400, "bad_request");
+}
+
+#[tokio::test]
+async fn item8_every_spelling_of_the_injected_parameter_is_removed() {
+    let (up, sk, session) = query_provider().await;
+    let variants = [
+        "KEY=evil",
+        "Key=evil",
+        "key[]=evil",
+        "key%5B%5D=evil",
+        "key%5B0%5D=evil",
+        "a=1;key=evil",
+        "key+=evil",
+        "+key=evil",
+        "%6Bey=evil",
+        "%256Bey=evil",
+        "%4B%45%59=evil",
+        "key%00=evil",
+        "key=evil",
+    ];
+    // Through the proxy route, each alone and all together.
+    let all = variants.join("&");
+    for v in variants.iter().copied().chain([all.as_str()]) {
+        let r = sk
+            .proxy(
+                Method::GET,
+                &format!("/v1/proxy/q/geo?b=2&{v}&c=3"),
+                &session,
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{v}: {}", r.text());
+        let q = up.last().query.unwrap();
+        assert_only_injected_key(&q);
+        let params = upstream_params(&q);
+        assert!(params.contains(&("b".into(), "2".into())), "{q}");
+        assert!(params.contains(&("c".into(), "3".into())), "{q}");
+    }
+    // Through the generic tool: as a string and as an object.
+    let r = tool_call(
+        &sk,
+        &session,
+        json!({"method": "GET", "path": "/geo", "query": all}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_only_injected_key(&up.last().query.unwrap());
+    let r = tool_call(
+        &sk,
+        &session,
+        json!({"method": "GET", "path": "/geo", "query": {"KEY": "evil", "key[]": "evil", "b": "2"}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_only_injected_key(&up.last().query.unwrap());
+}
