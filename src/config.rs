@@ -173,6 +173,7 @@ struct RawSessions {
     previous_signing_key_files: Option<Vec<String>>,
     dynamic_variable: Option<String>,
     require_conversation_header: Option<bool>,
+    bind_within_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,6 +188,7 @@ struct RawElevenLabs {
     api_key_env: Option<String>,
     init_providers: Option<Vec<String>>,
     max_webhook_bytes: Option<u64>,
+    webhook_memory_budget_bytes: Option<u64>,
     webhook_tolerance_secs: Option<u64>,
     tool_response_timeout_secs: Option<u64>,
 }
@@ -343,6 +345,10 @@ pub struct SessionsConfig {
     pub dynamic_variable: String,
     /// A bound session must present its conversation id on every call.
     pub require_conversation_header: bool,
+    /// A session minted without a conversation must be bound (by a call
+    /// carrying the conversation header) within this many seconds of
+    /// minting, or it is refused as expired; 0 turns the limit off.
+    pub bind_within_secs: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -357,6 +363,9 @@ pub struct ElevenLabsConfig {
     pub init_providers: Option<Vec<String>>,
     /// Post-call bodies carry base64 audio; this caps what is read, bytes.
     pub max_webhook_bytes: u64,
+    /// Bytes all post-call bodies being read at once may hold together;
+    /// past it, a webhook is answered 503 before more is read.
+    pub webhook_memory_budget_bytes: u64,
     pub webhook_tolerance_secs: i64,
     /// `response_timeout_secs` written into generated tools.
     pub tool_response_timeout_secs: u64,
@@ -691,6 +700,7 @@ impl Config {
                 .collect(),
             dynamic_variable,
             require_conversation_header: se.require_conversation_header.unwrap_or(true),
+            bind_within_secs: i64::try_from(se.bind_within_secs.unwrap_or(600)).unwrap_or(i64::MAX),
         };
 
         let el = raw.elevenlabs;
@@ -760,11 +770,20 @@ impl Config {
                 "[elevenlabs] max_webhook_bytes",
                 p,
             ),
+            webhook_memory_budget_bytes: positive(
+                el.webhook_memory_budget_bytes,
+                64 * 1024 * 1024,
+                "[elevenlabs] webhook_memory_budget_bytes",
+                p,
+            ),
             webhook_tolerance_secs: i64::try_from(el.webhook_tolerance_secs.unwrap_or(1800))
                 .unwrap_or(i64::MAX),
             tool_response_timeout_secs: tool_timeout,
         };
 
+        if elevenlabs.webhook_memory_budget_bytes < elevenlabs.max_webhook_bytes {
+            w.push(format!("[elevenlabs] webhook_memory_budget_bytes ({}) is below max_webhook_bytes ({}): post-call bodies larger than the budget will always be answered 503", elevenlabs.webhook_memory_budget_bytes, elevenlabs.max_webhook_bytes));
+        }
         let l = raw.limits;
         let limits = LimitsConfig {
             per_session_rps: l.per_session_rps.unwrap_or(0.0),

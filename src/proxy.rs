@@ -23,9 +23,10 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::app::App;
+use crate::audit::Refused;
 use crate::body::{self, Body};
 use crate::client::IdleTimeoutBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, SessionFault};
 use crate::providers::{Grant, InjectError, Provider, ProxyPath, check_path, is_hop_by_hop};
 use crate::refresh::Forced;
 use crate::secret::scrub;
@@ -41,6 +42,10 @@ struct Trace {
     conversation_id: Option<String>,
     path: String,
     error: Option<&'static str>,
+    /// Route group for refused-request summaries (`/v1/proxy`, ...).
+    route: &'static str,
+    /// Why a session was refused (`invalid_session` answers only).
+    reason: Option<&'static str>,
 }
 
 // ---------------------------------------------------------------------------
@@ -50,7 +55,10 @@ struct Trace {
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let mut t = Trace::default();
+    let mut t = Trace {
+        route: "/v1/proxy",
+        ..Default::default()
+    };
     let result = proxy(app, &parts, body, &mut t).await;
     finish(app, &parts.method, started, t, result)
 }
@@ -100,7 +108,10 @@ async fn proxy(
 pub async fn handle_call(app: &Arc<App>, req: Request<Incoming>, name: &str) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let mut t = Trace::default();
+    let mut t = Trace {
+        route: "/v1/call",
+        ..Default::default()
+    };
     let result = call(app, &parts, body, name, &mut t).await;
     finish(app, &parts.method, started, t, result)
 }
@@ -286,6 +297,7 @@ pub async fn refresh_tool(app: &Arc<App>, req: Request<Incoming>) -> Response<Bo
     let (parts, body) = req.into_parts();
     let mut t = Trace {
         path: "/v1/session/refresh".into(),
+        route: "/v1/session/refresh",
         ..Default::default()
     };
     let result = refresh_providers(app, &parts, body, &mut t).await;
@@ -374,7 +386,13 @@ fn authenticate(
     headers: &HeaderMap,
     t: &mut Trace,
 ) -> Result<VerifiedSession, ApiError> {
-    let token = session_token(headers).ok_or(ApiError::InvalidSession("no session token"))?;
+    let token =
+        session_token(headers)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::InvalidSession(
+                SessionFault::Missing,
+                "no session token",
+            ))?;
     let mut session = app.sessions.verify(token)?;
     t.user = Some(session.user.clone());
     t.session_id = Some(session.sid.clone());
@@ -393,19 +411,39 @@ fn authenticate(
             })?)
         }
     };
+    // An unbound session is a bearer pass for whichever conversation uses
+    // it first: it has to be claimed soon after minting, or never.
+    let bind_within = app.config.sessions.bind_within_secs;
+    if session.conv.is_none()
+        && bind_within > 0
+        && app.clock.now() > session.iat.saturating_add(bind_within)
+    {
+        return Err(ApiError::InvalidSession(
+            SessionFault::Expired,
+            "unbound session past [sessions] bind_within_secs",
+        ));
+    }
     match (&session.conv, conv) {
-        (Some(bound), Some(c)) if bound != c => return Err(ApiError::ConversationMismatch),
+        (Some(bound), Some(c)) if bound != c => {
+            return Err(session_conflict(app, &session, bound, c));
+        }
         (Some(_), None) if app.config.sessions.require_conversation_header => {
-            return Err(ApiError::ConversationMismatch);
+            return Err(ApiError::ConversationMissing);
         }
         (None, Some(c)) => match app.store.bind_session(&session.sid, c) {
             Ok(crate::store::BindOutcome::Bound) => {
                 tracing::info!(session_id = %session.sid, conversation_id = %c, "session bound to conversation");
                 session.conv = Some(c.to_owned());
             }
-            Ok(crate::store::BindOutcome::Mismatch) => return Err(ApiError::ConversationMismatch),
+            Ok(crate::store::BindOutcome::Mismatch) => {
+                // Another conversation bound it a moment ago.
+                return Err(session_conflict(app, &session, "-", c));
+            }
             Ok(crate::store::BindOutcome::Gone) => {
-                return Err(ApiError::InvalidSession("session revoked or unknown"));
+                return Err(ApiError::InvalidSession(
+                    SessionFault::Revoked,
+                    "session revoked or unknown",
+                ));
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot bind session");
@@ -419,6 +457,44 @@ fn authenticate(
         .check(&session.sid, &session.user, app.clock.now_millis())
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     Ok(session)
+}
+
+/// A session used from a second conversation: one of the two holders is
+/// not who it was minted for, and sidekey cannot tell which. Revoking it
+/// stops both; the real conversation's app mints a new one. Audited as
+/// `session_conflict` and counted.
+fn session_conflict(
+    app: &Arc<App>,
+    session: &VerifiedSession,
+    bound: &str,
+    presented: &str,
+) -> ApiError {
+    match app.store.revoke_session(&session.sid) {
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "cannot revoke a conflicting session"),
+    }
+    app.metrics.session_conflict();
+    tracing::warn!(
+        session_id = %session.sid,
+        user = %session.user,
+        bound_conversation = %bound,
+        conversation_id = %presented,
+        "session used from a second conversation; revoked"
+    );
+    app.audit.record(AuditRecord {
+        time: app.clock.now_millis(),
+        kind: "session_conflict".into(),
+        user: Some(session.user.clone()),
+        provider: None,
+        method: "-".into(),
+        path: "-".into(),
+        status: 401,
+        duration_ms: 0.0,
+        session_id: Some(session.sid.clone()),
+        conversation_id: Some(presented.chars().take(256).collect()),
+        error: Some("conversation_mismatch".into()),
+    });
+    ApiError::ConversationMismatch
 }
 
 /// `/v1/proxy/slack/chat.postMessage` → (`slack`, `/chat.postMessage`).
@@ -813,8 +889,9 @@ fn finish(
         Ok(r) => r,
         Err(e) => {
             t.error = Some(e.code());
-            if matches!(e, ApiError::InvalidSession(_)) {
-                tracing::info!(reason = %e, "session refused");
+            if let ApiError::InvalidSession(fault, detail) = &e {
+                t.reason = Some(fault.reason());
+                tracing::debug!(reason = fault.reason(), detail, "session refused");
             }
             e.into_response()
         }
@@ -840,7 +917,20 @@ fn finish(
         session_id = t.session_id.as_deref().unwrap_or("-"),
         conversation_id = t.conversation_id.as_deref().unwrap_or("-"),
         error = t.error.unwrap_or("-"),
+        reason = t.reason.unwrap_or("-"),
     );
+    if let Some(reason) = t.reason {
+        // Unauthenticated: counted and summarised, not one record each
+        // (see audit.rs), so a flood cannot evict records of real calls.
+        app.metrics.unauthenticated(reason);
+        app.audit.refused(Refused {
+            path: t.route,
+            code: "invalid_session",
+            reason: Some(reason),
+            status,
+        });
+        return resp;
+    }
     app.audit.record(AuditRecord {
         time: app.clock.now_millis(),
         kind: "proxy".into(),
