@@ -6,6 +6,7 @@ mod support;
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -753,4 +754,552 @@ async fn item8_every_spelling_of_the_injected_parameter_is_removed() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_only_injected_key(&up.last().query.unwrap());
+}
+
+// ---------------------------------------------------------------------------
+// Item 2: post-call bodies are bounded before and while they are read
+
+/// hex(HMAC-SHA256(secret, "<t>.<body>")), as ElevenLabs signs.
+fn sign(t: i64, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(support::WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={t},v0={hex}")
+}
+
+/// An HTTP/1.1 connection over TLS to the agent listener.
+async fn tls_connect(
+    api: &Api,
+    dir: &Path,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("certs/server.crt")).unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(api.agent_addr)
+        .await
+        .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// Starts a post-call request declaring `declared` bytes but sending only
+/// `sent` of them; the connection stays open, the body unfinished.
+async fn unfinished_post_call(
+    api: &Api,
+    dir: &Path,
+    signature: Option<&str>,
+    declared: usize,
+    sent: usize,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = tls_connect(api, dir).await;
+    let sig = signature
+        .map(|s| format!("ElevenLabs-Signature: {s}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST /v1/elevenlabs/post-call HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{sig}Content-Length: {declared}\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&vec![b' '; sent]).await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
+/// The status line of whatever the server answered within `wait`.
+async fn answer_within(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    wait: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(wait, tls.read(&mut buf)).await {
+        Ok(Ok(n)) if n > 0 => Some(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn item2_post_call_checks_secret_signature_and_timestamp_before_reading() {
+    let sk = InProcess::start(Options::default()).await;
+    let now = sk.clock.now();
+    let stale = sign(now - 7200, b"{}");
+    let cases: [(&str, Option<&str>); 4] = [
+        ("no signature header", None),
+        ("unparsable header", Some("garbage")),
+        ("no v0", Some("t=1")),
+        ("stale timestamp", Some(stale.as_str())),
+    ];
+    for (what, sig) in cases {
+        // 60 MB declared, 1 KB sent: an answer now means nothing was read.
+        let mut tls = unfinished_post_call(&sk, sk.dir.path(), sig, 60_000_000, 1024).await;
+        let line = answer_within(&mut tls, Duration::from_secs(5)).await;
+        assert_eq!(
+            line.as_deref(),
+            Some("HTTP/1.1 401 Unauthorized"),
+            "{what}: must be refused before the body is read"
+        );
+        assert_eq!(sk.app.webhook_bodies.used(), 0, "{what}");
+    }
+
+    // No webhook secret configured: refused before reading too.
+    let off =
+        Sidekey::start(Options::default().elevenlabs("webhook_secret_env = \"UNSET_VAR_X\"")).await;
+    let sig = sign(unix_now(), b"{}");
+    let mut tls = unfinished_post_call(&off, off.path(), Some(&sig), 60_000_000, 1024).await;
+    let line = answer_within(&mut tls, Duration::from_secs(5)).await;
+    assert_eq!(line.as_deref(), Some("HTTP/1.1 401 Unauthorized"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item2_post_call_bodies_share_one_memory_budget_and_audio_still_fits() {
+    const MIB: usize = 1 << 20;
+    let up = Upstream::start().await;
+    let sk = InProcess::start(
+        Options::with_providers(&support::provider_toml("p", &up.url, ""))
+            .elevenlabs("webhook_memory_budget_bytes = 8388608"),
+    )
+    .await;
+    sk.session_with(json!({"user": "ann", "providers": ["p"], "conversation_id": "conv-audio"}))
+        .await;
+    // One slow upload holds 6 MiB of the 8 MiB budget.
+    let fresh = sign(sk.clock.now(), b"never verified");
+    let mut slow = unfinished_post_call(&sk, sk.dir.path(), Some(&fresh), 6 * MIB, MIB).await;
+    let t0 = Instant::now();
+    while sk.app.webhook_bodies.used() < (6 * MIB) as u64 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "budget not taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A second one that would pass the budget: 503 at once.
+    let mut second = unfinished_post_call(&sk, sk.dir.path(), Some(&fresh), 3 * MIB, 1024).await;
+    let line = answer_within(&mut second, Duration::from_secs(5)).await;
+    assert_eq!(line.as_deref(), Some("HTTP/1.1 503 Service Unavailable"));
+    assert!(
+        answer_within(&mut slow, Duration::from_millis(100))
+            .await
+            .is_none()
+    );
+    // The slow client goes away: its share comes back.
+    drop(slow);
+    drop(second);
+    let t0 = Instant::now();
+    while sk.app.webhook_bodies.used() != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "budget not returned");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A real post_call_audio of several MB is accepted and revokes.
+    let audio = "A".repeat(6 * MIB);
+    let body = json!({
+        "type": "post_call_audio",
+        "event_timestamp": sk.clock.now(),
+        "data": {"agent_id": "a", "conversation_id": "conv-audio", "full_audio": audio}
+    })
+    .to_string();
+    let r = sk
+        .agent(
+            Method::POST,
+            "/v1/elevenlabs/post-call",
+            &[
+                ("content-type", "application/json"),
+                (
+                    "elevenlabs-signature",
+                    &sign(sk.clock.now(), body.as_bytes()),
+                ),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sessions_revoked"], 1);
+    assert_eq!(sk.app.webhook_bodies.used(), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Item 10: an unauthenticated flood does not evict real audit records
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item10_unauthenticated_flood_never_evicts_records_of_proxied_calls() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&format!(
+        "{}\n[audit]\nmax_records = 50\n",
+        support::provider_toml("p", &up.url, "")
+    )))
+    .await;
+    sk.put_credential("ann", "p", json!({"access_token": "at-audit"}))
+        .await;
+    let session = sk.token("ann", &["p"]).await;
+    for i in 0..10 {
+        let r = sk
+            .proxy(Method::GET, &format!("/v1/proxy/p/real/{i}"), &session, "")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // 2,000 refused requests without a valid session or signature.
+    let mut sent = 0;
+    for round in 0..20 {
+        let batch = (0..100).map(|i| {
+            let client = sk.client.clone();
+            let (url, headers): (String, Vec<(&str, String)>) = match i % 4 {
+                0 => (sk.agent_url("/v1/proxy/p/x"), vec![]),
+                1 => (
+                    sk.agent_url("/v1/proxy/p/x"),
+                    vec![("x-sidekey-session", format!("bogus.{round}.{i}"))],
+                ),
+                2 => (sk.agent_url("/v1/elevenlabs/post-call"), vec![]),
+                _ => (sk.agent_url("/v1/elevenlabs/conversation-init"), vec![]),
+            };
+            async move {
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                support::send(&client, Method::POST, &url, &h, "{}").await
+            }
+        });
+        for r in join_all(batch).await {
+            assert_eq!(r.status, 401, "{}", r.text());
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 2000);
+    let r = sk.admin(Method::GET, "/v1/audit?limit=1000", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let records = r.json();
+    let records = records.as_array().unwrap();
+    let real: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "proxy" && r["status"] == 200)
+        .collect();
+    assert_eq!(real.len(), 10, "proxied calls were evicted: {records:?}");
+    let summarised: u64 = records
+        .iter()
+        .filter(|r| r["kind"] == "refused")
+        .map(|r| {
+            r["error"]
+                .as_str()
+                .unwrap()
+                .rsplit_once(" x")
+                .unwrap()
+                .1
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(summarised, 2000, "{records:?}");
+    let m = sk.admin(Method::GET, "/metrics", None).await.text();
+    assert_eq!(
+        metric(
+            &m,
+            "sidekey_unauthenticated_requests_total{reason=\"missing\"}"
+        ),
+        500.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sidekey_unauthenticated_requests_total{reason=\"malformed\"}"
+        ),
+        500.0,
+        "{m}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Item 11: a session minted without a conversation cannot be taken
+
+async fn call_conv(api: &Api, token: &str, conv: Option<&str>) -> Resp {
+    let mut h = vec![("x-sidekey-session", token)];
+    if let Some(c) = conv {
+        h.push(("x-conversation-id", c));
+    }
+    api.agent(Method::GET, "/v1/proxy/p/me", &h, "").await
+}
+
+#[tokio::test]
+async fn item11_second_conversation_revokes_the_session_audited_and_counted() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
+        "p", &up.url, "",
+    )))
+    .await;
+    sk.put_credential("ann", "p", json!({"access_token": "at-conflict"}))
+        .await;
+    let token = sk.token("ann", &["p"]).await;
+    // The attacker binds it first; the real conversation then conflicts.
+    assert_eq!(call_conv(&sk, &token, Some("conv-thief")).await.status, 200);
+    call_conv(&sk, &token, Some("conv-real"))
+        .await
+        .assert_error(401, "conversation_mismatch");
+    // Both holders lost it.
+    for conv in ["conv-thief", "conv-real"] {
+        let r = call_conv(&sk, &token, Some(conv)).await;
+        r.assert_error(401, "invalid_session");
+        assert_eq!(r.json()["error"]["reason"], "revoked");
+    }
+    assert_eq!(up.count(), 1);
+    let audit = sk
+        .admin(Method::GET, "/v1/audit?limit=100", None)
+        .await
+        .json();
+    let conflicts: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "session_conflict")
+        .collect();
+    assert_eq!(conflicts.len(), 1, "{audit}");
+    assert_eq!(conflicts[0]["user"], "ann");
+    assert_eq!(conflicts[0]["conversation_id"], "conv-real");
+    let m = sk.admin(Method::GET, "/metrics", None).await.text();
+    assert_eq!(metric(&m, "sidekey_session_conflicts_total"), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn item11_unbound_sessions_must_be_bound_within_bind_within_secs() {
+    let up = Upstream::start().await;
+    let sk = InProcess::start(
+        Options::with_providers(&support::provider_toml("p", &up.url, ""))
+            .sessions("bind_within_secs = 60"),
+    )
+    .await;
+    sk.put_credential("ann", "p", json!({"access_token": "at-bind"}))
+        .await;
+    let late = sk.token("ann", &["p"]).await;
+    let early = sk.token("ann", &["p"]).await;
+    assert_eq!(call_conv(&sk, &early, Some("conv-1")).await.status, 200);
+    sk.clock.advance(61);
+    for conv in [Some("conv-2"), None] {
+        let r = call_conv(&sk, &late, conv).await;
+        r.assert_error(401, "invalid_session");
+        assert_eq!(r.json()["error"]["reason"], "expired");
+    }
+    // Bound in time: keeps working for its whole life.
+    assert_eq!(call_conv(&sk, &early, Some("conv-1")).await.status, 200);
+
+    // 0 switches the limit off.
+    let off = InProcess::start(
+        Options::with_providers(&support::provider_toml("p", &up.url, ""))
+            .sessions("bind_within_secs = 0"),
+    )
+    .await;
+    off.put_credential("ann", "p", json!({"access_token": "at-bind"}))
+        .await;
+    let t = off.token("ann", &["p"]).await;
+    off.clock.advance(3000);
+    assert_eq!(call_conv(&off, &t, Some("conv-9")).await.status, 200);
+}
+
+#[tokio::test]
+async fn item11_replayed_post_call_does_not_revoke_a_later_session() {
+    let up = Upstream::start().await;
+    let sk = InProcess::start(Options::with_providers(&support::provider_toml(
+        "p", &up.url, "",
+    )))
+    .await;
+    sk.put_credential("ann", "p", json!({"access_token": "at-replay"}))
+        .await;
+    let mint =
+        || sk.session_with(json!({"user": "ann", "providers": ["p"], "conversation_id": "conv-r"}));
+    let first = mint().await["token"].as_str().unwrap().to_owned();
+    sk.clock.advance(5);
+    let t = sk.clock.now();
+    let body = json!({"type": "post_call_transcription", "event_timestamp": t,
+                      "data": {"conversation_id": "conv-r"}})
+    .to_string();
+    let sig = sign(t, body.as_bytes());
+    let post = |body: String, sig: String| {
+        let sk = &sk;
+        async move {
+            sk.agent(
+                Method::POST,
+                "/v1/elevenlabs/post-call",
+                &[
+                    ("content-type", "application/json"),
+                    ("elevenlabs-signature", sig.as_str()),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    let r = post(body.clone(), sig.clone()).await;
+    assert_eq!(r.json()["sessions_revoked"], 1, "{}", r.text());
+    call_conv(&sk, &first, Some("conv-r"))
+        .await
+        .assert_error(401, "invalid_session");
+    // Later, a new session for the same conversation id; then the old,
+    // validly signed webhook is replayed within its tolerance.
+    sk.clock.advance(10);
+    let later = mint().await["token"].as_str().unwrap().to_owned();
+    let r = post(body, sig).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["sessions_revoked"], 0, "{}", r.text());
+    let r = call_conv(&sk, &later, Some("conv-r")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+// ---------------------------------------------------------------------------
+// Issue 13 item 7 (contract section 7): invalid_session says why
+
+#[tokio::test]
+async fn session_errors_carry_a_reason_in_the_answer_and_the_access_log() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
+        "p", &up.url, "",
+    )))
+    .await;
+    sk.put_credential("ann", "p", json!({"access_token": "at-why"}))
+        .await;
+    let good = sk.session("ann", &["p"]).await;
+    let token = good["token"].as_str().unwrap().to_owned();
+
+    // A token signed with a key this instance does not have.
+    let foreign = {
+        let claims = jsonwebtoken::decode_header(&token).unwrap();
+        assert!(claims.kid.is_some());
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        h.kid = Some("hs-0123456789abcdef".into());
+        let payload: Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(token.split('.').nth(1).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        jsonwebtoken::encode(
+            &h,
+            &payload,
+            &jsonwebtoken::EncodingKey::from_secret(&[7u8; 32]),
+        )
+        .unwrap()
+    };
+    // The right key id, a signature that does not match.
+    let forged = {
+        let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+        let sig = &mut parts[2];
+        let mid = sig.len() / 2;
+        let c = if &sig[mid..mid + 1] == "A" { "B" } else { "A" };
+        sig.replace_range(mid..mid + 1, c);
+        parts.join(".")
+    };
+    let short = sk
+        .session_with(json!({"user": "ann", "providers": ["p"], "ttl_secs": 1}))
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoked = sk.session("ann", &["p"]).await;
+    let r = sk
+        .admin(
+            Method::DELETE,
+            &format!("/v1/sessions/{}", revoked["session_id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert!(r.status.is_success(), "{}", r.text());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("missing", vec![]),
+        ("missing", vec![("x-sidekey-sesion", token.clone())]),
+        ("missing", vec![("x-sidekey-session", String::new())]),
+        ("malformed", vec![("x-sidekey-session", "not.a.jwt".into())]),
+        ("malformed", vec![("authorization", "Bearer abc".into())]),
+        ("expired", vec![("x-sidekey-session", short)]),
+        ("bad_signature", vec![("x-sidekey-session", forged)]),
+        ("unknown_key", vec![("x-sidekey-session", foreign)]),
+        (
+            "revoked",
+            vec![(
+                "x-sidekey-session",
+                revoked["token"].as_str().unwrap().to_owned(),
+            )],
+        ),
+    ];
+    for (reason, headers) in &cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = sk.agent(Method::GET, "/v1/proxy/p/me", &h, "").await;
+        r.assert_error(401, "invalid_session");
+        assert_eq!(
+            r.json()["error"]["reason"],
+            *reason,
+            "{headers:?}: {}",
+            r.text()
+        );
+        for (_, v) in headers {
+            if v.len() > 8 {
+                assert!(!r.text().contains(v.as_str()), "the token was echoed");
+            }
+        }
+    }
+    assert_eq!(up.count(), 0);
+    // The access log says it too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = sk.log_text();
+    for reason in [
+        "missing",
+        "malformed",
+        "expired",
+        "bad_signature",
+        "unknown_key",
+        "revoked",
+    ] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("\"status\":401")
+                    && l.contains(&format!("\"reason\":\"{reason}\""))),
+            "no access-log line with reason {reason}:\n{logs}"
+        );
+    }
+
+    // A bound session called without its conversation header: its own message.
+    let bound = sk
+        .session_with(json!({"user": "ann", "providers": ["p"], "conversation_id": "conv-b"}))
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call_conv(&sk, &bound, None).await;
+    r.assert_error(401, "conversation_mismatch");
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("didn't say which conversation it belongs to"),
+        "{msg}"
+    );
+    // That is not a conflict: the session still works with its header.
+    assert_eq!(call_conv(&sk, &bound, Some("conv-b")).await.status, 200);
 }
