@@ -291,28 +291,36 @@ pub struct RefreshCoordinator {
     timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     backoff: Mutex<HashMap<String, Backoff>>,
-    /// When each credential was last refreshed successfully (unix
-    /// seconds), for the refresh tool's cooldown.
-    refreshed_at: Mutex<HashMap<String, i64>>,
+    /// The last token this process fetched for each credential: for the
+    /// refresh tool's cooldown and the skew cap.
+    fetched: Mutex<HashMap<String, Fetched>>,
     /// Providers whose skew was capped at half a token's lifetime and
     /// that were warned about it (once each).
     skew_warned: Mutex<std::collections::HashSet<String>>,
 }
 
-/// The skew actually used for a credential: the provider's
-/// `refresh_skew_secs`, but at most half the lifetime the token was issued
-/// with. A token living 5 s with a 60 s skew would otherwise be "due"
-/// the moment it arrives, and every call would refresh it again.
-pub fn effective_skew(p: &Provider, c: &Credential) -> (i64, bool) {
-    let lifetime = match c.expires_at {
-        Some(e) if c.updated_at > 0 && e > c.updated_at => e.saturating_sub(c.updated_at),
-        _ => return (p.refresh_skew_secs, false),
-    };
-    let cap = lifetime / 2;
-    if p.refresh_skew_secs > cap {
-        (cap, true)
-    } else {
-        (p.refresh_skew_secs, false)
+/// A token fetched from the token endpoint.
+#[derive(Clone, Copy, Debug)]
+struct Fetched {
+    /// Unix seconds.
+    at: i64,
+    /// The credential generation it was stored as; a later write (admin
+    /// PUT, reconnect) makes this entry stale.
+    generation: u64,
+    /// Seconds it was issued for, if it expires.
+    lifetime: Option<i64>,
+}
+
+/// The skew actually used: the provider's `refresh_skew_secs`, but at most
+/// half the lifetime the token was issued with (`issued_lifetime`, known
+/// for tokens sidekey fetched itself; a token stored through the admin API
+/// has only a remaining lifetime). A token living 5 s with a 60 s skew
+/// would otherwise be "due" the moment it arrives, and every call would
+/// refresh it again. Returns the skew and whether the cap applied.
+pub fn effective_skew(p: &Provider, issued_lifetime: Option<i64>) -> (i64, bool) {
+    match issued_lifetime {
+        Some(l) if p.refresh_skew_secs > l / 2 => (l / 2, true),
+        _ => (p.refresh_skew_secs, false),
     }
 }
 
@@ -332,14 +340,27 @@ impl RefreshCoordinator {
             timeout,
             locks: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
-            refreshed_at: Mutex::new(HashMap::new()),
+            fetched: Mutex::new(HashMap::new()),
             skew_warned: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
-    fn needs_refresh(&self, p: &Provider, c: &Credential) -> bool {
+    /// What this process fetched as the current generation of `key`.
+    fn fetched(&self, key: &str, c: &Credential) -> Option<Fetched> {
+        self.fetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .filter(|f| f.generation == c.generation)
+    }
+
+    fn needs_refresh(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
         let Some(e) = c.expires_at else { return false };
-        let (skew, capped) = effective_skew(p, c);
+        let lifetime = self
+            .fetched(&owner.key(&p.name), c)
+            .and_then(|f| f.lifetime);
+        let (skew, capped) = effective_skew(p, lifetime);
         if capped {
             let first = self
                 .skew_warned
@@ -350,7 +371,7 @@ impl RefreshCoordinator {
                 tracing::warn!(
                     provider = %p.name,
                     refresh_skew_secs = p.refresh_skew_secs,
-                    token_lifetime_secs = e.saturating_sub(c.updated_at),
+                    token_lifetime_secs = lifetime,
                     "tokens live no longer than refresh_skew_secs; refreshing at half their lifetime instead (lower refresh_skew_secs to silence this)"
                 );
             }
@@ -358,27 +379,30 @@ impl RefreshCoordinator {
         e.saturating_sub(skew) <= self.clock.now()
     }
 
-    /// Within the provider's cooldown after a successful refresh?
-    fn cooling_down(&self, p: &Provider, key: &str) -> bool {
-        if p.refresh_cooldown_secs <= 0 {
-            return false;
-        }
-        let at = self
-            .refreshed_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .copied();
-        at.is_some_and(|t| self.clock.now() < t.saturating_add(p.refresh_cooldown_secs))
+    /// Within the provider's cooldown after a successful refresh that
+    /// produced the credential's current generation?
+    fn cooling_down(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
+        p.refresh_cooldown_secs > 0
+            && self
+                .fetched(&owner.key(&p.name), c)
+                .is_some_and(|f| self.clock.now() < f.at.saturating_add(p.refresh_cooldown_secs))
     }
 
-    fn mark_refreshed(&self, key: &str, now: i64) {
-        let mut m = self.refreshed_at.lock().unwrap_or_else(|e| e.into_inner());
-        // Entries only matter for a cooldown's length: keep the map small.
+    fn mark_fetched(&self, key: &str, now: i64, c: &Credential) {
+        let mut m = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        // One entry per credential refreshed by this process; drop old
+        // ones if that ever grows large.
         if m.len() >= 65_536 {
-            m.retain(|_, t| now.saturating_sub(*t) < 3600);
+            m.retain(|_, f| now.saturating_sub(f.at) < 86_400);
         }
-        m.insert(key.to_owned(), now);
+        m.insert(
+            key.to_owned(),
+            Fetched {
+                at: now,
+                generation: c.generation,
+                lifetime: c.expires_at.map(|e| e.saturating_sub(now)),
+            },
+        );
     }
 
     fn expired(&self, c: &Credential) -> bool {
@@ -406,7 +430,7 @@ impl RefreshCoordinator {
         if c.reauth_required {
             return Err(ApiError::ReauthRequired(p.label()));
         }
-        if !self.needs_refresh(p, &c) {
+        if !self.needs_refresh(p, owner, &c) {
             return Ok(Some(c));
         }
         if !self.refreshable(p, &c) {
@@ -474,7 +498,7 @@ impl RefreshCoordinator {
         }
         // The tool is called by an LLM, which may call it in a loop: a
         // token refreshed moments ago is as good as a new one.
-        if !self.expired(&c) && self.cooling_down(p, &owner.key(&p.name)) {
+        if !self.expired(&c) && self.cooling_down(p, owner, &c) {
             self.metrics.refresh(&p.name, "cooldown");
             return Ok(Some(Forced::Active(Arc::new(c))));
         }
@@ -537,7 +561,7 @@ impl RefreshCoordinator {
             // newer than the one judged, and usable if it has not expired
             // (even when it is already within the skew, as short-lived
             // tokens are; refreshing again would make a storm).
-            if (moved_on && !self.expired(c)) || (!force && !self.needs_refresh(p, c)) {
+            if (moved_on && !self.expired(c)) || (!force && !self.needs_refresh(p, owner, c)) {
                 self.metrics.refresh(&p.name, "shared");
                 return Ok(Arc::new(c.clone()));
             }
@@ -627,7 +651,7 @@ impl RefreshCoordinator {
                     .map_err(internal)?;
                 self.store.flush().await.map_err(internal)?;
                 self.backoff_clear(&key);
-                self.mark_refreshed(&key, now);
+                self.mark_fetched(&key, now, &next);
                 self.metrics.refresh(&p.name, "refreshed");
                 tracing::info!(
                     provider = %p.name,

@@ -351,12 +351,10 @@ async fn concurrent_requests_share_one_refresh() {
     }
     for r in &tools {
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(
-            r.json()["providers"]["custom"]["status"],
-            "refreshed",
-            "{}",
-            r.text()
-        );
+        // `active`: within refresh_cooldown_secs of a refresh a racing
+        // proxied call made, the tool does not call again.
+        let status = &r.json()["providers"]["custom"]["status"];
+        assert!(status == "refreshed" || status == "active", "{}", r.text());
         assert_no_token_in(&r.text(), &tok, &["at-stale-2"]);
     }
     let made = tok.calls() - calls_before;
