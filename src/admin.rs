@@ -169,51 +169,100 @@ pub fn unknown_provider(app: &App, name: &str) -> ApiError {
     }
 }
 
-/// Prometheus text; also served by the token-less metrics listener.
+/// The OpenMetrics content type: prometheus_client writes OpenMetrics
+/// text (`# EOF`, `_total` on counters), which scrapers misread when it is
+/// labelled as the older Prometheus text format.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// OpenMetrics text; also served by the token-less metrics listener.
 pub async fn metrics(app: &Arc<App>) -> Response<Body> {
     let text = app.metrics.render(
         app.store.session_count().await,
         app.store.credential_count().await,
         app.store.size_on_disk(),
     );
-    body::text(
-        StatusCode::OK,
-        "text/plain; version=0.0.4; charset=utf-8",
-        text,
-    )
+    body::text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text)
 }
 
 // ----- credentials ---------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A credential PUT body: a token response as the provider sent it (read
+/// by the same parser as the refresh path), plus `scopes`, `username` and
+/// `password`.
 struct CredentialBody {
-    #[serde(default)]
-    access_token: Option<Secret>,
-    #[serde(default)]
-    refresh_token: Option<Secret>,
-    #[serde(default)]
-    expires_at: Option<i64>,
-    #[serde(default)]
-    expires_in: Option<i64>,
-    #[serde(default)]
+    token: crate::token_response::TokenResponse,
     scopes: Option<Vec<String>>,
-    #[serde(default)]
     username: Option<Secret>,
-    #[serde(default)]
     password: Option<Secret>,
-    /// A token response's space- or comma-separated `scope`, used when
-    /// `scopes` is absent, so a provider's answer can be stored as it is.
-    #[serde(default)]
-    scope: Option<String>,
-    /// Other token-response fields: accepted and ignored (anything else is
-    /// refused, so a misspelt `refresh_token` is an error, not a silent loss).
-    #[serde(default, rename = "token_type")]
-    _token_type: Option<serde::de::IgnoredAny>,
-    #[serde(default, rename = "id_token")]
-    _id_token: Option<serde::de::IgnoredAny>,
-    #[serde(default, rename = "refresh_token_expires_in")]
-    _refresh_token_expires_in: Option<serde::de::IgnoredAny>,
+}
+
+/// Fields a hand-built body may carry; `token_type` marks a body that is a
+/// provider's token response, whose other fields are ignored.
+const CREDENTIAL_FIELDS: &[&str] = &[
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "expires_in",
+    "scope",
+    "scopes",
+    "username",
+    "password",
+    "token_type",
+    "id_token",
+    "refresh_token_expires_in",
+];
+
+impl CredentialBody {
+    fn parse(body: &[u8], now: i64) -> Result<CredentialBody, ApiError> {
+        let map: serde_json::Map<String, Value> = body::json_object(body)?;
+        // A token response (it names its token_type) is stored as servers
+        // send it, extra fields and all (Entra's ext_expires_in, ...). A
+        // hand-built body is checked strictly: a misspelt refresh_token
+        // is an error, not a silently lost refresh token.
+        if !map.contains_key("token_type") {
+            if let Some(k) = map
+                .keys()
+                .find(|k| !CREDENTIAL_FIELDS.contains(&k.as_str()))
+            {
+                let k: String = k.chars().take(64).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "The request body is not what this endpoint takes: unknown field {k:?}."
+                )));
+            }
+        }
+        let token = crate::token_response::parse(&map, now)
+            .map_err(|e| ApiError::BadRequest(format!("The token response is refused: {e}.")))?;
+        let secret = |k: &'static str| -> Result<Option<Secret>, ApiError> {
+            match map.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(Secret::new(s.as_str()))),
+                Some(_) => Err(ApiError::BadRequest(format!("{k} must be a string."))),
+            }
+        };
+        let scopes = match map.get("scopes") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|x| x.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("scopes must be a list of strings.".into())
+                    })?,
+            ),
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "scopes must be a list of strings.".into(),
+                ));
+            }
+        };
+        Ok(CredentialBody {
+            token,
+            scopes,
+            username: secret("username")?,
+            password: secret("password")?,
+        })
+    }
 }
 
 /// Secrets are injected into headers and URLs: printable ASCII only, so a
@@ -271,7 +320,7 @@ async fn credential_route(
     let now = app.clock.now();
     match *method {
         Method::PUT => {
-            let b: CredentialBody = body::json_object(body)?;
+            let b = CredentialBody::parse(body, now)?;
             if p.grant == crate::providers::Grant::ClientCredentials {
                 return Err(ApiError::BadRequest(format!(
                     "{} uses one app-level token (grant = client_credentials); sidekey fetches it itself.",
@@ -279,8 +328,8 @@ async fn credential_route(
                 )));
             }
             for (v, f) in [
-                (&b.access_token, "access_token"),
-                (&b.refresh_token, "refresh_token"),
+                (&b.token.access_token, "access_token"),
+                (&b.token.refresh_token, "refresh_token"),
                 (&b.username, "username"),
                 (&b.password, "password"),
             ] {
@@ -296,31 +345,18 @@ async fn credential_route(
                     }
                 }
                 _ => {
-                    if b.access_token.is_none() {
+                    if b.token.access_token.is_none() {
                         return Err(ApiError::BadRequest("access_token is required.".into()));
                     }
                 }
             }
-            if b.expires_at.is_some() && b.expires_in.is_some() {
-                return Err(ApiError::BadRequest(
-                    "Give expires_at or expires_in, not both.".into(),
-                ));
-            }
-            let expires_at = b.expires_at.or(b.expires_in.map(|s| now + s));
             let mut cred = Credential {
                 reauth_reason: None,
-                access_token: b.access_token,
-                refresh_token: b.refresh_token,
-                expires_at,
-                scopes: b.scopes.unwrap_or_else(|| {
-                    b.scope
-                        .as_deref()
-                        .unwrap_or("")
-                        .split([' ', ','])
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                }),
+                refreshed_at: None,
+                access_token: b.token.access_token,
+                refresh_token: b.token.refresh_token,
+                expires_at: b.token.expires_at,
+                scopes: b.scopes.or(b.token.scopes).unwrap_or_default(),
                 username: b.username,
                 password: b.password,
                 reauth_required: false,

@@ -38,6 +38,8 @@ pub struct App {
     pub admin_token_hash: [u8; 32],
     pub webhook_secret: Option<Secret>,
     pub init_secret: Option<Secret>,
+    /// Memory held by post-call bodies being read, all together.
+    pub webhook_bodies: crate::limits::ByteBudget,
 }
 
 impl std::fmt::Debug for App {
@@ -91,6 +93,9 @@ impl App {
             admin_token_hash: sha256(loaded.admin_token.expose().as_bytes()),
             webhook_secret: loaded.webhook_secret,
             init_secret: loaded.init_secret,
+            webhook_bodies: crate::limits::ByteBudget::new(
+                config.elevenlabs.webhook_memory_budget_bytes,
+            ),
             config,
             providers,
             store,

@@ -6,6 +6,13 @@
 //! `FLUSH_EVERY`, or sooner when they grow large or someone reads the log.
 //! A `kill -9` can lose the last interval's records; a graceful shutdown
 //! writes everything.
+//!
+//! Requests refused before anyone was authenticated (no or a bad session
+//! token, a webhook without its secret or signature) get no record each:
+//! anyone can send them by the thousand, and each would push a record of
+//! a real call out of the ring. They are counted instead, and written as
+//! one summary record per kind every `SUMMARY_EVERY` (or when the log is
+//! read): kind `refused`, the count in `error`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +29,19 @@ const FLUSH_AT: usize = 4096;
 /// Beyond this the writer is not keeping up: records are dropped (and
 /// counted) rather than growing memory without bound.
 const DROP_AT: usize = 65_536;
+/// How often counts of refused unauthenticated requests are written.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// One kind of refused unauthenticated request, for the summary record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Refused {
+    /// Route group, e.g. `/v1/proxy`, `/v1/elevenlabs/post-call`.
+    pub path: &'static str,
+    /// sidekey's error code and, for sessions, the reason.
+    pub code: &'static str,
+    pub reason: Option<&'static str>,
+    pub status: u16,
+}
 
 /// Records waiting to be written, already as JSON arrays of at most
 /// `AUDIT_BATCH` records: what the store seals as one value each.
@@ -69,6 +89,40 @@ struct Shared {
     waiters: Mutex<Vec<oneshot::Sender<()>>>,
     wake: Notify,
     dropped: AtomicU64,
+    /// Refused unauthenticated requests since the last summary.
+    refused: Mutex<std::collections::BTreeMap<Refused, u64>>,
+}
+
+/// The summary records for `counts`, serialised.
+fn summary(counts: std::collections::BTreeMap<Refused, u64>) -> Vec<(Vec<u8>, usize)> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut p = Pending::default();
+    for (k, n) in counts {
+        let what = match k.reason {
+            Some(r) => format!("{} ({r})", k.code),
+            None => k.code.to_owned(),
+        };
+        let r = AuditRecord {
+            time: now,
+            kind: "refused".into(),
+            user: None,
+            provider: None,
+            method: "*".into(),
+            path: k.path.into(),
+            status: k.status,
+            duration_ms: 0.0,
+            session_id: None,
+            conversation_id: None,
+            error: Some(format!("{what} x{n}")),
+        };
+        if let Ok(json) = serde_json::to_vec(&r) {
+            p.push(&json);
+        }
+    }
+    p.take()
 }
 
 pub struct AuditLog {
@@ -96,11 +150,13 @@ impl AuditLog {
             waiters: Mutex::new(Vec::new()),
             wake: Notify::new(),
             dropped: AtomicU64::new(0),
+            refused: Mutex::new(std::collections::BTreeMap::new()),
         });
         let s = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_summary = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
@@ -109,7 +165,14 @@ impl AuditLog {
                 // Waiters first: every record buffered before a waiter
                 // registered is then in `records` below.
                 let waiters = std::mem::take(&mut *lock(&s.waiters));
-                let batches = lock(&s.buf).take();
+                let mut batches = lock(&s.buf).take();
+                if !waiters.is_empty() || last_summary.elapsed() >= SUMMARY_EVERY {
+                    last_summary = tokio::time::Instant::now();
+                    let counts = std::mem::take(&mut *lock(&s.refused));
+                    if !counts.is_empty() {
+                        batches.extend(summary(counts));
+                    }
+                }
                 if !batches.is_empty() {
                     let store = store.clone();
                     // sled writes block: off the request workers.
@@ -158,6 +221,12 @@ impl AuditLog {
         if total == FLUSH_AT {
             s.wake.notify_one();
         }
+    }
+
+    /// Counts a refused unauthenticated request (see the module comment).
+    pub fn refused(&self, r: Refused) {
+        let Some(s) = &self.shared else { return };
+        *lock(&s.refused).entry(r).or_insert(0) += 1;
     }
 
     /// Waits until every record buffered so far is written.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{Config, SecretSource};
+use crate::config::{Config, MIN_SECRET_CHARS, SecretSource, weak_secret};
 use crate::secret::Secret;
 use crate::session::SessionKeys;
 use crate::store::{KeyRing, MasterKey};
@@ -155,10 +155,11 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
         &mut problems,
     );
     if let Some(t) = &admin_token {
-        if t.expose().len() < 16 && generate != Gen::Would {
-            problems.push(
-                "admin token: use at least 16 characters (32 random bytes recommended)".into(),
-            );
+        if let Some(why) = weak_secret(t, MIN_SECRET_CHARS) {
+            problems.push(format!(
+                "admin.token_file / admin.token_env: {} {why} (32 random bytes recommended)",
+                cfg.admin.token.describe()
+            ));
         }
     }
 
@@ -232,14 +233,14 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
     // --- webhook secrets (optional: their endpoints answer 401 without) ---
     let webhook_secret = optional(
         &cfg.elevenlabs.webhook_secret,
-        "elevenlabs.webhook_secret",
+        "elevenlabs.webhook_secret_file / webhook_secret_env",
         "the post-call webhook",
         &mut notes,
         &mut problems,
     );
     let init_secret = optional(
         &cfg.elevenlabs.init_secret,
-        "elevenlabs.init_secret",
+        "elevenlabs.init_secret_file / init_secret_env",
         "the conversation-init webhook",
         &mut notes,
         &mut problems,
@@ -276,7 +277,18 @@ fn optional(
     problems: &mut Vec<String>,
 ) -> Option<Secret> {
     match src.load() {
-        Ok(Some(s)) => Some(s),
+        // A blank or short secret would let anyone through (an empty
+        // X-Sidekey-Init-Secret, an HMAC keyed with ""): refused at start.
+        Ok(Some(s)) => match weak_secret(&s, MIN_SECRET_CHARS) {
+            None => Some(s),
+            Some(why) => {
+                problems.push(format!(
+                    "{what}: {} {why}; set a random secret (e.g. `openssl rand -base64 32`), or unset it to switch {endpoint} off",
+                    src.describe()
+                ));
+                None
+            }
+        },
         Ok(None) => {
             notes.push(format!(
                 "{what}: {} is not set; {endpoint} will refuse every call (401) until it is",
@@ -304,7 +316,24 @@ fn load_or_generate(
 ) -> Option<Secret> {
     match src.load() {
         Ok(Some(s)) if !s.is_empty() => Some(s),
-        Ok(_) => match src {
+        Ok(Some(_)) => {
+            problems.push(format!(
+                "{}: {} is empty; put the {what} in it, or remove it{}",
+                if matches!(src, SecretSource::Env(_)) {
+                    env_key
+                } else {
+                    file_key
+                },
+                src.describe(),
+                if matches!(src, SecretSource::File(_)) && generate != Gen::No {
+                    " to have a new one generated"
+                } else {
+                    ""
+                }
+            ));
+            None
+        }
+        Ok(None) => match src {
             SecretSource::File(path) if generate == Gen::Would => {
                 generated.push(format!(
                     "{what} would be generated at {} on first start",

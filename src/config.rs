@@ -51,14 +51,17 @@ impl SecretSource {
     }
 
     /// Reads the secret. `Ok(None)` when unset, or when the file or variable
-    /// does not exist; `Err` when it exists but cannot be read.
+    /// does not exist; `Err` when it exists but cannot be read. A file or
+    /// variable that exists but is blank gives an empty secret (callers
+    /// refuse it, naming the setting): it must never pass for "no secret"
+    /// nor for a valid one.
     pub fn load(&self) -> Result<Option<Secret>, String> {
         match self {
             SecretSource::Unset => Ok(None),
             SecretSource::Inline(s) => Ok(Some(s.clone())),
             SecretSource::Env(name) => match std::env::var(name) {
-                Ok(v) if !v.trim().is_empty() => Ok(Some(Secret::new(v.trim()))),
-                Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+                Ok(v) => Ok(Some(Secret::new(v.trim()))),
+                Err(std::env::VarError::NotPresent) => Ok(None),
                 Err(std::env::VarError::NotUnicode(_)) => {
                     Err(format!("environment variable {name} is not valid UTF-8"))
                 }
@@ -194,6 +197,7 @@ struct RawSessions {
     previous_signing_key_files: Option<Vec<String>>,
     dynamic_variable: Option<String>,
     require_conversation_header: Option<bool>,
+    bind_within_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -208,6 +212,7 @@ struct RawElevenLabs {
     api_key_env: Option<String>,
     init_providers: Option<Vec<String>>,
     max_webhook_bytes: Option<u64>,
+    webhook_memory_budget_bytes: Option<u64>,
     webhook_tolerance_secs: Option<u64>,
     tool_response_timeout_secs: Option<u64>,
 }
@@ -263,6 +268,7 @@ pub struct RawProvider {
     pub client_secret_file: Option<String>,
     pub client_auth: Option<String>,
     pub refresh_skew_secs: Option<u64>,
+    pub refresh_cooldown_secs: Option<u64>,
     pub allow: Option<Vec<String>>,
     pub grant: Option<String>,
     pub scopes: Option<Vec<String>>,
@@ -382,6 +388,10 @@ pub struct SessionsConfig {
     pub dynamic_variable: String,
     /// A bound session must present its conversation id on every call.
     pub require_conversation_header: bool,
+    /// A session minted without a conversation must be bound (by a call
+    /// carrying the conversation header) within this many seconds of
+    /// minting, or it is refused as expired; 0 turns the limit off.
+    pub bind_within_secs: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -396,6 +406,9 @@ pub struct ElevenLabsConfig {
     pub init_providers: Option<Vec<String>>,
     /// Post-call bodies carry base64 audio; this caps what is read, bytes.
     pub max_webhook_bytes: u64,
+    /// Bytes all post-call bodies being read at once may hold together;
+    /// past it, a webhook is answered 503 before more is read.
+    pub webhook_memory_budget_bytes: u64,
     pub webhook_tolerance_secs: i64,
     /// `response_timeout_secs` written into generated tools.
     pub tool_response_timeout_secs: u64,
@@ -520,6 +533,9 @@ pub struct ProviderConfig {
     pub client_secret: SecretSource,
     pub client_auth: Option<String>,
     pub refresh_skew_secs: Option<u64>,
+    /// Seconds after a successful refresh in which the refresh tool answers
+    /// `active` without calling the token endpoint (default 30).
+    pub refresh_cooldown_secs: Option<u64>,
     pub allow: Vec<String>,
     pub grant: Option<String>,
     pub scopes: Option<Vec<String>>,
@@ -531,6 +547,22 @@ pub struct ProviderConfig {
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
+
+/// Shortest secret sidekey accepts for the secrets it checks itself (admin
+/// token, init secret, webhook secret): anything shorter can be guessed.
+pub const MIN_SECRET_CHARS: usize = 16;
+
+/// Why a loaded secret is refused (empty or shorter than `min`), or `None`.
+pub fn weak_secret(s: &Secret, min: usize) -> Option<String> {
+    let n = s.expose().chars().count();
+    if n == 0 {
+        Some("is empty".into())
+    } else if n < min {
+        Some(format!("is only {n} characters long; use at least {min}"))
+    } else {
+        None
+    }
+}
 
 /// `1–128` characters of `A-Za-z0-9._@:+-`: user ids, tenant ids, provider names.
 pub fn valid_id(s: &str) -> bool {
@@ -817,6 +849,7 @@ impl Config {
                 .collect(),
             dynamic_variable,
             require_conversation_header: se.require_conversation_header.unwrap_or(true),
+            bind_within_secs: i64::try_from(se.bind_within_secs.unwrap_or(600)).unwrap_or(i64::MAX),
         };
 
         let el = raw.elevenlabs;
@@ -886,10 +919,20 @@ impl Config {
                 "[elevenlabs] max_webhook_bytes",
                 p,
             ),
-            webhook_tolerance_secs: el.webhook_tolerance_secs.unwrap_or(1800) as i64,
+            webhook_memory_budget_bytes: positive(
+                el.webhook_memory_budget_bytes,
+                64 * 1024 * 1024,
+                "[elevenlabs] webhook_memory_budget_bytes",
+                p,
+            ),
+            webhook_tolerance_secs: i64::try_from(el.webhook_tolerance_secs.unwrap_or(1800))
+                .unwrap_or(i64::MAX),
             tool_response_timeout_secs: tool_timeout,
         };
 
+        if elevenlabs.webhook_memory_budget_bytes < elevenlabs.max_webhook_bytes {
+            w.push(format!("[elevenlabs] webhook_memory_budget_bytes ({}) is below max_webhook_bytes ({}): post-call bodies larger than the budget will always be answered 503", elevenlabs.webhook_memory_budget_bytes, elevenlabs.max_webhook_bytes));
+        }
         let l = raw.limits;
         let limits = LimitsConfig {
             per_session_rps: l.per_session_rps.unwrap_or(0.0),
@@ -972,6 +1015,7 @@ impl Config {
                     client_secret,
                     client_auth: rp.client_auth,
                     refresh_skew_secs: rp.refresh_skew_secs,
+                    refresh_cooldown_secs: rp.refresh_cooldown_secs,
                     allow: rp.allow.unwrap_or_default(),
                     grant: rp.grant,
                     scopes: rp.scopes,

@@ -80,22 +80,33 @@ async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiEr
 /// A webhook answered with an error: counted, audited, answered.
 fn refused(
     app: &App,
-    path: &str,
+    path: &'static str,
     started: Instant,
     event: &str,
     outcome: &'static str,
     e: ApiError,
 ) -> Response<Body> {
     app.metrics.webhook(event, outcome);
-    record(
-        app,
-        path,
-        e.status().as_u16(),
-        started,
-        None,
-        None,
-        Some(e.code()),
-    );
+    if matches!(e, ApiError::Unauthorized | ApiError::InvalidSignature(_)) {
+        // Anyone can send these by the thousand: counted and summarised,
+        // never one audit record each (see audit.rs).
+        app.audit.refused(crate::audit::Refused {
+            path,
+            code: e.code(),
+            reason: None,
+            status: e.status().as_u16(),
+        });
+    } else {
+        record(
+            app,
+            path,
+            e.status().as_u16(),
+            started,
+            None,
+            None,
+            Some(e.code()),
+        );
+    }
     e.into_response()
 }
 
@@ -134,7 +145,8 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
         .get("x-sidekey-init-secret")
         .map(|v| sha256(v.as_bytes()));
     let ok = match (&app.init_secret, presented) {
-        (Some(s), Some(p)) => bool::from(sha256(s.expose().as_bytes()).ct_eq(&p)),
+        // Blank secrets are refused at start; never compare against one.
+        (Some(s), Some(p)) if !s.is_empty() => bool::from(sha256(s.expose().as_bytes()).ct_eq(&p)),
         (None, _) => {
             tracing::warn!(
                 "conversation-init called but no init secret is configured ([elevenlabs] init_secret_env)"
@@ -144,9 +156,14 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
         _ => false,
     };
     if !ok {
-        app.metrics.webhook("conversation_init", "unauthorized");
-        record(app, path, 401, started, None, None, Some("unauthorized"));
-        return ApiError::Unauthorized.into_response();
+        return refused(
+            app,
+            path,
+            started,
+            "conversation_init",
+            "unauthorized",
+            ApiError::Unauthorized,
+        );
     }
     let result = async {
         let raw = read_limited(req, 64 * 1024).await?;
@@ -256,6 +273,61 @@ pub fn parse_signature(header: &str) -> Result<(i64, Vec<Vec<u8>>), &'static str
     Ok((t, sigs))
 }
 
+/// A signature header that parsed and whose timestamp is fresh: what can
+/// be checked before a byte of the body is read.
+pub struct PendingSignature {
+    t: i64,
+    sigs: Vec<Vec<u8>>,
+    mac: Hmac<Sha256>,
+}
+
+impl PendingSignature {
+    /// Parses the header and checks the timestamp against `now`, with
+    /// `tolerance` seconds either side; the MAC is then fed the body as it
+    /// streams in ([`PendingSignature::update`]).
+    pub fn start(
+        header: &str,
+        secret: &[u8],
+        now: i64,
+        tolerance: i64,
+    ) -> Result<PendingSignature, &'static str> {
+        let (t, sigs) = parse_signature(header)?;
+        // abs_diff: a crafted `t` (i64::MIN) must not overflow the subtraction.
+        if now.abs_diff(t) > tolerance.max(0) as u64 {
+            return Err("timestamp outside tolerance");
+        }
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("any key size");
+        mac.update(t.to_string().as_bytes());
+        mac.update(b".");
+        Ok(PendingSignature { t, sigs, mac })
+    }
+
+    /// The signed timestamp.
+    pub fn timestamp(&self) -> i64 {
+        self.t
+    }
+
+    pub fn update(&mut self, chunk: &[u8]) {
+        self.mac.update(chunk);
+    }
+
+    /// Compares in constant time against every candidate.
+    pub fn verify(self) -> Result<(), &'static str> {
+        let expected = self.mac.finalize().into_bytes();
+        // Every candidate is compared (no early exit), so timing does not
+        // tell which of several signatures matched.
+        let mut any = subtle::Choice::from(0u8);
+        for s in &self.sigs {
+            any |= expected.as_slice().ct_eq(s.as_slice());
+        }
+        if bool::from(any) {
+            Ok(())
+        } else {
+            Err("signature mismatch")
+        }
+    }
+}
+
 /// Checks an `ElevenLabs-Signature` against HMAC-SHA256(secret, "t.body"),
 /// in constant time, with `tolerance` seconds either side of `now`.
 pub fn verify_signature(
@@ -265,33 +337,19 @@ pub fn verify_signature(
     now: i64,
     tolerance: i64,
 ) -> Result<(), &'static str> {
-    let (t, sigs) = parse_signature(header)?;
-    // abs_diff: a crafted `t` (i64::MIN) must not overflow the subtraction.
-    if now.abs_diff(t) > tolerance.max(0) as u64 {
-        return Err("timestamp outside tolerance");
-    }
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("any key size");
-    mac.update(t.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let expected = mac.finalize().into_bytes();
-    // Every candidate is compared (no early exit), so timing does not tell
-    // which of several signatures matched.
-    let mut any = subtle::Choice::from(0u8);
-    for s in &sigs {
-        any |= expected.as_slice().ct_eq(s.as_slice());
-    }
-    if bool::from(any) {
-        Ok(())
-    } else {
-        Err("signature mismatch")
-    }
+    let mut p = PendingSignature::start(header, secret, now, tolerance)?;
+    p.update(body);
+    p.verify()
 }
 
 #[derive(Deserialize)]
 struct PostCall {
     #[serde(rename = "type")]
     kind: String,
+    /// When the event happened (unix seconds); sessions minted after it
+    /// are not the ones this event ends.
+    #[serde(default)]
+    event_timestamp: Option<f64>,
     #[serde(default)]
     data: Option<PostCallData>,
 }
@@ -313,37 +371,60 @@ const REVOKING_EVENTS: &[&str] = &[
 ];
 
 /// `POST /v1/elevenlabs/post-call`: revokes every session bound to the
-/// conversation. Redelivery finds nothing left to revoke and answers 200.
+/// conversation and minted before the event. Redelivery finds nothing
+/// left to revoke and answers 200.
+///
+/// Nothing is read before the cheap checks pass: a secret is configured,
+/// the signature header parses and its timestamp is fresh. The body is
+/// then read into memory reserved from `app.webhook_bodies` (all post-call
+/// bodies in flight share it) while the HMAC is computed over it.
 pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let path = "/v1/elevenlabs/post-call";
-    let sig = req
-        .headers()
-        .get("elevenlabs-signature")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
     let result = async {
-        let raw = read_limited(req, app.config.elevenlabs.max_webhook_bytes).await?;
         let Some(secret) = &app.webhook_secret else {
             tracing::warn!("post-call webhook called but no webhook secret is configured ([elevenlabs] webhook_secret_env)");
             return Err(ApiError::InvalidSignature("no webhook secret configured"));
         };
-        let sig = sig.ok_or(ApiError::InvalidSignature("missing ElevenLabs-Signature header"))?;
-        verify_signature(
-            &sig,
-            &raw,
+        let sig = req
+            .headers()
+            .get("elevenlabs-signature")
+            .ok_or(ApiError::InvalidSignature("missing ElevenLabs-Signature header"))?
+            .to_str()
+            .map_err(|_| ApiError::InvalidSignature("malformed signature header"))?;
+        let mut pending = PendingSignature::start(
+            sig,
             secret.expose().as_bytes(),
             app.clock.now(),
             app.config.elevenlabs.webhook_tolerance_secs,
         )
         .map_err(ApiError::InvalidSignature)?;
+        let limit = app.config.elevenlabs.max_webhook_bytes;
+        let mut budget = app.webhook_bodies.reservation();
+        let raw = read_signed_body(req, limit, &mut budget, &mut pending).await?;
+        let signed_at = pending.timestamp();
+        pending.verify().map_err(ApiError::InvalidSignature)?;
         let ev: PostCall = body::json_object(&raw)?;
+        drop(raw);
+        drop(budget);
         let conv = ev.data.and_then(|d| d.conversation_id);
+        // A replayed (validly signed) event must not end a session minted
+        // after it happened.
+        let event_time = ev
+            .event_timestamp
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map(|t| t as i64)
+            .unwrap_or(signed_at)
+            .min(signed_at);
         let mut revoked = 0;
         if REVOKING_EVENTS.contains(&ev.kind.as_str()) {
             if let Some(c) = &conv {
                 let sids = app.store.sessions_for_conversation(c).await.map_err(ApiError::from)?;
                 for sid in sids {
+                    let minted = app.store.session(&sid).await.map_err(ApiError::from)?.map(|r| r.iat);
+                    if minted.is_some_and(|iat| iat > event_time) {
+                        continue;
+                    }
                     if app.store.revoke_session(&sid).await.map_err(ApiError::from)? {
                         revoked += 1;
                     }
@@ -378,6 +459,63 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             refused(app, path, started, "post_call", "refused", e)
         }
     }
+}
+
+/// Reads a post-call body of at most `limit` bytes, holding what it reads
+/// in `budget` and feeding it to the signature as it arrives.
+async fn read_signed_body(
+    req: Request<Incoming>,
+    limit: u64,
+    budget: &mut crate::limits::Reservation<'_>,
+    sig: &mut PendingSignature,
+) -> Result<Bytes, ApiError> {
+    let (parts, mut body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared {
+        if len > limit {
+            return Err(ApiError::BodyTooLarge(limit));
+        }
+        if !budget.ensure(len) {
+            return Err(overloaded());
+        }
+    }
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(1 << 20) as usize);
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|_| ApiError::BadRequest("The request body could not be read.".into()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let total = buf.len() as u64 + data.len() as u64;
+            if total > limit {
+                return Err(ApiError::BodyTooLarge(limit));
+            }
+            if !budget.ensure(total) {
+                return Err(overloaded());
+            }
+            sig.update(&data);
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(60), read).await {
+        Err(_) => Err(ApiError::BadRequest(
+            "The request body did not arrive in time.".into(),
+        )),
+        Ok(r) => r.map(|()| buf.freeze()),
+    }
+}
+
+fn overloaded() -> ApiError {
+    tracing::warn!(
+        "post-call bodies in flight reached [elevenlabs] webhook_memory_budget_bytes; answering 503"
+    );
+    ApiError::Overloaded
 }
 
 // ---------------------------------------------------------------------------

@@ -44,14 +44,52 @@ pub fn display_name(name: &str) -> String {
     }
 }
 
+/// Why a session token was refused: sent as `reason` next to the code and
+/// written to the access log. Coarse on purpose: it tells an integrator
+/// what to fix (send the header, mint a new session, check the key)
+/// without telling an attacker which check a forgery got past.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionFault {
+    /// No session token: no header, an empty one, or a misspelt name.
+    Missing,
+    /// Not a token sidekey issued: unparsable, oversized, no `kid`, wrong
+    /// issuer or audience, or claims that do not hold together.
+    Malformed,
+    /// Past its `exp`, or an unbound session past `bind_within_secs`.
+    Expired,
+    /// The signature does not verify, or the algorithm is not the key's.
+    BadSignature,
+    /// Signed with a key sidekey does not know (rotated out, or another
+    /// deployment's).
+    UnknownKey,
+    /// Its record is gone: revoked by the admin API, by post-call, by a
+    /// conversation conflict, or the user was deleted.
+    Revoked,
+}
+
+impl SessionFault {
+    pub fn reason(self) -> &'static str {
+        match self {
+            SessionFault::Missing => "missing",
+            SessionFault::Malformed => "malformed",
+            SessionFault::Expired => "expired",
+            SessionFault::BadSignature => "bad_signature",
+            SessionFault::UnknownKey => "unknown_key",
+            SessionFault::Revoked => "revoked",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The reason is logged, never sent: telling an attacker which check
-    /// failed helps them.
-    #[error("invalid session: {0}")]
-    InvalidSession(&'static str),
+    /// The fault is sent as `reason`; the detail is only logged.
+    #[error("invalid session ({reason}): {detail}", reason = .0.reason(), detail = .1)]
+    InvalidSession(SessionFault, &'static str),
     #[error("session bound to another conversation")]
     ConversationMismatch,
+    /// A bound session called without the conversation header.
+    #[error("call without its conversation id")]
+    ConversationMissing,
     #[error("provider {} not in session", .0.name)]
     ProviderNotAllowed(ProviderLabel),
     #[error("path not allowed for {}", .0.name)]
@@ -109,8 +147,8 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         use ApiError::*;
         match self {
-            InvalidSession(_) => "invalid_session",
-            ConversationMismatch => "conversation_mismatch",
+            InvalidSession(..) => "invalid_session",
+            ConversationMismatch | ConversationMissing => "conversation_mismatch",
             ProviderNotAllowed(_) => "provider_not_allowed",
             PathNotAllowed(_) => "path_not_allowed",
             BadPath(_) => "bad_path",
@@ -138,9 +176,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            InvalidSession(_) | ConversationMismatch | Unauthorized | InvalidSignature(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            InvalidSession(..) | ConversationMismatch | ConversationMissing | Unauthorized
+            | InvalidSignature(_) => StatusCode::UNAUTHORIZED,
             ProviderNotAllowed(_) | PathNotAllowed(_) => StatusCode::FORBIDDEN,
             BadPath(_) | BadRequest(_) => StatusCode::BAD_REQUEST,
             UnknownProvider(_) | UnknownProviderAdmin { .. } | NotFound(_) => StatusCode::NOT_FOUND,
@@ -160,11 +197,23 @@ impl ApiError {
     pub fn message(&self) -> String {
         use ApiError::*;
         match self {
-            InvalidSession(_) => {
-                "This conversation's access to your accounts has expired or is not valid; please start a new conversation from the app.".into()
+            InvalidSession(SessionFault::Missing, _) => {
+                "This call didn't include the access pass for your accounts, so I can't use them here.".into()
+            }
+            InvalidSession(SessionFault::Expired, _) => {
+                "This conversation's access to your accounts has expired; please start a new conversation from the app.".into()
+            }
+            InvalidSession(SessionFault::Revoked, _) => {
+                "This conversation's access to your accounts has ended; please start a new conversation from the app.".into()
+            }
+            InvalidSession(..) => {
+                "This conversation's access pass isn't valid; please start a new conversation from the app.".into()
             }
             ConversationMismatch => {
                 "This access pass belongs to a different conversation, so I can't use it here.".into()
+            }
+            ConversationMissing => {
+                "This call didn't say which conversation it belongs to, so I can't use this conversation's access pass.".into()
             }
             ProviderNotAllowed(p) => format!(
                 "This conversation wasn't given access to your {} account.",
@@ -244,6 +293,9 @@ impl ApiError {
         if let Some(p) = self.provider() {
             err["provider"] = json!(p);
         }
+        if let ApiError::InvalidSession(fault, _) = &self {
+            err["reason"] = json!(fault.reason());
+        }
         let mut resp = body::json(self.status(), &json!({ "error": err }));
         resp.headers_mut()
             .insert("x-sidekey-error", HeaderValue::from_static(self.code()));
@@ -298,8 +350,13 @@ mod tests {
     fn every_error_has_header_and_json_body() {
         let p = ProviderLabel::new("google", "Google");
         let cases = vec![
-            (ApiError::InvalidSession("x"), 401, "invalid_session"),
+            (
+                ApiError::InvalidSession(SessionFault::Missing, "x"),
+                401,
+                "invalid_session",
+            ),
             (ApiError::ConversationMismatch, 401, "conversation_mismatch"),
+            (ApiError::ConversationMissing, 401, "conversation_mismatch"),
             (
                 ApiError::ProviderNotAllowed(p.clone()),
                 403,

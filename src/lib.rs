@@ -12,6 +12,7 @@
 //! - [`providers`]  — presets, path rules, allow lists, credential injection
 //! - [`proxy`]      — the agent-facing request path, as named phases
 //! - [`refresh`]    — token refresh: single flight, rotation, backoff
+//! - [`token_response`] — reading token responses (refresh, code exchange, admin PUT)
 //! - [`oauth`]      — the authorization-code flow with PKCE
 //! - [`connect`]    — the hosted connect page; OAuth flows bound to a browser
 //! - [`elevenlabs`] — init and post-call webhooks, tool definitions
@@ -49,6 +50,7 @@ pub mod secret;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod token_response;
 
 /// Installs ring as the process-wide rustls provider. Call once at start.
 pub fn install_crypto_provider() {

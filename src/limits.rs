@@ -102,3 +102,100 @@ mod tests {
         }
     }
 }
+
+/// Bytes held by in-flight request bodies of one kind, capped as a whole.
+///
+/// A per-request limit bounds one body; it does not bound 256 HTTP/2
+/// streams each sending one. Each reader reserves what it holds, and a
+/// reader that would go past the budget is refused at once (no waiting:
+/// waiting would hold connections open for the attacker).
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes reserved from a [`ByteBudget`]; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    budget: &'a ByteBudget,
+    held: u64,
+}
+
+impl ByteBudget {
+    pub fn new(limit: u64) -> ByteBudget {
+        ByteBudget {
+            limit,
+            used: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// An empty reservation, grown as bytes arrive.
+    pub fn reservation(&self) -> Reservation<'_> {
+        Reservation {
+            budget: self,
+            held: 0,
+        }
+    }
+
+    /// Bytes held right now (for tests and metrics).
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|t| *t <= self.limit)
+            })
+            .is_ok()
+    }
+}
+
+impl Reservation<'_> {
+    /// Holds `n` more bytes, or `false` (holding nothing more) when that
+    /// would pass the budget.
+    pub fn grow(&mut self, n: u64) -> bool {
+        if self.budget.take(n) {
+            self.held += n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Holds at least `n` bytes in total.
+    pub fn ensure(&mut self, n: u64) -> bool {
+        n <= self.held || self.grow(n - self.held)
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.held, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::ByteBudget;
+
+    #[test]
+    fn reservations_share_one_budget_and_give_back_on_drop() {
+        let b = ByteBudget::new(100);
+        let mut r1 = b.reservation();
+        assert!(r1.grow(60));
+        let mut r2 = b.reservation();
+        assert!(!r2.grow(41));
+        assert!(r2.grow(40));
+        assert!(r2.ensure(30));
+        assert_eq!(b.used(), 100);
+        drop(r1);
+        assert_eq!(b.used(), 40);
+        drop(r2);
+        assert_eq!(b.used(), 0);
+    }
+}

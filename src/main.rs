@@ -1,4 +1,9 @@
 //! `sidekey` — parses the command line and calls the library.
+//!
+//! The library forbids `unsafe`; the one exception in the binary is
+//! [`disable_core_dumps`], two libc calls with plain integer arguments.
+
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,9 +98,53 @@ enum ElevenLabsCommand {
     },
 }
 
+/// Set to `1` to keep core dumps possible (debugging a crash on a machine
+/// whose core files are protected). Documented in docs/security.md.
+const ALLOW_CORE_DUMPS_ENV: &str = "SIDEKEY_ALLOW_CORE_DUMPS";
+
+/// A core file or a ptrace attach would expose every decrypted token, the
+/// master key and the session signing key in this process's memory:
+/// RLIMIT_CORE 0 (soft and hard, so it cannot be raised again) and, on
+/// Linux, PR_SET_DUMPABLE 0 (no core even if a handler asks, and other
+/// processes of the same user may not read /proc/PID/mem or attach).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn disable_core_dumps() -> Result<(), std::io::Error> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `zero` is a valid, initialised rlimit that outlives the call;
+    // setrlimit only reads it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_DUMPABLE takes integer arguments only; no memory
+        // is passed to the kernel.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn disable_core_dumps() -> Result<(), std::io::Error> {
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    if std::env::var(ALLOW_CORE_DUMPS_ENV).is_ok_and(|v| v == "1") {
+        tracing::warn!(
+            "{ALLOW_CORE_DUMPS_ENV}=1: core dumps stay enabled; a core file would hold decrypted tokens and keys"
+        );
+    } else if let Err(e) = disable_core_dumps() {
+        tracing::warn!(error = %e, "cannot disable core dumps");
+    }
     sidekey::install_crypto_provider();
     let result = match cli.command {
         Command::Serve(c) => commands::serve(&c.config),

@@ -49,6 +49,11 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
     event: String,
     outcome: &'static str,
@@ -68,6 +73,8 @@ pub struct Metrics {
     refresh: Family<OutcomeLabels, Counter>,
     token_calls: Family<TokenLabels, Counter>,
     webhooks: Family<WebhookLabels, Counter>,
+    unauthenticated: Family<ReasonLabels, Counter>,
+    session_conflicts: Counter,
     sessions_active: Gauge,
     credentials: Gauge,
     store_bytes: Gauge,
@@ -109,7 +116,7 @@ impl Metrics {
         let refresh = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "refresh",
-            "Token refresh outcomes (refreshed, shared, failed, backoff, reauth_required)",
+            "Token refresh outcomes (refreshed, shared, cooldown, failed, backoff, reauth_required)",
             refresh.clone(),
         );
         let token_calls = Family::<TokenLabels, Counter>::default();
@@ -123,6 +130,18 @@ impl Metrics {
             "webhooks",
             "ElevenLabs webhooks by event and outcome",
             webhooks.clone(),
+        );
+        let unauthenticated = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "unauthenticated_requests",
+            "Agent-facing requests refused for their session token, by reason (aggregated in the audit log, not one record each)",
+            unauthenticated.clone(),
+        );
+        let session_conflicts = Counter::default();
+        registry.register(
+            "session_conflicts",
+            "Sessions revoked because a second conversation used them",
+            session_conflicts.clone(),
         );
         let sessions_active = Gauge::default();
         registry.register(
@@ -161,6 +180,8 @@ impl Metrics {
             refresh,
             token_calls,
             webhooks,
+            unauthenticated,
+            session_conflicts,
             sessions_active,
             credentials,
             store_bytes,
@@ -223,6 +244,18 @@ impl Metrics {
     /// Call once per request answered `store_unavailable`.
     pub fn store_unavailable(&self) {
         self.store_unavailable.inc();
+    }
+
+    /// A request refused for its session token (`reason` is a
+    /// `SessionFault` reason: a fixed, small set).
+    pub fn unauthenticated(&self, reason: &'static str) {
+        self.unauthenticated
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn session_conflict(&self) {
+        self.session_conflicts.inc();
     }
 
     pub fn connection_opened(&self) {

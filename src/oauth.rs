@@ -206,7 +206,7 @@ pub async fn begin(
             q.append_pair(k, v);
         }
     }
-    let expires_at = app.clock.now() + STATE_TTL_SECS;
+    let expires_at = app.clock.now().saturating_add(STATE_TTL_SECS);
     app.store
         .put_oauth_state(
             &state,
@@ -420,6 +420,7 @@ async fn complete(
             ("code_verifier", st.verifier.expose()),
         ],
         Duration::from_secs(app.config.server.upstream_timeout_secs),
+        app.clock.now(),
     )
     .await
     .map_err(|e| {
@@ -439,7 +440,7 @@ async fn complete(
     let mut cred = Credential {
         access_token: Some(grant.access_token),
         refresh_token: grant.refresh_token,
-        expires_at: grant.expires_in.map(|s| now + s),
+        expires_at: grant.expires_at,
         scopes: grant.scopes.unwrap_or_default(),
         updated_at: now,
         ..Default::default()

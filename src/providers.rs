@@ -155,8 +155,12 @@ pub struct Provider {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret>,
     pub client_auth: ClientAuth,
-    /// Refresh when the token expires within this many seconds.
+    /// Refresh when the token expires within this many seconds (capped at
+    /// half the token's issued lifetime, see `refresh::effective_skew`).
     pub refresh_skew_secs: i64,
+    /// The refresh tool does not call the token endpoint again within this
+    /// many seconds of a successful refresh; 0 turns the cooldown off.
+    pub refresh_cooldown_secs: i64,
     /// Empty means every path is allowed.
     allow: Vec<AllowRule>,
     /// The allow list as written, for generated tool descriptions.
@@ -234,14 +238,11 @@ impl Provider {
         };
         if let Some(q) = query.filter(|q| !q.is_empty()) {
             for pair in q.split('&') {
-                if let Some(param) = inject_param {
-                    // A client-supplied copy of the injected parameter must
-                    // not reach the upstream: some servers take the first.
-                    let key = pair.split('=').next().unwrap_or("");
-                    let key = percent_decode_str(key).decode_utf8_lossy();
-                    if key == param {
-                        continue;
-                    }
+                // A client-supplied copy of the injected parameter must not
+                // reach the upstream, in any spelling some server reads as
+                // the same name: some servers take the first copy.
+                if inject_param.is_some_and(|param| names_param(pair, param)) {
+                    continue;
                 }
                 s.push(if first { '?' } else { '&' });
                 first = false;
@@ -312,6 +313,36 @@ impl Provider {
             _ => None,
         }
     }
+}
+
+/// Does this `&`-separated query pair set `param`, as any server might
+/// read it? Servers differ, so every reading counts: `;` as a separator
+/// (`a=1;key=x`), any case (`KEY`), `+` as a space (`key+`), array forms
+/// (`key[]`, `key[0]`), percent-encoding (`%6Bey`, also twice), stray
+/// whitespace or control characters around the name, and PHP's `.` and
+/// space for `_`.
+pub fn names_param(pair: &str, param: &str) -> bool {
+    let want = normalize_param(param);
+    pair.split(';').any(|seg| {
+        let mut key = seg.split('=').next().unwrap_or("").replace('+', " ");
+        for _ in 0..3 {
+            let decoded = percent_decode_str(&key).decode_utf8_lossy().into_owned();
+            if decoded == key {
+                break;
+            }
+            key = decoded.replace('+', " ");
+        }
+        normalize_param(&key) == want
+    })
+}
+
+fn normalize_param(k: &str) -> String {
+    let k = k.split('[').next().unwrap_or("");
+    k.trim_matches(|c: char| c.is_whitespace() || c.is_control())
+        .chars()
+        .flat_map(char::to_lowercase)
+        .map(|c| if c == '.' || c == ' ' { '_' } else { c })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -709,13 +740,21 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
     }
 
     let client_id = match pc.client_id.load() {
-        Ok(v) => v.map(|s| s.expose().to_owned()),
+        // A blank id is no id: the note below says it is not set.
+        Ok(v) => v.map(|s| s.expose().to_owned()).filter(|s| !s.is_empty()),
         Err(e) => {
             p.push(format!("{sec} client_id: {e}"));
             None
         }
     };
     let client_secret = match pc.client_secret.load() {
+        Ok(Some(s)) if s.is_empty() => {
+            p.push(format!(
+                "{sec} client_secret: {} is empty; put the provider's client secret in it, or remove the setting",
+                pc.client_secret.describe()
+            ));
+            None
+        }
         Ok(v) => v,
         Err(e) => {
             p.push(format!("{sec} client_secret: {e}"));
@@ -788,7 +827,9 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
         client_id,
         client_secret,
         client_auth,
-        refresh_skew_secs: pc.refresh_skew_secs.unwrap_or(60) as i64,
+        refresh_skew_secs: i64::try_from(pc.refresh_skew_secs.unwrap_or(60)).unwrap_or(i64::MAX),
+        refresh_cooldown_secs: i64::try_from(pc.refresh_cooldown_secs.unwrap_or(30))
+            .unwrap_or(i64::MAX),
         allow,
         allow_patterns: pc.allow.clone(),
         grant,

@@ -23,9 +23,10 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::app::App;
+use crate::audit::Refused;
 use crate::body::{self, Body};
 use crate::client::IdleTimeoutBody;
-use crate::error::ApiError;
+use crate::error::{ApiError, SessionFault};
 use crate::providers::{Grant, InjectError, Provider, ProxyPath, check_path, is_hop_by_hop};
 use crate::refresh::Forced;
 use crate::secret::scrub;
@@ -41,6 +42,10 @@ struct Trace {
     conversation_id: Option<String>,
     path: String,
     error: Option<&'static str>,
+    /// Route group for refused-request summaries (`/v1/proxy`, ...).
+    route: &'static str,
+    /// Why a session was refused (`invalid_session` answers only).
+    reason: Option<&'static str>,
 }
 
 // ---------------------------------------------------------------------------
@@ -50,7 +55,10 @@ struct Trace {
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let mut t = Trace::default();
+    let mut t = Trace {
+        route: "/v1/proxy",
+        ..Default::default()
+    };
     let result = proxy(app, &parts, body, &mut t).await;
     finish(app, &parts.method, started, t, result)
 }
@@ -100,7 +108,10 @@ async fn proxy(
 pub async fn handle_call(app: &Arc<App>, req: Request<Incoming>, name: &str) -> Response<Body> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let mut t = Trace::default();
+    let mut t = Trace {
+        route: "/v1/call",
+        ..Default::default()
+    };
     let result = call(app, &parts, body, name, &mut t).await;
     finish(app, &parts.method, started, t, result)
 }
@@ -129,7 +140,7 @@ async fn call(
             ApiError::BadRequest("method must be GET, POST, PUT, PATCH or DELETE.".into())
         })?;
     let (path_part, query_in_path) = match spec.path.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        Some((p, q)) => (p.to_owned(), Some(encode_tool_query(q))),
         None => (spec.path.clone(), None),
     };
     let encoded = encode_tool_path(&path_part)?;
@@ -138,7 +149,12 @@ async fn call(
     match spec.query {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s.is_empty() => {}
-        Some(Value::String(s)) => query = Some(join_query(query, s.trim_start_matches('?'))),
+        Some(Value::String(s)) => {
+            query = Some(join_query(
+                query,
+                &encode_tool_query(s.trim().trim_start_matches('?')),
+            ))
+        }
         Some(Value::Object(map)) => {
             let mut ser = url::form_urlencoded::Serializer::new(String::new());
             for (k, v) in map {
@@ -206,6 +222,42 @@ fn join_query(a: Option<String>, b: &str) -> String {
     }
 }
 
+/// Percent-encodes what an LLM may write in a query string: space, `#`,
+/// CR, LF and every other character a request line cannot carry, and a `%`
+/// that does not start an escape. `&`, `=`, `+` and existing `%XX` escapes
+/// keep their meaning. Raw, a `#` cut the query short (dropping the
+/// injected `key=`) and a space or CR/LF made the URI unparsable.
+fn encode_tool_query(q: &str) -> String {
+    const ENCODE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'<')
+        .add(b'>')
+        .add(b'`')
+        .add(b'{')
+        .add(b'}')
+        .add(b'|')
+        .add(b'\\')
+        .add(b'^')
+        .add(b'[')
+        .add(b']');
+    let b = q.as_bytes();
+    let mut out = String::with_capacity(q.len());
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let escape =
+            i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit();
+        if c == b'%' && !escape {
+            out.extend(percent_encoding::utf8_percent_encode(&q[start..i], ENCODE));
+            out.push_str("%25");
+            start = i + 1;
+        }
+    }
+    out.extend(percent_encoding::utf8_percent_encode(&q[start..], ENCODE));
+    out
+}
+
 /// Percent-encodes what an LLM may write in a path (spaces, quotes, non-ASCII)
 /// while keeping existing `%XX` escapes, so `check_path` judges the result.
 fn encode_tool_path(p: &str) -> Result<String, ApiError> {
@@ -245,6 +297,7 @@ pub async fn refresh_tool(app: &Arc<App>, req: Request<Incoming>) -> Response<Bo
     let (parts, body) = req.into_parts();
     let mut t = Trace {
         path: "/v1/session/refresh".into(),
+        route: "/v1/session/refresh",
         ..Default::default()
     };
     let result = refresh_providers(app, &parts, body, &mut t).await;
@@ -346,7 +399,13 @@ async fn authenticate(
     headers: &HeaderMap,
     t: &mut Trace,
 ) -> Result<VerifiedSession, ApiError> {
-    let token = session_token(headers).ok_or(ApiError::InvalidSession("no session token"))?;
+    let token =
+        session_token(headers)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::InvalidSession(
+                SessionFault::Missing,
+                "no session token",
+            ))?;
     let mut session = app.sessions.verify(token).await?;
     t.user = Some(session.user.clone());
     t.session_id = Some(session.sid.clone());
@@ -365,24 +424,41 @@ async fn authenticate(
             })?)
         }
     };
+    // An unbound session is a bearer pass for whichever conversation uses
+    // it first: it has to be claimed soon after minting, or never.
+    let bind_within = app.config.sessions.bind_within_secs;
+    if session.conv.is_none()
+        && bind_within > 0
+        && app.clock.now() > session.iat.saturating_add(bind_within)
+    {
+        return Err(ApiError::InvalidSession(
+            SessionFault::Expired,
+            "unbound session past [sessions] bind_within_secs",
+        ));
+    }
     match (&session.conv, conv) {
-        (Some(bound), Some(c)) if bound != c => return Err(ApiError::ConversationMismatch),
+        (Some(bound), Some(c)) if bound != c => {
+            return Err(session_conflict(app, &session, bound, c).await);
+        }
         (Some(_), None) if app.config.sessions.require_conversation_header => {
-            return Err(ApiError::ConversationMismatch);
+            return Err(ApiError::ConversationMissing);
         }
         (None, Some(c)) => match app.store.bind_session(&session.sid, c).await {
             Ok(crate::store::BindOutcome::Bound) => {
                 tracing::info!(session_id = %session.sid, conversation_id = %c, "session bound to conversation");
                 session.conv = Some(c.to_owned());
             }
-            Ok(crate::store::BindOutcome::Mismatch) => return Err(ApiError::ConversationMismatch),
+            Ok(crate::store::BindOutcome::Mismatch) => {
+                // Another conversation bound it a moment ago.
+                return Err(session_conflict(app, &session, "-", c).await);
+            }
             Ok(crate::store::BindOutcome::Gone) => {
-                return Err(ApiError::InvalidSession("session revoked or unknown"));
+                return Err(ApiError::InvalidSession(
+                    SessionFault::Revoked,
+                    "session revoked or unknown",
+                ));
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot bind session");
-                return Err(ApiError::Internal);
-            }
+            Err(e) => return Err(ApiError::from(e)),
         },
         _ => {}
     }
@@ -391,6 +467,44 @@ async fn authenticate(
         .check(&session.sid, &session.user, app.clock.now_millis())
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     Ok(session)
+}
+
+/// A session used from a second conversation: one of the two holders is
+/// not who it was minted for, and sidekey cannot tell which. Revoking it
+/// stops both; the real conversation's app mints a new one. Audited as
+/// `session_conflict` and counted.
+async fn session_conflict(
+    app: &Arc<App>,
+    session: &VerifiedSession,
+    bound: &str,
+    presented: &str,
+) -> ApiError {
+    match app.store.revoke_session(&session.sid).await {
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "cannot revoke a conflicting session"),
+    }
+    app.metrics.session_conflict();
+    tracing::warn!(
+        session_id = %session.sid,
+        user = %session.user,
+        bound_conversation = %bound,
+        conversation_id = %presented,
+        "session used from a second conversation; revoked"
+    );
+    app.audit.record(AuditRecord {
+        time: app.clock.now_millis(),
+        kind: "session_conflict".into(),
+        user: Some(session.user.clone()),
+        provider: None,
+        method: "-".into(),
+        path: "-".into(),
+        status: 401,
+        duration_ms: 0.0,
+        session_id: Some(session.sid.clone()),
+        conversation_id: Some(presented.chars().take(256).collect()),
+        error: Some("conversation_mismatch".into()),
+    });
+    ApiError::ConversationMismatch
 }
 
 /// `/v1/proxy/slack/chat.postMessage` → (`slack`, `/chat.postMessage`).
@@ -659,6 +773,12 @@ async fn send(
 fn inject_error(p: &Provider, e: InjectError) -> ApiError {
     match e {
         InjectError::MissingToken => ApiError::CredentialMissing(p.label()),
+        // Path and query were checked and encoded; what is left is a
+        // request line the URI parser still refuses (over 64 KiB): the
+        // caller's input, so a 400, never a 500.
+        InjectError::BadUri => ApiError::BadRequest(
+            "The request address is too long or not valid; shorten the path or query.".into(),
+        ),
         other => {
             tracing::error!(provider = %p.name, error = %other, "cannot build the upstream request");
             ApiError::Internal
@@ -778,8 +898,9 @@ fn finish(
         Ok(r) => r,
         Err(e) => {
             t.error = Some(e.code());
-            if matches!(e, ApiError::InvalidSession(_)) {
-                tracing::info!(reason = %e, "session refused");
+            if let ApiError::InvalidSession(fault, detail) = &e {
+                t.reason = Some(fault.reason());
+                tracing::debug!(reason = fault.reason(), detail, "session refused");
             }
             e.into_response()
         }
@@ -805,7 +926,20 @@ fn finish(
         session_id = t.session_id.as_deref().unwrap_or("-"),
         conversation_id = t.conversation_id.as_deref().unwrap_or("-"),
         error = t.error.unwrap_or("-"),
+        reason = t.reason.unwrap_or("-"),
     );
+    if let Some(reason) = t.reason {
+        // Unauthenticated: counted and summarised, not one record each
+        // (see audit.rs), so a flood cannot evict records of real calls.
+        app.metrics.unauthenticated(reason);
+        app.audit.refused(Refused {
+            path: t.route,
+            code: "invalid_session",
+            reason: Some(reason),
+            status,
+        });
+        return resp;
+    }
     app.audit.record(AuditRecord {
         time: app.clock.now_millis(),
         kind: "proxy".into(),

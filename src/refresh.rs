@@ -35,7 +35,8 @@ use crate::store::{Claim, ClaimOutcome, Credential, Owner, Store};
 pub struct TokenGrant {
     pub access_token: Secret,
     pub refresh_token: Option<Secret>,
-    pub expires_in: Option<i64>,
+    /// Unix seconds (see `token_response::parse`).
+    pub expires_at: Option<i64>,
     pub scopes: Option<Vec<String>>,
 }
 
@@ -52,14 +53,19 @@ pub enum TokenError {
     /// Timeout, connection failure, 5xx, or an unreadable answer.
     #[error("token endpoint failed: {0}")]
     Transient(String),
+    /// The endpoint granted a token sidekey must not use (not a bearer token).
+    #[error("token endpoint granted an unusable token: {0}")]
+    Unusable(String),
 }
 
 /// Calls a provider's token endpoint with `params` (plus client auth).
+/// `now` (unix seconds) turns a relative `expires_in` into `expires_at`.
 pub async fn call_token_endpoint(
     client: &HttpClient,
     provider: &Provider,
     params: &[(&str, &str)],
     timeout: Duration,
+    now: i64,
 ) -> Result<TokenGrant, TokenError> {
     let url = provider
         .token_url
@@ -130,8 +136,7 @@ pub async fn call_token_endpoint(
     if !status.is_success() {
         return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
     }
-    parse_grant(&json, provider)
-        .ok_or_else(|| TokenError::Transient("answer has no access_token".into()))
+    parse_grant(&json, provider, now)
 }
 
 /// The token request: form body plus client authentication. Built in a
@@ -170,9 +175,12 @@ fn token_request(
         }
         ClientAuth::Basic => {
             use base64::Engine;
-            // RFC 6749 §2.3.1: form-encode each part before joining.
+            // RFC 6749 §2.3.1: form-encode each part before joining, but
+            // with a space as %20, not `+`: servers that decode with plain
+            // percent-decoding (Authlib's `unquote`) read `+` as a plus,
+            // while every form decoder also reads %20 as a space.
             let enc =
-                |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                |s: &str| percent_encoding::utf8_percent_encode(s, BASIC_CREDENTIAL).to_string();
             let raw = Zeroizing::new(format!(
                 "{}:{}",
                 enc(client_id),
@@ -193,6 +201,14 @@ fn token_request(
         .map_err(|_| TokenError::Transient("cannot build token request".into()))
 }
 
+/// What `application/x-www-form-urlencoded` leaves as is (`*-._` and
+/// alphanumerics); everything else, space included, becomes `%XX`.
+const BASIC_CREDENTIAL: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'*')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_');
+
 /// Error codes are quoted in logs; keep them to a harmless alphabet.
 fn sanitize_code(s: &str) -> String {
     s.chars()
@@ -201,14 +217,7 @@ fn sanitize_code(s: &str) -> String {
         .collect()
 }
 
-fn parse_grant(json: &Value, provider: &Provider) -> Option<TokenGrant> {
-    let str_of = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    let int_of = |v: &Value, k: &str| {
-        v.get(k).and_then(|x| {
-            x.as_i64()
-                .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
-        })
-    };
+fn parse_grant(json: &Value, provider: &Provider, now: i64) -> Result<TokenGrant, TokenError> {
     // Slack puts a user token under `authed_user`; use it when the app asked
     // only for user scopes, or when there is no top-level token.
     let nested = json
@@ -224,20 +233,25 @@ fn parse_grant(json: &Value, provider: &Provider) -> Option<TokenGrant> {
         }
         _ => json,
     };
-    let access = str_of(src, "access_token").filter(|s| !s.is_empty())?;
-    let scope = str_of(src, "scope").map(|s| {
-        s.split([' ', ','])
-            .filter(|x| !x.is_empty())
-            .map(str::to_owned)
-            .collect()
-    });
-    Some(TokenGrant {
-        access_token: Secret::new(access),
-        refresh_token: str_of(src, "refresh_token")
-            .filter(|s| !s.is_empty())
-            .map(Secret::new),
-        expires_in: int_of(src, "expires_in").filter(|e| *e > 0),
-        scopes: scope,
+    let obj = src
+        .as_object()
+        .ok_or_else(|| TokenError::Transient("answer is not a JSON object".into()))?;
+    let r = crate::token_response::parse(obj, now).map_err(|e| match e {
+        // The provider issued a token sidekey cannot use: retrying will not
+        // help, and the operator must hear why.
+        e @ crate::token_response::TokenResponseError::UnsupportedTokenType(_) => {
+            TokenError::Unusable(e.to_string())
+        }
+        e => TokenError::Transient(format!("unreadable answer: {e}")),
+    })?;
+    let access = r
+        .access_token
+        .ok_or_else(|| TokenError::Transient("answer has no access_token".into()))?;
+    Ok(TokenGrant {
+        access_token: access,
+        refresh_token: r.refresh_token,
+        expires_at: r.expires_at,
+        scopes: r.scopes,
     })
 }
 
@@ -281,6 +295,37 @@ pub struct RefreshCoordinator {
     /// One deadline for a whole token call (answer headers and body).
     timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last token this process fetched for each credential: for the
+    /// refresh tool's cooldown and the skew cap.
+    fetched: Mutex<HashMap<String, Fetched>>,
+    /// Providers whose skew was capped at half a token's lifetime and
+    /// that were warned about it (once each).
+    skew_warned: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A token fetched from the token endpoint.
+#[derive(Clone, Copy, Debug)]
+struct Fetched {
+    /// Unix seconds.
+    at: i64,
+    /// The credential generation it was stored as; a later write (admin
+    /// PUT, reconnect) makes this entry stale.
+    generation: u64,
+    /// Seconds it was issued for, if it expires.
+    lifetime: Option<i64>,
+}
+
+/// The skew actually used: the provider's `refresh_skew_secs`, but at most
+/// half the lifetime the token was issued with (`issued_lifetime`, known
+/// for tokens sidekey fetched itself; a token stored through the admin API
+/// has only a remaining lifetime). A token living 5 s with a 60 s skew
+/// would otherwise be "due" the moment it arrives, and every call would
+/// refresh it again. Returns the skew and whether the cap applied.
+pub fn effective_skew(p: &Provider, issued_lifetime: Option<i64>) -> (i64, bool) {
+    match issued_lifetime {
+        Some(l) if p.refresh_skew_secs > l / 2 => (l / 2, true),
+        _ => (p.refresh_skew_secs, false),
+    }
 }
 
 impl RefreshCoordinator {
@@ -298,6 +343,8 @@ impl RefreshCoordinator {
             metrics,
             timeout,
             locks: Mutex::new(HashMap::new()),
+            fetched: Mutex::new(HashMap::new()),
+            skew_warned: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -306,9 +353,69 @@ impl RefreshCoordinator {
         self.timeout + LEASE_MARGIN
     }
 
-    fn needs_refresh(&self, p: &Provider, c: &Credential) -> bool {
-        c.expires_at
-            .is_some_and(|e| e - p.refresh_skew_secs <= self.clock.now())
+    /// What this process fetched as the current generation of `key`.
+    fn fetched(&self, key: &str, c: &Credential) -> Option<Fetched> {
+        self.fetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .filter(|f| f.generation == c.generation)
+    }
+
+    fn needs_refresh(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
+        let Some(e) = c.expires_at else { return false };
+        let lifetime = self
+            .fetched(&owner.key(&p.name), c)
+            .and_then(|f| f.lifetime);
+        let (skew, capped) = effective_skew(p, lifetime);
+        if capped {
+            let first = self
+                .skew_warned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.name.clone());
+            if first {
+                tracing::warn!(
+                    provider = %p.name,
+                    refresh_skew_secs = p.refresh_skew_secs,
+                    token_lifetime_secs = lifetime,
+                    "tokens live no longer than refresh_skew_secs; refreshing at half their lifetime instead (lower refresh_skew_secs to silence this)"
+                );
+            }
+        }
+        e.saturating_sub(skew) <= self.clock.now()
+    }
+
+    /// Within the provider's cooldown after a successful refresh that
+    /// produced the credential's current generation?
+    fn cooling_down(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
+        let now = self.clock.now();
+        let within = |at: i64| now < at.saturating_add(p.refresh_cooldown_secs);
+        // `refreshed_at` is stored with the credential, so the cooldown
+        // holds across replicas; the local record covers older records.
+        p.refresh_cooldown_secs > 0
+            && (c.refreshed_at.is_some_and(within)
+                || self
+                    .fetched(&owner.key(&p.name), c)
+                    .is_some_and(|f| within(f.at)))
+    }
+
+    fn mark_fetched(&self, key: &str, now: i64, c: &Credential) {
+        let mut m = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        // One entry per credential refreshed by this process; drop old
+        // ones if that ever grows large.
+        if m.len() >= 65_536 {
+            m.retain(|_, f| now.saturating_sub(f.at) < 86_400);
+        }
+        m.insert(
+            key.to_owned(),
+            Fetched {
+                at: now,
+                generation: c.generation,
+                lifetime: c.expires_at.map(|e| e.saturating_sub(now)),
+            },
+        );
     }
 
     fn expired(&self, c: &Credential) -> bool {
@@ -340,7 +447,7 @@ impl RefreshCoordinator {
         if c.reauth_required {
             return Err(ApiError::ReauthRequired(p.label()));
         }
-        if !self.needs_refresh(p, &c) {
+        if !self.needs_refresh(p, owner, &c) {
             return Ok(Some(c));
         }
         if !self.refreshable(p, &c) {
@@ -408,6 +515,12 @@ impl RefreshCoordinator {
                 Ok(Some(Forced::Active(Arc::new(c))))
             };
         }
+        // The tool is called by an LLM, which may call it in a loop: a
+        // token refreshed moments ago is as good as a new one.
+        if !self.expired(&c) && self.cooling_down(p, owner, &c) {
+            self.metrics.refresh(&p.name, "cooldown");
+            return Ok(Some(Forced::Active(Arc::new(c))));
+        }
         self.refresh(p, owner, Some(c.generation), true)
             .await
             .map(|c| Some(Forced::Refreshed(c)))
@@ -472,7 +585,12 @@ impl RefreshCoordinator {
                     return Err(ApiError::ReauthRequired(p.label()));
                 }
                 let moved_on = seen.is_some_and(|g| g != c.generation);
-                if (moved_on || !force) && !self.needs_refresh(p, c) {
+                // Someone refreshed while this caller queued (here or on
+                // another replica): their token is newer than the one
+                // judged, and usable if it has not expired (even when it is
+                // already within the skew, as short-lived tokens are;
+                // refreshing again would make a storm).
+                if (moved_on && !self.expired(c)) || (!force && !self.needs_refresh(p, owner, c)) {
                     self.metrics.refresh(&p.name, "shared");
                     return Ok(Arc::new(c.clone()));
                 }
@@ -560,12 +678,13 @@ impl RefreshCoordinator {
                     access_token: Some(g.access_token),
                     // Keep the old refresh token unless the provider rotated it.
                     refresh_token: g.refresh_token.or(prev.refresh_token.clone()),
-                    expires_at: g.expires_in.map(|s| now.saturating_add(s)),
+                    expires_at: g.expires_at,
                     scopes: g.scopes.unwrap_or(prev.scopes.clone()),
                     username: prev.username.clone(),
                     password: prev.password.clone(),
                     reauth_required: false,
                     reauth_reason: None,
+                    refreshed_at: Some(now),
                     updated_at: now,
                     generation: prev.generation,
                 };
@@ -594,6 +713,7 @@ impl RefreshCoordinator {
                 if !written {
                     return self.latest(p, owner).await;
                 }
+                self.mark_fetched(&owner.key(&p.name), now, &next);
                 self.metrics.refresh(&p.name, "refreshed");
                 tracing::info!(
                     provider = %p.name,
@@ -654,7 +774,7 @@ impl RefreshCoordinator {
     ) -> Result<TokenGrant, TokenError> {
         match tokio::time::timeout(
             self.timeout,
-            call_token_endpoint(&self.client, p, params, self.timeout),
+            call_token_endpoint(&self.client, p, params, self.timeout, self.clock.now()),
         )
         .await
         {
@@ -723,22 +843,30 @@ mod tests {
             "ok": true,
             "authed_user": {"id": "U1", "access_token": "xoxp-user", "refresh_token": "xoxe-1", "expires_in": 43200, "scope": "chat:write"}
         });
-        let g = parse_grant(&json, &p).unwrap();
+        let g = parse_grant(&json, &p, 1000).unwrap();
         assert_eq!(g.access_token.expose(), "xoxp-user");
         assert_eq!(g.refresh_token.unwrap().expose(), "xoxe-1");
-        assert_eq!(g.expires_in, Some(43200));
+        assert_eq!(g.expires_at, Some(44200));
     }
 
     #[test]
     fn standard_grant() {
         let p = provider("[providers.g]\npreset = \"google\"\n");
         let json = serde_json::json!({"access_token": "ya29", "expires_in": "3599", "scope": "a b", "token_type": "Bearer"});
-        let g = parse_grant(&json, &p).unwrap();
+        let g = parse_grant(&json, &p, 1000).unwrap();
         assert_eq!(g.access_token.expose(), "ya29");
         assert!(g.refresh_token.is_none());
-        assert_eq!(g.expires_in, Some(3599));
+        assert_eq!(g.expires_at, Some(4599));
         assert_eq!(g.scopes.unwrap(), vec!["a", "b"]);
-        assert!(parse_grant(&serde_json::json!({"token_type": "x"}), &p).is_none());
+        assert!(parse_grant(&serde_json::json!({"token_type": "bearer"}), &p, 0).is_err());
+        assert!(matches!(
+            parse_grant(
+                &serde_json::json!({"access_token": "t", "token_type": "DPoP"}),
+                &p,
+                0
+            ),
+            Err(TokenError::Unusable(_))
+        ));
     }
 
     #[test]

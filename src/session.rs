@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::clock::Clock;
-use crate::error::ApiError;
+use crate::error::{ApiError, SessionFault};
 use crate::secret::Secret;
 use crate::store::{SessionRecord, Store, StoreError};
 
@@ -175,6 +175,8 @@ pub struct VerifiedSession {
     pub sid: String,
     pub user: String,
     pub providers: Vec<String>,
+    /// When the session was minted (unix seconds).
+    pub iat: i64,
     pub exp: i64,
     pub conv: Option<String>,
 }
@@ -236,7 +238,8 @@ impl SessionAuthority {
             "ses_{}",
             id.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let exp = now + ttl_secs as i64;
+        // Saturating: a huge configured TTL must not wrap into the past.
+        let exp = now.saturating_add(i64::try_from(ttl_secs).unwrap_or(i64::MAX));
         let claims = SessionClaims {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
@@ -274,10 +277,16 @@ impl SessionAuthority {
     /// Checks signature, algorithm, claims and the store record.
     pub async fn verify(&self, token: &str) -> Result<VerifiedSession, ApiError> {
         if token.is_empty() {
-            return Err(ApiError::InvalidSession("empty token"));
+            return Err(ApiError::InvalidSession(
+                SessionFault::Missing,
+                "empty token",
+            ));
         }
         if token.len() > MAX_TOKEN_BYTES {
-            return Err(ApiError::InvalidSession("token too large"));
+            return Err(ApiError::InvalidSession(
+                SessionFault::Malformed,
+                "token too large",
+            ));
         }
         // A token that verified before is the same bytes under the same
         // keys: its signature need not be checked again. Expiry, the
@@ -294,27 +303,43 @@ impl SessionAuthority {
         // The library checks exp against the system clock; check against
         // ours too (the same clock every other expiry in sidekey uses).
         if c.exp <= now {
-            return Err(ApiError::InvalidSession("token expired"));
+            return Err(ApiError::InvalidSession(
+                SessionFault::Expired,
+                "token expired",
+            ));
         }
-        if c.iat > now + 60 {
-            return Err(ApiError::InvalidSession("token issued in the future"));
+        if c.iat > now.saturating_add(60) {
+            return Err(ApiError::InvalidSession(
+                SessionFault::Malformed,
+                "token issued in the future",
+            ));
         }
         let rec = match self.store.session(&c.sid).await {
             Ok(Some(r)) => r,
-            Ok(None) => return Err(ApiError::InvalidSession("session revoked or unknown")),
+            Ok(None) => {
+                return Err(ApiError::InvalidSession(
+                    SessionFault::Revoked,
+                    "session revoked or unknown",
+                ));
+            }
             Err(e) => return Err(ApiError::from(e)),
         };
         if rec.user != c.sub {
             return Err(ApiError::InvalidSession(
+                SessionFault::Revoked,
                 "session record does not match token",
             ));
         }
         if rec.exp <= now {
-            return Err(ApiError::InvalidSession("token expired"));
+            return Err(ApiError::InvalidSession(
+                SessionFault::Expired,
+                "token expired",
+            ));
         }
         if let Some(conv) = &c.conv {
             if rec.conv.as_deref() != Some(conv) {
                 return Err(ApiError::InvalidSession(
+                    SessionFault::Revoked,
                     "session record does not match token",
                 ));
             }
@@ -324,6 +349,7 @@ impl SessionAuthority {
             user: rec.user.clone(),
             // The record is authoritative; the claim is informational.
             providers: rec.providers.clone(),
+            iat: rec.iat,
             exp: rec.exp,
             conv: rec.conv.clone(),
         })
@@ -332,20 +358,26 @@ impl SessionAuthority {
     /// Header, `kid`, pinned algorithm, signature, `iss`, `aud`, `exp`, `nbf`.
     fn verify_signature(&self, token: &str) -> Result<SessionClaims, ApiError> {
         let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| ApiError::InvalidSession("malformed token"))?;
-        let kid = header
-            .kid
-            .as_deref()
-            .ok_or(ApiError::InvalidSession("token has no kid"))?;
+            .map_err(|_| ApiError::InvalidSession(SessionFault::Malformed, "malformed token"))?;
+        let kid = header.kid.as_deref().ok_or(ApiError::InvalidSession(
+            SessionFault::Malformed,
+            "token has no kid",
+        ))?;
         let v = self
             .keys
             .verifiers
             .get(kid)
-            .ok_or(ApiError::InvalidSession("unknown kid"))?;
+            .ok_or(ApiError::InvalidSession(
+                SessionFault::UnknownKey,
+                "unknown kid",
+            ))?;
         // The algorithm comes from our key, never from the token: this is
         // what defeats `alg: none` and HS256-with-a-public-key confusion.
         if header.alg != v.alg {
-            return Err(ApiError::InvalidSession("algorithm not allowed"));
+            return Err(ApiError::InvalidSession(
+                SessionFault::BadSignature,
+                "algorithm not allowed",
+            ));
         }
         let mut val = Validation::new(v.alg);
         val.leeway = 0;
@@ -354,16 +386,18 @@ impl SessionAuthority {
         val.set_audience(&[&self.audience]);
         val.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let data = jsonwebtoken::decode::<SessionClaims>(token, &v.key, &val).map_err(|e| {
+            use SessionFault as F;
             use jsonwebtoken::errors::ErrorKind::*;
-            ApiError::InvalidSession(match e.kind() {
-                ExpiredSignature => "token expired",
-                ImmatureSignature => "token not yet valid",
-                InvalidIssuer => "wrong issuer",
-                InvalidAudience => "wrong audience",
-                InvalidSignature => "bad signature",
-                InvalidAlgorithm => "algorithm not allowed",
-                _ => "token rejected",
-            })
+            let (fault, detail) = match e.kind() {
+                ExpiredSignature => (F::Expired, "token expired"),
+                ImmatureSignature => (F::Malformed, "token not yet valid"),
+                InvalidIssuer => (F::Malformed, "wrong issuer"),
+                InvalidAudience => (F::Malformed, "wrong audience"),
+                InvalidSignature => (F::BadSignature, "bad signature"),
+                InvalidAlgorithm => (F::BadSignature, "algorithm not allowed"),
+                _ => (F::Malformed, "token rejected"),
+            };
+            ApiError::InvalidSession(fault, detail)
         })?;
         Ok(data.claims)
     }
@@ -411,7 +445,10 @@ mod tests {
         a.store.revoke_session(&m.sid).await.unwrap();
         assert!(matches!(
             a.verify(m.token.expose()).await,
-            Err(ApiError::InvalidSession("session revoked or unknown"))
+            Err(ApiError::InvalidSession(
+                SessionFault::Revoked,
+                "session revoked or unknown"
+            ))
         ));
     }
 
@@ -481,7 +518,10 @@ mod tests {
         a.clock.advance(31);
         assert!(matches!(
             a.verify(m.token.expose()).await,
-            Err(ApiError::InvalidSession("token expired"))
+            Err(ApiError::InvalidSession(
+                SessionFault::Expired,
+                "token expired"
+            ))
         ));
     }
 

@@ -190,8 +190,10 @@ async fn kill9_under_writes_and_rotating_refreshes_loses_nothing_acknowledged() 
     let mut toml = provider_toml("static", &up.url, "");
     for i in 0..CHAINS {
         let ts = TokenServer::start().await;
-        // Shorter than the skew: every proxied call refreshes.
-        ts.set_expires_in(5);
+        // Expired when issued: every proxied call refreshes. (A token that
+        // merely lives shorter than the skew is no longer refreshed on
+        // every call: the skew is capped at half its lifetime.)
+        ts.set_expires_at(Some(1));
         toml.push_str(&provider_toml(
             &format!("r{i}"),
             &up.url,

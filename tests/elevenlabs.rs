@@ -400,11 +400,14 @@ async fn sessions_bind_to_the_first_conversation_id() {
         n,
         "a mismatched call never reaches the upstream"
     );
-    // The binding sticks: c1 still works after the refusal.
-    let r = call_as(&sk, &token, Some("c1"), "/fourth").await;
-    assert_eq!(r.status, 200, "{}", r.text());
     // The conversation header is sidekey's, never forwarded.
     assert!(up.last().header("x-conversation-id").is_none());
+    // A second conversation used it: revoked, so both holders lose it
+    // (issue 12 item 11; contract section 7).
+    let r = call_as(&sk, &token, Some("c1"), "/fourth").await;
+    r.assert_error(401, "invalid_session");
+    assert_eq!(r.json()["error"]["reason"], "revoked");
+    assert_eq!(up.count(), n);
 
     // Minted with a conversation id: bound from the start.
     let s = sk
@@ -412,10 +415,12 @@ async fn sessions_bind_to_the_first_conversation_id() {
         .await;
     let bound = s["token"].as_str().unwrap();
     assert_eq!(jwt_claims(bound)["conv"], "conv-A");
+    let r = call_as(&sk, bound, Some("conv-A"), "/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = call_as(&sk, bound, Some("conv-B"), "/x").await;
     r.assert_error(401, "conversation_mismatch");
     let r = call_as(&sk, bound, Some("conv-A"), "/x").await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    r.assert_error(401, "invalid_session");
 
     // Concurrent first calls with two ids: exactly one wins, every time.
     for round in 0..6 {
@@ -461,11 +466,11 @@ async fn sessions_bind_to_the_first_conversation_id() {
         let (win_conv, win_path, _) = winners[0];
         let (lose_conv, _, loser) = results.iter().find(|(_, _, r)| r.status != 200).unwrap();
         loser.assert_error(401, "conversation_mismatch");
-        // Afterwards: the winner keeps working, the loser keeps failing.
+        // Afterwards the session is revoked: neither side can use it.
         let r = call_as(&sk, &token, Some(win_conv), &win_path.clone()).await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        r.assert_error(401, "invalid_session");
         let r = call_as(&sk, &token, Some(lose_conv), "/late").await;
-        r.assert_error(401, "conversation_mismatch");
+        r.assert_error(401, "invalid_session");
         let seen: Vec<String> = up
             .requests()
             .into_iter()
@@ -474,8 +479,8 @@ async fn sessions_bind_to_the_first_conversation_id() {
             .collect();
         assert_eq!(
             seen,
-            vec![win_path.clone(), win_path.clone()],
-            "round {round}: the upstream saw only the winner's calls"
+            vec![win_path.clone()],
+            "round {round}: the upstream saw only the winner's call"
         );
     }
 }
@@ -534,11 +539,11 @@ async fn conversation_init_maps_the_caller_to_a_session() {
         .unwrap()
         .to_owned();
     assert_eq!(jwt_claims(&bound)["conv"], "conv_init_1");
+    let r = call_as(&sk, &bound, Some("conv_init_1"), "/x").await;
+    assert_eq!(r.status, 200, "{}", r.text());
     call_as(&sk, &bound, Some("conv_other"), "/x")
         .await
         .assert_error(401, "conversation_mismatch");
-    let r = call_as(&sk, &bound, Some("conv_init_1"), "/x").await;
-    assert_eq!(r.status, 200, "{}", r.text());
 
     // Unknown caller: same shape, no session.
     let before = sessions_active(&sk).await;
@@ -967,9 +972,6 @@ async fn generated_tools_match_elevenlabs_rules_and_work_as_called() {
         serde_json::from_slice::<Value>(&seen.body).unwrap(),
         json!({"text": "remember milk"})
     );
-    // The tool bound the session to the conversation ElevenLabs named.
-    let r = call_as(&sk, &token, Some("conv_tool_2"), "/x").await;
-    r.assert_error(401, "conversation_mismatch");
 
     let refresh_tool = tools
         .iter()
@@ -987,6 +989,10 @@ async fn generated_tools_match_elevenlabs_rules_and_work_as_called() {
     assert_eq!(v["status"], "ok");
     assert_eq!(v["providers"]["slack"]["status"], "credential_missing");
     assert!(!r.text().contains("tok-dora"));
+    // The tool bound the session to the conversation ElevenLabs named: a
+    // call from another conversation is a conflict.
+    let r = call_as(&sk, &token, Some("conv_tool_2"), "/x").await;
+    r.assert_error(401, "conversation_mismatch");
 }
 
 // ---------------------------------------------------------------------------

@@ -774,7 +774,11 @@ async fn metrics_are_prometheus_text_behind_the_admin_token() {
     let r = sk.admin(Method::GET, "/metrics", None).await;
     assert_eq!(r.status, 200);
     let ct = r.headers["content-type"].to_str().unwrap();
-    assert!(ct.starts_with("text/plain"), "{ct}");
+    // prometheus_client writes OpenMetrics text: say so (issue 12 item 13).
+    assert_eq!(
+        ct, "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        "{ct}"
+    );
     let t = r.text();
     let v = |s: &str| metric_value(&t, s).unwrap_or_else(|| panic!("no {s} in\n{t}"));
     assert_eq!(

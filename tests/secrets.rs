@@ -513,7 +513,12 @@ async fn secrets_never_escape() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     seen.add("proxy with init session", r);
-    let post = json!({"type": "post_call_transcription", "event_timestamp": 1,
+    // The event happens now: post-call revokes only sessions minted before it.
+    let event_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let post = json!({"type": "post_call_transcription", "event_timestamp": event_time,
                       "data": {"conversation_id": "conv-secrets-1", "agent_id": "agent-1",
                                "transcript": [{"role": "user", "message": "hello"}]}})
     .to_string();

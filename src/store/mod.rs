@@ -66,6 +66,10 @@ pub struct Credential {
     /// e.g. `invalid_grant`), shown by the admin API. Never a token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reauth_reason: Option<String>,
+    /// When sidekey last refreshed this token itself (unix seconds): the
+    /// refresh tool's cooldown, the same on every replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refreshed_at: Option<i64>,
     #[serde(default)]
     pub updated_at: i64,
     /// Bumped on every write, so a request can tell whether the credential

@@ -38,6 +38,9 @@ pub struct State {
     /// Rotate refresh tokens (each one works once).
     pub rotate: bool,
     pub expires_in: i64,
+    /// Also answer this `expires_at` (unix seconds) when set; sidekey takes
+    /// the earlier of the two.
+    pub expires_at: Option<i64>,
     pub valid_refresh: HashSet<String>,
     pub valid_access: HashSet<String>,
     counter: u64,
@@ -68,6 +71,7 @@ impl TokenServer {
             grants: Vec::new(),
             rotate: true,
             expires_in: 3600,
+            expires_at: None,
             valid_refresh: HashSet::new(),
             valid_access: HashSet::new(),
             counter: 0,
@@ -120,6 +124,10 @@ impl TokenServer {
 
     pub fn set_expires_in(&self, s: i64) {
         self.state.lock().unwrap().expires_in = s;
+    }
+
+    pub fn set_expires_at(&self, at: Option<i64>) {
+        self.state.lock().unwrap().expires_at = at;
     }
 
     /// Registers a refresh token the fake will accept (once, if rotating).
@@ -301,6 +309,9 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         let rt = format!("rt-{n}-{}", st.client_id);
         st.valid_refresh.insert(rt.clone());
         v["refresh_token"] = json!(rt);
+    }
+    if let Some(at) = st.expires_at {
+        v["expires_at"] = json!(at);
     }
     if st.slack {
         v["ok"] = json!(true);
