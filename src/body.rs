@@ -56,7 +56,7 @@ pub fn json_object<'a, T: serde::Deserialize<'a>>(
         None => Err(ApiError::BadRequest(
             "This endpoint needs a JSON body.".into(),
         )),
-        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| crate::proxy::json_error(&e)),
+        Some(b'{') => serde_json::from_slice(bytes).map_err(|e| crate::error::json_error(&e)),
         Some(_) => Err(ApiError::BadRequest(
             "The request body must be a JSON object.".into(),
         )),

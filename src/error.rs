@@ -323,6 +323,32 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+/// A JSON parse error as a sentence that never quotes the input.
+pub fn json_error(e: &serde_json::Error) -> ApiError {
+    let msg = e.to_string();
+    let detail = if msg.starts_with("missing field")
+        || msg.starts_with("unknown field")
+        || msg.starts_with("duplicate field")
+    {
+        msg.split(" at line")
+            .next()
+            .unwrap_or("")
+            .replace('`', "\"")
+    } else {
+        match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "it is not valid JSON".into()
+            }
+            _ => "a field has the wrong type".into(),
+        }
+    };
+    ApiError::BadRequest(format!(
+        "The request body is not what this endpoint takes: {detail} (line {}, column {}).",
+        e.line(),
+        e.column()
+    ))
+}
+
 /// A problem that stops the process: bad config, unreadable key, wrong master
 /// key. `main` prints the message as one line and exits with status 2.
 #[derive(Debug)]
@@ -345,6 +371,27 @@ impl Fatal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Spec {
+        method: String,
+        path: String,
+    }
+
+    #[test]
+    fn json_errors_do_not_quote_input() {
+        let e =
+            serde_json::from_str::<Spec>(r#"{"method": 5, "path": "xoxb-secret"}"#).unwrap_err();
+        let m = json_error(&e).message();
+        assert!(!m.contains("xoxb"), "{m}");
+        let e = serde_json::from_str::<Spec>(r#"{"path": "/a"}"#).unwrap_err();
+        assert!(
+            json_error(&e)
+                .message()
+                .contains("missing field \"method\"")
+        );
+    }
 
     #[test]
     fn every_error_has_header_and_json_body() {

@@ -956,32 +956,6 @@ fn finish(
     resp
 }
 
-/// A JSON parse error as a sentence that never quotes the input.
-pub fn json_error(e: &serde_json::Error) -> ApiError {
-    let msg = e.to_string();
-    let detail = if msg.starts_with("missing field")
-        || msg.starts_with("unknown field")
-        || msg.starts_with("duplicate field")
-    {
-        msg.split(" at line")
-            .next()
-            .unwrap_or("")
-            .replace('`', "\"")
-    } else {
-        match e.classify() {
-            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                "it is not valid JSON".into()
-            }
-            _ => "a field has the wrong type".into(),
-        }
-    };
-    ApiError::BadRequest(format!(
-        "The request body is not what this endpoint takes: {detail} (line {}, column {}).",
-        e.line(),
-        e.column()
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1017,19 +991,5 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Basic abc"));
         assert_eq!(session_token(&h), None);
-    }
-
-    #[test]
-    fn json_errors_do_not_quote_input() {
-        let e = serde_json::from_str::<CallSpec>(r#"{"method": 5, "path": "xoxb-secret"}"#)
-            .unwrap_err();
-        let m = json_error(&e).message();
-        assert!(!m.contains("xoxb"), "{m}");
-        let e = serde_json::from_str::<CallSpec>(r#"{"path": "/a"}"#).unwrap_err();
-        assert!(
-            json_error(&e)
-                .message()
-                .contains("missing field \"method\"")
-        );
     }
 }
