@@ -15,8 +15,11 @@
 #    no volume, and probe readiness on /readyz;
 # 3. `sidekey check-config` accepts both production configs, with throwaway
 #    secrets in a temp dir standing in for /etc/sidekey/secrets;
-# 4. `systemd-analyze verify` accepts the unit (when systemd-analyze exists).
-# Optional tools used when present: python3 (3.11+) with PyYAML (1, 2).
+# 4. `systemd-analyze verify` accepts the unit (when systemd-analyze exists);
+# 5. every Kubernetes manifest passes `kubernetes-validate --strict` (the
+#    API schemas, offline; `pip install kubernetes-validate`), when present.
+# Optional tools used when present: python3 (3.11+) with PyYAML (1, 2),
+# systemd-analyze (4), kubernetes-validate (5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-}
@@ -152,5 +155,14 @@ if command -v systemd-analyze >/dev/null 2>&1; then
   fi
 else
   echo "skip: systemd-analyze not available"
+fi
+if command -v kubernetes-validate >/dev/null 2>&1; then
+  if kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml; then
+    echo "ok: kubernetes-validate --strict deploy/kubernetes/*.yaml"
+  else
+    fail=1
+  fi
+else
+  echo "skip: kubernetes-validate not available (pip install kubernetes-validate)"
 fi
 exit "$fail"
