@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
 # Creates deploy/secrets/ with throwaway secrets and a self-signed TLS
-# certificate, for trying deploy/docker-compose.yml locally. Not for
-# production: ElevenLabs needs a publicly trusted certificate, and real
-# OAuth client secrets come from the providers' consoles.
+# certificate, for trying deploy/docker-compose.yml (and
+# deploy/docker-compose.postgres.yml: a database password and the URL
+# sidekey connects with) locally. Not for production: ElevenLabs needs a
+# publicly trusted certificate, and real OAuth client secrets come from the
+# providers' consoles.
 #
 #   ./make-dev-secrets.sh [hostname]     (default: localhost)
 set -euo pipefail
 cd "$(dirname "$0")"
 host=${1:-localhost}
 dir=secrets
-if [ -e "$dir/master.key" ]; then
-  echo "$dir/master.key exists; refusing to overwrite (a new master key would not open the existing store)" >&2
-  exit 1
-fi
 umask 077
 mkdir -p "$dir"
 printf '*\n' > "$dir/.gitignore"
+# The PostgreSQL password and URL, when missing, so running this again after
+# trying docker-compose.yml adds them. The URL is for the compose network
+# only (sslmode=disable); use verify-full over any real network.
+added=
+if [ ! -e "$dir/postgres-password" ]; then
+  added=1
+  pw=$(openssl rand -hex 24)
+  printf '%s\n' "$pw" > "$dir/postgres-password"
+  printf 'SIDEKEY_POSTGRES_URL=postgresql://sidekey:%s@postgres:5432/sidekey?sslmode=disable\n' "$pw" > "$dir/postgres.env"
+  chmod 0444 "$dir/postgres-password" "$dir/postgres.env"
+  echo "PostgreSQL password and URL written to deploy/$dir/postgres-password and postgres.env"
+fi
+if [ -e "$dir/master.key" ]; then
+  [ -n "$added" ] && exit 0   # the other secrets exist already
+  echo "$dir/master.key exists; refusing to overwrite (a new master key would not open the existing store)" >&2
+  exit 1
+fi
 openssl rand -base64 32 > "$dir/master.key"
 openssl rand -base64 32 | tr -d '\n=' | tr '/+' '_-' > "$dir/admin.token"
 openssl rand -base64 32 > "$dir/session.key"
