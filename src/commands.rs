@@ -199,6 +199,13 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
             return Err(e);
         }
     };
+    // Replicas still serving would keep writing under the old key.
+    let running = rt.block_on(store.running_replicas()).unwrap_or(0);
+    if running > 0 {
+        return Err(Fatal::new(format!(
+            "{running} sidekey replica(s) are still serving this PostgreSQL store; stop every replica before rotate-key (or rotate lazily with store.previous_master_key_files)"
+        )));
+    }
     let n = rt
         .block_on(store.reseal_all(&KeyRing::new(new_key, vec![])))
         .map_err(|e| {

@@ -301,6 +301,9 @@ impl Tree {
 #[derive(Debug)]
 pub enum Op {
     Put(Tree, Vec<u8>, Vec<u8>),
+    /// Writes only if the key is absent (a migration never overwrites
+    /// what the target already holds).
+    Insert(Tree, Vec<u8>, Vec<u8>),
     Remove(Tree, Vec<u8>),
 }
 
@@ -688,6 +691,15 @@ impl Store {
         match &self.backend {
             Backend::Sled(b) => b.size_on_disk(),
             Backend::Postgres(_) => 0,
+        }
+    }
+
+    /// Other sidekey processes serving this store (PostgreSQL; a sled
+    /// store is locked by its one process instead).
+    pub async fn running_replicas(&self) -> Result<i64, StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(0),
+            Backend::Postgres(b) => b.running_replicas().await,
         }
     }
 
@@ -1449,9 +1461,12 @@ impl Store {
     /// Copies every record of `from` into this store (`migrate-store`):
     /// sealed bytes as they are (the same master key and the same
     /// associated data), phone numbers re-indexed under this store's index
-    /// key. Upserts, so running it again is safe. Returns records copied.
+    /// key. A record the target already has is left as it is (it may be
+    /// newer), so running it again only fills in what is missing. Returns
+    /// records offered.
     pub async fn import_from(&self, from: &Store) -> Result<usize, StoreError> {
         let mut n = 0;
+        let mut max_audit_id = 0;
         for t in Tree::ALL {
             if matches!(
                 t,
@@ -1471,9 +1486,20 @@ impl Store {
                 let Some((last, _)) = rows.last() else { break };
                 after = Some(last.clone());
                 n += rows.len();
-                let ops = rows.into_iter().map(|(k, v)| Op::Put(t, k, v)).collect();
+                if t == Tree::Audit {
+                    max_audit_id = rows
+                        .iter()
+                        .filter_map(|(k, _)| k.get(..8))
+                        .map(|id| u64::from_be_bytes(id.try_into().unwrap_or([0; 8])))
+                        .fold(max_audit_id, u64::max);
+                }
+                let ops = rows.into_iter().map(|(k, v)| Op::Insert(t, k, v)).collect();
                 self.batch(ops).await?;
             }
+        }
+        // New audit batches must sort after the copied ones.
+        if let Backend::Postgres(b) = &self.backend {
+            b.advance_ids(max_audit_id).await?;
         }
         if !self.same_index_key(from) {
             let mut after: Option<String> = None;
@@ -1486,7 +1512,7 @@ impl Store {
                     for phone in &profile.phone_numbers {
                         let k = self.index_hash(phone);
                         let v = self.seal_json(Tree::Phones, &k, &user);
-                        ops.push(Op::Put(Tree::Phones, k, v));
+                        ops.push(Op::Insert(Tree::Phones, k, v));
                         n += 1;
                     }
                 }

@@ -30,10 +30,13 @@ use crate::secret::Secret;
 pub const SCHEMA_VERSION: i32 = 1;
 /// Advisory lock key for schema changes ("sidekey" as ASCII, truncated).
 const SCHEMA_LOCK: i64 = 0x0073_6964_656b_6579;
+/// How often the LISTEN connection is pinged, and how long a ping may take.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The notification channel.
 pub const CHANNEL: &str = "sidekey";
 
 const MIGRATION_1: &str = r#"
+SET LOCAL client_min_messages = warning;
 CREATE TABLE IF NOT EXISTS sidekey_kv (
     ns smallint NOT NULL,
     k bytea NOT NULL,
@@ -457,10 +460,20 @@ impl PgBackend {
                 .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2")
                 .await
                 .map_err(pg)?;
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                     ON CONFLICT (ns, k) DO NOTHING",
+                )
+                .await
+                .map_err(pg)?;
             for op in &ops {
                 match op {
                     Op::Put(t, k, v) => {
                         tx.execute(&put, &[&t.ns(), k, v]).await.map_err(pg)?;
+                    }
+                    Op::Insert(t, k, v) => {
+                        tx.execute(&insert, &[&t.ns(), k, v]).await.map_err(pg)?;
                     }
                     Op::Remove(t, k) => {
                         tx.execute(&del, &[&t.ns(), k]).await.map_err(pg)?;
@@ -611,6 +624,41 @@ impl PgBackend {
                 .map_err(pg)?;
             let n: i64 = c.query_one(&st, &[]).await.map_err(pg)?.get(0);
             Ok(n.max(0) as u64)
+        })
+        .await
+    }
+
+    /// Moves the id sequence past `id` (after copying audit batches in).
+    pub async fn advance_ids(&self, id: u64) -> Result<(), StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            c.execute(
+                "SELECT setval('sidekey_ids', greatest($1, (SELECT last_value FROM sidekey_ids)))",
+                &[&(id.min(i64::MAX as u64) as i64).max(1)],
+            )
+            .await
+            .map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// How many sidekey processes hold a change listener on this database
+    /// (running replicas), for commands that need them stopped.
+    pub async fn running_replicas(&self) -> Result<i64, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let row = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() \
+                       AND application_name LIKE 'sidekey listener %' \
+                       AND application_name <> $1",
+                    &[&format!("sidekey listener {}", std::process::id())],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(row.get(0))
         })
         .await
     }
@@ -900,8 +948,25 @@ async fn listen_once(target: &Target, caches: &Arc<Caches>) -> Result<(), String
     caches.clear_all();
     caches.set_live(true);
     tracing::debug!("PostgreSQL change listener connected");
-    while let Some(payload) = rx.recv().await {
-        caches.on_change(&payload);
+    // A connection that hangs (partition, failover) would otherwise look
+    // live until TCP gives up, while notifications are lost: ping it.
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(payload) => caches.on_change(&payload),
+                None => break,
+            },
+            _ = heartbeat.tick() => {
+                let ping = tokio::time::timeout(HEARTBEAT, client.simple_query("SELECT 1")).await;
+                if !matches!(ping, Ok(Ok(_))) {
+                    caches.set_live(false);
+                    driver.abort();
+                    return Err("listener connection did not answer a heartbeat".into());
+                }
+            }
+        }
     }
     caches.set_live(false);
     drop(client);

@@ -122,6 +122,9 @@ impl SledBackend {
                 Op::Put(t, k, v) => {
                     self.t(t).insert(k, v)?;
                 }
+                Op::Insert(t, k, v) => {
+                    let _ = self.t(t).compare_and_swap(k, None::<&[u8]>, Some(v))?;
+                }
                 Op::Remove(t, k) => {
                     self.t(t).remove(k)?;
                 }
