@@ -173,7 +173,14 @@ fn spawn_gc(app: &Arc<App>) {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { break };
             let store = app.store.clone();
-            match store.claim("gc", GC_EVERY - Duration::from_secs(5)).await {
+            match store
+                .claim(
+                    "gc",
+                    GC_EVERY - Duration::from_secs(5),
+                    app.clock.now_millis(),
+                )
+                .await
+            {
                 Ok(crate::store::ClaimOutcome::Granted(_)) => {}
                 Ok(_) => continue,
                 Err(e) => {

@@ -599,7 +599,7 @@ impl RefreshCoordinator {
             }
             match self
                 .store
-                .claim(&claim_key, self.lease())
+                .claim(&claim_key, self.lease(), self.clock.now_millis())
                 .await
                 .map_err(ApiError::from)?
             {
@@ -802,7 +802,11 @@ impl RefreshCoordinator {
 
     /// Releases a claim; a failure here only means the lease lapses.
     async fn release_claim(&self, claim: &Claim, failed: Option<bool>) {
-        if let Err(e) = self.store.release(claim, failed).await {
+        if let Err(e) = self
+            .store
+            .release(claim, failed, self.clock.now_millis())
+            .await
+        {
             tracing::debug!(error = %e, "refresh claim not released; its lease will lapse");
         }
     }

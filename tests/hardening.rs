@@ -551,7 +551,8 @@ async fn item13_huge_ttls_and_expiries_saturate_instead_of_wrapping() {
     let up = Upstream::start().await;
     let sk = Sidekey::start(
         Options::with_providers(&support::provider_toml("p", &up.url, ""))
-            .sessions("max_ttl_secs = 18446744073709551615"),
+            // The largest integer TOML has (i64::MAX).
+            .sessions("max_ttl_secs = 9223372036854775807"),
     )
     .await;
     let r = sk
@@ -564,7 +565,7 @@ async fn item13_huge_ttls_and_expiries_saturate_instead_of_wrapping() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "active", "{}", r.text());
     let s = sk
-        .session_with(json!({"user": "ann", "providers": ["p"], "ttl_secs": u64::MAX}))
+        .session_with(json!({"user": "ann", "providers": ["p"], "ttl_secs": i64::MAX}))
         .await;
     assert!(s["expires_at"].as_i64().unwrap() > unix_now(), "{s}");
     let r = sk

@@ -388,8 +388,13 @@ async fn rotated_refresh_token_survives_kill_and_restart() {
     let tok = TokenServer::start().await;
     require_valid_token(&up, &tok);
     tok.issue_refresh("rt-seed");
+    // No cooldown: the forced refresh after the restart must call the
+    // token endpoint with the refresh token rotated before the kill.
     let mut sk = Sidekey::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom",
+        &up,
+        &tok,
+        "refresh_cooldown_secs = 0",
     )))
     .await;
     sk.put_credential(

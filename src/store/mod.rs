@@ -1375,15 +1375,27 @@ impl Store {
 
     /// Claims `key` for `lease` (refresh of one credential, or a GC round):
     /// at most one holder cluster-wide until it releases or the lease lapses.
-    pub async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
-        on_backend!(self, b => b.claim(key, lease).await)
+    /// `now_ms` is sidekey's clock, which the shared back-off is kept on
+    /// (the lease itself runs on the backend's clock).
+    pub async fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        on_backend!(self, b => b.claim(key, lease, now_ms).await)
     }
 
     /// Releases a claim: `Some(true)` after a provider failure (starts the
     /// shared back-off), `Some(false)` after a success (clears it), `None`
     /// otherwise.
-    pub async fn release(&self, claim: &Claim, failed: Option<bool>) -> Result<(), StoreError> {
-        on_backend!(self, b => b.release(claim, failed).await)
+    pub async fn release(
+        &self,
+        claim: &Claim,
+        failed: Option<bool>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        on_backend!(self, b => b.release(claim, failed, now_ms).await)
     }
 
     pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {

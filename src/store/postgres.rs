@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS sidekey_claims (
     fence bigint NOT NULL DEFAULT 0,
     lease_until timestamptz,
     failures integer NOT NULL DEFAULT 0,
-    backoff_until timestamptz
+    -- back-off end in unix ms on sidekey's clock (what callers compare)
+    backoff_until_ms bigint
 );
 CREATE SEQUENCE IF NOT EXISTS sidekey_ids;
 CREATE OR REPLACE FUNCTION sidekey_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -722,7 +723,12 @@ impl PgBackend {
     /// Takes the claim unless another process holds an unexpired one or a
     /// back-off is running. Lease expiry is on the database's clock, so
     /// replicas' clocks do not matter.
-    pub async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    pub async fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
         self.timed(async {
             let c = conn!(self);
             let st = c
@@ -732,14 +738,14 @@ impl PgBackend {
                      ON CONFLICT (k) DO UPDATE SET owner = EXCLUDED.owner, fence = c.fence + 1, \
                        lease_until = EXCLUDED.lease_until \
                      WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp()) \
-                       AND (c.backoff_until IS NULL OR c.backoff_until <= clock_timestamp()) \
+                       AND (c.backoff_until_ms IS NULL OR c.backoff_until_ms <= $4) \
                      RETURNING fence",
                 )
                 .await
                 .map_err(pg)?;
             let lease_ms = lease.as_millis() as f64;
             if let Some(row) = c
-                .query_opt(&st, &[&key, &self.owner, &lease_ms])
+                .query_opt(&st, &[&key, &self.owner, &lease_ms, &now_ms])
                 .await
                 .map_err(pg)?
             {
@@ -749,21 +755,16 @@ impl PgBackend {
                 }));
             }
             let st = c
-                .prepare_cached(
-                    "SELECT (extract(epoch FROM (backoff_until - clock_timestamp())) * 1000)::float8 \
-                     FROM sidekey_claims WHERE k = $1",
-                )
+                .prepare_cached("SELECT backoff_until_ms - $2 FROM sidekey_claims WHERE k = $1")
                 .await
                 .map_err(pg)?;
-            let left: Option<f64> = c
-                .query_opt(&st, &[&key])
+            let left: Option<i64> = c
+                .query_opt(&st, &[&key, &now_ms])
                 .await
                 .map_err(pg)?
                 .and_then(|r| r.get(0));
             Ok(match left {
-                Some(ms) if ms > 0.0 => {
-                    ClaimOutcome::BackingOff(Duration::from_millis(ms.ceil() as u64))
-                }
+                Some(ms) if ms > 0 => ClaimOutcome::BackingOff(Duration::from_millis(ms as u64)),
                 _ => ClaimOutcome::Held,
             })
         })
@@ -772,32 +773,36 @@ impl PgBackend {
 
     /// Ends a claim (only if still ours, by fence). `failed`: `Some(true)`
     /// starts or extends the shared back-off, `Some(false)` clears it.
-    pub async fn release(&self, claim: &Claim, failed: Option<bool>) -> Result<(), StoreError> {
+    pub async fn release(
+        &self,
+        claim: &Claim,
+        failed: Option<bool>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         self.timed(async {
             let c = conn!(self);
             let sql = match failed {
                 Some(true) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
                        failures = failures + 1, \
-                       backoff_until = clock_timestamp() + \
-                         least(60000, 1000 * power(2, least(failures, 6))) * interval '1 millisecond' \
+                       backoff_until_ms = $3::bigint + least(60000, 1000 * (1 << least(failures, 6))) \
                      WHERE k = $1 AND fence = $2 RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 Some(false) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
-                       failures = 0, backoff_until = NULL \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                       failures = 0, backoff_until_ms = NULL \
+                     WHERE k = $1 AND fence = $2 AND $3::bigint IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 None => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     WHERE k = $1 AND fence = $2 AND $3::bigint IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
             };
             let st = c.prepare_cached(sql).await.map_err(pg)?;
-            c.query(&st, &[&claim.key, &claim.fence])
+            c.query(&st, &[&claim.key, &claim.fence, &now_ms])
                 .await
                 .map_err(pg)?;
             Ok(())
@@ -810,7 +815,7 @@ impl PgBackend {
             let c = conn!(self);
             let st = c
                 .prepare_cached(
-                    "UPDATE sidekey_claims SET failures = 0, backoff_until = NULL WHERE k = $1",
+                    "UPDATE sidekey_claims SET failures = 0, backoff_until_ms = NULL WHERE k = $1",
                 )
                 .await
                 .map_err(pg)?;

@@ -29,7 +29,8 @@ struct ClaimState {
     fence: i64,
     lease_until: Option<Instant>,
     failures: u32,
-    backoff_until: Option<Instant>,
+    /// Unix milliseconds on sidekey's clock.
+    backoff_until_ms: Option<i64>,
 }
 
 impl std::fmt::Debug for SledBackend {
@@ -285,12 +286,19 @@ impl SledBackend {
         result
     }
 
-    pub async fn claim(&self, key: &str, lease: Duration) -> Result<ClaimOutcome, StoreError> {
+    pub async fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
         let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let s = m.entry(key.to_owned()).or_default();
-        if let Some(b) = s.backoff_until.filter(|b| *b > now) {
-            return Ok(ClaimOutcome::BackingOff(b - now));
+        if let Some(b) = s.backoff_until_ms.filter(|b| *b > now_ms) {
+            return Ok(ClaimOutcome::BackingOff(Duration::from_millis(
+                (b - now_ms) as u64,
+            )));
         }
         if s.lease_until.is_some_and(|l| l > now) {
             return Ok(ClaimOutcome::Held);
@@ -303,7 +311,12 @@ impl SledBackend {
         }))
     }
 
-    pub async fn release(&self, claim: &Claim, failed: Option<bool>) -> Result<(), StoreError> {
+    pub async fn release(
+        &self,
+        claim: &Claim,
+        failed: Option<bool>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
         let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = m.get_mut(&claim.key) else {
             return Ok(());
@@ -315,7 +328,9 @@ impl SledBackend {
         match failed {
             Some(true) => {
                 s.failures = s.failures.saturating_add(1);
-                s.backoff_until = Some(Instant::now() + super::backoff_delay(s.failures));
+                s.backoff_until_ms = Some(
+                    now_ms.saturating_add(super::backoff_delay(s.failures).as_millis() as i64),
+                );
             }
             Some(false) => {
                 m.remove(&claim.key);
@@ -330,7 +345,7 @@ impl SledBackend {
         let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = m.get_mut(key) {
             s.failures = 0;
-            s.backoff_until = None;
+            s.backoff_until_ms = None;
         }
         Ok(())
     }
