@@ -457,7 +457,7 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
     if let Some(phones) = b.phone_numbers {
         let mut norm = Vec::new();
         for ph in phones {
-            let n = crate::elevenlabs::normalize_phone(&ph).ok_or_else(|| {
+            let n = crate::users::normalize_phone(&ph).ok_or_else(|| {
                 ApiError::BadRequest(format!(
                     "{ph:?} is not a phone number in E.164 form, e.g. +15551234567."
                 ))
@@ -589,35 +589,6 @@ struct SessionBody {
     conversation_id: Option<String>,
 }
 
-/// Mints a session; shared by the admin API and conversation-init.
-pub async fn mint_session(
-    app: &Arc<App>,
-    user: &str,
-    providers: Vec<String>,
-    ttl_secs: u64,
-    conversation_id: Option<String>,
-) -> Result<Value, ApiError> {
-    let m = app
-        .sessions
-        .mint(user, providers.clone(), ttl_secs, conversation_id.clone())
-        .await
-        .map_err(ApiError::from)?;
-    let var = &app.config.sessions.dynamic_variable;
-    Ok(json!({
-        "session_id": m.sid,
-        "token": m.token.expose(),
-        "expires_at": m.exp,
-        "user": user,
-        "providers": providers,
-        "conversation_id": conversation_id,
-        "dynamic_variables": { var: m.token.expose() },
-    }))
-}
-
-pub fn valid_conversation_id(c: &str) -> bool {
-    !c.is_empty() && c.len() <= 256 && c.bytes().all(|b| b.is_ascii_graphic())
-}
-
 async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, ApiError> {
     let b: SessionBody = body::json_object(body)?;
     let user = id(&b.user, "user id")?;
@@ -647,13 +618,22 @@ async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, A
         )));
     }
     if let Some(c) = &b.conversation_id {
-        if !valid_conversation_id(c) {
+        if !crate::session::valid_conversation_id(c) {
             return Err(ApiError::BadRequest(
                 "conversation_id must be 1-256 printable ASCII characters without spaces.".into(),
             ));
         }
     }
-    let v = mint_session(app, user, uniq, ttl, b.conversation_id).await?;
+    let v = app
+        .sessions
+        .mint_answer(
+            &app.config.sessions.dynamic_variable,
+            user,
+            uniq,
+            ttl,
+            b.conversation_id,
+        )
+        .await?;
     app.store.flush().await.map_err(ApiError::from)?;
     Ok(body::json(StatusCode::CREATED, &v))
 }

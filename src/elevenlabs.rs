@@ -44,34 +44,6 @@ struct InitBody {
     conversation_id: Option<String>,
 }
 
-/// E.164 (`+` and 7–15 digits). Accepts common decorations (spaces, dashes,
-/// dots, parentheses, a `00` prefix, `tel:` and `sip:` URIs).
-pub fn normalize_phone(s: &str) -> Option<String> {
-    let mut t = s.trim();
-    for p in ["tel:", "sip:", "sips:"] {
-        if let Some(r) = t.strip_prefix(p) {
-            t = r;
-        }
-    }
-    let t = t.split(['@', ';']).next().unwrap_or("");
-    let rest = t
-        .strip_prefix('+')
-        .or_else(|| t.strip_prefix("00"))
-        .unwrap_or(t);
-    let digits: String = rest
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
-        .collect();
-    if digits.len() < 7
-        || digits.len() > 15
-        || !digits.bytes().all(|b| b.is_ascii_digit())
-        || digits.starts_with('0')
-    {
-        return None;
-    }
-    Some(format!("+{digits}"))
-}
-
 async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
     let (parts, body) = req.into_parts();
     body::read_limited(&parts.headers, body, limit, Duration::from_secs(60)).await
@@ -174,8 +146,12 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
         };
         let conv = b
             .conversation_id
-            .filter(|c| crate::admin::valid_conversation_id(c));
-        let user = match b.caller_id.as_deref().and_then(normalize_phone) {
+            .filter(|c| crate::session::valid_conversation_id(c));
+        let user = match b
+            .caller_id
+            .as_deref()
+            .and_then(crate::users::normalize_phone)
+        {
             Some(phone) => app.store.user_by_phone(&phone).await.map_err(|e| {
                 tracing::error!(error = %e, "cannot look up caller");
                 ApiError::Internal
@@ -190,14 +166,16 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
                 .init_providers
                 .clone()
                 .unwrap_or_else(|| app.providers.names().to_vec());
-            let minted = crate::admin::mint_session(
-                app,
-                user,
-                providers,
-                app.config.sessions.ttl_secs,
-                conv.clone(),
-            )
-            .await?;
+            let minted = app
+                .sessions
+                .mint_answer(
+                    &app.config.sessions.dynamic_variable,
+                    user,
+                    providers,
+                    app.config.sessions.ttl_secs,
+                    conv.clone(),
+                )
+                .await?;
             vars.insert(
                 app.config.sessions.dynamic_variable.clone(),
                 minted["token"].clone(),
@@ -1021,33 +999,6 @@ inject = { query = "key" }
                 Err("timestamp outside tolerance")
             );
         }
-    }
-
-    #[test]
-    fn phones() {
-        assert_eq!(
-            normalize_phone("+1 (555) 123-4567").as_deref(),
-            Some("+15551234567")
-        );
-        assert_eq!(
-            normalize_phone("0044 20 7946 0958").as_deref(),
-            Some("+442079460958")
-        );
-        assert_eq!(
-            normalize_phone("tel:+15551234567").as_deref(),
-            Some("+15551234567")
-        );
-        assert_eq!(
-            normalize_phone("sip:+15551234567@pbx.example.com").as_deref(),
-            Some("+15551234567")
-        );
-        assert_eq!(
-            normalize_phone("15551234567").as_deref(),
-            Some("+15551234567")
-        );
-        assert!(normalize_phone("+1").is_none());
-        assert!(normalize_phone("anonymous").is_none());
-        assert!(normalize_phone("+1234567890123456").is_none());
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //!
 //! - [`config`]     — `config.toml`: parsing, defaults, validation of every key
 //! - [`bootstrap`]  — loading keys and certificates; generating dev secrets
-//! - [`store`]      — sled store with every value sealed (XChaCha20-Poly1305)
+//! - [`store`]      — one store API over sled (default) or PostgreSQL (replicas),
+//!   every value sealed (XChaCha20-Poly1305), caches, refresh claims
 //! - [`session`]    — session tokens (JWT) bound to store records
 //! - [`providers`]  — presets, path rules, allow lists, credential injection
 //! - [`proxy`]      — the agent-facing request path, as named phases
-//! - [`refresh`]    — token refresh: single flight, rotation, backoff
+//! - [`refresh`]    — token refresh: single flight (per process and cluster-wide), rotation, backoff
 //! - [`token_response`] — reading token responses (refresh, code exchange, admin PUT)
+//! - [`users`]      — end users' ids and phone numbers as callers give them
 //! - [`oauth`]      — the authorization-code flow with PKCE
 //! - [`connect`]    — the hosted connect page; OAuth flows bound to a browser
 //! - [`elevenlabs`] — init and post-call webhooks, tool definitions
@@ -51,6 +53,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod token_response;
+pub mod users;
 
 /// Installs ring as the process-wide rustls provider. Call once at start.
 pub fn install_crypto_provider() {

@@ -190,6 +190,12 @@ pub struct Minted {
     pub claims: SessionClaims,
 }
 
+/// What sidekey accepts as a conversation id (ElevenLabs' `conv_…`, or
+/// any printable ASCII a caller binds).
+pub fn valid_conversation_id(c: &str) -> bool {
+    !c.is_empty() && c.len() <= 256 && c.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Mints and verifies session tokens against the store.
 pub struct SessionAuthority {
     keys: SessionKeys,
@@ -272,6 +278,31 @@ impl SessionAuthority {
             exp,
             claims,
         })
+    }
+
+    /// Mints a session and answers as the admin API and conversation-init
+    /// do: id, token, expiry and the dynamic variable that carries it.
+    pub async fn mint_answer(
+        &self,
+        dynamic_variable: &str,
+        user: &str,
+        providers: Vec<String>,
+        ttl_secs: u64,
+        conversation_id: Option<String>,
+    ) -> Result<serde_json::Value, ApiError> {
+        let m = self
+            .mint(user, providers.clone(), ttl_secs, conversation_id.clone())
+            .await
+            .map_err(ApiError::from)?;
+        Ok(serde_json::json!({
+            "session_id": m.sid,
+            "token": m.token.expose(),
+            "expires_at": m.exp,
+            "user": user,
+            "providers": providers,
+            "conversation_id": conversation_id,
+            "dynamic_variables": { dynamic_variable: m.token.expose() },
+        }))
     }
 
     /// Checks signature, algorithm, claims and the store record.

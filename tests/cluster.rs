@@ -699,3 +699,75 @@ async fn a_pg_dump_holds_no_plaintext_secret() {
         assert!(!text.contains(&hex(s)), "hex of {s:.12}… in pg_dump");
     }
 }
+
+#[tokio::test]
+async fn rotate_key_on_postgres_refuses_while_replicas_serve_then_reseals() {
+    let up = Upstream::start().await;
+    let mut rs = replicas(
+        2,
+        Options::with_providers(&provider_toml("custom", &up.url, "inject = \"bearer\"")),
+    )
+    .await;
+    rs[0]
+        .put_credential("kim", "custom", json!({"access_token": "tok-kim-rotate"}))
+        .await;
+    let session = rs[1].token("kim", &["custom"]).await;
+    let dir = rs[0].path().to_path_buf();
+    use base64::Engine;
+    let mut key = [0u8; 32];
+    key.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(37).wrapping_add(11));
+    std::fs::write(
+        dir.join("new.key"),
+        base64::engine::general_purpose::STANDARD.encode(key),
+    )
+    .unwrap();
+    let rotate = |dir: &Path| {
+        run_cli(
+            dir,
+            &[
+                "rotate-key",
+                "--config",
+                "config.toml",
+                "--new-key-file",
+                "new.key",
+            ],
+            &[],
+            None,
+        )
+    };
+
+    // Replicas serving: refused, nothing changed.
+    let (code, out, err) = rotate(&dir);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("still serving"), "{err}");
+
+    for sk in &mut rs {
+        assert_eq!(sk.stop(), Some(0));
+    }
+    let (code, out, err) = rotate(&dir);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("re-encrypted"), "{out}");
+    // Run again: the rotation is already done.
+    let (code, out, err) = rotate(&dir);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("already done"), "{out}");
+
+    // The old key no longer opens the database: exit 2 naming the key.
+    let (code, _, err) = run_cli(&dir, &["serve", "--config", "config.toml"], &[], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("master key"), "{err}");
+
+    // With the new key every record is there, sessions included.
+    for sk in &rs {
+        std::fs::copy(dir.join("new.key"), sk.path().join("data/master.key")).unwrap();
+    }
+    let mut rs = rs;
+    rs[1].restart().await;
+    let r = rs[1]
+        .proxy(Method::GET, "/v1/proxy/custom/me", &session, "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(up.last().bearer().as_deref(), Some("tok-kim-rotate"));
+}
