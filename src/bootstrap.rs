@@ -60,6 +60,20 @@ pub fn check(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     match load_with(cfg, gen_mode) {
         Ok(l) => {
             let mut notes = l.notes;
+            if cfg.store.backend == crate::config::StoreBackend::Postgres {
+                // The URL must be readable here; reaching the database is
+                // left to `serve` (check-config stays offline).
+                return match crate::app::store_location(cfg) {
+                    Ok(_) => {
+                        notes.push(format!(
+                            "store: PostgreSQL from {} (not contacted by check-config)",
+                            cfg.store.postgres_url.describe()
+                        ));
+                        Ok(notes)
+                    }
+                    Err(e) => Err(vec![e.to_string()]),
+                };
+            }
             if crate::store::exists(&cfg.store.path) {
                 match crate::store::check_key(&cfg.store.path, &l.keys) {
                     Ok(_) => notes.push(format!(
@@ -82,7 +96,9 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
     let mut notes = Vec::new();
 
     // --- master key ---
-    let store_exists = crate::store::exists(&cfg.store.path);
+    // (A PostgreSQL store is checked against the key when it is opened.)
+    let store_exists = cfg.store.backend == crate::config::StoreBackend::Sled
+        && crate::store::exists(&cfg.store.path);
     let master = load_or_generate(
         &cfg.store.master_key,
         "store.master_key_file",
