@@ -1,15 +1,20 @@
 //! docs/openapi.json against the real server: every path, method and status
 //! it describes is provoked on a running sidekey, and the answer must have
 //! that status, the documented error code (body and `X-Sidekey-Error`), and
-//! a body that fits the documented schema. A documented status without a
+//! a body that fits the documented schema, and documented headers (those
+//! marked `required` present, values in their schema, those listed in
+//! `x-sidekey-absent-headers` absent). A documented status without a
 //! way to provoke it here fails the test, so the description cannot promise
-//! more than the server does. Operations or responses marked
+//! more than the server does. The `503 store_unavailable` answers come from
+//! a second sidekey on PostgreSQL (a throwaway cluster of its own, see
+//! tests/support/pg.rs) whose database is stopped. Operations or responses marked
 //! `x-sidekey-pending` (defined by the contract, served by a later build)
 //! must still answer 404/405 here: once they are served, the mark has to go
 //! and a scenario be added.
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::{Value, json};
@@ -106,7 +111,78 @@ struct Ctx {
     sk: InProcess,
     up: Upstream,
     tokens: TokenServer,
+    pg: StoreDown,
 }
+
+/// A sidekey on PostgreSQL whose database has been stopped, with a session
+/// minted while it was up.
+struct StoreDown {
+    sk: InProcess,
+    token: String,
+    /// Its `upstream_timeout_secs`: store_unavailable must come within it.
+    timeout: Duration,
+    _cluster: support::pg::Cluster,
+}
+
+impl StoreDown {
+    async fn start(upstream: &str) -> StoreDown {
+        // A cluster of its own: stopping a shared one would break the
+        // other tests of this process.
+        let cluster = support::pg::Cluster::start_new();
+        let db = cluster.new_database();
+        let timeout = Duration::from_secs(2);
+        let sk = InProcess::start(
+            Options::with_providers(&format!("[providers.custom]\nbase_url = \"{upstream}\"\n"))
+                .server(&format!("upstream_timeout_secs = {}", timeout.as_secs()))
+                .store(&format!(
+                    "backend = \"postgres\"\npostgres_url = \"{}\"",
+                    cluster.url(&db)
+                )),
+        )
+        .await;
+        sk.put_credential("alice", "custom", json!({"access_token": "at-pg"}))
+            .await;
+        let token = sk.token("alice", &["custom"]).await;
+        let r = sk
+            .proxy(Method::GET, "/v1/proxy/custom/ok/x", &token, "")
+            .await;
+        assert_eq!(r.status, 200, "with the database up: {}", r.text());
+        cluster.ctl("stop");
+        StoreDown {
+            sk,
+            token,
+            timeout,
+            _cluster: cluster,
+        }
+    }
+}
+
+/// The path of an absolute URL sidekey answered (`connect_url`).
+fn path_of(url: &str) -> String {
+    url::Url::parse(url).unwrap().path().to_owned()
+}
+
+/// The binding cookie's value from a Set-Cookie.
+fn cookie_of(r: &Resp) -> String {
+    let sc = r
+        .headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no cookie: {} {}", r.status, r.text()));
+    let (kv, _) = sc.split_once(';').unwrap_or((sc, ""));
+    kv.strip_prefix("__Host-sidekey-connect=")
+        .unwrap_or_else(|| panic!("not the binding cookie: {sc}"))
+        .to_owned()
+}
+
+/// The CSRF token in the page's forms.
+fn csrf_of(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
+    html[at..at + html[at..].find('"').unwrap()].to_owned()
+}
+
+/// A well-formed ticket no link has.
+const NO_SUCH_TICKET: &str = "QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ";
 
 impl Ctx {
     async fn token(&self, providers: &[&str]) -> String {
@@ -146,6 +222,84 @@ impl Ctx {
             body.to_string()
         };
         self.admin_raw(method, path, true, &b).await
+    }
+
+    /// A connect link for `conny`: the page's path (`/connect/<ticket>`).
+    async fn link(&self, body: Value) -> String {
+        let r = self
+            .admin(Method::POST, "/v1/users/conny/connect", body)
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        path_of(r.json()["connect_url"].as_str().unwrap())
+    }
+
+    /// A link for `custom` opened by a new browser: (path, cookie, csrf).
+    async fn opened_link(&self) -> (String, String, String) {
+        let path = self.link(json!({"providers": ["custom"]})).await;
+        let r = self.agent(Method::GET, &path, &[], "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let cookie = cookie_of(&r);
+        (path, cookie, csrf_of(&r.text()))
+    }
+
+    /// A link of `ttl_secs = 60`, then the clock moved past its expiry.
+    async fn expired_link(&self) -> String {
+        let path = self
+            .link(json!({"providers": ["custom"], "ttl_secs": 60}))
+            .await;
+        self.sk.clock.advance(61);
+        path
+    }
+
+    /// A form POST from the page, as a browser with (or without) the cookie.
+    async fn form(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
+        let body: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let cookie = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+        let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+        if let Some(c) = &cookie {
+            h.push(("cookie", c.as_str()));
+        }
+        self.agent(Method::POST, path, &h, &body).await
+    }
+
+    /// Admin `oauth/start` for alice and `custom`, with the code `code`
+    /// registered at the token endpoint: (state, connect_url's path).
+    async fn start_flow(&self, return_to: Option<&str>, code: &str) -> (String, String) {
+        let body = match return_to {
+            Some(rt) => json!({"return_to": rt}),
+            None => json!({}),
+        };
+        let r = self
+            .admin(Method::POST, "/v1/users/alice/oauth/custom/start", body)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
+        self.tokens.register_code(code, &challenge, &redirect_uri);
+        (
+            v["state"].as_str().unwrap().to_owned(),
+            path_of(v["connect_url"].as_str().unwrap()),
+        )
+    }
+
+    /// `start_flow` whose connect_url this browser opened: (state, cookie).
+    async fn bound_flow(&self, return_to: Option<&str>, code: &str) -> (String, String) {
+        let (state, path) = self.start_flow(return_to, code).await;
+        let r = self.agent(Method::GET, &path, &[], "").await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        (state, cookie_of(&r))
+    }
+
+    async fn callback(&self, code: &str, state: &str, cookie: Option<&str>) -> Resp {
+        let cookie = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+        let mut h = vec![];
+        if let Some(c) = &cookie {
+            h.push(("cookie", c.as_str()));
+        }
+        let path = format!("/oauth/custom/callback?code={code}&state={state}");
+        self.agent(Method::GET, &path, &h, "").await
     }
 
     /// A proxied call with a fresh session for `custom` (and `other` when asked).
@@ -268,6 +422,23 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         ("/v1/users/{user}/oauth/{provider}/start", "POST", 503) => {
             c.admin(m, "/v1/users/alice/oauth/noclient/start", json!({})).await
         }
+        ("/v1/users/{user}/connect", "POST", 201) => {
+            c.admin(
+                m,
+                "/v1/users/conny/connect",
+                json!({"providers": ["custom"], "return_to": "https://app.example/settings", "ttl_secs": 600, "user_label": "Conny at Acme"}),
+            )
+            .await
+        }
+        ("/v1/users/{user}/connect", "POST", 400) => {
+            // `plain` has no authorize_url: it cannot be connected.
+            c.admin(m, "/v1/users/conny/connect", json!({"providers": ["plain"]}))
+                .await
+        }
+        ("/v1/users/{user}/connect", "POST", 404) => {
+            c.admin(m, "/v1/users/conny/connect", json!({"providers": ["dropbox"]}))
+                .await
+        }
         ("/v1/sessions", "POST", 201) => {
             c.admin(m, "/v1/sessions", json!({"user": "alice", "providers": ["custom"], "ttl_secs": 60}))
                 .await
@@ -348,6 +519,20 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             c.agent(m, "/v1/proxy/dead/ok/x", &[("x-sidekey-session", &t)], "")
                 .await
         }
+        ("/v1/proxy/{provider}/{path}", _, 503) => {
+            let pg = &c.pg;
+            let started = Instant::now();
+            let r = pg
+                .sk
+                .agent(m, "/v1/proxy/custom/ok/x", &[("x-sidekey-session", &pg.token)], "")
+                .await;
+            let took = started.elapsed();
+            assert!(
+                took < pg.timeout,
+                "{method} store_unavailable took {took:?}, over upstream_timeout_secs"
+            );
+            r
+        }
         ("/v1/proxy/{provider}/{path}", _, 504) => {
             c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
                 .await;
@@ -420,19 +605,89 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             c.agent(m, "/v1/elevenlabs/post-call", &[("elevenlabs-signature", "t=1,v0=00")], "{}")
                 .await
         }
+        ("/oauth/{provider}/callback", "GET", 200) => {
+            let (state, cookie) = c.bound_flow(None, "code-oa-200").await;
+            c.callback("code-oa-200", &state, Some(&cookie)).await
+        }
         ("/oauth/{provider}/callback", "GET", 303) => {
-            let r = c
-                .admin(Method::POST, "/v1/users/alice/oauth/custom/start", json!({"return_to": "https://app.example/settings"}))
+            let (state, cookie) = c
+                .bound_flow(Some("https://app.example/settings"), "code-oa-303")
                 .await;
-            let v = r.json();
-            let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
-            c.tokens.register_code("code-openapi", &challenge, &redirect_uri);
-            let state = v["state"].as_str().unwrap();
-            c.agent(m, &format!("/oauth/custom/callback?code=code-openapi&state={state}"), &[], "")
-                .await
+            c.callback("code-oa-303", &state, Some(&cookie)).await
         }
         ("/oauth/{provider}/callback", "GET", 400) => {
             c.agent(m, "/oauth/custom/callback?code=x&state=unknown", &[], "").await
+        }
+        ("/oauth/{provider}/callback", "GET", 403) => {
+            // `[oauth] bind_browser` defaults on: the bare authorize_url's
+            // callback, in a browser that never opened connect_url.
+            let (state, _) = c
+                .start_flow(Some("https://app.example/settings"), "code-oa-403")
+                .await;
+            c.callback("code-oa-403", &state, None).await
+        }
+        ("/oauth/{provider}/callback", "GET", 502) => {
+            // A code the token endpoint never issued: the exchange is refused.
+            let (state, cookie) = c.bound_flow(None, "code-oa-502").await;
+            c.callback("code-oa-never-issued", &state, Some(&cookie)).await
+        }
+
+        // ----- the connect page
+        ("/connect/{ticket}", "GET", 200) => {
+            let path = c.link(json!({"providers": ["custom"]})).await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}", "GET", 303) => {
+            let (_, path) = c.start_flow(None, "code-oa-page-303").await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}", "GET", 403) => {
+            let (path, _, _) = c.opened_link().await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}", "GET", 404) => {
+            c.agent(m, &format!("/connect/{NO_SUCH_TICKET}"), &[], "")
+                .await
+        }
+        ("/connect/{ticket}", "GET", 410) => {
+            let path = c.expired_link().await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}/connect" | "/connect/{ticket}/disconnect", "POST", _) => {
+            let action = path.rsplit('/').next().unwrap();
+            match status {
+                303 => {
+                    c.admin(Method::PUT, "/v1/users/conny/credentials/custom", json!({"access_token": "at-openapi"}))
+                        .await;
+                    let (p, cookie, csrf) = c.opened_link().await;
+                    c.form(&format!("{p}/{action}"), Some(&cookie), &[("csrf", &csrf), ("provider", "custom")])
+                        .await
+                }
+                400 => {
+                    // `other` is configured, but not on this link.
+                    let (p, cookie, csrf) = c.opened_link().await;
+                    c.form(&format!("{p}/{action}"), Some(&cookie), &[("csrf", &csrf), ("provider", "other")])
+                        .await
+                }
+                403 => {
+                    let (p, cookie, _) = c.opened_link().await;
+                    c.form(&format!("{p}/{action}"), Some(&cookie), &[("csrf", "forged"), ("provider", "custom")])
+                        .await
+                }
+                404 => {
+                    c.form(&format!("/connect/{NO_SUCH_TICKET}/{action}"), None, &[("csrf", "x"), ("provider", "custom")])
+                        .await
+                }
+                410 => {
+                    let p = c.expired_link().await;
+                    c.form(&format!("{p}/{action}"), None, &[("csrf", "x"), ("provider", "custom")])
+                        .await
+                }
+                _ => return None,
+            }
+        }
+        ("/connect/assets/style.css", "GET", 200) => {
+            c.agent(m, "/connect/assets/style.css", &[], "").await
         }
         _ => return None,
     };
@@ -563,7 +818,8 @@ async fn openapi_matches_the_running_server() {
             .server("max_body_bytes = 1024\nupstream_timeout_secs = 1"),
     )
     .await;
-    let c = Ctx { sk, up, tokens };
+    let pg = StoreDown::start(&up.url).await;
+    let c = Ctx { sk, up, tokens, pg };
     // The served description is the committed file.
     let r = c.admin(Method::GET, "/v1/openapi.json", Value::Null).await;
     assert_eq!(r.json(), doc);
@@ -619,6 +875,39 @@ async fn openapi_matches_the_running_server() {
                     })
                 };
                 assert_eq!(r.status.as_u16(), code, "{what}: {}", r.text());
+                for (name, h) in resp
+                    .get("headers")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    let h = resolve(&doc, h);
+                    match r.headers.get(name.as_str()) {
+                        None => assert!(
+                            !h["required"].as_bool().unwrap_or(false),
+                            "{what}: header {name} missing"
+                        ),
+                        Some(v) => {
+                            let v = json!(v.to_str().unwrap());
+                            if let Err(e) = validate(&doc, &h["schema"], &v, name) {
+                                panic!("{what}: {e}");
+                            }
+                        }
+                    }
+                }
+                for name in resp
+                    .get("x-sidekey-absent-headers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let name = name.as_str().unwrap();
+                    assert!(
+                        r.headers.get(name).is_none(),
+                        "{what}: {name} must be absent: {:?}",
+                        r.headers.get(name)
+                    );
+                }
                 if let Some(codes) = resp.get("x-sidekey-codes").and_then(Value::as_array) {
                     let got = r.error_code();
                     assert!(
