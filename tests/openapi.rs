@@ -114,30 +114,38 @@ struct Ctx {
     pg: StoreDown,
 }
 
-/// A sidekey on PostgreSQL whose database has been stopped, with a session
-/// minted while it was up.
+/// A sidekey on PostgreSQL whose database has been stopped, with what was
+/// made while it was up: a session, a connect link opened by a browser,
+/// an OAuth state.
 struct StoreDown {
     sk: InProcess,
     token: String,
+    /// A connect link's path, the browser's cookie and the page's CSRF token.
+    link: (String, String, String),
+    state: String,
     /// Its `upstream_timeout_secs`: store_unavailable must come within it.
     timeout: Duration,
     _cluster: support::pg::Cluster,
 }
 
 impl StoreDown {
-    async fn start(upstream: &str) -> StoreDown {
+    async fn start(upstream: &str, token_url: &str) -> StoreDown {
         // A cluster of its own: stopping a shared one would break the
         // other tests of this process.
         let cluster = support::pg::Cluster::start_new();
         let db = cluster.new_database();
         let timeout = Duration::from_secs(2);
         let sk = InProcess::start(
-            Options::with_providers(&format!("[providers.custom]\nbase_url = \"{upstream}\"\n"))
-                .server(&format!("upstream_timeout_secs = {}", timeout.as_secs()))
-                .store(&format!(
-                    "backend = \"postgres\"\npostgres_url = \"{}\"",
-                    cluster.url(&db)
-                )),
+            Options::with_providers(&format!(
+                "[providers.custom]\nbase_url = \"{upstream}\"\ntoken_url = \"{token_url}\"\n\
+                 authorize_url = \"{upstream}/authorize\"\nclient_id = \"test-client\"\n\
+                 client_secret = \"test-client-secret\"\n"
+            ))
+            .server(&format!("upstream_timeout_secs = {}", timeout.as_secs()))
+            .store(&format!(
+                "backend = \"postgres\"\npostgres_url = \"{}\"",
+                cluster.url(&db)
+            )),
         )
         .await;
         sk.put_credential("alice", "custom", json!({"access_token": "at-pg"}))
@@ -147,14 +155,59 @@ impl StoreDown {
             .proxy(Method::GET, "/v1/proxy/custom/ok/x", &token, "")
             .await;
         assert_eq!(r.status, 200, "with the database up: {}", r.text());
+        let r = sk
+            .admin(Method::POST, "/v1/users/alice/connect", Some(json!({})))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let path = path_of(r.json()["connect_url"].as_str().unwrap());
+        let r = sk.agent(Method::GET, &path, &[], "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let link = (path, cookie_of(&r), csrf_of(&r.text()));
+        let r = sk
+            .admin(
+                Method::POST,
+                "/v1/users/alice/oauth/custom/start",
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let state = r.json()["state"].as_str().unwrap().to_owned();
         cluster.ctl("stop");
         StoreDown {
             sk,
             token,
+            link,
+            state,
             timeout,
             _cluster: cluster,
         }
     }
+
+    /// Runs a request against the stopped store; the answer must come
+    /// within `upstream_timeout_secs`.
+    async fn timed(&self, what: &str, req: impl std::future::Future<Output = Resp>) -> Resp {
+        let started = Instant::now();
+        let r = req.await;
+        let took = started.elapsed();
+        assert!(
+            took < self.timeout,
+            "{what} with the store down took {took:?}, over upstream_timeout_secs"
+        );
+        r
+    }
+}
+
+/// A form POST from the page, as a browser with (or without) the cookie.
+async fn form(sk: &InProcess, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
+    let body: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let cookie = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+    let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+    if let Some(c) = &cookie {
+        h.push(("cookie", c.as_str()));
+    }
+    sk.agent(Method::POST, path, &h, body).await
 }
 
 /// The path of an absolute URL sidekey answered (`connect_url`).
@@ -251,17 +304,8 @@ impl Ctx {
         path
     }
 
-    /// A form POST from the page, as a browser with (or without) the cookie.
     async fn form(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
-        let body: String = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
-        let cookie = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
-        let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
-        if let Some(c) = &cookie {
-            h.push(("cookie", c.as_str()));
-        }
-        self.agent(Method::POST, path, &h, &body).await
+        self::form(&self.sk, path, cookie, form).await
     }
 
     /// Admin `oauth/start` for alice and `custom`, with the code `code`
@@ -435,6 +479,11 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             c.admin(m, "/v1/users/conny/connect", json!({"providers": ["plain"]}))
                 .await
         }
+        ("/v1/users/{user}/connect", "POST", 503) => {
+            let pg = &c.pg;
+            pg.timed(path, pg.sk.admin(m, "/v1/users/alice/connect", Some(json!({}))))
+                .await
+        }
         ("/v1/users/{user}/connect", "POST", 404) => {
             c.admin(m, "/v1/users/conny/connect", json!({"providers": ["dropbox"]}))
                 .await
@@ -521,17 +570,9 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         }
         ("/v1/proxy/{provider}/{path}", _, 503) => {
             let pg = &c.pg;
-            let started = Instant::now();
-            let r = pg
-                .sk
-                .agent(m, "/v1/proxy/custom/ok/x", &[("x-sidekey-session", &pg.token)], "")
-                .await;
-            let took = started.elapsed();
-            assert!(
-                took < pg.timeout,
-                "{method} store_unavailable took {took:?}, over upstream_timeout_secs"
-            );
-            r
+            let h = [("x-sidekey-session", pg.token.as_str())];
+            pg.timed(path, pg.sk.agent(m, "/v1/proxy/custom/ok/x", &h, ""))
+                .await
         }
         ("/v1/proxy/{provider}/{path}", _, 504) => {
             c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
@@ -626,6 +667,11 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
                 .await;
             c.callback("code-oa-403", &state, None).await
         }
+        ("/oauth/{provider}/callback", "GET", 503) => {
+            let pg = &c.pg;
+            let p = format!("/oauth/custom/callback?code=x&state={}", pg.state);
+            pg.timed(path, pg.sk.agent(m, &p, &[], "")).await
+        }
         ("/oauth/{provider}/callback", "GET", 502) => {
             // A code the token endpoint never issued: the exchange is refused.
             let (state, cookie) = c.bound_flow(None, "code-oa-502").await;
@@ -647,6 +693,13 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         }
         ("/connect/{ticket}", "GET", 404) => {
             c.agent(m, &format!("/connect/{NO_SUCH_TICKET}"), &[], "")
+                .await
+        }
+        ("/connect/{ticket}", "GET", 503) => {
+            let pg = &c.pg;
+            let (p, cookie, _) = &pg.link;
+            let cookie = format!("__Host-sidekey-connect={cookie}");
+            pg.timed(path, pg.sk.agent(m, p, &[("cookie", &cookie)], ""))
                 .await
         }
         ("/connect/{ticket}", "GET", 410) => {
@@ -677,6 +730,13 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
                 404 => {
                     c.form(&format!("/connect/{NO_SUCH_TICKET}/{action}"), None, &[("csrf", "x"), ("provider", "custom")])
                         .await
+                }
+                503 => {
+                    let pg = &c.pg;
+                    let (p, cookie, csrf) = &pg.link;
+                    let p = format!("{p}/{action}");
+                    let f = [("csrf", csrf.as_str()), ("provider", "custom")];
+                    pg.timed(path, form(&pg.sk, &p, Some(cookie), &f)).await
                 }
                 410 => {
                     let p = c.expired_link().await;
@@ -818,7 +878,7 @@ async fn openapi_matches_the_running_server() {
             .server("max_body_bytes = 1024\nupstream_timeout_secs = 1"),
     )
     .await;
-    let pg = StoreDown::start(&up.url).await;
+    let pg = StoreDown::start(&up.url, &tokens.url).await;
     let c = Ctx { sk, up, tokens, pg };
     // The served description is the committed file.
     let r = c.admin(Method::GET, "/v1/openapi.json", Value::Null).await;
