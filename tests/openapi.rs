@@ -116,20 +116,23 @@ struct Ctx {
 
 /// A sidekey on PostgreSQL whose database has been stopped, with what was
 /// made while it was up: a session, a connect link opened by a browser,
-/// an OAuth state.
+/// a bound OAuth flow.
 struct StoreDown {
     sk: InProcess,
     token: String,
     /// A connect link's path, the browser's cookie and the page's CSRF token.
     link: (String, String, String),
-    state: String,
+    /// olga's `oauth/start` flow, bound to a browser: its state, the
+    /// cookie, and a code the token endpoint will exchange.
+    flow: (String, String, &'static str),
     /// Its `upstream_timeout_secs`: store_unavailable must come within it.
     timeout: Duration,
-    _cluster: support::pg::Cluster,
+    cluster: support::pg::Cluster,
 }
 
 impl StoreDown {
-    async fn start(upstream: &str, token_url: &str) -> StoreDown {
+    async fn start(upstream: &str, tokens: &TokenServer) -> StoreDown {
+        let token_url = &tokens.url;
         // A cluster of its own: stopping a shared one would break the
         // other tests of this process.
         let cluster = support::pg::Cluster::start_new();
@@ -166,25 +169,48 @@ impl StoreDown {
         let r = sk
             .admin(
                 Method::POST,
-                "/v1/users/alice/oauth/custom/start",
+                "/v1/users/olga/oauth/custom/start",
                 Some(json!({})),
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
-        let state = r.json()["state"].as_str().unwrap().to_owned();
+        let v = r.json();
+        let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
+        let code = "code-pg";
+        tokens.register_code(code, &challenge, &redirect_uri);
+        let r = sk
+            .agent(
+                Method::GET,
+                &path_of(v["connect_url"].as_str().unwrap()),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        let flow = (v["state"].as_str().unwrap().to_owned(), cookie_of(&r), code);
         cluster.ctl("stop");
         StoreDown {
             sk,
             token,
             link,
-            state,
+            flow,
             timeout,
-            _cluster: cluster,
+            cluster,
         }
     }
 
     /// Runs a request against the stopped store; the answer must come
     /// within `upstream_timeout_secs`.
+    /// The flow's callback, as the browser that holds its binding.
+    async fn callback(&self) -> Resp {
+        let (state, cookie, code) = &self.flow;
+        let cookie = format!("__Host-sidekey-connect={cookie}");
+        let p = format!("/oauth/custom/callback?code={code}&state={state}");
+        self.sk
+            .agent(Method::GET, &p, &[("cookie", &cookie)], "")
+            .await
+    }
+
     async fn timed(&self, what: &str, req: impl std::future::Future<Output = Resp>) -> Resp {
         let started = Instant::now();
         let r = req.await;
@@ -669,8 +695,7 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         }
         ("/oauth/{provider}/callback", "GET", 503) => {
             let pg = &c.pg;
-            let p = format!("/oauth/custom/callback?code=x&state={}", pg.state);
-            pg.timed(path, pg.sk.agent(m, &p, &[], "")).await
+            pg.timed(path, pg.callback()).await
         }
         ("/oauth/{provider}/callback", "GET", 502) => {
             // A code the token endpoint never issued: the exchange is refused.
@@ -878,7 +903,7 @@ async fn openapi_matches_the_running_server() {
             .server("max_body_bytes = 1024\nupstream_timeout_secs = 1"),
     )
     .await;
-    let pg = StoreDown::start(&up.url, &tokens.url).await;
+    let pg = StoreDown::start(&up.url, &tokens).await;
     let c = Ctx { sk, up, tokens, pg };
     // The served description is the committed file.
     let r = c.admin(Method::GET, "/v1/openapi.json", Value::Null).await;
@@ -1001,6 +1026,28 @@ async fn openapi_matches_the_running_server() {
         }
     }
     eprintln!("checked {checked} path/method/status combinations; pending: {pending:#?}");
+
+    // The 503 callback page says the state was not consumed: once the
+    // database is back, the same callback completes.
+    c.pg.cluster.ctl("start");
+    let started = Instant::now();
+    loop {
+        let r = c.pg.callback().await;
+        if r.status != 503 {
+            assert_eq!(r.status, 200, "after the outage: {}", r.text());
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "store never back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r =
+        c.pg.sk
+            .admin(Method::GET, "/v1/users/olga/credentials/custom", None)
+            .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(checked > 80, "only {checked} checked");
     assert!(c.up.count() > 0);
 }
