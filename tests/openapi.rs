@@ -112,6 +112,8 @@ struct Ctx {
     up: Upstream,
     tokens: TokenServer,
     pg: StoreDown,
+    /// The suite runs on PostgreSQL (`SIDEKEY_TEST_BACKEND=postgres`).
+    on_postgres: bool,
 }
 
 /// A sidekey on PostgreSQL whose database has been stopped, with what was
@@ -543,6 +545,18 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         }
         ("/v1/audit", "GET", 200) => c.admin(m, "/v1/audit?limit=5", Value::Null).await,
         ("/v1/audit", "GET", 400) => c.admin(m, "/v1/audit?limit=0", Value::Null).await,
+        ("/v1/admin/backup", "POST", 200) if c.on_postgres => {
+            // It copies sled stores (PostgreSQL has pg_dump, and answers
+            // 400 here): a sled instance of its own.
+            let sled = InProcess::start(
+                Options::with_providers("[providers.custom]\nbase_url = \"http://127.0.0.1:1\"\n")
+                    .store("backend = \"sled\""),
+            )
+            .await;
+            let out = sled.dir.path().join("backup-openapi");
+            sled.admin(m, "/v1/admin/backup", Some(json!({"out": out.to_string_lossy()})))
+                .await
+        }
         ("/v1/admin/backup", "POST", 200) => {
             let out = c.sk.dir.path().join("backup-openapi");
             c.admin(m, "/v1/admin/backup", json!({"out": out.to_string_lossy()}))
@@ -898,13 +912,18 @@ async fn openapi_matches_the_running_server() {
         u = up.url,
         t = tokens.url,
     );
-    let sk = InProcess::start(
-        Options::with_providers(&providers)
-            .server("max_body_bytes = 1024\nupstream_timeout_secs = 1"),
-    )
-    .await;
+    let opts = Options::with_providers(&providers)
+        .server("max_body_bytes = 1024\nupstream_timeout_secs = 1");
+    let on_postgres = opts.on_postgres();
+    let sk = InProcess::start(opts).await;
     let pg = StoreDown::start(&up.url, &tokens).await;
-    let c = Ctx { sk, up, tokens, pg };
+    let c = Ctx {
+        sk,
+        up,
+        tokens,
+        pg,
+        on_postgres,
+    };
     // The served description is the committed file.
     let r = c.admin(Method::GET, "/v1/openapi.json", Value::Null).await;
     assert_eq!(r.json(), doc);
