@@ -260,6 +260,9 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         None => None,
         Some(s) => match app.store.take_oauth_state(s).await {
             Ok(st) => st,
+            // Not "unknown or used": the state was most likely not taken,
+            // and the same callback may complete once the store is back.
+            Err(e) if e.is_unavailable() => return crate::connect::store_unavailable(app),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read OAuth state");
                 None

@@ -1,15 +1,20 @@
 //! docs/openapi.json against the real server: every path, method and status
 //! it describes is provoked on a running sidekey, and the answer must have
 //! that status, the documented error code (body and `X-Sidekey-Error`), and
-//! a body that fits the documented schema. A documented status without a
+//! a body that fits the documented schema, and documented headers (those
+//! marked `required` present, values in their schema, those listed in
+//! `x-sidekey-absent-headers` absent). A documented status without a
 //! way to provoke it here fails the test, so the description cannot promise
-//! more than the server does. Operations or responses marked
+//! more than the server does. The `503 store_unavailable` answers come from
+//! a second sidekey on PostgreSQL (a throwaway cluster of its own, see
+//! tests/support/pg.rs) whose database is stopped. Operations or responses marked
 //! `x-sidekey-pending` (defined by the contract, served by a later build)
 //! must still answer 404/405 here: once they are served, the mark has to go
 //! and a scenario be added.
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use serde_json::{Value, json};
@@ -106,7 +111,159 @@ struct Ctx {
     sk: InProcess,
     up: Upstream,
     tokens: TokenServer,
+    pg: StoreDown,
+    /// The suite runs on PostgreSQL (`SIDEKEY_TEST_BACKEND=postgres`).
+    on_postgres: bool,
 }
+
+/// A sidekey on PostgreSQL whose database has been stopped, with what was
+/// made while it was up: a session, a connect link opened by a browser,
+/// a bound OAuth flow.
+struct StoreDown {
+    sk: InProcess,
+    token: String,
+    /// A connect link's path, the browser's cookie and the page's CSRF token.
+    link: (String, String, String),
+    /// olga's `oauth/start` flow, bound to a browser: its state, the
+    /// cookie, and a code the token endpoint will exchange.
+    flow: (String, String, &'static str),
+    /// Its `upstream_timeout_secs`: store_unavailable must come within it.
+    timeout: Duration,
+    cluster: support::pg::Cluster,
+}
+
+impl StoreDown {
+    async fn start(upstream: &str, tokens: &TokenServer) -> StoreDown {
+        let token_url = &tokens.url;
+        // A cluster of its own: stopping a shared one would break the
+        // other tests of this process.
+        let cluster = support::pg::Cluster::start_new();
+        let db = cluster.new_database();
+        let timeout = Duration::from_secs(2);
+        let sk = InProcess::start(
+            Options::with_providers(&format!(
+                "[providers.custom]\nbase_url = \"{upstream}\"\ntoken_url = \"{token_url}\"\n\
+                 authorize_url = \"{upstream}/authorize\"\nclient_id = \"test-client\"\n\
+                 client_secret = \"test-client-secret\"\n"
+            ))
+            .server(&format!("upstream_timeout_secs = {}", timeout.as_secs()))
+            .store(&format!(
+                "backend = \"postgres\"\npostgres_url = \"{}\"",
+                cluster.url(&db)
+            )),
+        )
+        .await;
+        sk.put_credential("alice", "custom", json!({"access_token": "at-pg"}))
+            .await;
+        let token = sk.token("alice", &["custom"]).await;
+        let r = sk
+            .proxy(Method::GET, "/v1/proxy/custom/ok/x", &token, "")
+            .await;
+        assert_eq!(r.status, 200, "with the database up: {}", r.text());
+        let r = sk
+            .admin(Method::POST, "/v1/users/alice/connect", Some(json!({})))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let path = path_of(r.json()["connect_url"].as_str().unwrap());
+        let r = sk.agent(Method::GET, &path, &[], "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let link = (path, cookie_of(&r), csrf_of(&r.text()));
+        let r = sk
+            .admin(
+                Method::POST,
+                "/v1/users/olga/oauth/custom/start",
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
+        let code = "code-pg";
+        tokens.register_code(code, &challenge, &redirect_uri);
+        let r = sk
+            .agent(
+                Method::GET,
+                &path_of(v["connect_url"].as_str().unwrap()),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        let flow = (v["state"].as_str().unwrap().to_owned(), cookie_of(&r), code);
+        cluster.ctl("stop");
+        StoreDown {
+            sk,
+            token,
+            link,
+            flow,
+            timeout,
+            cluster,
+        }
+    }
+
+    /// Runs a request against the stopped store; the answer must come
+    /// within `upstream_timeout_secs`.
+    /// The flow's callback, as the browser that holds its binding.
+    async fn callback(&self) -> Resp {
+        let (state, cookie, code) = &self.flow;
+        let cookie = format!("__Host-sidekey-connect={cookie}");
+        let p = format!("/oauth/custom/callback?code={code}&state={state}");
+        self.sk
+            .agent(Method::GET, &p, &[("cookie", &cookie)], "")
+            .await
+    }
+
+    async fn timed(&self, what: &str, req: impl std::future::Future<Output = Resp>) -> Resp {
+        let started = Instant::now();
+        let r = req.await;
+        let took = started.elapsed();
+        assert!(
+            took < self.timeout,
+            "{what} with the store down took {took:?}, over upstream_timeout_secs"
+        );
+        r
+    }
+}
+
+/// A form POST from the page, as a browser with (or without) the cookie.
+async fn form(sk: &InProcess, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
+    let body: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form)
+        .finish();
+    let cookie = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+    let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
+    if let Some(c) = &cookie {
+        h.push(("cookie", c.as_str()));
+    }
+    sk.agent(Method::POST, path, &h, body).await
+}
+
+/// The path of an absolute URL sidekey answered (`connect_url`).
+fn path_of(url: &str) -> String {
+    url::Url::parse(url).unwrap().path().to_owned()
+}
+
+/// The binding cookie's value from a Set-Cookie.
+fn cookie_of(r: &Resp) -> String {
+    let sc = r
+        .headers
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("no cookie: {} {}", r.status, r.text()));
+    let (kv, _) = sc.split_once(';').unwrap_or((sc, ""));
+    kv.strip_prefix("__Host-sidekey-connect=")
+        .unwrap_or_else(|| panic!("not the binding cookie: {sc}"))
+        .to_owned()
+}
+
+/// The CSRF token in the page's forms.
+fn csrf_of(html: &str) -> String {
+    let at = html.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
+    html[at..at + html[at..].find('"').unwrap()].to_owned()
+}
+
+/// A well-formed ticket no link has.
+const NO_SUCH_TICKET: &str = "QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ";
 
 impl Ctx {
     async fn token(&self, providers: &[&str]) -> String {
@@ -146,6 +303,75 @@ impl Ctx {
             body.to_string()
         };
         self.admin_raw(method, path, true, &b).await
+    }
+
+    /// A connect link for `conny`: the page's path (`/connect/<ticket>`).
+    async fn link(&self, body: Value) -> String {
+        let r = self
+            .admin(Method::POST, "/v1/users/conny/connect", body)
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        path_of(r.json()["connect_url"].as_str().unwrap())
+    }
+
+    /// A link for `custom` opened by a new browser: (path, cookie, csrf).
+    async fn opened_link(&self) -> (String, String, String) {
+        let path = self.link(json!({"providers": ["custom"]})).await;
+        let r = self.agent(Method::GET, &path, &[], "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let cookie = cookie_of(&r);
+        (path, cookie, csrf_of(&r.text()))
+    }
+
+    /// A link of `ttl_secs = 60`, then the clock moved past its expiry.
+    async fn expired_link(&self) -> String {
+        let path = self
+            .link(json!({"providers": ["custom"], "ttl_secs": 60}))
+            .await;
+        self.sk.clock.advance(61);
+        path
+    }
+
+    async fn form(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
+        self::form(&self.sk, path, cookie, form).await
+    }
+
+    /// Admin `oauth/start` for alice and `custom`, with the code `code`
+    /// registered at the token endpoint: (state, connect_url's path).
+    async fn start_flow(&self, return_to: Option<&str>, code: &str) -> (String, String) {
+        let body = match return_to {
+            Some(rt) => json!({"return_to": rt}),
+            None => json!({}),
+        };
+        let r = self
+            .admin(Method::POST, "/v1/users/alice/oauth/custom/start", body)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
+        self.tokens.register_code(code, &challenge, &redirect_uri);
+        (
+            v["state"].as_str().unwrap().to_owned(),
+            path_of(v["connect_url"].as_str().unwrap()),
+        )
+    }
+
+    /// `start_flow` whose connect_url this browser opened: (state, cookie).
+    async fn bound_flow(&self, return_to: Option<&str>, code: &str) -> (String, String) {
+        let (state, path) = self.start_flow(return_to, code).await;
+        let r = self.agent(Method::GET, &path, &[], "").await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        (state, cookie_of(&r))
+    }
+
+    async fn callback(&self, code: &str, state: &str, cookie: Option<&str>) -> Resp {
+        let cookie = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
+        let mut h = vec![];
+        if let Some(c) = &cookie {
+            h.push(("cookie", c.as_str()));
+        }
+        let path = format!("/oauth/custom/callback?code={code}&state={state}");
+        self.agent(Method::GET, &path, &h, "").await
     }
 
     /// A proxied call with a fresh session for `custom` (and `other` when asked).
@@ -268,6 +494,28 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         ("/v1/users/{user}/oauth/{provider}/start", "POST", 503) => {
             c.admin(m, "/v1/users/alice/oauth/noclient/start", json!({})).await
         }
+        ("/v1/users/{user}/connect", "POST", 201) => {
+            c.admin(
+                m,
+                "/v1/users/conny/connect",
+                json!({"providers": ["custom"], "return_to": "https://app.example/settings", "ttl_secs": 600, "user_label": "Conny at Acme"}),
+            )
+            .await
+        }
+        ("/v1/users/{user}/connect", "POST", 400) => {
+            // `plain` has no authorize_url: it cannot be connected.
+            c.admin(m, "/v1/users/conny/connect", json!({"providers": ["plain"]}))
+                .await
+        }
+        ("/v1/users/{user}/connect", "POST", 503) => {
+            let pg = &c.pg;
+            pg.timed(path, pg.sk.admin(m, "/v1/users/alice/connect", Some(json!({}))))
+                .await
+        }
+        ("/v1/users/{user}/connect", "POST", 404) => {
+            c.admin(m, "/v1/users/conny/connect", json!({"providers": ["dropbox"]}))
+                .await
+        }
         ("/v1/sessions", "POST", 201) => {
             c.admin(m, "/v1/sessions", json!({"user": "alice", "providers": ["custom"], "ttl_secs": 60}))
                 .await
@@ -297,6 +545,18 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         }
         ("/v1/audit", "GET", 200) => c.admin(m, "/v1/audit?limit=5", Value::Null).await,
         ("/v1/audit", "GET", 400) => c.admin(m, "/v1/audit?limit=0", Value::Null).await,
+        ("/v1/admin/backup", "POST", 200) if c.on_postgres => {
+            // It copies sled stores (PostgreSQL has pg_dump, and answers
+            // 400 here): a sled instance of its own.
+            let sled = InProcess::start(
+                Options::with_providers("[providers.custom]\nbase_url = \"http://127.0.0.1:1\"\n")
+                    .store("backend = \"sled\""),
+            )
+            .await;
+            let out = sled.dir.path().join("backup-openapi");
+            sled.admin(m, "/v1/admin/backup", Some(json!({"out": out.to_string_lossy()})))
+                .await
+        }
         ("/v1/admin/backup", "POST", 200) => {
             let out = c.sk.dir.path().join("backup-openapi");
             c.admin(m, "/v1/admin/backup", json!({"out": out.to_string_lossy()}))
@@ -346,6 +606,12 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
                 .await;
             let t = c.token(&["dead"]).await;
             c.agent(m, "/v1/proxy/dead/ok/x", &[("x-sidekey-session", &t)], "")
+                .await
+        }
+        ("/v1/proxy/{provider}/{path}", _, 503) => {
+            let pg = &c.pg;
+            let h = [("x-sidekey-session", pg.token.as_str())];
+            pg.timed(path, pg.sk.agent(m, "/v1/proxy/custom/ok/x", &h, ""))
                 .await
         }
         ("/v1/proxy/{provider}/{path}", _, 504) => {
@@ -420,19 +686,107 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             c.agent(m, "/v1/elevenlabs/post-call", &[("elevenlabs-signature", "t=1,v0=00")], "{}")
                 .await
         }
+        ("/oauth/{provider}/callback", "GET", 200) => {
+            let (state, cookie) = c.bound_flow(None, "code-oa-200").await;
+            c.callback("code-oa-200", &state, Some(&cookie)).await
+        }
         ("/oauth/{provider}/callback", "GET", 303) => {
-            let r = c
-                .admin(Method::POST, "/v1/users/alice/oauth/custom/start", json!({"return_to": "https://app.example/settings"}))
+            let (state, cookie) = c
+                .bound_flow(Some("https://app.example/settings"), "code-oa-303")
                 .await;
-            let v = r.json();
-            let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
-            c.tokens.register_code("code-openapi", &challenge, &redirect_uri);
-            let state = v["state"].as_str().unwrap();
-            c.agent(m, &format!("/oauth/custom/callback?code=code-openapi&state={state}"), &[], "")
-                .await
+            c.callback("code-oa-303", &state, Some(&cookie)).await
         }
         ("/oauth/{provider}/callback", "GET", 400) => {
             c.agent(m, "/oauth/custom/callback?code=x&state=unknown", &[], "").await
+        }
+        ("/oauth/{provider}/callback", "GET", 403) => {
+            // `[oauth] bind_browser` defaults on: the bare authorize_url's
+            // callback, in a browser that never opened connect_url.
+            let (state, _) = c
+                .start_flow(Some("https://app.example/settings"), "code-oa-403")
+                .await;
+            c.callback("code-oa-403", &state, None).await
+        }
+        ("/oauth/{provider}/callback", "GET", 503) => {
+            let pg = &c.pg;
+            pg.timed(path, pg.callback()).await
+        }
+        ("/oauth/{provider}/callback", "GET", 502) => {
+            // A code the token endpoint never issued: the exchange is refused.
+            let (state, cookie) = c.bound_flow(None, "code-oa-502").await;
+            c.callback("code-oa-never-issued", &state, Some(&cookie)).await
+        }
+
+        // ----- the connect page
+        ("/connect/{ticket}", "GET", 200) => {
+            let path = c.link(json!({"providers": ["custom"]})).await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}", "GET", 303) => {
+            let (_, path) = c.start_flow(None, "code-oa-page-303").await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}", "GET", 403) => {
+            let (path, _, _) = c.opened_link().await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}", "GET", 404) => {
+            c.agent(m, &format!("/connect/{NO_SUCH_TICKET}"), &[], "")
+                .await
+        }
+        ("/connect/{ticket}", "GET", 503) => {
+            let pg = &c.pg;
+            let (p, cookie, _) = &pg.link;
+            let cookie = format!("__Host-sidekey-connect={cookie}");
+            pg.timed(path, pg.sk.agent(m, p, &[("cookie", &cookie)], ""))
+                .await
+        }
+        ("/connect/{ticket}", "GET", 410) => {
+            let path = c.expired_link().await;
+            c.agent(m, &path, &[], "").await
+        }
+        ("/connect/{ticket}/connect" | "/connect/{ticket}/disconnect", "POST", _) => {
+            let action = path.rsplit('/').next().unwrap();
+            match status {
+                303 => {
+                    c.admin(Method::PUT, "/v1/users/conny/credentials/custom", json!({"access_token": "at-openapi"}))
+                        .await;
+                    let (p, cookie, csrf) = c.opened_link().await;
+                    c.form(&format!("{p}/{action}"), Some(&cookie), &[("csrf", &csrf), ("provider", "custom")])
+                        .await
+                }
+                400 => {
+                    // `other` is configured, but not on this link.
+                    let (p, cookie, csrf) = c.opened_link().await;
+                    c.form(&format!("{p}/{action}"), Some(&cookie), &[("csrf", &csrf), ("provider", "other")])
+                        .await
+                }
+                403 => {
+                    let (p, cookie, _) = c.opened_link().await;
+                    c.form(&format!("{p}/{action}"), Some(&cookie), &[("csrf", "forged"), ("provider", "custom")])
+                        .await
+                }
+                404 => {
+                    c.form(&format!("/connect/{NO_SUCH_TICKET}/{action}"), None, &[("csrf", "x"), ("provider", "custom")])
+                        .await
+                }
+                503 => {
+                    let pg = &c.pg;
+                    let (p, cookie, csrf) = &pg.link;
+                    let p = format!("{p}/{action}");
+                    let f = [("csrf", csrf.as_str()), ("provider", "custom")];
+                    pg.timed(path, form(&pg.sk, &p, Some(cookie), &f)).await
+                }
+                410 => {
+                    let p = c.expired_link().await;
+                    c.form(&format!("{p}/{action}"), None, &[("csrf", "x"), ("provider", "custom")])
+                        .await
+                }
+                _ => return None,
+            }
+        }
+        ("/connect/assets/style.css", "GET", 200) => {
+            c.agent(m, "/connect/assets/style.css", &[], "").await
         }
         _ => return None,
     };
@@ -558,12 +912,18 @@ async fn openapi_matches_the_running_server() {
         u = up.url,
         t = tokens.url,
     );
-    let sk = InProcess::start(
-        Options::with_providers(&providers)
-            .server("max_body_bytes = 1024\nupstream_timeout_secs = 1"),
-    )
-    .await;
-    let c = Ctx { sk, up, tokens };
+    let opts = Options::with_providers(&providers)
+        .server("max_body_bytes = 1024\nupstream_timeout_secs = 1");
+    let on_postgres = opts.on_postgres();
+    let sk = InProcess::start(opts).await;
+    let pg = StoreDown::start(&up.url, &tokens).await;
+    let c = Ctx {
+        sk,
+        up,
+        tokens,
+        pg,
+        on_postgres,
+    };
     // The served description is the committed file.
     let r = c.admin(Method::GET, "/v1/openapi.json", Value::Null).await;
     assert_eq!(r.json(), doc);
@@ -619,6 +979,39 @@ async fn openapi_matches_the_running_server() {
                     })
                 };
                 assert_eq!(r.status.as_u16(), code, "{what}: {}", r.text());
+                for (name, h) in resp
+                    .get("headers")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    let h = resolve(&doc, h);
+                    match r.headers.get(name.as_str()) {
+                        None => assert!(
+                            !h["required"].as_bool().unwrap_or(false),
+                            "{what}: header {name} missing"
+                        ),
+                        Some(v) => {
+                            let v = json!(v.to_str().unwrap());
+                            if let Err(e) = validate(&doc, &h["schema"], &v, name) {
+                                panic!("{what}: {e}");
+                            }
+                        }
+                    }
+                }
+                for name in resp
+                    .get("x-sidekey-absent-headers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let name = name.as_str().unwrap();
+                    assert!(
+                        r.headers.get(name).is_none(),
+                        "{what}: {name} must be absent: {:?}",
+                        r.headers.get(name)
+                    );
+                }
                 if let Some(codes) = resp.get("x-sidekey-codes").and_then(Value::as_array) {
                     let got = r.error_code();
                     assert!(
@@ -652,6 +1045,28 @@ async fn openapi_matches_the_running_server() {
         }
     }
     eprintln!("checked {checked} path/method/status combinations; pending: {pending:#?}");
+
+    // The 503 callback page says the state was not consumed: once the
+    // database is back, the same callback completes.
+    c.pg.cluster.ctl("start");
+    let started = Instant::now();
+    loop {
+        let r = c.pg.callback().await;
+        if r.status != 503 {
+            assert_eq!(r.status, 200, "after the outage: {}", r.text());
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "store never back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r =
+        c.pg.sk
+            .admin(Method::GET, "/v1/users/olga/credentials/custom", None)
+            .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(checked > 80, "only {checked} checked");
     assert!(c.up.count() > 0);
 }

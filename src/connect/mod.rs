@@ -33,7 +33,7 @@ use crate::app::App;
 use crate::body::{self, Body, html_escape};
 use crate::error::ApiError;
 use crate::oauth::random_b64;
-use crate::store::{AuditRecord, ConnectTicket, OAuthState, Owner, TicketClaim};
+use crate::store::{AuditRecord, ConnectTicket, OAuthState, Owner, StoreError, TicketClaim};
 
 pub use page::CSS_PATH;
 
@@ -731,7 +731,10 @@ fn method_not_allowed(app: &App) -> Response<Body> {
     r
 }
 
-fn internal(app: &App, e: impl std::fmt::Display) -> Response<Body> {
+fn internal(app: &App, e: StoreError) -> Response<Body> {
+    if e.is_unavailable() {
+        return store_unavailable(app);
+    }
     tracing::error!(error = %e, "connect page: store error");
     message(
         app,
@@ -739,6 +742,25 @@ fn internal(app: &App, e: impl std::fmt::Display) -> Response<Body> {
         "Something went wrong",
         "sidekey could not read or save this link just now. Please try again.",
     )
+}
+
+/// The page's form of `503 store_unavailable` (contract section 5): the
+/// Postgres store is out of reach for now, which a retry may fix; a 500
+/// would say sidekey itself is broken. The header lets the
+/// `sidekey_store_unavailable_total` counter see it like any other.
+pub fn store_unavailable(app: &App) -> Response<Body> {
+    tracing::warn!("connect page: the store is unavailable");
+    let mut resp = message(
+        app,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Please try again in a moment",
+        "sidekey cannot reach its credential store just now. Go back and try again in a moment.",
+    );
+    resp.headers_mut().insert(
+        "x-sidekey-error",
+        HeaderValue::from_static("store_unavailable"),
+    );
+    resp
 }
 
 fn stylesheet(app: &App) -> Response<Body> {
