@@ -288,14 +288,13 @@ async fn a_replica_killed_mid_refresh_is_taken_over_after_its_lease() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.last().bearer().as_deref(), Some("at-1-test-client"));
     println!("takeover after kill -9: {takeover:?} (lease 7 s)");
+    // A dead holder's connections close with it: B takes over at once
+    // instead of waiting out the 7 s lease.
     assert!(
-        takeover < Duration::from_millis(7_000 + 2_000),
-        "B completed {takeover:?} after A claimed; the bound is the 7 s lease"
+        takeover < Duration::from_secs(3),
+        "B completed {takeover:?} after A claimed"
     );
-    assert!(
-        takeover >= Duration::from_millis(5_000),
-        "B must wait for A's claim to lapse, not refresh beside it ({takeover:?})"
-    );
+    assert_eq!(tok.calls(), 2, "A's hung call and B's; no third");
 }
 
 #[tokio::test]
@@ -322,7 +321,7 @@ async fn revocation_on_one_replica_is_refused_by_all_within_250ms() {
                 &db,
                 &format!(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE application_name = 'sidekey listener {pid}'"
+                     WHERE application_name LIKE 'sidekey listener {pid}-%'"
                 ),
             );
             assert_eq!(killed, "1", "B's listener connection was found and cut");

@@ -11,7 +11,9 @@
 //!   evicts cache entries on those notifications (outside the pool: LISTEN
 //!   does not survive PgBouncer's transaction mode);
 //! - refresh claims (owner, fencing counter, lease expiry on the database
-//!   clock) and shared back-off in `sidekey_claims`;
+//!   clock) and shared back-off in `sidekey_claims`; a claim whose owner's
+//!   LISTEN connection is gone (the process died) is taken over at once,
+//!   one whose owner is unreachable but connected when its lease lapses;
 //! - every call bounded by a timeout, and every failure to reach the
 //!   database reported as [`StoreError::Unavailable`].
 
@@ -317,7 +319,7 @@ impl PgBackend {
             std::process::id(),
             id.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
-        let listener = tokio::spawn(listen_forever(target, caches.clone()));
+        let listener = tokio::spawn(listen_forever(target, caches.clone(), owner.clone()));
         // Ready means hearing other replicas' writes: give the listener its
         // first connection before start-up goes on (it keeps retrying
         // after that, and /readyz says 503 until it is up).
@@ -655,7 +657,7 @@ impl PgBackend {
                      WHERE datname = current_database() \
                        AND application_name LIKE 'sidekey listener %' \
                        AND application_name <> $1",
-                    &[&format!("sidekey listener {}", std::process::id())],
+                    &[&listener_name(&self.owner)],
                 )
                 .await
                 .map_err(pg)?;
@@ -737,7 +739,9 @@ impl PgBackend {
                      VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
                      ON CONFLICT (k) DO UPDATE SET owner = EXCLUDED.owner, fence = c.fence + 1, \
                        lease_until = EXCLUDED.lease_until \
-                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp()) \
+                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp() \
+                            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
+                                           WHERE a.application_name = 'sidekey listener ' || c.owner)) \
                        AND (c.backoff_until_ms IS NULL OR c.backoff_until_ms <= $4) \
                      RETURNING fence",
                 )
@@ -826,6 +830,11 @@ impl PgBackend {
     }
 }
 
+/// The application name of a process's LISTEN connection.
+fn listener_name(owner: &str) -> String {
+    format!("sidekey listener {owner}")
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(connect_error(&e))
 }
@@ -904,10 +913,10 @@ async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), String> {
 /// Holds one LISTEN connection for the life of the process. While it is
 /// down the caches are bypassed (`live` false); after every (re)connect
 /// they are cleared, since notifications may have been missed.
-async fn listen_forever(target: Target, caches: Arc<Caches>) {
+async fn listen_forever(target: Target, caches: Arc<Caches>, owner: String) {
     let mut delay = Duration::from_millis(50);
     loop {
-        match listen_once(&target, &caches).await {
+        match listen_once(&target, &caches, &owner).await {
             Ok(()) => delay = Duration::from_millis(50),
             Err(e) => {
                 tracing::warn!(error = %e, "PostgreSQL change listener down; caches bypassed until it reconnects");
@@ -919,12 +928,15 @@ async fn listen_forever(target: Target, caches: Arc<Caches>) {
     }
 }
 
-async fn listen_once(target: &Target, caches: &Arc<Caches>) -> Result<(), String> {
+async fn listen_once(target: &Target, caches: &Arc<Caches>, owner: &str) -> Result<(), String> {
     use futures_util::StreamExt;
-    // Named so an operator (or a test) can find this process's listener in
-    // pg_stat_activity.
+    // Named after this process's claim owner: while this connection lives,
+    // the process does, and its refresh claims hold; when the process dies
+    // PostgreSQL drops the connection and other replicas may take over at
+    // once instead of waiting out the lease. Operators (and tests) find it
+    // in pg_stat_activity.
     let mut config = target.config.clone();
-    config.application_name(format!("sidekey listener {}", std::process::id()));
+    config.application_name(listener_name(owner));
     let (client, mut conn) = config
         .connect(target.tls.clone())
         .await
