@@ -180,7 +180,7 @@ pub async fn metrics(app: &Arc<App>) -> Response<Body> {
     let text = app.metrics.render(
         app.store.session_count().await,
         app.store.credential_count().await,
-        app.store.size_on_disk(),
+        app.store.size_on_disk().await,
     );
     body::text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text)
 }

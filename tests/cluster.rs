@@ -737,6 +737,16 @@ async fn rotate_key_on_postgres_refuses_while_replicas_serve_then_reseals() {
         )
     };
 
+    // backup is sled's: on PostgreSQL it points at pg_dump.
+    let (code, _, err) = run_cli(
+        &dir,
+        &["backup", "--config", "config.toml", "--out", "b"],
+        &[],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("pg_dump"), "{err}");
+
     // Replicas serving: refused, nothing changed.
     let (code, out, err) = rotate(&dir);
     assert_eq!(code, 2, "{out}{err}");

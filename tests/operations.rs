@@ -153,9 +153,11 @@ fn store_dir(sk: &Sidekey) -> PathBuf {
 #[tokio::test]
 async fn rotate_key_reencrypts_and_the_old_key_no_longer_opens_the_store() {
     let up = Upstream::start().await;
-    let mut sk = Sidekey::start(Options::with_providers(&provider_toml(
-        "custom", &up.url, "",
-    )))
+    let mut sk = Sidekey::start(
+        // sled files are compared and copied byte for byte (the PostgreSQL
+        // side of these commands is in tests/cluster.rs).
+        Options::with_providers(&provider_toml("custom", &up.url, "")).store("backend = \"sled\""),
+    )
     .await;
     let users = ["alice", "bob", "carol"];
     for u in users {
@@ -317,9 +319,11 @@ fn key_id(file: &Path) -> String {
 #[tokio::test]
 async fn previous_master_keys_open_old_records_and_reseal_them() {
     let up = Upstream::start().await;
-    let mut sk = Sidekey::start(Options::with_providers(&provider_toml(
-        "custom", &up.url, "",
-    )))
+    let mut sk = Sidekey::start(
+        // sled files are compared and copied byte for byte (the PostgreSQL
+        // side of these commands is in tests/cluster.rs).
+        Options::with_providers(&provider_toml("custom", &up.url, "")).store("backend = \"sled\""),
+    )
     .await;
     for u in ["alice", "bob"] {
         sk.put_credential(
@@ -491,9 +495,11 @@ fn config_naming_admin(sk: &Sidekey) -> String {
 #[tokio::test]
 async fn backups_online_and_offline_are_encrypted_and_serve_the_same_credentials() {
     let up = Upstream::start().await;
-    let mut sk = Sidekey::start(Options::with_providers(&provider_toml(
-        "custom", &up.url, "",
-    )))
+    let mut sk = Sidekey::start(
+        // sled files are compared and copied byte for byte (the PostgreSQL
+        // side of these commands is in tests/cluster.rs).
+        Options::with_providers(&provider_toml("custom", &up.url, "")).store("backend = \"sled\""),
+    )
     .await;
     let users = ["alice", "bob", "carol", "dave"];
     let mut secrets = Vec::new();

@@ -687,10 +687,12 @@ impl Store {
         }
     }
 
-    pub fn size_on_disk(&self) -> u64 {
+    /// Bytes the store takes: sled's files, or the PostgreSQL table with
+    /// its indexes and TOAST.
+    pub async fn size_on_disk(&self) -> u64 {
         match &self.backend {
             Backend::Sled(b) => b.size_on_disk(),
-            Backend::Postgres(_) => 0,
+            Backend::Postgres(b) => b.size().await.unwrap_or(0),
         }
     }
 
@@ -1330,17 +1332,53 @@ impl Store {
                 };
                 b.append_audit(batches, max_records, &trim).await
             }
-            Backend::Postgres(b) => b.append_audit(batches).await,
+            Backend::Postgres(b) => {
+                b.append_audit(batches).await?;
+                self.trim_audit(max_records).await.map(|_| ())
+            }
         }
     }
 
-    /// Trims the audit log to about `max_records` (PostgreSQL; sled trims
-    /// on append).
+    /// Trims the audit log to `max_records`, oldest first, exactly as sled
+    /// does on append: whole batches, then the kept part of the batch that
+    /// straddles the limit, re-sealed. (sled trims on append already.)
+    /// Each removal is a compare-and-swap, so replicas trimming at once do
+    /// not remove a batch twice. Returns records removed.
     pub async fn trim_audit(&self, max_records: usize) -> Result<u64, StoreError> {
-        match &self.backend {
-            Backend::Sled(_) => Ok(0),
-            Backend::Postgres(b) => b.trim_audit(max_records).await,
+        let Backend::Postgres(b) = &self.backend else {
+            return Ok(0);
+        };
+        let mut total = b.audit_total().await?;
+        let mut removed = 0u64;
+        while total > max_records {
+            let Some((k, v)) = b.page(Tree::Audit, None, 1).await?.into_iter().next() else {
+                break;
+            };
+            let n = audit_key_count(&k);
+            let excess = total - max_records;
+            if !b.cas(Tree::Audit, &k, Some(&v), None).await? {
+                total = b.audit_total().await?;
+                continue;
+            }
+            if n <= excess {
+                total -= n;
+                removed += n as u64;
+                continue;
+            }
+            let (batch, _) = self
+                .decode::<Vec<AuditRecord>>(Tree::Audit, &k, &v)
+                .unwrap_or_default();
+            let kept = &batch[excess.min(batch.len())..];
+            if !kept.is_empty() {
+                let id = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]));
+                let key = Store::audit_key(id, kept.len());
+                b.put(Tree::Audit, &key, &self.seal_json(Tree::Audit, &key, &kept))
+                    .await?;
+            }
+            total -= n - kept.len();
+            removed += (n - kept.len()) as u64;
         }
+        Ok(removed)
     }
 
     /// Newest first, optionally only one user's, at most `limit`.

@@ -687,8 +687,7 @@ impl PgBackend {
         Ok(())
     }
 
-    /// Appends sealed audit batches; trimming is done by the cluster-wide
-    /// GC ([`trim_audit`]), not per append.
+    /// Appends sealed audit batches (the store front trims after).
     pub async fn append_audit(
         &self,
         batches: Vec<(Vec<u8>, Vec<u8>, usize)>,
@@ -700,24 +699,38 @@ impl PgBackend {
         self.batch(ops).await
     }
 
-    /// Keeps the newest batches that hold at most `max_records` records.
-    pub async fn trim_audit(&self, max_records: usize) -> Result<u64, StoreError> {
+    /// Records in the audit log (from the batch keys' counts).
+    pub async fn audit_total(&self) -> Result<usize, StoreError> {
         self.timed(async {
             let c = conn!(self);
             // Batch keys end in a 2-byte record count (see `audit_key`).
-            let n = c
-                .execute(
-                    "DELETE FROM sidekey_kv WHERE ns = $1 AND k IN (\
-                       SELECT k FROM (\
-                         SELECT k, sum(get_byte(k, 8) * 256 + get_byte(k, 9)) \
-                           OVER (ORDER BY k DESC) AS upto \
-                         FROM sidekey_kv WHERE ns = $1 AND length(k) = 10) s \
-                       WHERE upto > $2)",
-                    &[&Tree::Audit.ns(), &(max_records as i64)],
+            let st = c
+                .prepare_cached(
+                    "SELECT coalesce(sum(get_byte(k, 8) * 256 + get_byte(k, 9)), 0)::bigint \
+                     FROM sidekey_kv WHERE ns = $1 AND length(k) = 10",
                 )
                 .await
                 .map_err(pg)?;
-            Ok(n)
+            let n: i64 = c
+                .query_one(&st, &[&Tree::Audit.ns()])
+                .await
+                .map_err(pg)?
+                .get(0);
+            Ok(n.max(0) as usize)
+        })
+        .await
+    }
+
+    /// Bytes of the store table, its indexes and TOAST.
+    pub async fn size(&self) -> Result<u64, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let n: i64 = c
+                .query_one("SELECT pg_total_relation_size('sidekey_kv')", &[])
+                .await
+                .map_err(pg)?
+                .get(0);
+            Ok(n.max(0) as u64)
         })
         .await
     }
