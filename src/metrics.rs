@@ -54,6 +54,11 @@ struct WebhookLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 type LatencyFamily = Family<ProviderLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -72,6 +77,7 @@ pub struct Metrics {
     credentials: Gauge,
     store_bytes: Gauge,
     connections: Gauge,
+    connections_refused: Family<ReasonLabels, Counter>,
     none: Label,
 }
 
@@ -145,8 +151,15 @@ impl Metrics {
             "Open client connections on both listeners",
             connections.clone(),
         );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Agent connections closed at accept (pending_per_ip: the address already holds [server] max_pending_per_ip connections that sent no accepted request)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
+            connections_refused,
             requests,
             upstream_latency,
             refresh,
@@ -216,6 +229,12 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections.dec();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Renders the text exposition, after sampling the store gauges.
