@@ -138,6 +138,9 @@ struct Shared {
     /// `true` once shutting down; every live connection holds a receiver,
     /// so `closed()` on the sender is "all connections are gone".
     drain: tokio::sync::watch::Sender<bool>,
+    /// `true` when the grace period is over (or `run` was dropped): agent
+    /// worker threads stop, dropping what connections they still have.
+    abort: tokio::sync::watch::Sender<bool>,
     /// A connection with no request in flight for this long is closed
     /// (HTTP/2: GOAWAY; HTTP/1.1: hyper's header read timeout does the same).
     idle: Duration,
@@ -174,7 +177,9 @@ pub async fn run(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let (drain, _) = tokio::sync::watch::channel(false);
+    let (abort, _) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
+        abort,
         builder,
         tls: tls.map(Tls::new),
         draining: Arc::new(AtomicBool::new(false)),
@@ -188,49 +193,59 @@ pub async fn run(
     let agent_slots = Arc::new(Semaphore::new(cfg.max_connections));
     let admin_slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     let metrics_slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    // Workers stop when this is dropped, also when `run` itself is dropped
+    // (an in-process server whose runtime ends).
+    let _abort_on_drop = AbortOnDrop(shared.clone());
+
+    let Listeners {
+        agent,
+        admin,
+        metrics,
+    } = listeners;
+    let mut agent = Some(agent);
+    let mut workers = Vec::new();
+    let threads = agent_threads();
+    if threads > 0 {
+        if let Some(l) = agent.take() {
+            match l.into_std() {
+                Ok(l) => {
+                    for i in 0..threads {
+                        match l.try_clone() {
+                            Ok(l) => workers.push(spawn_worker(i, &shared, l, &agent_slots)),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot share the agent listener")
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot hand the agent listener to workers"),
+            }
+        }
+    }
 
     tokio::pin!(shutdown);
     loop {
         let (stream, peer, role, permit) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            r = accept(&listeners.agent, &agent_slots) => match r {
+            r = accept_optional(agent.as_ref(), &agent_slots) => match r {
                 Some((s, p, permit)) => (s, p, Role::Agent, permit),
                 None => continue,
             },
-            r = accept(&listeners.admin, &admin_slots) => match r {
+            r = accept(&admin, &admin_slots) => match r {
                 Some((s, p, permit)) => (s, p, Role::Admin, permit),
                 None => continue,
             },
-            r = accept_optional(listeners.metrics.as_ref(), &metrics_slots) => match r {
+            r = accept_optional(metrics.as_ref(), &metrics_slots) => match r {
                 Some((s, p, permit)) => (s, p, Role::Metrics, permit),
                 None => continue,
             },
         };
-        let ticket = if role == Role::Agent {
-            match shared.pending.admit(peer.ip()) {
-                Some(t) => Some(t),
-                None => {
-                    app.metrics.connection_refused("pending_per_ip");
-                    tracing::debug!(%peer, "too many pending connections from this address; closed");
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            shared.app.metrics.connection_opened();
-            let drain = shared.drain.subscribe();
-            serve_stream(&shared, stream, peer, role, ticket, drain).await;
-            shared.app.metrics.connection_closed();
-        });
+        spawn_connection(&shared, stream, peer, role, permit, None);
     }
+    drop((agent, admin, metrics));
 
     shared.draining.store(true, Ordering::SeqCst);
-    drop(listeners);
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     tracing::info!(
         in_flight_connections = shared.drain.receiver_count(),
@@ -244,11 +259,138 @@ pub async fn run(
     {
         tracing::warn!("grace period over; closing remaining connections");
     }
+    shared.abort.send_replace(true);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+    }
     app.audit.sync().await;
     match app.store.flush().await {
         Ok(()) => tracing::info!("store flushed; bye"),
         Err(e) => tracing::error!(error = %e, "final store flush failed"),
     }
+}
+
+struct AbortOnDrop(Arc<Shared>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort.send_replace(true);
+    }
+}
+
+/// Threads serving the agent listener, one current-thread runtime each:
+/// `SIDEKEY_AGENT_THREADS`, by default one per core; `0` serves it on the
+/// caller's runtime instead.
+fn agent_threads() -> usize {
+    match std::env::var("SIDEKEY_AGENT_THREADS") {
+        Ok(v) => v.trim().parse().unwrap_or(0),
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// One agent worker: its own current-thread runtime accepting on a shared
+/// copy of the listening socket, and its own upstream connection pool, so
+/// a request is read, forwarded, answered and audited on one thread with
+/// no hand-off between threads (nginx's worker model). Sessions, caches,
+/// the store, audit and metrics stay shared. Background work (audit
+/// writer, GC, store flushes, database connections) stays on the caller's
+/// runtime. Ends after the drain when its connections have, or at abort.
+fn spawn_worker(
+    i: usize,
+    sh: &Arc<Shared>,
+    listener: std::net::TcpListener,
+    slots: &Arc<Semaphore>,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let sh = sh.clone();
+    let slots = slots.clone();
+    let mut drain = sh.drain.subscribe();
+    let mut abort = sh.abort.subscribe();
+    let run = move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an agent worker runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            crate::client::set_thread_client(&sh.app.config.server);
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent worker cannot listen");
+                    return;
+                }
+            };
+            // Each connection holds a sender; all gone = this worker is idle.
+            let (held, mut idle) = tokio::sync::mpsc::channel::<()>(1);
+            if !*drain.borrow_and_update() {
+                loop {
+                    tokio::select! {
+                        _ = drain.changed() => break,
+                        _ = abort.changed() => break,
+                        r = accept(&listener, &slots) => {
+                            if let Some((s, p, permit)) = r {
+                                spawn_connection(&sh, s, p, Role::Agent, permit, Some(held.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+            drop((listener, held, drain));
+            if !*abort.borrow_and_update() {
+                tokio::select! {
+                    _ = idle.recv() => {}
+                    _ = abort.changed() => {}
+                }
+            }
+        });
+        let _ = done_tx.send(());
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name(format!("sidekey-agent-{i}"))
+        .spawn(run)
+    {
+        tracing::error!(error = %e, "cannot start an agent worker thread");
+    }
+    done_rx
+}
+
+/// Admits (per-IP pending limit) and serves one accepted connection on the
+/// current runtime.
+fn spawn_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    held: Option<tokio::sync::mpsc::Sender<()>>,
+) {
+    let ticket = if role == Role::Agent {
+        match shared.pending.admit(peer.ip()) {
+            Some(t) => Some(t),
+            None => {
+                shared.app.metrics.connection_refused("pending_per_ip");
+                tracing::debug!(%peer, "too many pending connections from this address; closed");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let shared = shared.clone();
+    let drain = shared.drain.subscribe();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _held = held;
+        shared.app.metrics.connection_opened();
+        serve_stream(&shared, stream, peer, role, ticket, drain).await;
+        shared.app.metrics.connection_closed();
+    });
 }
 
 /// One accepted connection: protocol checks, TLS, then HTTP until it ends.

@@ -535,3 +535,46 @@ async fn sigterm_exits_promptly_with_an_http2_client_that_never_answers() {
     assert!(took < Duration::from_secs(2), "exit took {took:?}");
     drop(tls);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 11: the serving model
+
+#[tokio::test]
+async fn both_serving_models_proxy_h1_and_h2_and_stop_cleanly() {
+    let up = Upstream::start().await;
+    // One worker thread per core (the default), and everything on the main
+    // runtime (SIDEKEY_AGENT_THREADS=0).
+    for threads in [None, Some("0"), Some("3")] {
+        let mut opts = Options::with_providers(&provider_toml("bearer", &up.url, ""));
+        if let Some(t) = threads {
+            opts = opts.env("SIDEKEY_AGENT_THREADS", t);
+        }
+        let mut sk = Sidekey::start(opts).await;
+        sk.put_credential("cy", "bearer", json!({"access_token": "tok-model-cy"}))
+            .await;
+        let tok = sk.token("cy", &["bearer"]).await;
+        let ca = ca(sk.path());
+        for h2 in [false, true] {
+            let c = support::client_trusting(&ca, h2);
+            for i in 0..20 {
+                let r = support::send(
+                    &c,
+                    Method::GET,
+                    &sk.agent_url(&format!("/v1/proxy/bearer/m/{i}")),
+                    &[("x-sidekey-session", &tok)],
+                    "",
+                )
+                .await;
+                assert_eq!(r.status, 200, "{threads:?} h2={h2}: {}", r.text());
+            }
+        }
+        assert_eq!(
+            up.last().bearer().as_deref(),
+            Some("tok-model-cy"),
+            "{threads:?}"
+        );
+        let t = Instant::now();
+        assert_eq!(sk.stop(), Some(0), "{threads:?}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{threads:?}");
+    }
+}
