@@ -502,7 +502,7 @@ async fn serve_http<I>(
         let draining = draining.clone();
         let st = st.clone();
         async move {
-            st.request_started();
+            let guard = InFlight::start(&st);
             let health = matches!(req.uri().path(), "/healthz" | "/readyz");
             let has_body = !http_body::Body::is_end_stream(req.body());
             let resp = std::panic::AssertUnwindSafe(route(&app, role, req, &draining))
@@ -515,7 +515,7 @@ async fn serve_http<I>(
             st.answered(&resp, health, has_body);
             Ok::<_, Infallible>(resp.map(|b| Tracked {
                 inner: b,
-                state: st,
+                _in_flight: guard,
             }))
         }
     });
@@ -736,10 +736,6 @@ impl ConnState {
         }
     }
 
-    fn request_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
     fn request_ended(&self) {
         let ms = self.born.elapsed().as_millis() as u64;
         self.last_active_ms.store(ms, Ordering::Relaxed);
@@ -779,18 +775,31 @@ impl ConnState {
     }
 }
 
+/// One request in flight on a connection, from the moment the service is
+/// called until its answer's body is dropped, or until the handler is
+/// dropped (an HTTP/2 stream reset mid-request): either way it ends, or the
+/// connection would never count as idle again.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: &Arc<ConnState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
 pin_project_lite::pin_project! {
     /// An answer's body that tells its connection when it is done.
     struct Tracked {
         #[pin]
         inner: Body,
-        state: Arc<ConnState>,
-    }
-
-    impl PinnedDrop for Tracked {
-        fn drop(this: Pin<&mut Self>) {
-            this.state.request_ended();
-        }
+        _in_flight: InFlight,
     }
 }
 

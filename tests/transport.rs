@@ -147,6 +147,52 @@ async fn an_http2_connection_without_streams_gets_goaway_after_the_idle_timeout(
 }
 
 #[tokio::test]
+async fn a_stream_reset_mid_request_does_not_keep_the_connection_busy() {
+    let h: Handler = Arc::new(|_r: &Recorded| {
+        Reply::Delay(
+            Duration::from_secs(20),
+            Box::new(Reply::Json(200, json!({"late": true}))),
+        )
+    });
+    let up = Upstream::start_with(h).await;
+    let sk = InProcess::start(
+        Options::with_providers(&provider_toml("slow", &up.url, ""))
+            .server("header_read_timeout_secs = 1\nupstream_timeout_secs = 30"),
+    )
+    .await;
+    sk.put_credential("di", "slow", json!({"access_token": "tok-slow-di"}))
+        .await;
+    let tok = sk.token("di", &["slow"]).await;
+    let tls = tls_connect(sk.agent_addr, &ca(sk.dir.path()), &[b"h2"])
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(sk.agent_url("/v1/proxy/slow/x"))
+        .header("x-sidekey-session", &tok)
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = client.send_request(req, true).unwrap();
+    // Wait until the request is upstream, then cancel it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(resp);
+    // The cancelled request must not count as in flight for ever: the idle
+    // connection is closed after the idle timeout, long before the upstream
+    // would have answered.
+    let ended = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(ended.is_ok(), "a reset stream kept the connection open");
+}
+
+#[tokio::test]
 async fn a_request_in_flight_longer_than_the_idle_timeout_is_not_cut() {
     let h: Handler = Arc::new(|_r: &Recorded| {
         Reply::Delay(
