@@ -56,6 +56,35 @@ pub fn build(connect_timeout: Duration, extra_roots: Vec<CertificateDer<'static>
         .build(https)
 }
 
+thread_local! {
+    /// The upstream client of an agent worker thread (`server`): its pool's
+    /// connection tasks run on that thread's runtime, so a proxied request
+    /// never wakes another thread.
+    static THREAD_CLIENT: std::cell::RefCell<Option<HttpClient>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Gives the current thread its own client (and connection pool).
+pub fn set_thread_client(cfg: &crate::config::ServerConfig) {
+    let roots = match &cfg.upstream_ca_file {
+        Some(p) => crate::bootstrap::load_roots(p).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let c = build(Duration::from_secs(cfg.connect_timeout_secs), roots);
+    THREAD_CLIENT.with(|t| *t.borrow_mut() = Some(c));
+}
+
+/// Sends on this thread's client if it has one, else on the shared one
+/// (without cloning either: the future owns what it needs).
+pub fn request(
+    shared: &HttpClient,
+    req: http::Request<Full<Bytes>>,
+) -> hyper_util::client::legacy::ResponseFuture {
+    THREAD_CLIENT.with(|t| match &*t.borrow() {
+        Some(c) => c.request(req),
+        None => shared.request(req),
+    })
+}
+
 pin_project_lite::pin_project! {
     /// Fails the body when no frame arrives within `idle`: a stalled
     /// upstream cannot hold a connection (and a voice turn) forever.

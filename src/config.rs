@@ -154,6 +154,7 @@ struct RawServer {
     max_header_bytes: Option<usize>,
     h2_max_concurrent_streams: Option<u32>,
     upstream_ca_file: Option<String>,
+    max_pending_per_ip: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -329,6 +330,9 @@ pub struct ServerConfig {
     /// Largest request head (HTTP/1 buffer, HTTP/2 header list), bytes.
     pub max_header_bytes: usize,
     pub h2_max_concurrent_streams: u32,
+    /// Agent connections per client IP that have not yet carried an accepted
+    /// request; 0 = no limit. IPs with accepted requests are exempt.
+    pub max_pending_per_ip: usize,
     /// Extra PEM roots trusted for upstream TLS (private CAs), besides webpki.
     pub upstream_ca_file: Option<PathBuf>,
 }
@@ -701,6 +705,7 @@ impl Config {
                 "[server] h2_max_concurrent_streams",
                 p,
             ) as u32,
+            max_pending_per_ip: s.max_pending_per_ip.unwrap_or(128),
             upstream_ca_file: s.upstream_ca_file.as_deref().map(|f| resolve(dir, f)),
         };
         if server.max_header_bytes < 8192 {

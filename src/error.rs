@@ -111,6 +111,12 @@ pub enum ApiError {
     ReauthRequired(ProviderLabel),
     #[error("body larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// The request head is over `[server] max_header_bytes` (hyper's 431).
+    #[error("request head too large")]
+    HeadersTooLarge,
+    /// The request target is longer than HTTP/1 parsing allows (hyper's 414).
+    #[error("request URI too long")]
+    UriTooLong,
     #[error("token refresh failed for {}", .0.name)]
     RefreshFailed(ProviderLabel),
     #[error("upstream {} unreachable", .0.name)]
@@ -156,6 +162,8 @@ impl ApiError {
             CredentialMissing(_) => "credential_missing",
             ReauthRequired(_) => "reauth_required",
             BodyTooLarge(_) => "body_too_large",
+            HeadersTooLarge => "headers_too_large",
+            UriTooLong => "uri_too_long",
             RefreshFailed(_) => "refresh_failed",
             UpstreamUnreachable(_) => "upstream_unreachable",
             UpstreamTimeout(_) => "upstream_timeout",
@@ -183,6 +191,8 @@ impl ApiError {
             UnknownProvider(_) | UnknownProviderAdmin { .. } | NotFound(_) => StatusCode::NOT_FOUND,
             CredentialMissing(_) | ReauthRequired(_) => StatusCode::FAILED_DEPENDENCY,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            UriTooLong => StatusCode::URI_TOO_LONG,
             RefreshFailed(_) | UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -241,6 +251,8 @@ impl ApiError {
                 "That request is too large; the limit is {} bytes.",
                 limit
             ),
+            HeadersTooLarge => "The request's headers are too large.".into(),
+            UriTooLong => "The request address is too long.".into(),
             RefreshFailed(p) => format!(
                 "I couldn't renew access to your {} account just now; please try again in a moment.",
                 p.display
@@ -423,6 +435,8 @@ mod tests {
             ),
             (ApiError::ReauthRequired(p.clone()), 424, "reauth_required"),
             (ApiError::BodyTooLarge(10), 413, "body_too_large"),
+            (ApiError::HeadersTooLarge, 431, "headers_too_large"),
+            (ApiError::UriTooLong, 414, "uri_too_long"),
             (ApiError::RefreshFailed(p.clone()), 502, "refresh_failed"),
             (
                 ApiError::UpstreamUnreachable(p.clone()),

@@ -76,9 +76,126 @@ impl RateLimits {
     }
 }
 
+/// Connections per client IP that have not yet carried a request sidekey
+/// accepted (TLS handshakes, HTTP/2 prefaces, idle sockets). An IP that
+/// has had an accepted request within `PROVEN_FOR` is never limited this
+/// way: ElevenLabs calls from a few egress IPs, and its authenticated
+/// traffic must not be refused because of someone else's idle sockets.
+pub struct PendingConns {
+    max_per_ip: usize,
+    by_ip: Mutex<HashMap<std::net::IpAddr, IpEntry>>,
+}
+
+#[derive(Default)]
+struct IpEntry {
+    pending: usize,
+    proven_until: Option<std::time::Instant>,
+}
+
+/// How long an IP stays exempt after an accepted request.
+const PROVEN_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// One pending connection's place in its IP's count; given back on drop or
+/// when the connection proves itself.
+pub struct PendingTicket {
+    owner: std::sync::Arc<PendingConns>,
+    ip: std::net::IpAddr,
+    counted: bool,
+}
+
+impl PendingConns {
+    /// `max_per_ip = 0` switches the limit off.
+    pub fn new(max_per_ip: usize) -> std::sync::Arc<PendingConns> {
+        std::sync::Arc::new(PendingConns {
+            max_per_ip,
+            by_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, IpEntry>> {
+        self.by_ip.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A ticket for a new connection from `ip`, or `None` when that IP
+    /// already holds its share of pending connections.
+    pub fn admit(self: &std::sync::Arc<Self>, ip: std::net::IpAddr) -> Option<PendingTicket> {
+        if self.max_per_ip == 0 {
+            return Some(PendingTicket {
+                owner: self.clone(),
+                ip,
+                counted: false,
+            });
+        }
+        let now = std::time::Instant::now();
+        let mut m = self.lock();
+        let e = m.entry(ip).or_default();
+        let proven = e.proven_until.is_some_and(|t| t > now);
+        if !proven && e.pending >= self.max_per_ip {
+            return None;
+        }
+        e.pending += 1;
+        Some(PendingTicket {
+            owner: self.clone(),
+            ip,
+            counted: true,
+        })
+    }
+
+    fn release(&self, ip: std::net::IpAddr, proven: bool) {
+        let now = std::time::Instant::now();
+        let mut m = self.lock();
+        let Some(e) = m.get_mut(&ip) else { return };
+        e.pending = e.pending.saturating_sub(1);
+        if proven {
+            e.proven_until = Some(now + PROVEN_FOR);
+        }
+        if e.pending == 0 && e.proven_until.is_none_or(|t| t <= now) {
+            m.remove(&ip);
+        }
+    }
+}
+
+impl PendingTicket {
+    /// The connection carried an accepted request: it no longer counts, and
+    /// its IP is exempt for a while.
+    pub fn prove(mut self) {
+        if self.counted {
+            self.counted = false;
+            self.owner.release(self.ip, true);
+        }
+    }
+}
+
+impl Drop for PendingTicket {
+    fn drop(&mut self) {
+        if self.counted {
+            self.owner.release(self.ip, false);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_connections_are_capped_per_ip_until_proven() {
+        let p = PendingConns::new(2);
+        let a: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let b: std::net::IpAddr = "192.0.2.2".parse().unwrap();
+        let t1 = p.admit(a).unwrap();
+        let t2 = p.admit(a).unwrap();
+        assert!(p.admit(a).is_none(), "third pending connection from one IP");
+        assert!(p.admit(b).is_some(), "other IPs are not affected");
+        drop(t1);
+        let t3 = p.admit(a).unwrap();
+        // An accepted request exempts the IP: authenticated traffic is
+        // never refused for its pending connections.
+        t2.prove();
+        let more: Vec<_> = (0..10).map(|_| p.admit(a).unwrap()).collect();
+        drop((t3, more));
+        assert!(PendingConns::new(0).admit(a).is_some());
+    }
 
     #[test]
     fn bucket_refills() {

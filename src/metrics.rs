@@ -82,6 +82,7 @@ pub struct Metrics {
     /// Requests answered `store_unavailable` (the Postgres backend could not
     /// be reached); alerting needs it even while it stays at 0.
     store_unavailable: Counter,
+    connections_refused: Family<ReasonLabels, Counter>,
     none: Label,
 }
 
@@ -173,8 +174,15 @@ impl Metrics {
             "Requests answered store_unavailable because the credential store could not be reached",
             store_unavailable.clone(),
         );
+        let connections_refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Agent connections closed at accept (pending_per_ip: the address already holds [server] max_pending_per_ip connections that sent no accepted request)",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
+            connections_refused,
             requests,
             upstream_latency,
             refresh,
@@ -264,6 +272,12 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections.dec();
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Renders the text exposition, after sampling the store gauges.

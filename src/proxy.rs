@@ -694,13 +694,17 @@ fn upstream_headers(
     provider: &Provider,
     conv_header: &HeaderName,
 ) -> HeaderMap {
-    let listed: Vec<String> = incoming
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
+    let listed: Vec<String> = if incoming.contains_key(header::CONNECTION) {
+        incoming
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut out = HeaderMap::with_capacity(incoming.len());
     for (name, value) in incoming {
         let n = name.as_str();
@@ -746,7 +750,7 @@ async fn send(
 
     let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
     let started = Instant::now();
-    let resp = match tokio::time::timeout(timeout, app.client.request(req)).await {
+    let resp = match tokio::time::timeout(timeout, crate::client::request(&app.client, req)).await {
         Err(_) => {
             tracing::warn!(provider = %p.name, timeout_secs = timeout.as_secs(), "upstream timed out");
             return Err(ApiError::UpstreamTimeout(p.label()));
@@ -787,27 +791,37 @@ fn inject_error(p: &Provider, e: InjectError) -> ApiError {
 }
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-        .collect();
-    for n in listed {
-        h.remove(n);
+    // Most responses name nothing in `Connection`: no list to build then.
+    if h.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+            .collect();
+        for n in listed {
+            h.remove(n);
+        }
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(n);
+    // Checked by name in one pass rather than parsed and looked up one by
+    // one (this runs on every response).
+    let hop = h
+        .keys()
+        .any(|n| crate::providers::is_hop_by_hop(n) && n != header::PROXY_AUTHORIZATION);
+    if hop {
+        for n in [
+            header::CONNECTION,
+            HeaderName::from_static("keep-alive"),
+            header::PROXY_AUTHENTICATE,
+            HeaderName::from_static("proxy-connection"),
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ] {
+            h.remove(n);
+        }
     }
 }
 

@@ -8,21 +8,22 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use crate::app::App;
 use crate::body::{self, Body};
@@ -85,6 +86,69 @@ enum Role {
     Metrics,
 }
 
+/// Connections the admin listener serves at once.
+const ADMIN_CONNECTIONS: usize = 256;
+/// Connections the token-less metrics listener serves at once: its own
+/// budget, so scrapers and probes cannot starve the admin API (nor the
+/// reverse).
+const METRICS_CONNECTIONS: usize = 64;
+
+/// TLS for the agent listener: the configured ALPN list (h2, http/1.1),
+/// and the same config without ALPN for clients that offer neither
+/// (`http/1.0` only, or an unknown protocol). rustls would refuse those
+/// with `no_application_protocol`; like nginx, sidekey answers them over
+/// HTTP/1.1 instead.
+#[derive(Clone)]
+struct Tls {
+    main: Arc<rustls::ServerConfig>,
+    no_alpn: Arc<rustls::ServerConfig>,
+}
+
+impl Tls {
+    fn new(main: Arc<rustls::ServerConfig>) -> Tls {
+        let mut no_alpn = (*main).clone();
+        no_alpn.alpn_protocols.clear();
+        Tls {
+            main,
+            no_alpn: Arc::new(no_alpn),
+        }
+    }
+
+    fn for_hello(&self, hello: &rustls::server::ClientHello<'_>) -> Arc<rustls::ServerConfig> {
+        match hello.alpn() {
+            Some(mut offered) => {
+                let ours = &self.main.alpn_protocols;
+                if offered.any(|p| ours.iter().any(|o| o.as_slice() == p)) {
+                    self.main.clone()
+                } else {
+                    self.no_alpn.clone()
+                }
+            }
+            None => self.main.clone(),
+        }
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
+    app: Arc<App>,
+    builder: Builder<TokioExecutor>,
+    tls: Option<Tls>,
+    draining: Arc<AtomicBool>,
+    /// `true` once shutting down; every live connection holds a receiver,
+    /// so `closed()` on the sender is "all connections are gone".
+    drain: tokio::sync::watch::Sender<bool>,
+    /// `true` when the grace period is over (or `run` was dropped): agent
+    /// worker threads stop, dropping what connections they still have.
+    abort: tokio::sync::watch::Sender<bool>,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/2: GOAWAY; HTTP/1.1: hyper's header read timeout does the same).
+    idle: Duration,
+    handshake_timeout: Duration,
+    first_bytes_timeout: Duration,
+    pending: Arc<crate::limits::PendingConns>,
+}
+
 /// Serves both listeners until `shutdown` resolves, then drains in-flight
 /// requests for up to `server.shutdown_grace_secs` and flushes the store.
 pub async fn run(
@@ -112,113 +176,92 @@ pub async fn run(
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
-    let acceptor = tls.map(TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
-    let draining = Arc::new(AtomicBool::new(false));
+    let (drain, _) = tokio::sync::watch::channel(false);
+    let (abort, _) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        abort,
+        builder,
+        tls: tls.map(Tls::new),
+        draining: Arc::new(AtomicBool::new(false)),
+        drain,
+        idle: Duration::from_secs(cfg.header_read_timeout_secs),
+        handshake_timeout: Duration::from_secs(cfg.tls_handshake_timeout_secs),
+        first_bytes_timeout: Duration::from_secs(cfg.header_read_timeout_secs),
+        pending: crate::limits::PendingConns::new(cfg.max_pending_per_ip),
+        app: app.clone(),
+    });
     let agent_slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let admin_slots = Arc::new(Semaphore::new(256));
-    let handshake_timeout = Duration::from_secs(cfg.tls_handshake_timeout_secs);
-    let first_bytes_timeout = Duration::from_secs(cfg.header_read_timeout_secs);
+    let admin_slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let metrics_slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
+    // Workers stop when this is dropped, also when `run` itself is dropped
+    // (an in-process server whose runtime ends).
+    let _abort_on_drop = AbortOnDrop(shared.clone());
+
+    let Listeners {
+        agent,
+        admin,
+        metrics,
+    } = listeners;
+    let mut agent = Some(agent);
+    let mut workers = Vec::new();
+    let threads = agent_threads();
+    if threads > 0 {
+        if let Some(l) = agent.take() {
+            match l.into_std() {
+                Ok(l) => {
+                    for i in 0..threads {
+                        match l.try_clone() {
+                            Ok(l) => workers.push(spawn_worker(i, &shared, l, &agent_slots)),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot share the agent listener")
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot hand the agent listener to workers"),
+            }
+        }
+    }
 
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer, role) = tokio::select! {
+        let (stream, peer, role, permit) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            r = accept(&listeners.agent, &agent_slots) => match r {
-                Some((s, p, permit)) => { (s, p, (Role::Agent, permit)) }
+            r = accept_optional(agent.as_ref(), &agent_slots) => match r {
+                Some((s, p, permit)) => (s, p, Role::Agent, permit),
                 None => continue,
             },
-            r = accept(&listeners.admin, &admin_slots) => match r {
-                Some((s, p, permit)) => { (s, p, (Role::Admin, permit)) }
+            r = accept(&admin, &admin_slots) => match r {
+                Some((s, p, permit)) => (s, p, Role::Admin, permit),
                 None => continue,
             },
-            r = accept_optional(listeners.metrics.as_ref(), &admin_slots) => match r {
-                Some((s, p, permit)) => { (s, p, (Role::Metrics, permit)) }
+            r = accept_optional(metrics.as_ref(), &metrics_slots) => match r {
+                Some((s, p, permit)) => (s, p, Role::Metrics, permit),
                 None => continue,
             },
         };
-        let (role, permit) = role;
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        let draining = draining.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            app.metrics.connection_opened();
-            let svc_app = app.clone();
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let app = svc_app.clone();
-                let draining = draining.clone();
-                async move {
-                    let resp = std::panic::AssertUnwindSafe(route(&app, role, req, &draining))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|_| {
-                            tracing::error!("request handler panicked");
-                            ApiError::Internal.into_response()
-                        });
-                    // Counted where every answer passes: the store error can
-                    // surface in any handler.
-                    if resp
-                        .headers()
-                        .get("x-sidekey-error")
-                        .is_some_and(|v| v == "store_unavailable")
-                    {
-                        app.metrics.store_unavailable();
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            });
-            match (role, acceptor) {
-                (Role::Agent, Some(acc)) => {
-                    match tokio::time::timeout(handshake_timeout, acc.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let conn = builder
-                                .serve_connection(
-                                    TokioIo::new(FirstBytes::new(tls, first_bytes_timeout)),
-                                    svc,
-                                )
-                                .into_owned();
-                            if let Err(e) = watcher.watch(conn).await {
-                                tracing::debug!(%peer, error = %e, "connection ended with an error");
-                            }
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-                _ => {
-                    let conn = builder
-                        .serve_connection(
-                            TokioIo::new(FirstBytes::new(stream, first_bytes_timeout)),
-                            svc,
-                        )
-                        .into_owned();
-                    if let Err(e) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-            }
-            app.metrics.connection_closed();
-        });
+        spawn_connection(&shared, stream, peer, role, permit, None);
     }
+    drop((agent, admin, metrics));
 
-    draining.store(true, Ordering::SeqCst);
-    drop(listeners);
+    shared.draining.store(true, Ordering::SeqCst);
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     tracing::info!(
-        in_flight_connections = graceful.count(),
+        in_flight_connections = shared.drain.receiver_count(),
         grace_secs = grace.as_secs(),
         "shutting down: no longer accepting, draining"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
+    shared.drain.send_replace(true);
+    if tokio::time::timeout(grace, shared.drain.closed())
         .await
         .is_err()
     {
         tracing::warn!("grace period over; closing remaining connections");
+    }
+    shared.abort.send_replace(true);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
     }
     app.audit.sync().await;
     match app.store.flush().await {
@@ -226,6 +269,322 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "final store flush failed"),
     }
 }
+
+struct AbortOnDrop(Arc<Shared>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort.send_replace(true);
+    }
+}
+
+/// Threads serving the agent listener, one current-thread runtime each:
+/// `SIDEKEY_AGENT_THREADS`, by default one per core; `0` serves it on the
+/// caller's runtime instead.
+fn agent_threads() -> usize {
+    match std::env::var("SIDEKEY_AGENT_THREADS") {
+        Ok(v) => v.trim().parse().unwrap_or(0),
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// One agent worker: its own current-thread runtime accepting on a shared
+/// copy of the listening socket, and its own upstream connection pool, so
+/// a request is read, forwarded, answered and audited on one thread with
+/// no hand-off between threads (nginx's worker model). Sessions, caches,
+/// the store, audit and metrics stay shared. Background work (audit
+/// writer, GC, store flushes, database connections) stays on the caller's
+/// runtime. Ends after the drain when its connections have, or at abort.
+fn spawn_worker(
+    i: usize,
+    sh: &Arc<Shared>,
+    listener: std::net::TcpListener,
+    slots: &Arc<Semaphore>,
+) -> tokio::sync::oneshot::Receiver<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let sh = sh.clone();
+    let slots = slots.clone();
+    let mut drain = sh.drain.subscribe();
+    let mut abort = sh.abort.subscribe();
+    let run = move || {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an agent worker runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            crate::client::set_thread_client(&sh.app.config.server);
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "agent worker cannot listen");
+                    return;
+                }
+            };
+            // Each connection holds a sender; all gone = this worker is idle.
+            let (held, mut idle) = tokio::sync::mpsc::channel::<()>(1);
+            if !*drain.borrow_and_update() {
+                loop {
+                    tokio::select! {
+                        _ = drain.changed() => break,
+                        _ = abort.changed() => break,
+                        r = accept(&listener, &slots) => {
+                            if let Some((s, p, permit)) = r {
+                                spawn_connection(&sh, s, p, Role::Agent, permit, Some(held.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+            drop((listener, held, drain));
+            if !*abort.borrow_and_update() {
+                tokio::select! {
+                    _ = idle.recv() => {}
+                    _ = abort.changed() => {}
+                }
+            }
+        });
+        let _ = done_tx.send(());
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name(format!("sidekey-agent-{i}"))
+        .spawn(run)
+    {
+        tracing::error!(error = %e, "cannot start an agent worker thread");
+    }
+    done_rx
+}
+
+/// Admits (per-IP pending limit) and serves one accepted connection on the
+/// current runtime.
+fn spawn_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    held: Option<tokio::sync::mpsc::Sender<()>>,
+) {
+    let ticket = if role == Role::Agent {
+        match shared.pending.admit(peer.ip()) {
+            Some(t) => Some(t),
+            None => {
+                shared.app.metrics.connection_refused("pending_per_ip");
+                tracing::debug!(%peer, "too many pending connections from this address; closed");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let shared = shared.clone();
+    let drain = shared.drain.subscribe();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _held = held;
+        shared.app.metrics.connection_opened();
+        serve_stream(&shared, stream, peer, role, ticket, drain).await;
+        shared.app.metrics.connection_closed();
+    });
+}
+
+/// One accepted connection: protocol checks, TLS, then HTTP until it ends.
+async fn serve_stream(
+    sh: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    role: Role,
+    ticket: Option<crate::limits::PendingTicket>,
+    drain: tokio::sync::watch::Receiver<bool>,
+) {
+    let state = Arc::new(ConnState::new(ticket));
+    match (role, &sh.tls) {
+        (Role::Agent, Some(tls)) => {
+            match tokio::time::timeout(sh.handshake_timeout, first_byte(&stream)).await {
+                Ok(Some(0x16)) => {}
+                Ok(Some(b)) if b.is_ascii_uppercase() => {
+                    tracing::debug!(%peer, "plain HTTP on the TLS port; answering 400");
+                    plain_http_on_tls_port(sh, stream).await;
+                    return;
+                }
+                _ => return,
+            }
+            let start =
+                tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+            let handshake = async {
+                let start = start.await?;
+                let cfg = tls.for_hello(&start.client_hello());
+                start.into_stream(cfg).await
+            };
+            match tokio::time::timeout(sh.handshake_timeout, handshake).await {
+                Ok(Ok(tls)) => {
+                    let io = ConnIo::new(tls, sh.first_bytes_timeout, state.clone());
+                    serve_http(sh, io, state, role, peer, drain).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+        (Role::Admin | Role::Metrics, _) => {
+            if let Ok(Some(0x16)) =
+                tokio::time::timeout(sh.first_bytes_timeout, first_byte(&stream)).await
+            {
+                let addr = stream
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    %peer,
+                    "a TLS handshake arrived on the {} listener, which speaks plain HTTP: use http://{addr}/ (the agent listener is the HTTPS one); connection closed",
+                    if role == Role::Admin { "admin" } else { "metrics" }
+                );
+                return;
+            }
+            let io = ConnIo::new(stream, sh.first_bytes_timeout, state.clone());
+            serve_http(sh, io, state, role, peer, drain).await;
+        }
+        (Role::Agent, None) => {
+            let io = ConnIo::new(stream, sh.first_bytes_timeout, state.clone());
+            serve_http(sh, io, state, role, peer, drain).await;
+        }
+    }
+}
+
+/// The first byte the client sent, without consuming it.
+async fn first_byte(stream: &TcpStream) -> Option<u8> {
+    let mut b = [0u8; 1];
+    match stream.peek(&mut b).await {
+        Ok(1) => Some(b[0]),
+        _ => None,
+    }
+}
+
+/// Plain HTTP on the TLS port: one plain-HTTP 400 that says so (nginx's
+/// 497), instead of a TLS alert the client shows as garbage.
+async fn plain_http_on_tls_port(sh: &Arc<Shared>, stream: TcpStream) {
+    let url = sh.app.config.server.public_url.clone();
+    let svc = service_fn(move |_req: Request<Incoming>| {
+        let msg = format!(
+            "This port speaks HTTPS, and this request came as plain HTTP. Use {url}/ (https://)."
+        );
+        async move { Ok::<_, Infallible>(ApiError::BadRequest(msg).into_response()) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(sh.first_bytes_timeout)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(sh.first_bytes_timeout * 2, conn).await;
+}
+
+/// HTTP/1.1 or HTTP/2 on an established connection, until it ends, is idle
+/// for `Shared::idle`, or the server drains.
+async fn serve_http<I>(
+    sh: &Arc<Shared>,
+    io: ConnIo<I>,
+    state: Arc<ConnState>,
+    role: Role,
+    peer: SocketAddr,
+    mut drain: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app = sh.app.clone();
+    let draining = sh.draining.clone();
+    let st = state.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let app = app.clone();
+        let draining = draining.clone();
+        let st = st.clone();
+        async move {
+            let guard = InFlight::start(&st);
+            let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+            let has_body = !http_body::Body::is_end_stream(req.body());
+            let resp = std::panic::AssertUnwindSafe(route(&app, role, req, &draining))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("request handler panicked");
+                    ApiError::Internal.into_response()
+                });
+            st.answered(&resp, health, has_body);
+            // Counted where every answer passes: the store error can
+            // surface in any handler.
+            if resp
+                .headers()
+                .get("x-sidekey-error")
+                .is_some_and(|v| v == "store_unavailable")
+            {
+                app.metrics.store_unavailable();
+            }
+            Ok::<_, Infallible>(resp.map(|b| Tracked {
+                inner: b,
+                _in_flight: guard,
+            }))
+        }
+    });
+    let conn = sh.builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    // One timer: the idle check while open, then the settle check while
+    // closing.
+    let timer = tokio::time::sleep(sh.idle);
+    tokio::pin!(timer);
+    let mut closing = false;
+    if *drain.borrow_and_update() {
+        closing = true;
+        conn.as_mut().graceful_shutdown();
+        timer.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+    }
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            r = drain.changed(), if !closing => {
+                if r.is_err() || *drain.borrow() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                    timer.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                }
+            }
+            _ = timer.as_mut() => {
+                if closing {
+                    // HTTP/2's graceful close waits for the client to answer
+                    // a PING before its last GOAWAY; a client that does not
+                    // (a stalled or hostile one) would hold the connection,
+                    // and a shutdown, until the grace period ends. With no
+                    // request in flight there is nothing left to wait for.
+                    if state.in_flight.load(Ordering::Acquire) == 0 {
+                        break;
+                    }
+                    timer.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                    continue;
+                }
+                match state.idle_deadline(sh.idle) {
+                    // Idle long enough: GOAWAY (HTTP/2) or close (HTTP/1.1).
+                    None => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                        timer.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                    }
+                    Some(at) => timer.as_mut().reset(at),
+                }
+            }
+        }
+    }
+}
+
+/// How long a closing connection with no request in flight may take to
+/// finish its goodbye before it is dropped.
+const SETTLE: Duration = Duration::from_millis(250);
 
 /// `accept` on a listener that may not be configured (then never resolves).
 async fn accept_optional(
@@ -342,104 +701,405 @@ async fn route_agent(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         "/v1/session/refresh" | "/v1/elevenlabs/conversation-init" | "/v1/elevenlabs/post-call" => {
             ApiError::MethodNotAllowed.into_response()
         }
+        p if is_admin_path(p) => ApiError::NotFound(
+            "This is the agent listener; admin routes (/v1/users, /v1/sessions, /v1/audit, ...) are served on the admin listener ([admin] listen) with the admin token.".into(),
+        )
+        .into_response(),
         _ => ApiError::NotFound("There is no such endpoint.".into()).into_response(),
     }
 }
 
-/// Fails reads while a new connection has not yet sent enough to pick its
-/// protocol (the 24-byte HTTP/2 preface, or a first byte that is not its
-/// `P`) within the header read timeout. hyper-util's protocol detection
-/// waits forever, and hyper's own header timeout only starts after it, so a
-/// client that completes TLS and then sends nothing would otherwise hold one
-/// of `max_connections` for good.
-struct FirstBytes<I> {
-    io: I,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    seen: usize,
-    armed: bool,
+/// Paths of the admin API, to point a caller who sent one to the agent
+/// listener at the right one.
+fn is_admin_path(p: &str) -> bool {
+    [
+        "/v1/users",
+        "/v1/tenants",
+        "/v1/sessions",
+        "/v1/audit",
+        "/v1/admin",
+        "/v1/elevenlabs/tools",
+        "/metrics",
+    ]
+    .iter()
+    .any(|a| p == *a || p.strip_prefix(a).is_some_and(|r| r.starts_with('/')))
 }
 
-impl<I> FirstBytes<I> {
-    fn new(io: I, limit: Duration) -> Self {
-        FirstBytes {
-            io,
-            deadline: Box::pin(tokio::time::sleep(limit)),
+/// Per-connection state shared by the connection task, its IO and the
+/// bodies of its answers.
+struct ConnState {
+    /// Answers not yet fully sent (their body not yet dropped).
+    in_flight: AtomicUsize,
+    /// When the last answer ended, as ms since `born`.
+    last_active_ms: AtomicU64,
+    born: tokio::time::Instant,
+    /// Taken (and given back as proven) on the first accepted request.
+    ticket: std::sync::Mutex<Option<crate::limits::PendingTicket>>,
+    proven: AtomicBool,
+    /// Read what the client still sends after the close (see `ConnIo`).
+    linger: AtomicBool,
+    /// Answers the service produced whose HTTP/1 head has not been seen
+    /// written yet: a head written while this is 0 is hyper's own.
+    heads_due: AtomicUsize,
+}
+
+impl ConnState {
+    fn new(ticket: Option<crate::limits::PendingTicket>) -> ConnState {
+        ConnState {
+            in_flight: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            born: tokio::time::Instant::now(),
+            proven: AtomicBool::new(ticket.is_none()),
+            ticket: std::sync::Mutex::new(ticket),
+            linger: AtomicBool::new(false),
+            heads_due: AtomicUsize::new(0),
+        }
+    }
+
+    fn request_ended(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Release);
+    }
+
+    /// An answer is ready: a request sidekey accepted (no error of its own,
+    /// not a health probe) proves the connection for the per-IP limit; a
+    /// refusal of a request with a body (possibly not read, as for a 413)
+    /// asks for a lingering close.
+    fn answered(&self, resp: &Response<Body>, health: bool, has_body: bool) {
+        self.heads_due.fetch_add(1, Ordering::Release);
+        if has_body && resp.status().as_u16() >= 400 {
+            self.linger.store(true, Ordering::Relaxed);
+        }
+        if !self.proven.load(Ordering::Relaxed)
+            && !health
+            && !resp.headers().contains_key("x-sidekey-error")
+        {
+            self.proven.store(true, Ordering::Relaxed);
+            let t = self.ticket.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(t) = t {
+                t.prove();
+            }
+        }
+    }
+
+    /// `None` when the connection has been idle for `idle`; otherwise when
+    /// to look again.
+    fn idle_deadline(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Some(tokio::time::Instant::now() + idle);
+        }
+        let last = self.born + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        let at = last + idle;
+        (at > tokio::time::Instant::now()).then_some(at)
+    }
+}
+
+/// One request in flight on a connection, from the moment the service is
+/// called until its answer's body is dropped, or until the handler is
+/// dropped (an HTTP/2 stream reset mid-request): either way it ends, or the
+/// connection would never count as idle again.
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: &Arc<ConnState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An answer's body that tells its connection when it is done.
+    struct Tracked {
+        #[pin]
+        inner: Body,
+        _in_flight: InFlight,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, body::BoxError>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How long, and how much, a lingering close reads after the answer.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The connection's IO as hyper sees it. Three jobs:
+///
+/// - Fails reads while a new connection has not yet sent enough to pick its
+///   protocol (the 24-byte HTTP/2 preface, or a first byte that is not its
+///   `P`) within the header read timeout. hyper-util's protocol detection
+///   waits forever, and hyper's own header timeout only starts after it, so
+///   a client that completes TLS and then sends nothing would otherwise hold
+///   one of `max_connections` for good.
+/// - Gives hyper's own HTTP/1 error answers (400 unparsable request, 414,
+///   431), which have empty bodies, sidekey's JSON error shape. They are the
+///   only answers written while no request is in flight.
+/// - Lingering close: when an answer went out before the request body was
+///   read (a 413), the socket is read and discarded for a while after
+///   hyper is done with it, as nginx does. Closing with unread data would
+///   send a reset, and a client still writing its body would see a broken
+///   pipe instead of the answer.
+struct ConnIo<I: tokio::io::AsyncRead + Unpin + Send + 'static> {
+    io: Option<I>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    seen: usize,
+    state: Arc<ConnState>,
+    /// A rewritten error answer still to be written: bytes and how far.
+    replacement: Option<(&'static [u8], usize)>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin + Send + 'static> ConnIo<I> {
+    fn new(io: I, limit: Duration, state: Arc<ConnState>) -> Self {
+        ConnIo {
+            io: Some(io),
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
             seen: 0,
-            armed: true,
+            state,
+            replacement: None,
+        }
+    }
+
+    fn io(&mut self) -> Pin<&mut I> {
+        Pin::new(self.io.as_mut().expect("IO present until drop"))
+    }
+}
+
+/// hyper's own error answer at the start of `buf`, as sidekey's JSON error.
+fn rewrite_hyper_error(buf: &[u8]) -> Option<&'static [u8]> {
+    let rest = buf.strip_prefix(b"HTTP/1.")?;
+    let code = rest.get(2..5)?;
+    static ANSWERS: std::sync::OnceLock<[Vec<u8>; 3]> = std::sync::OnceLock::new();
+    let answers = ANSWERS.get_or_init(|| {
+        [
+            ApiError::BadRequest(
+                "The request could not be parsed as HTTP/1.1 (bad request line or header).".into(),
+            ),
+            ApiError::UriTooLong,
+            ApiError::HeadersTooLarge,
+        ]
+        .map(raw_error_answer)
+    });
+    match code {
+        b"400" => Some(&answers[0]),
+        b"414" => Some(&answers[1]),
+        b"431" => Some(&answers[2]),
+        _ => None,
+    }
+}
+
+fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// An error answer as the bytes of an HTTP/1.1 response that closes the
+/// connection.
+fn raw_error_answer(e: ApiError) -> Vec<u8> {
+    let resp = e.into_response();
+    let (parts, b) = resp.into_parts();
+    let body = b
+        .collect()
+        .now_or_never()
+        .and_then(Result::ok)
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (k, v) in &parts.headers {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    out
+}
+
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> ConnIo<I> {
+    /// Writes what is left of a rewritten answer.
+    fn poll_replacement(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((bytes, at)) = self.replacement {
+            if at >= bytes.len() {
+                self.replacement = None;
+                break;
+            }
+            let n = std::task::ready!(self.io().poll_write(cx, &bytes[at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.replacement = Some((bytes, at + n));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Swallows hyper's own error answer if `buf` is one, queueing
+    /// sidekey's in its place. An answer from the service passes: its head
+    /// is the first HTTP/1 head written after it was produced.
+    fn intercept(&mut self, buf: &[u8]) -> bool {
+        if !buf.starts_with(b"HTTP/1.") {
+            return false;
+        }
+        let due = &self.state.heads_due;
+        if due
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return false;
+        }
+        // hyper's own answers are a bare head: no body, no content type.
+        if buf.len() > 512 || !buf.ends_with(b"\r\n\r\n") || contains_ci(buf, b"content-type:") {
+            return false;
+        }
+        match rewrite_hyper_error(buf) {
+            Some(answer) => {
+                self.replacement = Some((answer, 0));
+                // The client may still be sending what hyper refused.
+                self.state.linger.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
         }
     }
 }
 
-impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstBytes<I> {
+impl<I: tokio::io::AsyncRead + Unpin + Send + 'static> tokio::io::AsyncRead for ConnIo<I> {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        use std::task::Poll;
+    ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if !this.armed {
-            return std::pin::Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.deadline.is_none() {
+            return this.io().poll_read(cx, buf);
         }
         let before = buf.filled().len();
-        match std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+        match this.io().poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
-                if this.seen == 0 && new.first().is_some_and(|b| *b != b'P') {
-                    // HTTP/1: hyper's header read timeout takes over.
-                    this.armed = false;
-                }
+                let h1 = this.seen == 0 && new.first().is_some_and(|b| *b != b'P');
                 this.seen += new.len();
-                if this.seen >= 24 {
-                    this.armed = false;
+                if h1 || this.seen >= 24 {
+                    // HTTP/1: hyper's header read timeout takes over; HTTP/2:
+                    // the idle timeout does.
+                    this.deadline = None;
                 }
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "no request within the header read timeout",
                 ))),
-                Poll::Pending => Poll::Pending,
+                _ => Poll::Pending,
             },
             other => other,
         }
     }
 }
 
-impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstBytes<I> {
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> tokio::io::AsyncWrite
+    for ConnIo<I>
+{
     fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_replacement(cx))?;
+        if self.intercept(buf) {
+            let _ = self.poll_replacement(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        self.io().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    ) -> Poll<std::io::Result<usize>> {
+        std::task::ready!(self.poll_replacement(cx))?;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            if self.intercept(first) {
+                let _ = self.poll_replacement(cx)?;
+                return Poll::Ready(Ok(first.len()));
+            }
+        }
+        self.io().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
     }
 
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_replacement(cx))?;
+        self.io().poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_replacement(cx))?;
+        self.io().poll_shutdown(cx)
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin + Send + 'static> Drop for ConnIo<I> {
+    fn drop(&mut self) {
+        if !self.state.linger.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Some(mut io), Ok(rt)) = (self.io.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut n: u64 = 0;
+            let _ = tokio::time::timeout(LINGER_TIME, async {
+                while let Ok(k) = io.read(&mut buf).await {
+                    n += k as u64;
+                    if k == 0 || n > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+        });
     }
 }
 

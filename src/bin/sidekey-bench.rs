@@ -143,6 +143,47 @@ struct Args {
     /// Wait this many seconds before the load cases (e.g. to attach `perf record -p PID`).
     #[arg(long, default_value_t = 0.0)]
     pause: f64,
+    /// Also measure nginx as the same kind of gateway: TLS on the same
+    /// certificate, a static `Authorization: Bearer` header injected,
+    /// upstream keepalive, 2 workers. Every case then runs direct, nginx and
+    /// sidekey back to back, and a side-by-side summary ends the run.
+    #[arg(long)]
+    nginx: bool,
+    /// The nginx binary (installed with apt-get when missing).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx_bin: PathBuf,
+    /// nginx worker processes.
+    #[arg(long, default_value_t = 2)]
+    nginx_workers: usize,
+    /// nginx's access log: buffered to a file in the temp dir (as sidekey's
+    /// audit log is on), or off.
+    #[arg(long, value_enum, default_value = "buffered")]
+    nginx_access_log: NginxLog,
+    /// The load generator: this tool's own hyper client, or wrk (Debian's
+    /// package; HTTP/1.1, closed loop only, no p99.9).
+    #[arg(long, value_enum, default_value = "builtin")]
+    load: Load,
+    /// wrk threads (at most the connections of a case).
+    #[arg(long, default_value_t = 1)]
+    wrk_threads: usize,
+    /// Run every load case this many times (direct, nginx and sidekey
+    /// interleaved each time); the summary gives the range.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Load {
+    /// The bench's own client (hyper-util + rustls), in this process.
+    Builtin,
+    /// `wrk --latency` as a child process.
+    Wrk,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum NginxLog {
+    Buffered,
+    Off,
 }
 
 // ---------------------------------------------------------------------------
@@ -159,7 +200,13 @@ struct Case {
     error_kinds: BTreeMap<String, u64>,
     secs: f64,
     hist: Histogram<u64>,
-    sidekey_cpu_s: f64,
+    /// Quantiles reported by an external load generator (wrk), by
+    /// per-mille (500, 900, 990, 1000 = max), instead of `hist`.
+    fixed: Option<BTreeMap<u32, f64>>,
+    /// CPU of the gateway under test: sidekey's process for `sidekey`,
+    /// nginx's master and workers for `nginx`, 0 for `direct`.
+    proxy_cpu_s: f64,
+    /// CPU of the load generator and the upstream (this process, and wrk).
     bench_cpu_s: f64,
     sidekey_hwm_kib: u64,
     sidekey_rss_kib: u64,
@@ -179,10 +226,23 @@ impl Case {
     }
 
     fn q(&self, q: f64) -> f64 {
+        if let Some(f) = &self.fixed {
+            return f
+                .get(&((q * 1000.0).round() as u32))
+                .copied()
+                .unwrap_or(f64::NAN);
+        }
         if self.hist.is_empty() {
             0.0
         } else {
             self.hist.value_at_quantile(q) as f64
+        }
+    }
+
+    fn max(&self) -> f64 {
+        match &self.fixed {
+            Some(_) => self.q(1.0),
+            None => self.hist.max() as f64,
         }
     }
 
@@ -206,15 +266,15 @@ impl Case {
             "error_kinds": self.error_kinds,
             "secs": round3(self.secs),
             "rps": round1(self.rps()),
-            "p50_us": self.q(0.5),
-            "p90_us": self.q(0.9),
-            "p99_us": self.q(0.99),
-            "p999_us": self.q(0.999),
-            "max_us": self.hist.max(),
-            "mean_us": round1(self.hist.mean()),
-            "ratio_rps_via_direct": self.ratio.map(round3),
+            "load": if self.fixed.is_some() { "wrk" } else { "builtin" },
+            "p50_us": finite(self.q(0.5)),
+            "p90_us": finite(self.q(0.9)),
+            "p99_us": finite(self.q(0.99)),
+            "p999_us": finite(self.q(0.999)),
+            "max_us": finite(self.max()),
+            "ratio_rps_to_direct": self.ratio.map(round3),
             "added_p50_us": self.added_p50_us,
-            "sidekey_cpu_us_per_req": round1(self.cpu_us_per_req(self.sidekey_cpu_s)),
+            "proxy_cpu_us_per_req": round1(self.cpu_us_per_req(self.proxy_cpu_s)),
             "bench_cpu_us_per_req": round1(self.cpu_us_per_req(self.bench_cpu_s)),
             "sidekey_rss_kib": self.sidekey_rss_kib,
             "sidekey_peak_rss_kib": self.sidekey_hwm_kib,
@@ -226,6 +286,18 @@ impl Case {
         }
         v
     }
+}
+
+fn fmt_us(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.0}")
+    } else {
+        "-".into()
+    }
+}
+
+fn finite(x: f64) -> Value {
+    if x.is_finite() { json!(x) } else { Value::Null }
 }
 
 fn round1(x: f64) -> f64 {
@@ -263,7 +335,7 @@ impl Out {
     fn case(&mut self, c: &Case) {
         if !self.header_printed {
             self.line(&format!(
-                "{:<6} {:<6} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>8} {:>8} {:>8}",
+                "{:<6} {:<7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>8}",
                 "mode",
                 "target",
                 "conc/rate",
@@ -275,7 +347,7 @@ impl Out {
                 "errors",
                 "ratio",
                 "+p50 µs",
-                "sk µs/rq",
+                "gw µs/rq",
                 "bn µs/rq",
                 "sk HWM"
             ));
@@ -291,19 +363,19 @@ impl Out {
             .map(|a| format!("{a:+.0}"))
             .unwrap_or("-".into());
         self.line(&format!(
-            "{:<6} {:<6} {:>9} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>8} {:>7} {:>6} {:>8} {:>8.1} {:>8.1} {:>6}Mi",
+            "{:<6} {:<7} {:>9} {:>10.0} {:>8.0} {:>8.0} {:>8} {:>8.0} {:>7} {:>6} {:>8} {:>9.1} {:>8.1} {:>6}Mi",
             c.mode,
             c.target,
             load,
             c.rps(),
             c.q(0.5),
             c.q(0.99),
-            c.q(0.999),
-            c.hist.max(),
+            fmt_us(c.q(0.999)),
+            c.max(),
             c.errors,
             ratio,
             added,
-            c.cpu_us_per_req(c.sidekey_cpu_s),
+            c.cpu_us_per_req(c.proxy_cpu_s),
             c.cpu_us_per_req(c.bench_cpu_s),
             c.sidekey_hwm_kib / 1024
         ));
@@ -554,23 +626,23 @@ impl Sidekey {
             .join("\n")
     }
 
-    /// SIGTERM, then wait (SIGKILL after 30 s).
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
+    /// SIGTERM, then wait (SIGKILL after 30 s); how long the exit took.
+    fn stop(&mut self) -> Option<Duration> {
+        let mut child = self.child.take()?;
+        let t = Instant::now();
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
-                return;
+                return Some(t.elapsed());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         }
         let _ = child.kill();
         let _ = child.wait();
+        None
     }
 }
 
@@ -581,6 +653,374 @@ impl Drop for Sidekey {
             let _ = c.wait();
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// nginx, as a child process (the same gateway job, for comparison)
+
+struct Nginx {
+    child: Option<Child>,
+    master: u32,
+    workers: Vec<u32>,
+}
+
+/// Debian's nginx, installed with apt-get when it is missing.
+fn ensure_nginx(bin: &Path) -> Result<(), String> {
+    if bin.exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "sidekey-bench: {} not found; installing Debian's nginx (apt-get install nginx)",
+        bin.display()
+    );
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends", "nginx"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map_err(|e| format!("apt-get: {e}"))?;
+    if !st.success() || !bin.exists() {
+        return Err(format!(
+            "could not install nginx ({st}); install it (apt-get install nginx) or pass --nginx-bin"
+        ));
+    }
+    Ok(())
+}
+
+/// nginx as a TLS gateway doing what sidekey does on the bench path, minus
+/// the per-user lookup: TLS on sidekey's certificate, one static bearer
+/// header injected, pooled keep-alive connections to the upstream.
+fn write_nginx_config(
+    dir: &Path,
+    port: u16,
+    upstream: u16,
+    workers: usize,
+    bearer: &str,
+    log: NginxLog,
+) -> std::io::Result<PathBuf> {
+    let n = dir.join("nginx");
+    for sub in ["", "tmp", "logs"] {
+        std::fs::create_dir_all(n.join(sub))?;
+    }
+    let d = n.display();
+    let certs = dir.join("certs");
+    let c = certs.display();
+    let access = match log {
+        NginxLog::Buffered => format!(
+            "log_format gw '$remote_addr [$time_local] \"$request\" $status $body_bytes_sent $request_time';\n    access_log {d}/logs/access.log gw buffer=64k flush=1s;"
+        ),
+        NginxLog::Off => "access_log off;".into(),
+    };
+    let text = format!(
+        r#"# Written by sidekey-bench.
+daemon off;
+master_process on;
+worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    {access}
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    keepalive_requests 1000000;
+    upstream bench {{
+        server 127.0.0.1:{upstream};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {c}/server.crt;
+        ssl_certificate_key {c}/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "{bearer}";
+        }}
+    }}
+}}
+"#
+    );
+    let path = n.join("nginx.conf");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+impl Nginx {
+    fn spawn(bin: &Path, conf: &Path, prefix: &Path) -> Result<Nginx, String> {
+        let mut cmd = Command::new(bin);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
+            .arg("-p")
+            .arg(prefix)
+            .arg("-e")
+            .arg(prefix.join("logs/error.log"))
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        Ok(Nginx {
+            master: child.id(),
+            child: Some(child),
+            workers: Vec::new(),
+        })
+    }
+
+    /// The master's children (the workers), from /proc.
+    fn find_workers(&mut self) {
+        let mut w = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    continue;
+                };
+                let ppid = stat
+                    .rfind(')')
+                    .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u32>().ok());
+                if ppid == Some(self.master) {
+                    w.push(pid);
+                }
+            }
+        }
+        self.workers = w;
+    }
+
+    fn pids(&self) -> Vec<String> {
+        std::iter::once(self.master)
+            .chain(self.workers.iter().copied())
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn error_log(prefix: &Path) -> String {
+        std::fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: the master stops its workers, then exits.
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            for w in &self.workers {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &w.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// wrk, as the load generator
+
+/// `1.23ms` → µs.
+fn wrk_duration_us(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mul) = if let Some(n) = s.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60e6)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.trim().parse::<f64>().ok().map(|v| v * mul)
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct WrkOut {
+    requests: u64,
+    secs: f64,
+    quantiles: BTreeMap<u32, f64>,
+    errors: BTreeMap<String, u64>,
+}
+
+/// Parses `wrk --latency` output.
+fn parse_wrk(text: &str) -> Result<WrkOut, String> {
+    let mut o = WrkOut::default();
+    let mut in_dist = false;
+    for line in text.lines() {
+        let t = line.trim();
+        let f: Vec<&str> = t.split_whitespace().collect();
+        if t.starts_with("Latency Distribution") {
+            in_dist = true;
+            continue;
+        }
+        if in_dist {
+            if let [pct, v] = f.as_slice() {
+                if let (Some(p), Some(us)) = (
+                    pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()),
+                    wrk_duration_us(v),
+                ) {
+                    o.quantiles.insert((p * 10.0).round() as u32, us);
+                    continue;
+                }
+            }
+            in_dist = false;
+        }
+        if f.first() == Some(&"Latency") && f.len() >= 4 {
+            if let Some(max) = wrk_duration_us(f[3]) {
+                o.quantiles.insert(1000, max);
+            }
+        }
+        if f.len() >= 5 && f[1] == "requests" && f[2] == "in" {
+            o.requests = f[0].parse().map_err(|_| format!("wrk: bad line {t:?}"))?;
+            o.secs = wrk_duration_us(f[3].trim_end_matches(','))
+                .ok_or_else(|| format!("wrk: bad line {t:?}"))?
+                / 1e6;
+        }
+        if let Some(rest) = t.strip_prefix("Socket errors:") {
+            for part in rest.split(',') {
+                let mut kv = part.split_whitespace();
+                if let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                    let n: u64 = v.parse().unwrap_or(0);
+                    if n > 0 {
+                        o.errors.insert(format!("socket {k}"), n);
+                    }
+                }
+            }
+        }
+        if let Some(rest) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            let n: u64 = rest.trim().parse().unwrap_or(0);
+            if n > 0 {
+                o.errors.insert("non-2xx".into(), n);
+            }
+        }
+    }
+    if o.secs <= 0.0 {
+        return Err(format!("wrk: no result in its output:\n{text}"));
+    }
+    Ok(o)
+}
+
+fn run_wrk(
+    ctx: &Ctx,
+    target: Target,
+    conns: usize,
+    threads: usize,
+    secs: f64,
+) -> Result<WrkOut, String> {
+    let mut cmd = Command::new("wrk");
+    let secs = secs.ceil().max(1.0) as u64;
+    cmd.arg("--latency")
+        .arg(format!("-t{}", threads.clamp(1, conns.max(1))))
+        .arg(format!("-c{}", conns.max(1)))
+        .arg(format!("-d{secs}s"))
+        .arg("--timeout")
+        .arg("30s")
+        .arg("-H")
+        .arg("Accept: application/json")
+        .arg("-H")
+        .arg("User-Agent: sidekey-bench/1");
+    match target {
+        Target::Direct => {
+            cmd.arg("-H").arg(format!(
+                "Authorization: {}",
+                ctx.direct_auth.to_str().unwrap_or_default()
+            ));
+        }
+        Target::Nginx => {}
+        Target::Via => {
+            // One session: wrk sends the same request bytes each time (no
+            // Lua on its hot path); sidekey still runs every session check.
+            cmd.arg("-H").arg(format!(
+                "X-Sidekey-Session: {}",
+                ctx.sessions[0].to_str().unwrap_or_default()
+            ));
+        }
+    }
+    let out = cmd
+        .arg(target.uri(ctx).to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run wrk: {e} (apt-get install wrk)"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "wrk failed ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_wrk(&text)
+}
+
+/// One closed-loop case driven by wrk (a warm-up run first, not counted).
+async fn wrk_case(
+    ctx: &Arc<Ctx>,
+    target: Target,
+    conns: usize,
+    threads: usize,
+    warmup: Duration,
+    dur: Duration,
+) -> Result<Case, String> {
+    let c2 = ctx.clone();
+    let w = warmup.as_secs_f64();
+    let d = dur.as_secs_f64();
+    tokio::task::spawn_blocking(move || {
+        if w > 0.0 {
+            run_wrk(&c2, target, conns, threads, w)?;
+        }
+        let a = snap(&c2);
+        let o = run_wrk(&c2, target, conns, threads, d)?;
+        let b = snap(&c2);
+        let mut c = finish_case(&c2, "wrk", target, conns, None, Vec::new(), a, b);
+        c.requests = o.requests;
+        c.secs = o.secs;
+        c.errors = o.errors.values().sum();
+        c.error_kinds = o.errors;
+        c.fixed = Some(o.quantiles);
+        Ok(c)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 fn free_port() -> u16 {
@@ -874,6 +1314,8 @@ async fn wait_ready(client: &BenchClient, url: &Uri, sk: &mut Sidekey) -> Result
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
     Direct,
+    Nginx,
+    /// Through sidekey.
     Via,
 }
 
@@ -881,7 +1323,16 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
-            Target::Via => "via",
+            Target::Nginx => "nginx",
+            Target::Via => "sidekey",
+        }
+    }
+
+    fn uri(self, ctx: &Ctx) -> Uri {
+        match self {
+            Target::Direct => ctx.direct_uri.clone(),
+            Target::Nginx => ctx.nginx_uri.clone().expect("nginx target without --nginx"),
+            Target::Via => ctx.via_uri.clone(),
         }
     }
 }
@@ -890,6 +1341,10 @@ struct Ctx {
     client: BenchClient,
     direct_uri: Uri,
     via_uri: Uri,
+    /// nginx's `/api/items?limit=10` (it injects the bearer header itself).
+    nginx_uri: Option<Uri>,
+    /// nginx's master and worker pids.
+    nginx_pids: Vec<String>,
     /// `Bearer ...` the direct requests carry (what sidekey would inject).
     direct_auth: HeaderValue,
     /// Session tokens, one per user.
@@ -936,6 +1391,7 @@ async fn one(ctx: &Ctx, target: Target, uri: &Uri, session: usize) -> Result<(),
         Target::Direct => {
             h.insert(header::AUTHORIZATION, ctx.direct_auth.clone());
         }
+        Target::Nginx => {}
         Target::Via => {
             h.insert(
                 "x-sidekey-session",
@@ -978,6 +1434,7 @@ fn record(out: &mut WorkerOut, res: Result<(), String>, us: u64) {
 struct Snap {
     at: Instant,
     sidekey_cpu: f64,
+    nginx_cpu: f64,
     bench_cpu: f64,
 }
 
@@ -985,8 +1442,20 @@ fn snap(ctx: &Ctx) -> Snap {
     Snap {
         at: Instant::now(),
         sidekey_cpu: cpu_secs(&ctx.sidekey_pid),
-        bench_cpu: cpu_secs("self"),
+        nginx_cpu: ctx.nginx_pids.iter().map(|p| cpu_secs(p)).sum(),
+        bench_cpu: cpu_secs("self") + children_cpu_secs(),
     }
+}
+
+/// CPU of this process's waited-for children (wrk runs), seconds.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1021,7 +1490,12 @@ fn finish_case(
         error_kinds,
         secs: (b.at - a.at).as_secs_f64(),
         hist,
-        sidekey_cpu_s: b.sidekey_cpu - a.sidekey_cpu,
+        fixed: None,
+        proxy_cpu_s: match target {
+            Target::Direct => 0.0,
+            Target::Nginx => b.nginx_cpu - a.nginx_cpu,
+            Target::Via => b.sidekey_cpu - a.sidekey_cpu,
+        },
         bench_cpu_s: b.bench_cpu - a.bench_cpu,
         sidekey_hwm_kib: status_kib(&ctx.sidekey_pid, "VmHWM:"),
         sidekey_rss_kib: status_kib(&ctx.sidekey_pid, "VmRSS:"),
@@ -1042,10 +1516,7 @@ async fn closed_loop(
     dur: Duration,
 ) -> Case {
     let phase = Arc::new(AtomicU8::new(WARMUP));
-    let uri = match target {
-        Target::Direct => ctx.direct_uri.clone(),
-        Target::Via => ctx.via_uri.clone(),
-    };
+    let uri = target.uri(ctx);
     let mut handles = Vec::with_capacity(conc);
     for w in 0..conc {
         let ctx = ctx.clone();
@@ -1106,10 +1577,7 @@ async fn open_loop(
     warmup: Duration,
     dur: Duration,
 ) -> Case {
-    let uri = match target {
-        Target::Direct => ctx.direct_uri.clone(),
-        Target::Via => ctx.via_uri.clone(),
-    };
+    let uri = target.uri(ctx);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + Duration::from_millis(20);
     let total = warmup + dur;
@@ -1400,6 +1868,77 @@ async fn run(args: Args) -> Result<(), String> {
     let sessions_secs = t.elapsed().as_secs_f64();
 
     let up_scheme = if args.upstream_tls { "https" } else { "http" };
+    let direct_auth = "Bearer tok-000000-0123456789abcdef";
+    // --- nginx (optional) ---------------------------------------------------
+    let mut nginx = None;
+    let mut nginx_uri = None;
+    if args.nginx {
+        if args.upstream_tls || args.http2 {
+            return Err(
+                "--nginx compares HTTP/1.1 to a plain upstream: drop --upstream-tls/--http2".into(),
+            );
+        }
+        ensure_nginx(&args.nginx_bin)?;
+        let port = free_port();
+        let conf = write_nginx_config(
+            &dir,
+            port,
+            ports.upstream,
+            args.nginx_workers,
+            direct_auth,
+            args.nginx_access_log,
+        )
+        .map_err(|e| e.to_string())?;
+        let prefix = dir.join("nginx");
+        let mut ng = Nginx::spawn(&args.nginx_bin, &conf, &prefix)?;
+        let uri: Uri = format!("https://127.0.0.1:{port}/api/items?limit=10")
+            .parse()
+            .expect("valid uri");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = ng.exited() {
+                return Err(format!(
+                    "nginx exited ({st}):\n{}",
+                    Nginx::error_log(&prefix)
+                ));
+            }
+            let req = Request::get(uri.clone())
+                .body(Full::new(Bytes::new()))
+                .expect("valid request");
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_millis(500), probe.request(req)).await
+            {
+                let st = r.status();
+                let _ = r.into_body().collect().await;
+                if st == StatusCode::OK {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nginx not answering 200 within 20 s:\n{}",
+                    Nginx::error_log(&prefix)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ng.find_workers();
+        out.note(&format!(
+            "sidekey-bench: nginx {} (master {}, workers {:?}), access log {:?}",
+            Command::new(&args.nginx_bin)
+                .arg("-v")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr)
+                    .trim()
+                    .replace("nginx version: ", ""))
+                .unwrap_or_default(),
+            ng.master,
+            ng.workers,
+            args.nginx_access_log
+        ));
+        nginx_uri = Some(uri);
+        nginx = Some(ng);
+    }
     let ctx = Arc::new(Ctx {
         client: build_client(&roots, args.http2),
         direct_uri: format!(
@@ -1414,7 +1953,9 @@ async fn run(args: Args) -> Result<(), String> {
         )
         .parse()
         .expect("valid uri"),
-        direct_auth: HeaderValue::from_static("Bearer tok-000000-0123456789abcdef"),
+        direct_auth: HeaderValue::from_static(direct_auth),
+        nginx_uri,
+        nginx_pids: nginx.as_ref().map(Nginx::pids).unwrap_or_default(),
         sessions,
         sidekey_pid: pid.clone(),
     });
@@ -1437,6 +1978,11 @@ async fn run(args: Args) -> Result<(), String> {
         one(&ctx, Target::Via, &ctx.via_uri, 0)
             .await
             .map_err(|e| format!("request through sidekey failed: {e}\n{}", sk.log_text()))?;
+        if let Some(u) = &ctx.nginx_uri {
+            one(&ctx, Target::Nginx, u, 0)
+                .await
+                .map_err(|e| format!("request through nginx failed: {e}"))?;
+        }
     }
 
     if args.pause > 0.0 {
@@ -1449,34 +1995,62 @@ async fn run(args: Args) -> Result<(), String> {
 
     let warmup = Duration::from_secs_f64(args.warmup);
     let dur = Duration::from_secs_f64(args.duration);
+    let mut measured: Vec<Case> = Vec::new();
     if !args.no_load && n > 0 {
         let cases: Vec<(usize, Option<f64>)> = if args.rate.is_empty() {
             args.levels.iter().map(|&c| (c, None)).collect()
+        } else if args.load == Load::Wrk {
+            return Err("--load wrk runs closed-loop levels only (no --rate)".into());
         } else {
             args.rate
                 .iter()
                 .map(|&r| (args.connections, Some(r)))
                 .collect()
         };
-        for (conc, rate) in cases {
-            let run_case = |target| {
-                let ctx = ctx.clone();
-                async move {
-                    match rate {
-                        None => closed_loop(&ctx, "closed", target, conc, warmup, dur).await,
-                        Some(r) => open_loop(&ctx, target, r, conc, warmup, dur).await,
-                    }
-                }
-            };
-            let d = run_case(Target::Direct).await;
-            out.case(&d);
-            let mut v = run_case(Target::Via).await;
-            // In the open loop both run at the scheduled rate: no ratio.
-            if d.rps() > 0.0 && rate.is_none() {
-                v.ratio = Some(v.rps() / d.rps());
+        let mut targets = vec![Target::Direct];
+        if ctx.nginx_uri.is_some() {
+            targets.push(Target::Nginx);
+        }
+        targets.push(Target::Via);
+        for round in 0..args.repeat.max(1) {
+            if args.repeat > 1 {
+                out.note(&format!(
+                    "sidekey-bench: round {} of {}",
+                    round + 1,
+                    args.repeat
+                ));
             }
-            v.added_p50_us = Some(v.q(0.5) - d.q(0.5));
-            out.case(&v);
+            for &(conc, rate) in &cases {
+                let mut direct: Option<(f64, f64)> = None;
+                for &target in &targets {
+                    let mut c = match (args.load, rate) {
+                        (Load::Wrk, _) => {
+                            wrk_case(&ctx, target, conc, args.wrk_threads, warmup, dur).await?
+                        }
+                        (Load::Builtin, None) => {
+                            closed_loop(&ctx, "closed", target, conc, warmup, dur).await
+                        }
+                        (Load::Builtin, Some(r)) => {
+                            open_loop(&ctx, target, r, conc, warmup, dur).await
+                        }
+                    };
+                    match direct {
+                        None => direct = Some((c.rps(), c.q(0.5))),
+                        Some((rps, p50)) => {
+                            // In the open loop all run at the scheduled rate: no ratio.
+                            if rps > 0.0 && rate.is_none() {
+                                c.ratio = Some(c.rps() / rps);
+                            }
+                            c.added_p50_us = Some(c.q(0.5) - p50);
+                        }
+                    }
+                    out.case(&c);
+                    measured.push(c);
+                }
+            }
+        }
+        if ctx.nginx_uri.is_some() {
+            side_by_side(&out, &measured);
         }
     }
 
@@ -1491,7 +2065,7 @@ async fn run(args: Args) -> Result<(), String> {
             c.errors,
             c.q(0.5),
             c.q(0.99),
-            c.hist.max()
+            c.max()
         ));
     }
 
@@ -1534,11 +2108,14 @@ async fn run(args: Args) -> Result<(), String> {
     if sk.exited().is_some() {
         return Err(format!("sidekey died during the run:\n{}", sk.log_text()));
     }
-    sk.stop();
+    let stopped = sk.stop();
     out.note(&format!(
-        "sidekey: peak RSS {:.1} MiB, total CPU {:.2} s",
+        "sidekey: peak RSS {:.1} MiB, total CPU {:.2} s, exited {} after SIGTERM",
         final_hwm as f64 / 1024.0,
-        final_cpu
+        final_cpu,
+        stopped
+            .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or_else(|| "not within 30 s".into())
     ));
     out.json_line(&json!({
         "case": "summary",
@@ -1546,8 +2123,163 @@ async fn run(args: Args) -> Result<(), String> {
         "sidekey_peak_rss_kib": final_hwm,
         "sidekey_cpu_secs": round3(final_cpu),
     }));
+    drop(nginx);
     drop(tmp);
     Ok(())
+}
+
+fn range(xs: &[f64], prec: usize, signed: bool) -> String {
+    let xs: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if xs.is_empty() {
+        return "-".into();
+    }
+    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let f = |x: f64| {
+        if signed {
+            format!("{x:+.prec$}")
+        } else {
+            format!("{x:.prec$}")
+        }
+    };
+    if (hi - lo).abs() < 0.5 * 10f64.powi(-(prec as i32)) {
+        f(lo)
+    } else {
+        format!("{}…{}", f(lo), f(hi))
+    }
+}
+
+/// direct / nginx / sidekey per load level, as ranges over the rounds, and
+/// the two gateway goals (added p50 at 1 connection, req/s at 64).
+fn side_by_side(out: &Out, cases: &[Case]) {
+    let mut keys: Vec<(usize, String)> = Vec::new();
+    for c in cases {
+        let k = (
+            c.concurrency,
+            c.rate.map(|r| format!("{r:.0}/s")).unwrap_or_default(),
+        );
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let rounds = cases
+        .iter()
+        .filter(|c| c.target == "direct" && c.concurrency == keys[0].0)
+        .count();
+    out.note(&format!(
+        "\nside by side, {rounds} round(s), min…max ({} load):",
+        if cases.iter().any(|c| c.fixed.is_some()) {
+            "wrk"
+        } else {
+            "builtin"
+        }
+    ));
+    out.note(&format!(
+        "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13}",
+        "conc/rate",
+        "target",
+        "req/s",
+        "p50 µs",
+        "+p50 µs",
+        "errors",
+        "gw CPU µs/rq",
+        "×nginx req/s"
+    ));
+    let pick = |k: &(usize, String), t: &str| -> Vec<&Case> {
+        cases
+            .iter()
+            .filter(|c| {
+                c.target == t
+                    && c.concurrency == k.0
+                    && c.rate.map(|r| format!("{r:.0}/s")).unwrap_or_default() == k.1
+            })
+            .collect()
+    };
+    for k in &keys {
+        let ng = pick(k, "nginx");
+        for t in ["direct", "nginx", "sidekey"] {
+            let cs = pick(k, t);
+            if cs.is_empty() {
+                continue;
+            }
+            let v = |f: &dyn Fn(&Case) -> f64| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
+            let vs_nginx: Vec<f64> = cs
+                .iter()
+                .zip(ng.iter())
+                .map(|(c, n)| c.rps() / n.rps().max(1e-9))
+                .collect();
+            out.note(&format!(
+                "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13}",
+                if k.1.is_empty() {
+                    k.0.to_string()
+                } else {
+                    k.1.clone()
+                },
+                t,
+                range(&v(&|c| c.rps()), 0, false),
+                range(&v(&|c| c.q(0.5)), 0, false),
+                if t == "direct" {
+                    "-".into()
+                } else {
+                    range(&v(&|c| c.added_p50_us.unwrap_or(f64::NAN)), 0, true)
+                },
+                range(&v(&|c| c.errors as f64), 0, false),
+                if t == "direct" {
+                    "-".into()
+                } else {
+                    range(&v(&|c| c.cpu_us_per_req(c.proxy_cpu_s)), 1, false)
+                },
+                if t == "sidekey" {
+                    range(&vs_nginx, 2, false)
+                } else {
+                    "-".into()
+                },
+            ));
+        }
+    }
+    // The goals, judged round by round (same run, same machine state).
+    let at = |conc: usize, t: &str| -> Vec<&Case> {
+        cases
+            .iter()
+            .filter(|c| c.target == t && c.concurrency == conc && c.rate.is_none())
+            .collect()
+    };
+    let (s1, n1) = (at(1, "sidekey"), at(1, "nginx"));
+    if !s1.is_empty() && s1.len() == n1.len() {
+        let diff: Vec<f64> = s1
+            .iter()
+            .zip(&n1)
+            .map(|(s, n)| s.added_p50_us.unwrap_or(f64::NAN) - n.added_p50_us.unwrap_or(f64::NAN))
+            .collect();
+        let met = diff.iter().filter(|d| **d <= 0.0).count();
+        out.note(&format!(
+            "goal p50 at 1 connection: sidekey adds {} µs, nginx {} µs; sidekey − nginx {} µs; met in {met}/{} round(s)",
+            range(&s1.iter().map(|c| c.added_p50_us.unwrap_or(f64::NAN)).collect::<Vec<_>>(), 0, true),
+            range(&n1.iter().map(|c| c.added_p50_us.unwrap_or(f64::NAN)).collect::<Vec<_>>(), 0, true),
+            range(&diff, 0, true),
+            diff.len()
+        ));
+    }
+    let (s64, n64) = (at(64, "sidekey"), at(64, "nginx"));
+    if !s64.is_empty() && s64.len() == n64.len() {
+        let ratio: Vec<f64> = s64
+            .iter()
+            .zip(&n64)
+            .map(|(s, n)| s.rps() / n.rps().max(1e-9))
+            .collect();
+        let met = s64
+            .iter()
+            .zip(&ratio)
+            .filter(|(s, r)| **r >= 1.0 && s.errors == 0)
+            .count();
+        out.note(&format!(
+            "goal req/s at 64 connections: sidekey/nginx {}× (errors sidekey {}, nginx {}); met in {met}/{} round(s)",
+            range(&ratio, 2, false),
+            s64.iter().map(|c| c.errors).sum::<u64>(),
+            n64.iter().map(|c| c.errors).sum::<u64>(),
+            ratio.len()
+        ));
+    }
 }
 
 /// N concurrent requests on one expired credential: the first refreshes,
@@ -1603,6 +2335,8 @@ async fn storm(
             .parse()
             .expect("valid uri"),
         direct_auth: ctx.direct_auth.clone(),
+        nginx_uri: None,
+        nginx_pids: Vec::new(),
         sessions: vec![HeaderValue::try_from(token).map_err(|e| e.to_string())?],
         sidekey_pid: ctx.sidekey_pid.clone(),
     });
@@ -1641,4 +2375,24 @@ async fn storm(
     c.extra
         .insert("token_delay_ms".into(), json!(args.storm_token_delay_ms));
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let text = "Running 4s test @ https://127.0.0.1:1/api\n  1 threads and 64 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency     1.80ms  300.00us  12.50ms   90.00%\n    Req/Sec    36.00k     1.00k   38.00k    70.00%\n  Latency Distribution\n     50%  174.00us\n     75%    1.70ms\n     90%    2.00ms\n     99%    3.10ms\n  145000 requests in 4.00s, 30.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 12\nRequests/sec:  36250.00\nTransfer/sec:      7.50MB\n";
+        let o = parse_wrk(text).unwrap();
+        assert_eq!(o.requests, 145_000);
+        assert!((o.secs - 4.0).abs() < 1e-9);
+        assert_eq!(o.quantiles[&500], 174.0);
+        assert_eq!(o.quantiles[&990], 3100.0);
+        assert_eq!(o.quantiles[&1000], 12_500.0);
+        assert_eq!(o.errors["socket read"], 2);
+        assert_eq!(o.errors["socket timeout"], 1);
+        assert_eq!(o.errors["non-2xx"], 12);
+        assert!(parse_wrk("nothing").is_err());
+    }
 }
