@@ -604,8 +604,26 @@ impl RefreshCoordinator {
                 .map_err(ApiError::from)?
             {
                 ClaimOutcome::Granted(claim) => {
-                    let res = self.refresh_claimed(p, owner, cur, &claim).await;
-                    return res;
+                    // Read again under the claim: another replica may have
+                    // refreshed between our read and our claim (its claim
+                    // released just before ours was granted). Its token is
+                    // then the one to use, and ours would be a second call
+                    // with a refresh token it already spent.
+                    let now_cur = match self.store.credential_uncached(owner, &p.name).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.release_claim(&claim, None).await;
+                            return Err(ApiError::from(e));
+                        }
+                    };
+                    let before = cur.as_ref().map(|c| c.generation);
+                    if now_cur.as_ref().map(|c| c.generation) != before {
+                        self.release_claim(&claim, None).await;
+                        // (No credential before: any one now is newer.)
+                        seen = Some(before.unwrap_or(u64::MAX));
+                        continue;
+                    }
+                    return self.refresh_claimed(p, owner, now_cur, &claim).await;
                 }
                 ClaimOutcome::BackingOff(_) => {
                     self.metrics.refresh(&p.name, "backoff");
