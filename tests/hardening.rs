@@ -395,6 +395,11 @@ async fn item5_non_bearer_token_types_are_refused_never_injected() {
             .all(|r| r.header("authorization").is_none()),
         "a DPoP token went upstream"
     );
+    // The log line is read from the process's stderr by another thread.
+    let waited = Instant::now();
+    while !sk.log_text().contains("DPoP") && waited.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         sk.log_text().contains("DPoP"),
         "the log must say why the refresh failed"
