@@ -780,3 +780,54 @@ async fn rotate_key_on_postgres_refuses_while_replicas_serve_then_reseals() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(up.last().bearer().as_deref(), Some("tok-kim-rotate"));
 }
+
+#[tokio::test]
+async fn three_replicas_starting_together_on_an_empty_database_agree() {
+    let up = Upstream::start().await;
+    let providers = provider_toml("custom", &up.url, "inject = \"bearer\"");
+    // Secrets from a first instance (on a database of its own).
+    let seed = Sidekey::start(Options::with_providers(&providers).postgres()).await;
+    let empty = Options::with_providers(&providers).postgres();
+    let dirs: Vec<_> = (0..3)
+        .map(|_| {
+            let d = tempfile::tempdir().unwrap();
+            share_secrets(seed.path(), d.path());
+            Arc::new(d)
+        })
+        .collect();
+    let rs: Vec<Sidekey> = join_all(
+        dirs.iter()
+            .map(|d| Sidekey::start_in(d.clone(), empty.clone())),
+    )
+    .await;
+    // One schema, one key check, one index key: a phone registered on one
+    // replica is found by the others' conversation-init.
+    let r = rs[0]
+        .admin(
+            Method::PUT,
+            "/v1/users/lee",
+            Some(json!({"phone_numbers": ["+15550003333"]})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for sk in &rs[1..] {
+        let r = sk
+            .agent(
+                Method::POST,
+                "/v1/elevenlabs/conversation-init",
+                &[
+                    ("x-sidekey-init-secret", support::INIT_SECRET),
+                    ("content-type", "application/json"),
+                ],
+                json!({"caller_id": "+15550003333", "agent_id": "a", "called_number": "+1", "call_sid": "c"})
+                    .to_string(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["dynamic_variables"]["user_id"], "lee");
+    }
+    let c = support::pg::cluster();
+    let db = empty.pg_db.get().unwrap();
+    assert_eq!(c.psql(db, "SELECT count(*) FROM sidekey_schema"), "1");
+    assert_eq!(c.psql(db, "SELECT version FROM sidekey_schema"), "1");
+}
