@@ -705,7 +705,9 @@ impl Config {
                 "[server] h2_max_concurrent_streams",
                 p,
             ) as u32,
-            max_pending_per_ip: s.max_pending_per_ip.unwrap_or(128),
+            // Above a cold burst of tool calls from one egress IP (hundreds of
+            // connections before the first answer), far below max_connections.
+            max_pending_per_ip: s.max_pending_per_ip.unwrap_or(1024),
             upstream_ca_file: s.upstream_ca_file.as_deref().map(|f| resolve(dir, f)),
         };
         if server.max_header_bytes < 8192 {

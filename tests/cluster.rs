@@ -5,21 +5,16 @@ mod support;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::token::require_valid_token;
+use support::{oauth_provider, unix_now};
 
 use futures_util::future::join_all;
 use http::Method;
 use serde_json::{Value, json};
 use support::token::{Mode, TokenServer};
-use support::upstream::{Reply, Upstream};
+use support::upstream::Upstream;
 use support::{Options, Resp, Sidekey, provider_toml, query_param, run_cli};
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 /// Starts `n` replicas on one fresh database, sharing the master key,
 /// session key, admin token and certificate, as a deployment would.
@@ -52,26 +47,6 @@ fn share_secrets(from: &Path, to: &Path) {
     ] {
         std::fs::copy(from.join(f), to.join(f)).unwrap();
     }
-}
-
-fn oauth_provider(name: &str, up: &Upstream, tok: &TokenServer) -> String {
-    format!(
-        "[providers.{name}]\nbase_url = \"{}\"\ntoken_url = \"{}\"\n\
-         authorize_url = \"https://auth.example.com/authorize\"\n\
-         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
-         refresh_skew_secs = 60\n",
-        up.url, tok.url
-    )
-}
-
-/// The upstream answers 401 unless the bearer is one the fake token
-/// endpoint issued (or was told about).
-fn require_valid_token(up: &Upstream, tok: &TokenServer) {
-    let t = tok.clone();
-    up.set_handler(move |r| match r.bearer() {
-        Some(b) if t.is_valid_access(&b) => Reply::Json(200, json!({"ok": true})),
-        _ => Reply::Json(401, json!({"error": "invalid_token"})),
-    });
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -185,7 +160,7 @@ async fn a_refresh_storm_over_three_replicas_makes_one_token_call() {
     tok.issue_refresh("rt-seed");
     let rs = replicas(
         3,
-        Options::with_providers(&oauth_provider("custom", &up, &tok)),
+        Options::with_providers(&oauth_provider("custom", &up.url, &tok.url, "")),
     )
     .await;
     rs[0]
@@ -243,7 +218,7 @@ async fn a_replica_killed_mid_refresh_is_taken_over_after_its_lease() {
     // upstream_timeout_secs = 2: a claim's lease is 2 + 5 = 7 s.
     let mut rs = replicas(
         2,
-        Options::with_providers(&oauth_provider("custom", &up, &tok))
+        Options::with_providers(&oauth_provider("custom", &up.url, &tok.url, ""))
             .server("upstream_timeout_secs = 2"),
     )
     .await;
@@ -424,7 +399,7 @@ async fn oauth_started_on_one_replica_completes_on_another_once() {
         3,
         Options::with_providers(&format!(
             "{}\n[oauth]\nbind_browser = false\n",
-            oauth_provider("custom", &up, &tok)
+            oauth_provider("custom", &up.url, &tok.url, "")
         )),
     )
     .await;
@@ -649,7 +624,7 @@ async fn a_pg_dump_holds_no_plaintext_secret() {
     let tok = TokenServer::start().await;
     let rs = replicas(
         1,
-        Options::with_providers(&oauth_provider("custom", &up, &tok)),
+        Options::with_providers(&oauth_provider("custom", &up.url, &tok.url, "")),
     )
     .await;
     let sk = &rs[0];

@@ -9,7 +9,8 @@ use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use support::unix_now;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -42,13 +43,6 @@ async fn start_custom() -> (Upstream, Sidekey) {
     )))
     .await;
     (up, sk)
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 /// hex(HMAC-SHA256(secret, "<t>.<body>")), as ElevenLabs signs post-call webhooks.

@@ -7,7 +7,9 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::token::require_valid_token;
+use support::{oauth_provider, unix_now};
 
 use base64::Engine;
 use futures_util::future::join_all;
@@ -16,32 +18,6 @@ use serde_json::{Value, json};
 use support::token::TokenServer;
 use support::upstream::{Reply, Upstream};
 use support::{Api, InProcess, Options, Resp, Sidekey};
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A refreshable provider pointing at a fake upstream and token endpoint.
-fn oauth_provider(name: &str, base_url: &str, token_url: &str, extra: &str) -> String {
-    format!(
-        "[providers.{name}]\nbase_url = \"{base_url}\"\ntoken_url = \"{token_url}\"\n\
-         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
-         refresh_skew_secs = 60\n{extra}\n"
-    )
-}
-
-/// The upstream answers 401 unless the bearer token is one the fake token
-/// endpoint issued (or was told about).
-fn require_valid_token(up: &Upstream, tok: &TokenServer) {
-    let t = tok.clone();
-    up.set_handler(move |r| match r.bearer() {
-        Some(b) if t.is_valid_access(&b) => Reply::Json(200, json!({"ok": true})),
-        _ => Reply::Json(401, json!({"error": "invalid_token"})),
-    });
-}
 
 async fn meta(api: &Api, user: &str, provider: &str) -> Value {
     let r = api

@@ -21,7 +21,8 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::unix_now;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -47,13 +48,6 @@ const VICTIM_RT: &str = "tok-alice-refresh-9d2beef";
 const VICTIM_PHONE: &str = "+15550001111";
 /// The allowed path every "would have worked" request uses.
 const GOOD_PATH: &str = "/v1/proxy/custom/things";
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)

@@ -10,7 +10,9 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use support::token::require_valid_token;
+use support::{oauth_provider, unix_now};
 
 use base64::Engine;
 use futures_util::future::join_all;
@@ -31,24 +33,6 @@ const RETURN_TO: &str = "https://app.example/settings";
 // ---------------------------------------------------------------------------
 // Local helpers
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A refreshable provider pointing at the fake upstream and token endpoint.
-fn oauth_provider(name: &str, up: &Upstream, tok: &TokenServer, extra: &str) -> String {
-    format!(
-        "[providers.{name}]\nbase_url = \"{}\"\ntoken_url = \"{}\"\n\
-         authorize_url = \"https://auth.example.com/authorize\"\n\
-         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
-         refresh_skew_secs = 60\n{extra}\n",
-        up.url, tok.url
-    )
-}
-
 /// A preset provider with its URLs pointed at the fakes.
 fn preset_provider(
     name: &str,
@@ -62,19 +46,6 @@ fn preset_provider(
          client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n{extra}\n",
         up.url, tok.url
     )
-}
-
-/// The upstream answers 401 unless the bearer token is one the fake token
-/// endpoint issued (or was told about); on success it echoes the body.
-fn require_valid_token(up: &Upstream, tok: &TokenServer) {
-    let t = tok.clone();
-    up.set_handler(move |r| match r.bearer() {
-        Some(b) if t.is_valid_access(&b) => Reply::Json(
-            200,
-            json!({"ok": true, "path": r.path, "body": String::from_utf8_lossy(&r.body)}),
-        ),
-        _ => Reply::Json(401, json!({"error": "invalid_token"})),
-    });
 }
 
 /// Credential metadata from the admin API (asserts 200).
@@ -192,8 +163,8 @@ async fn refreshes_before_use_when_expiry_is_within_the_skew() {
     require_valid_token(&up, &tok);
     tok.issue_refresh("rt-body-seed");
     tok.issue_refresh("rt-basic-seed");
-    let toml = oauth_provider("bodyauth", &up, &tok, "")
-        + &oauth_provider("basicauth", &up, &tok, "client_auth = \"basic\"");
+    let toml = oauth_provider("bodyauth", &up.url, &tok.url, "")
+        + &oauth_provider("basicauth", &up.url, &tok.url, "client_auth = \"basic\"");
     let sk = Sidekey::start(Options::with_providers(&toml)).await;
 
     // Expires in 30 s, skew is 60 s: due for refresh.
@@ -285,7 +256,7 @@ async fn concurrent_requests_share_one_refresh() {
     require_valid_token(&up, &tok);
     tok.issue_refresh("rt-seed");
     let sk = Sidekey::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     sk.put_credential(
@@ -392,8 +363,8 @@ async fn rotated_refresh_token_survives_kill_and_restart() {
     // token endpoint with the refresh token rotated before the kill.
     let mut sk = Sidekey::start(Options::with_providers(&oauth_provider(
         "custom",
-        &up,
-        &tok,
+        &up.url,
+        &tok.url,
         "refresh_cooldown_secs = 0",
     )))
     .await;
@@ -446,7 +417,7 @@ async fn upstream_401_refreshes_and_replays_once_with_the_body() {
     tok.issue_refresh("rt-seed");
     tok.issue_refresh("rt-seed-2");
     let sk = Sidekey::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     // Far from expiry: only the upstream's 401 can trigger the refresh.
@@ -506,7 +477,7 @@ async fn concurrent_401s_share_one_refresh() {
     require_valid_token(&up, &tok);
     tok.issue_refresh("rt-seed");
     let sk = Sidekey::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     sk.put_credential(
@@ -671,8 +642,8 @@ async fn dead_refresh_token_needs_reauth_until_replaced() {
     tok.set_mode(Mode::InvalidGrant);
     let sk = Sidekey::start(Options::with_providers(&oauth_provider(
         "custom",
-        &up,
-        &tok,
+        &up.url,
+        &tok.url,
         "display_name = \"Acme CRM\"",
     )))
     .await;
@@ -759,7 +730,7 @@ async fn token_endpoint_5xx_leaves_credential_untouched_and_backs_off() {
     tok.issue_refresh("rt-keep");
     tok.set_mode(Mode::ServerError);
     let mut sk = InProcess::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     sk.put_credential(
@@ -839,7 +810,7 @@ async fn slow_token_endpoint_is_refresh_failed_within_the_timeout() {
     let slow = Duration::from_secs(15);
     tok.set_mode(Mode::Slow(slow));
     let sk = Sidekey::start(
-        Options::with_providers(&oauth_provider("custom", &up, &tok, ""))
+        Options::with_providers(&oauth_provider("custom", &up.url, &tok.url, ""))
             .server("upstream_timeout_secs = 1"),
     )
     .await;
@@ -877,10 +848,10 @@ async fn refresh_tool_reports_each_provider_without_tokens() {
     tok.issue_refresh("rt-seed");
     // No cooldown here: this test forces two refreshes back to back (the
     // cooldown has its own test in tests/hardening.rs).
-    let toml = oauth_provider("custom", &up, &tok, "refresh_cooldown_secs = 0")
-        + &oauth_provider("other", &up, &tok, "")
-        + &oauth_provider("dead", &up, &tok, "")
-        + &oauth_provider("outside", &up, &tok, "")
+    let toml = oauth_provider("custom", &up.url, &tok.url, "refresh_cooldown_secs = 0")
+        + &oauth_provider("other", &up.url, &tok.url, "")
+        + &oauth_provider("dead", &up.url, &tok.url, "")
+        + &oauth_provider("outside", &up.url, &tok.url, "")
         + &format!(
             "[providers.tg]\npreset = \"telegram\"\nbase_url = \"{}\"\n",
             up.url
@@ -982,8 +953,8 @@ async fn oauth_code_flow_with_pkce_stores_the_credential() {
     let mut sk = InProcess::start(
         Options::with_providers(&oauth_provider(
             "custom",
-            &up,
-            &tok,
+            &up.url,
+            &tok.url,
             "scopes = [\"read\", \"write\"]",
         ))
         .unbound_oauth(),
@@ -1119,7 +1090,7 @@ async fn oauth_state_expires_after_ten_minutes() {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
     let mut sk = InProcess::start(
-        Options::with_providers(&oauth_provider("custom", &up, &tok, "")).unbound_oauth(),
+        Options::with_providers(&oauth_provider("custom", &up.url, &tok.url, "")).unbound_oauth(),
     )
     .await;
     let (url, state) = oauth_start(&sk, "olga", "custom", json!({"return_to": RETURN_TO})).await;
@@ -1284,7 +1255,7 @@ async fn tenant_credentials_serve_users_without_their_own() {
     tok.issue_access("sam-own-at");
     tok.issue_refresh("rt-tenant");
     let sk = Sidekey::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     let tenant_cred = "/v1/tenants/acme/credentials/custom";
@@ -1389,7 +1360,7 @@ async fn credential_replaced_during_a_refresh_is_not_clobbered() {
     // The fake holds each answer 2 s: time for the main app to reconnect.
     tok.set_mode(Mode::Slow(Duration::from_secs(2)));
     let sk = Sidekey::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     let session = sk.token("uma", &["custom"]).await;
@@ -1480,7 +1451,7 @@ async fn early_refresh_failure_still_uses_the_unexpired_token() {
     tok.issue_access("at-still-good");
     tok.set_mode(Mode::ServerError);
     let mut sk = InProcess::start(Options::with_providers(&oauth_provider(
-        "custom", &up, &tok, "",
+        "custom", &up.url, &tok.url, "",
     )))
     .await;
     // Inside the 60 s skew, but 30 s from actually expiring.

@@ -800,3 +800,21 @@ pub fn query_param(url: &str, name: &str) -> Option<String> {
 pub fn provider_toml(name: &str, base_url: &str, extra: &str) -> String {
     format!("[providers.{name}]\nbase_url = \"{base_url}\"\n{extra}\n")
 }
+
+/// Unix seconds now (the system clock the binary uses).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A refreshable provider pointing at a fake upstream and token endpoint.
+pub fn oauth_provider(name: &str, base_url: &str, token_url: &str, extra: &str) -> String {
+    format!(
+        "[providers.{name}]\nbase_url = \"{base_url}\"\ntoken_url = \"{token_url}\"\n\
+         authorize_url = \"https://auth.example.com/authorize\"\n\
+         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
+         refresh_skew_secs = 60\n{extra}\n"
+    )
+}

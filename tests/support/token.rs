@@ -318,3 +318,16 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
     }
     reply(200, v)
 }
+
+/// The upstream answers 401 unless the bearer token is one `tok` issued
+/// (or was told about); on success it echoes the path and body.
+pub fn require_valid_token(up: &super::upstream::Upstream, tok: &TokenServer) {
+    let t = tok.clone();
+    up.set_handler(move |r| match r.bearer() {
+        Some(b) if t.is_valid_access(&b) => super::upstream::Reply::Json(
+            200,
+            json!({"ok": true, "path": r.path, "body": String::from_utf8_lossy(&r.body)}),
+        ),
+        _ => super::upstream::Reply::Json(401, json!({"error": "invalid_token"})),
+    });
+}
