@@ -147,6 +147,9 @@ struct Shared {
     handshake_timeout: Duration,
     first_bytes_timeout: Duration,
     pending: Arc<crate::limits::PendingConns>,
+    /// Agent workers still holding their copy of the listening socket:
+    /// "no longer accepting" is true only once this is 0.
+    worker_listeners: std::sync::atomic::AtomicUsize,
 }
 
 /// Serves both listeners until `shutdown` resolves, then drains in-flight
@@ -188,6 +191,7 @@ pub async fn run(
         handshake_timeout: Duration::from_secs(cfg.tls_handshake_timeout_secs),
         first_bytes_timeout: Duration::from_secs(cfg.header_read_timeout_secs),
         pending: crate::limits::PendingConns::new(cfg.max_pending_per_ip),
+        worker_listeners: std::sync::atomic::AtomicUsize::new(0),
         app: app.clone(),
     });
     let agent_slots = Arc::new(Semaphore::new(cfg.max_connections));
@@ -247,12 +251,20 @@ pub async fn run(
 
     shared.draining.store(true, Ordering::SeqCst);
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
+    shared.drain.send_replace(true);
+    // The workers close their copies of the agent socket on the drain
+    // signal; until they have, a client could still connect.
+    let closing = tokio::time::Instant::now();
+    while shared.worker_listeners.load(Ordering::SeqCst) > 0
+        && closing.elapsed() < Duration::from_secs(1)
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     tracing::info!(
         in_flight_connections = shared.drain.receiver_count(),
         grace_secs = grace.as_secs(),
         "shutting down: no longer accepting, draining"
     );
-    shared.drain.send_replace(true);
     if tokio::time::timeout(grace, shared.drain.closed())
         .await
         .is_err()
@@ -306,6 +318,7 @@ fn spawn_worker(
     let slots = slots.clone();
     let mut drain = sh.drain.subscribe();
     let mut abort = sh.abort.subscribe();
+    sh.worker_listeners.fetch_add(1, Ordering::SeqCst);
     let run = move || {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -342,6 +355,7 @@ fn spawn_worker(
                 }
             }
             drop((listener, held, drain));
+            sh.worker_listeners.fetch_sub(1, Ordering::SeqCst);
             if !*abort.borrow_and_update() {
                 tokio::select! {
                     _ = idle.recv() => {}
