@@ -2717,12 +2717,48 @@ fn ns_hist() -> Histogram<u64> {
 /// credential lookups over the `n` users, uncached and cached. Closed
 /// again before sidekey starts (sled has one process).
 async fn probe_store(dir: &Path, n: usize, reads: usize) -> Result<StoreProbe, String> {
-    use sidekey::store::Owner;
     let cfg = sidekey::config::Config::load(&dir.join("config.toml")).map_err(|p| p.join("; "))?;
     let loaded = sidekey::bootstrap::load(&cfg, false).map_err(|p| p.join("; "))?;
+    let sled_db = cfg.store.path.join("db");
+    wait_sled_unlocked(&sled_db).await?;
     let store = sidekey::app::open_store(&cfg, loaded.keys)
         .await
         .map_err(|e| e.to_string())?;
+    let probe = probe_open_store(&store, n, reads).await;
+    drop(store);
+    // sidekey starts next, on the same sled files.
+    wait_sled_unlocked(&sled_db).await?;
+    probe
+}
+
+/// sled's I/O threads can hold a dropped store's file lock a little
+/// longer; waits (up to 10 s) until `db` could be locked.
+async fn wait_sled_unlocked(db: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(db) else {
+        return Ok(()); // no sled store (yet)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} still locked after 10 s", db.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn probe_open_store(
+    store: &sidekey::store::Store,
+    n: usize,
+    reads: usize,
+) -> Result<StoreProbe, String> {
+    use sidekey::store::Owner;
     let mut probe = StoreProbe {
         bytes: store.size_on_disk().await,
         uncached: None,
@@ -2899,6 +2935,36 @@ async fn storm_replicas(
     // Connections to every replica opened first: the latencies are of the
     // refresh, not of n TLS handshakes.
     let client = build_client(roots, args.http2);
+    // One accepted request per replica first: a fresh replica closes more
+    // than `max_pending_per_ip` (128) not-yet-proven connections from one
+    // address, and health probes prove nothing.
+    admin
+        .put_credential(
+            "storm-proof",
+            "bench",
+            json!({"access_token": "storm-proof-token"}),
+        )
+        .await?;
+    let proof = HeaderValue::try_from(admin.session("storm-proof", &["bench"]).await?)
+        .map_err(|e| e.to_string())?;
+    let pctx = Ctx {
+        client: client.clone(),
+        direct_uri: ctx.direct_uri.clone(),
+        via_uri: ctx.via_uri.clone(),
+        direct_auth: ctx.direct_auth.clone(),
+        nginx_uri: None,
+        nginx_pids: Vec::new(),
+        sessions: vec![proof],
+        sidekey_pid: ctx.sidekey_pid.clone(),
+    };
+    for p in agent_ports {
+        let uri: Uri = format!("https://127.0.0.1:{p}/v1/proxy/bench/api/items")
+            .parse()
+            .expect("valid uri");
+        one(&pctx, Target::Via, &uri, 0)
+            .await
+            .map_err(|e| format!("request through replica on port {p} failed: {e}"))?;
+    }
     let mut hs = Vec::new();
     for i in 0..n {
         let client = client.clone();
