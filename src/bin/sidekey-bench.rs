@@ -2039,6 +2039,7 @@ async fn run(args: Args) -> Result<(), String> {
     let warmup = Duration::from_secs_f64(args.warmup);
     let dur = Duration::from_secs_f64(args.duration);
     let mut measured: Vec<Case> = Vec::new();
+    let pg_before = pg.as_ref().and_then(PgCluster::transactions);
     if !args.no_load && n > 0 {
         let cases: Vec<(usize, Option<f64>)> = if args.rate.is_empty() {
             args.levels.iter().map(|&c| (c, None)).collect()
@@ -2095,6 +2096,7 @@ async fn run(args: Args) -> Result<(), String> {
         if ctx.nginx_uri.is_some() {
             side_by_side(&out, &measured);
         }
+        report_pg_transactions(&out, pg.as_ref(), pg_before, &measured);
     }
 
     if args.refresh_storm > 0 {
@@ -2620,6 +2622,26 @@ impl PgCluster {
         )
     }
 
+    /// Transactions committed or rolled back so far, cluster-wide.
+    fn transactions(&self) -> Option<(i64, Instant)> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-t", "-A", "-h"])
+            .arg(&self.dir)
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                PG_DATABASE,
+                "-c",
+                "SELECT sum(xact_commit + xact_rollback) FROM pg_stat_database",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let n = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        Some((n, Instant::now()))
+    }
+
     fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
@@ -2678,6 +2700,44 @@ fn start_postgres(args: &Args, dir: &Path) -> Result<(Option<PgCluster>, Option<
     );
     let url = pg.url();
     Ok((Some(pg), Some(url)))
+}
+
+/// How many transactions the throwaway cluster ran during the load cases:
+/// a cached request should run none (the audit log's batches and the
+/// listener's heartbeat do, in the background).
+fn report_pg_transactions(
+    out: &Out,
+    pg: Option<&PgCluster>,
+    before: Option<(i64, Instant)>,
+    cases: &[Case],
+) {
+    let (Some(pg), Some((a, t0))) = (pg, before) else {
+        return;
+    };
+    // The statistics reach pg_stat_database when a backend goes idle.
+    std::thread::sleep(Duration::from_millis(1100));
+    let Some((b, t1)) = pg.transactions() else {
+        return;
+    };
+    // Minus the two queries of this count.
+    let tx = (b - a - 2).max(0);
+    let via: u64 = cases
+        .iter()
+        .filter(|c| c.target == "sidekey")
+        .map(|c| c.requests)
+        .sum();
+    let secs = (t1 - t0).as_secs_f64();
+    out.note(&format!(
+        "PostgreSQL: {tx} transactions in {secs:.1} s of load cases ({:.1}/s) while sidekey answered {via} measured requests ({:.5} per request)",
+        tx as f64 / secs.max(1e-9),
+        tx as f64 / (via.max(1)) as f64
+    ));
+    out.json_line(&json!({
+        "case": "postgres_transactions",
+        "transactions": tx,
+        "secs": round3(secs),
+        "sidekey_requests": via,
+    }));
 }
 
 /// Points the generated config at PostgreSQL (`[store] backend = "postgres"`).
