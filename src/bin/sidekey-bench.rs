@@ -3105,6 +3105,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn postgres_backend_is_written_into_the_generated_config() {
+        let dir = std::env::temp_dir().join(format!(
+            "sidekey-bench-cfg-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TempDir(dir.clone(), false);
+        let args = Args::parse_from(["sidekey-bench"]);
+        let ports = Ports {
+            agent: 1,
+            admin: 2,
+            upstream: 3,
+        };
+        write_config(&dir, &ports, &args).unwrap();
+        let sled = sidekey::config::Config::load(&dir.join("config.toml")).unwrap();
+        assert_eq!(sled.store.backend, sidekey::config::StoreBackend::Sled);
+        let url = "postgresql://postgres@/sidekey_bench?host=/tmp/a \"b\"&sslmode=disable";
+        use_postgres_store(&dir, url).unwrap();
+        let cfg = sidekey::config::Config::load(&dir.join("config.toml")).unwrap();
+        assert_eq!(cfg.store.backend, sidekey::config::StoreBackend::Postgres);
+        match sidekey::app::store_location(&cfg).unwrap() {
+            sidekey::store::Location::Postgres(pg) => assert_eq!(pg.url.expose(), url),
+            sidekey::store::Location::Sled(_) => panic!("still sled"),
+        }
+        drop(tmp);
+    }
+
+    /// Needs Debian's postgresql and root (initdb runs as `postgres`), as
+    /// tests/cluster.rs does.
+    #[test]
+    fn throwaway_cluster_starts_and_is_stopped_on_drop() {
+        let dir = std::env::temp_dir().join(format!(
+            "sidekey-bench-pg-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TempDir(dir.clone(), false);
+        let pg = PgCluster::start(dir.join("pg")).unwrap();
+        let pid_file = pg.dir.join("data/postmaster.pid");
+        assert!(pid_file.exists());
+        let (n, _) = pg
+            .transactions()
+            .expect("the cluster answers over its socket");
+        assert!(n > 0);
+        assert!(pg.url().contains(&format!("host={}", pg.dir.display())));
+        drop(pg);
+        assert!(!pid_file.exists(), "the cluster is still running");
+        drop(tmp);
+    }
+
+    #[test]
     fn parses_wrk_output() {
         let text = "Running 4s test @ https://127.0.0.1:1/api\n  1 threads and 64 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency     1.80ms  300.00us  12.50ms   90.00%\n    Req/Sec    36.00k     1.00k   38.00k    70.00%\n  Latency Distribution\n     50%  174.00us\n     75%    1.70ms\n     90%    2.00ms\n     99%    3.10ms\n  145000 requests in 4.00s, 30.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 12\nRequests/sec:  36250.00\nTransfer/sec:      7.50MB\n";
         let o = parse_wrk(text).unwrap();
