@@ -14,6 +14,13 @@
 //! - `--refresh-storm N`: N concurrent requests on one expired token;
 //! - `--soak S`: `--soak-connections` (256) connections for S seconds.
 //!
+//! `--backend postgres` runs sidekey on PostgreSQL (a throwaway cluster the
+//! bench starts as the `postgres` user on a unix socket in its temp dir, or
+//! `--postgres-url`), with the same cases and table. Before sidekey starts,
+//! `--uncached-lookups` credential reads are timed through the library on
+//! the chosen backend; `--storm-replicas N` spreads the refresh storm over N
+//! sidekey processes on the one database.
+//!
 //! sidekey's CPU time comes from `/proc/<pid>/stat` (utime + stime) and its
 //! peak RSS from `/proc/<pid>/status` (VmHWM): it runs as its own process so
 //! neither includes the load generator. Prints a table; `--json` prints one
@@ -170,6 +177,22 @@ struct Args {
     /// interleaved each time); the summary gives the range.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Where sidekey keeps its records: the embedded sled store, or
+    /// PostgreSQL (a throwaway cluster the bench starts, unless --postgres-url).
+    #[arg(long, value_enum, default_value = "sled")]
+    backend: BenchBackend,
+    /// With --backend postgres: this (empty) database instead of a throwaway
+    /// cluster. The run writes bench records into it under a fresh master key.
+    #[arg(long, value_name = "URL")]
+    postgres_url: Option<String>,
+    /// Uncached credential reads timed through the library on the chosen
+    /// backend before sidekey starts (0: off).
+    #[arg(long, default_value_t = 2000)]
+    uncached_lookups: usize,
+    /// Run the refresh storm over this many sidekey processes on one
+    /// database, requests spread round-robin (PostgreSQL only).
+    #[arg(long, default_value_t = 1)]
+    storm_replicas: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -312,6 +335,8 @@ struct Out {
     json: bool,
     credentials: usize,
     header_printed: bool,
+    /// `sled` or `postgres`, named in every JSON object.
+    backend: &'static str,
 }
 
 impl Out {
@@ -327,6 +352,10 @@ impl Out {
 
     fn json_line(&self, v: &Value) {
         if self.json {
+            let mut v = v.clone();
+            if let Value::Object(m) = &mut v {
+                m.entry("backend").or_insert(json!(self.backend));
+            }
             println!("{v}");
             let _ = std::io::stdout().flush();
         }
@@ -1127,46 +1156,51 @@ fn user_id(i: usize) -> String {
 }
 
 /// Fills the store with the library before sidekey starts (and generates
-/// the dev keys, admin token and TLS certificate on the way).
-fn populate_offline(dir: &Path, n: usize) -> Result<(), String> {
+/// the dev keys, admin token and TLS certificate on the way), on whichever
+/// backend the config names.
+async fn populate_offline(dir: &Path, n: usize) -> Result<(), String> {
+    use futures_util::StreamExt;
     use sidekey::secret::Secret;
-    use sidekey::store::{Credential, Owner, Store, StoreOptions};
-    let cfg = sidekey::config::Config::load(&dir.join("config.toml")).map_err(|p| p.join("; "))?;
+    use sidekey::store::{Credential, Owner};
+    let mut cfg =
+        sidekey::config::Config::load(&dir.join("config.toml")).map_err(|p| p.join("; "))?;
     let loaded = sidekey::bootstrap::load(&cfg, true).map_err(|p| p.join("; "))?;
     if n == 0 {
         return Ok(());
     }
-    let store = Store::open(
-        &cfg.store.path,
-        loaded.keys,
-        StoreOptions {
-            flush_every_ms: 1000,
-            cache_ttl: Duration::ZERO,
-            cache_max_entries: 0,
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let now = unix_now();
-    for i in 0..n {
-        let mut c = Credential {
-            access_token: Some(Secret::new(format!(
-                "tok-{i:06}-{:016x}",
-                rand::random::<u64>()
-            ))),
-            expires_at: Some(now + 30 * 86_400),
-            updated_at: now,
-            ..Default::default()
-        };
-        // A sled store's calls complete without waiting.
-        futures_util::FutureExt::now_or_never(store.put_credential(
-            &Owner::User(user_id(i)),
-            "bench",
-            &mut c,
-        ))
-        .expect("sled writes do not wait")
+    // Writes only: no record cache to fill.
+    cfg.store.cache_ttl_secs = 0;
+    cfg.store.cache_max_entries = 0;
+    let store = sidekey::app::open_store(&cfg, loaded.keys)
+        .await
         .map_err(|e| e.to_string())?;
+    let now = unix_now();
+    // Several writes in flight for PostgreSQL's round trips; sled's
+    // complete without waiting.
+    let mut writes = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let store = &store;
+            async move {
+                let mut c = Credential {
+                    access_token: Some(Secret::new(format!(
+                        "tok-{i:06}-{:016x}",
+                        rand::random::<u64>()
+                    ))),
+                    expires_at: Some(now + 30 * 86_400),
+                    updated_at: now,
+                    ..Default::default()
+                };
+                store
+                    .put_credential(&Owner::User(user_id(i)), "bench", &mut c)
+                    .await
+            }
+        })
+        .buffer_unordered(16);
+    while let Some(r) = writes.next().await {
+        r.map_err(|e| e.to_string())?;
     }
-    store.flush_blocking().map_err(|e| e.to_string())?;
+    drop(writes);
+    store.flush().await.map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -1687,7 +1721,9 @@ async fn run(args: Args) -> Result<(), String> {
         json: args.json,
         credentials: args.credentials,
         header_printed: false,
+        backend: args.backend.name(),
     };
+    let (pg, pg_url) = start_postgres(&args, &dir)?;
 
     // --- upstream -----------------------------------------------------------
     let up_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1730,6 +1766,9 @@ async fn run(args: Args) -> Result<(), String> {
         upstream: up_port,
     };
     write_config(&dir, &ports, &args).map_err(|e| e.to_string())?;
+    if let Some(url) = &pg_url {
+        use_postgres_store(&dir, url)?;
+    }
     let n = args.credentials;
     let populate_started = Instant::now();
     // Generates keys and the certificate; with --populate offline also the credentials.
@@ -1738,10 +1777,7 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         0
     };
-    let dir2 = dir.clone();
-    tokio::task::spawn_blocking(move || populate_offline(&dir2, offline_n))
-        .await
-        .map_err(|e| e.to_string())??;
+    populate_offline(&dir, offline_n).await?;
     let mut populate_secs = populate_started.elapsed().as_secs_f64();
 
     roots.push(std::fs::read(dir.join("certs/server.crt")).map_err(|e| e.to_string())?);
@@ -1797,6 +1833,9 @@ async fn run(args: Args) -> Result<(), String> {
         sk.stop();
     }
 
+    let lookups = probe_store(&dir, n, args.uncached_lookups).await?;
+    report_probe(&out, &lookups, n);
+
     // Cold start on the populated store: spawn → first /readyz 200.
     let t = Instant::now();
     let mut sk = Sidekey::spawn(&bin, &dir, &args.log, &args.sidekey_env)?;
@@ -1805,9 +1844,13 @@ async fn run(args: Args) -> Result<(), String> {
     let cold_ms = t.elapsed().as_secs_f64() * 1000.0;
     let pid = sk.pid();
     let start_rss = status_kib(&pid, "VmRSS:");
-    let store_bytes = dir_bytes(&dir.join("data/sidekey.db"));
+    let store_bytes = match args.backend {
+        BenchBackend::Sled => dir_bytes(&dir.join("data/sidekey.db")),
+        BenchBackend::Postgres => lookups.bytes,
+    };
     out.note(&format!(
-        "sidekey-bench: sidekey pid {pid}, {} credentials ({:?} populate, {:.2} s), cold start to /readyz 200: {:.1} ms, RSS after start {:.1} MiB, store on disk {:.1} MiB{}",
+        "sidekey-bench: sidekey pid {pid}, {} store, {} credentials ({:?} populate, {:.2} s), cold start to /readyz 200: {:.1} ms, RSS after start {:.1} MiB, store on disk {:.1} MiB{}",
+        args.backend.name(),
         n,
         args.populate,
         populate_secs,
@@ -1996,6 +2039,7 @@ async fn run(args: Args) -> Result<(), String> {
     let warmup = Duration::from_secs_f64(args.warmup);
     let dur = Duration::from_secs_f64(args.duration);
     let mut measured: Vec<Case> = Vec::new();
+    let pg_before = pg.as_ref().and_then(PgCluster::transactions);
     if !args.no_load && n > 0 {
         let cases: Vec<(usize, Option<f64>)> = if args.rate.is_empty() {
             args.levels.iter().map(|&c| (c, None)).collect()
@@ -2052,13 +2096,39 @@ async fn run(args: Args) -> Result<(), String> {
         if ctx.nginx_uri.is_some() {
             side_by_side(&out, &measured);
         }
+        report_pg_transactions(&out, pg.as_ref(), pg_before, &measured);
     }
 
     if args.refresh_storm > 0 {
-        let c = storm(&ctx, &admin, &upstream, &roots, &args, ports.agent).await?;
+        let c = match &pg_url {
+            Some(url) if args.storm_replicas > 1 => {
+                let mut replicas =
+                    start_replicas(&bin, &dir, &args, ports.upstream, url, &roots).await?;
+                let agent_ports: Vec<u16> = std::iter::once(ports.agent)
+                    .chain(replicas.iter().map(|r| r.1))
+                    .collect();
+                let pids: Vec<String> = std::iter::once(pid.clone())
+                    .chain(replicas.iter().map(|r| r.0.pid()))
+                    .collect();
+                let c = storm_replicas(&ctx, &admin, &upstream, &roots, &args, &agent_ports, &pids)
+                    .await?;
+                for (sk, _) in &mut replicas {
+                    if sk.exited().is_some() {
+                        return Err(format!(
+                            "a replica died during the storm:\n{}",
+                            sk.log_text()
+                        ));
+                    }
+                    sk.stop();
+                }
+                c
+            }
+            _ => storm(&ctx, &admin, &upstream, &roots, &args, ports.agent).await?,
+        };
         out.case(&c);
         out.note(&format!(
-            "refresh storm: {} concurrent requests on one expired token -> {} token-endpoint call(s), {} succeeded, {} errors, p50 {:.0} µs, p99 {:.0} µs, max {} µs",
+            "refresh storm over {} replica(s): {} concurrent requests on one expired token -> {} token-endpoint call(s), {} succeeded, {} errors, p50 {:.0} µs, p99 {:.0} µs, max {} µs",
+            args.storm_replicas.max(1),
             args.refresh_storm,
             c.extra["token_calls"],
             c.requests - c.errors,
@@ -2124,6 +2194,7 @@ async fn run(args: Args) -> Result<(), String> {
         "sidekey_cpu_secs": round3(final_cpu),
     }));
     drop(nginx);
+    drop(pg);
     drop(tmp);
     Ok(())
 }
@@ -2167,12 +2238,13 @@ fn side_by_side(out: &Out, cases: &[Case]) {
         .filter(|c| c.target == "direct" && c.concurrency == keys[0].0)
         .count();
     out.note(&format!(
-        "\nside by side, {rounds} round(s), min…max ({} load):",
+        "\nside by side, {rounds} round(s), min…max ({} load, {} store):",
         if cases.iter().any(|c| c.fixed.is_some()) {
             "wrk"
         } else {
             "builtin"
-        }
+        },
+        out.backend
     ));
     out.note(&format!(
         "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13}",
@@ -2377,9 +2449,713 @@ async fn storm(
     Ok(c)
 }
 
+// ---------------------------------------------------------------------------
+// The store backend (--backend postgres): a throwaway PostgreSQL cluster,
+// uncached lookup latency, and the refresh storm over several replicas.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchBackend {
+    /// The embedded store in the run's temp dir (sidekey's default).
+    Sled,
+    /// PostgreSQL: a throwaway cluster on a unix socket, or --postgres-url.
+    Postgres,
+}
+
+impl BenchBackend {
+    fn name(self) -> &'static str {
+        match self {
+            BenchBackend::Sled => "sled",
+            BenchBackend::Postgres => "postgres",
+        }
+    }
+}
+
+/// A PostgreSQL cluster of the run's own, as tests/support/pg.rs starts
+/// them: Debian's server binaries, run as the `postgres` user (initdb
+/// refuses root), listening only on a unix socket in a directory of the
+/// run's temp dir, so it never collides with another cluster. Stopped
+/// (`-m immediate`) on drop, and by a watchdog if this process dies first.
+struct PgCluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    version: String,
+    running: bool,
+}
+
+const PG_DATABASE: &str = "sidekey_bench";
+
+/// The newest `/usr/lib/postgresql/<version>/bin` with an initdb.
+fn pg_bin() -> Result<PathBuf, String> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.retain(|d| d.join("initdb").exists());
+    dirs.sort_by_key(|d| {
+        d.parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    dirs.pop().ok_or_else(|| {
+        "PostgreSQL server binaries not found under /usr/lib/postgresql: install Debian's package (apt-get install -y postgresql) or pass --postgres-url".to_owned()
+    })
+}
+
+fn run_cmd(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+fn as_postgres(bin: &Path, tool: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+    c
+}
+
+impl PgCluster {
+    /// initdb + pg_ctl start in `dir` (created here, owned by `postgres`),
+    /// then an empty database for the run.
+    fn start(dir: PathBuf) -> Result<PgCluster, String> {
+        let bin = pg_bin()?;
+        let version = bin
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        run_cmd(
+            Command::new("chown").arg("postgres:postgres").arg(&dir),
+            "chown postgres (the cluster runs as the postgres user)",
+        )?;
+        run_cmd(Command::new("chmod").arg("700").arg(&dir), "chmod")?;
+        let data = dir.join("data");
+        run_cmd(
+            as_postgres(&bin, "initdb").arg("-D").arg(&data).args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ]),
+            "initdb",
+        )?;
+        let mut pg = PgCluster {
+            dir,
+            bin,
+            version,
+            running: false,
+        };
+        // PostgreSQL's durability defaults (fsync, synchronous_commit on):
+        // what a deployment runs, unlike the test clusters.
+        let started = run_cmd(
+            as_postgres(&pg.bin, "pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(pg.dir.join("log"))
+                .args(["-w", "-o"])
+                .arg(format!(
+                    "-k {} -c listen_addresses='' -p 5432 -c max_connections=200",
+                    pg.dir.display()
+                ))
+                .arg("start"),
+            "pg_ctl start",
+        );
+        if let Err(e) = started {
+            return Err(format!("{e}\n{}", pg.log_tail()));
+        }
+        pg.running = true;
+        pg.watchdog()?;
+        run_cmd(
+            Command::new(pg.bin.join("createdb"))
+                .arg("-h")
+                .arg(&pg.dir)
+                .args(["-U", "postgres", PG_DATABASE]),
+            "createdb",
+        )?;
+        Ok(pg)
+    }
+
+    /// Stops the cluster once this process is gone, however it ends
+    /// (Drop does it on every ordinary exit).
+    fn watchdog(&self) -> Result<(), String> {
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             runuser -u postgres -- {pg_ctl} -D {data} stop -m immediate >/dev/null 2>&1",
+            pid = std::process::id(),
+            pg_ctl = self.bin.join("pg_ctl").display(),
+            data = self.dir.join("data").display(),
+        );
+        let quoted = script.replace('\'', "'\\''");
+        run_cmd(
+            Command::new("sh").arg("-c").arg(format!(
+                "setsid sh -c '{quoted}' </dev/null >/dev/null 2>&1 &"
+            )),
+            "start the cluster watchdog",
+        )
+    }
+
+    /// libpq URL over the unix socket.
+    fn url(&self) -> String {
+        format!(
+            "postgresql://postgres@/{PG_DATABASE}?host={}&sslmode=disable",
+            self.dir.display()
+        )
+    }
+
+    /// Transactions committed or rolled back so far, cluster-wide.
+    fn transactions(&self) -> Option<(i64, Instant)> {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-t", "-A", "-h"])
+            .arg(&self.dir)
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                PG_DATABASE,
+                "-c",
+                "SELECT sum(xact_commit + xact_rollback) FROM pg_stat_database",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let n = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+        Some((n, Instant::now()))
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn stop(&mut self) {
+        if !std::mem::take(&mut self.running) {
+            return;
+        }
+        let _ = as_postgres(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "stop", "-m", "immediate"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `--backend postgres`: the cluster the bench started (None with
+/// --postgres-url) and the URL sidekey is given.
+fn start_postgres(args: &Args, dir: &Path) -> Result<(Option<PgCluster>, Option<String>), String> {
+    if args.storm_replicas > 1 && args.backend != BenchBackend::Postgres {
+        return Err(
+            "--storm-replicas needs --backend postgres (a sled store is served by one process)"
+                .into(),
+        );
+    }
+    if args.storm_replicas > 1 && args.refresh_storm == 0 {
+        return Err("--storm-replicas goes with --refresh-storm N".into());
+    }
+    if args.backend != BenchBackend::Postgres {
+        if args.postgres_url.is_some() {
+            return Err("--postgres-url goes with --backend postgres".into());
+        }
+        return Ok((None, None));
+    }
+    if let Some(url) = &args.postgres_url {
+        return Ok((None, Some(url.clone())));
+    }
+    let t = Instant::now();
+    let pg = PgCluster::start(dir.join("pg"))?;
+    eprintln!(
+        "sidekey-bench: PostgreSQL {} started in {:.1} s (unix socket in {}, durability defaults)",
+        pg.version,
+        t.elapsed().as_secs_f64(),
+        pg.dir.display()
+    );
+    let url = pg.url();
+    Ok((Some(pg), Some(url)))
+}
+
+/// How many transactions the throwaway cluster ran during the load cases:
+/// a cached request should run none (the audit log's batches and the
+/// listener's heartbeat do, in the background).
+fn report_pg_transactions(
+    out: &Out,
+    pg: Option<&PgCluster>,
+    before: Option<(i64, Instant)>,
+    cases: &[Case],
+) {
+    let (Some(pg), Some((a, t0))) = (pg, before) else {
+        return;
+    };
+    // The statistics reach pg_stat_database when a backend goes idle.
+    std::thread::sleep(Duration::from_millis(1100));
+    let Some((b, t1)) = pg.transactions() else {
+        return;
+    };
+    // Minus the two queries of this count.
+    let tx = (b - a - 2).max(0);
+    let via: u64 = cases
+        .iter()
+        .filter(|c| c.target == "sidekey")
+        .map(|c| c.requests)
+        .sum();
+    let secs = (t1 - t0).as_secs_f64();
+    out.note(&format!(
+        "PostgreSQL: {tx} transactions in {secs:.1} s of load cases ({:.1}/s) while sidekey answered {via} measured requests ({:.5} per request)",
+        tx as f64 / secs.max(1e-9),
+        tx as f64 / (via.max(1)) as f64
+    ));
+    out.json_line(&json!({
+        "case": "postgres_transactions",
+        "transactions": tx,
+        "secs": round3(secs),
+        "sidekey_requests": via,
+    }));
+}
+
+/// Points the generated config at PostgreSQL (`[store] backend = "postgres"`).
+fn use_postgres_store(dir: &Path, url: &str) -> Result<(), String> {
+    let path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    // A JSON string is a valid TOML basic string.
+    let quoted = serde_json::to_string(url).map_err(|e| e.to_string())?;
+    let with = text.replacen(
+        "[store]\n",
+        &format!("[store]\nbackend = \"postgres\"\npostgres_url = {quoted}\n"),
+        1,
+    );
+    if with == text {
+        return Err("the generated config has no [store] section".into());
+    }
+    std::fs::write(&path, with).map_err(|e| e.to_string())
+}
+
+/// What the library measured on the store before sidekey started.
+struct StoreProbe {
+    bytes: u64,
+    /// `credential_uncached` (a read from the backend and an unseal), ns.
+    uncached: Option<Histogram<u64>>,
+    /// `credential` through the record cache, ns (what a warm request does).
+    cached: Option<Histogram<u64>>,
+    /// Whether the cache was in use (PostgreSQL: its listener was up).
+    cache_live: bool,
+}
+
+fn ns_hist() -> Histogram<u64> {
+    // 1 ns .. 60 s, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
+}
+
+/// Opens the store through the library as sidekey does and times `reads`
+/// credential lookups over the `n` users, uncached and cached. Closed
+/// again before sidekey starts (sled has one process).
+async fn probe_store(dir: &Path, n: usize, reads: usize) -> Result<StoreProbe, String> {
+    let cfg = sidekey::config::Config::load(&dir.join("config.toml")).map_err(|p| p.join("; "))?;
+    let loaded = sidekey::bootstrap::load(&cfg, false).map_err(|p| p.join("; "))?;
+    let sled_db = cfg.store.path.join("db");
+    wait_sled_unlocked(&sled_db).await?;
+    let store = sidekey::app::open_store(&cfg, loaded.keys)
+        .await
+        .map_err(|e| e.to_string())?;
+    let probe = probe_open_store(&store, n, reads).await;
+    drop(store);
+    // sidekey starts next, on the same sled files.
+    wait_sled_unlocked(&sled_db).await?;
+    probe
+}
+
+/// sled's I/O threads can hold a dropped store's file lock a little
+/// longer; waits (up to 10 s) until `db` could be locked.
+async fn wait_sled_unlocked(db: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(db) else {
+        return Ok(()); // no sled store (yet)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{} still locked after 10 s", db.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn probe_open_store(
+    store: &sidekey::store::Store,
+    n: usize,
+    reads: usize,
+) -> Result<StoreProbe, String> {
+    use sidekey::store::Owner;
+    let mut probe = StoreProbe {
+        bytes: store.size_on_disk().await,
+        uncached: None,
+        cached: None,
+        cache_live: false,
+    };
+    if n == 0 || reads == 0 {
+        return Ok(probe);
+    }
+    let owner = |i: usize| Owner::User(user_id(i % n));
+    // Not counted: the pool's connections, sled's pages.
+    for i in 0..reads.min(100) {
+        store
+            .credential_uncached(&owner(i), "bench")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut h = ns_hist();
+    for i in 0..reads {
+        let t = Instant::now();
+        let c = store
+            .credential_uncached(&owner(i), "bench")
+            .await
+            .map_err(|e| e.to_string())?;
+        let ns = t.elapsed().as_nanos() as u64;
+        if c.is_none() {
+            return Err(format!("credential of {} missing", user_id(i % n)));
+        }
+        let _ = h.record(ns.max(1));
+    }
+    probe.uncached = Some(h);
+    // PostgreSQL's cache is used only while the LISTEN connection is up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.caches().is_live() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    probe.cache_live = store.caches().is_live();
+    for i in 0..n.min(reads) {
+        store
+            .credential(&owner(i), "bench")
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let mut h = ns_hist();
+    for i in 0..reads {
+        let t = Instant::now();
+        let c = store
+            .credential(&owner(i), "bench")
+            .await
+            .map_err(|e| e.to_string())?;
+        let ns = t.elapsed().as_nanos() as u64;
+        if c.is_none() {
+            return Err(format!("credential of {} missing", user_id(i % n)));
+        }
+        let _ = h.record(ns.max(1));
+    }
+    probe.cached = Some(h);
+    Ok(probe)
+}
+
+/// Prints the lookup latencies (and a JSON object with them).
+fn report_probe(out: &Out, p: &StoreProbe, n: usize) {
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let (Some(u), Some(c)) = (&p.uncached, &p.cached) else {
+        return;
+    };
+    out.note(&format!(
+        "lookup ({}, library, {} reads over {} credentials): uncached p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs; cached{} p50 {:.2} µs, p99 {:.2} µs",
+        out.backend,
+        u.len(),
+        n,
+        us(u, 0.5),
+        us(u, 0.99),
+        u.max() as f64 / 1000.0,
+        if p.cache_live { "" } else { " (cache off: listener down)" },
+        us(c, 0.5),
+        us(c, 0.99),
+    ));
+    out.json_line(&json!({
+        "case": "lookup",
+        "credentials": n,
+        "reads": u.len(),
+        "uncached_p50_us": round1(us(u, 0.5)),
+        "uncached_p99_us": round1(us(u, 0.99)),
+        "uncached_max_us": round1(u.max() as f64 / 1000.0),
+        "cached_p50_us": round3(us(c, 0.5)),
+        "cached_p99_us": round3(us(c, 0.99)),
+        "cache_live": p.cache_live,
+    }));
+}
+
+/// `--storm-replicas N`: N−1 more sidekey processes on the same database,
+/// each in a dir of its own with the first one's master key, session key,
+/// admin token and certificate (as replicas of one deployment share them),
+/// on ports of their own. Returns them with their agent ports.
+async fn start_replicas(
+    bin: &Path,
+    dir: &Path,
+    args: &Args,
+    upstream_port: u16,
+    url: &str,
+    roots: &[Vec<u8>],
+) -> Result<Vec<(Sidekey, u16)>, String> {
+    let mut v = Vec::new();
+    let probe = build_client(roots, false);
+    for i in 1..args.storm_replicas {
+        let rd = dir.join(format!("replica-{i}"));
+        for sub in ["data", "certs"] {
+            std::fs::create_dir_all(rd.join(sub)).map_err(|e| e.to_string())?;
+        }
+        for f in [
+            "data/master.key",
+            "data/session.key",
+            "data/admin.token",
+            "certs/server.crt",
+            "certs/server.key",
+            "upstream.crt",
+        ] {
+            if dir.join(f).exists() {
+                std::fs::copy(dir.join(f), rd.join(f)).map_err(|e| format!("{f}: {e}"))?;
+            }
+        }
+        let ports = Ports {
+            agent: free_port(),
+            admin: free_port(),
+            upstream: upstream_port,
+        };
+        write_config(&rd, &ports, args).map_err(|e| e.to_string())?;
+        use_postgres_store(&rd, url)?;
+        let mut sk = Sidekey::spawn(bin, &rd, &args.log, &args.sidekey_env)?;
+        let ready: Uri = format!("https://127.0.0.1:{}/readyz", ports.agent)
+            .parse()
+            .expect("valid uri");
+        wait_ready(&probe, &ready, &mut sk).await?;
+        v.push((sk, ports.agent));
+    }
+    Ok(v)
+}
+
+/// The refresh storm spread round-robin over sidekey processes on one
+/// PostgreSQL (`agent_ports`, the first being the main one): the token
+/// endpoint should still see exactly one call cluster-wide.
+async fn storm_replicas(
+    ctx: &Arc<Ctx>,
+    admin: &Admin,
+    upstream: &Arc<Upstream>,
+    roots: &[Vec<u8>],
+    args: &Args,
+    agent_ports: &[u16],
+    pids: &[String],
+) -> Result<Case, String> {
+    let n = args.refresh_storm;
+    let user = "storm-user";
+    admin
+        .put_credential(
+            user,
+            "storm",
+            json!({
+                "access_token": "storm-old-token",
+                "refresh_token": "rt-storm-1",
+                "expires_at": unix_now() - 60,
+            }),
+        )
+        .await?;
+    let token = admin.session(user, &["storm"]).await?;
+    let uris: Vec<Uri> = agent_ports
+        .iter()
+        .map(|p| {
+            format!("https://127.0.0.1:{p}/v1/proxy/storm/api/items")
+                .parse()
+                .expect("valid uri")
+        })
+        .collect();
+    // Connections to every replica opened first: the latencies are of the
+    // refresh, not of n TLS handshakes.
+    let client = build_client(roots, args.http2);
+    // One accepted request per replica first: a fresh replica closes more
+    // than `max_pending_per_ip` (128) not-yet-proven connections from one
+    // address, and health probes prove nothing.
+    admin
+        .put_credential(
+            "storm-proof",
+            "bench",
+            json!({"access_token": "storm-proof-token"}),
+        )
+        .await?;
+    let proof = HeaderValue::try_from(admin.session("storm-proof", &["bench"]).await?)
+        .map_err(|e| e.to_string())?;
+    let pctx = Ctx {
+        client: client.clone(),
+        direct_uri: ctx.direct_uri.clone(),
+        via_uri: ctx.via_uri.clone(),
+        direct_auth: ctx.direct_auth.clone(),
+        nginx_uri: None,
+        nginx_pids: Vec::new(),
+        sessions: vec![proof],
+        sidekey_pid: ctx.sidekey_pid.clone(),
+    };
+    for p in agent_ports {
+        let uri: Uri = format!("https://127.0.0.1:{p}/v1/proxy/bench/api/items")
+            .parse()
+            .expect("valid uri");
+        one(&pctx, Target::Via, &uri, 0)
+            .await
+            .map_err(|e| format!("request through replica on port {p} failed: {e}"))?;
+    }
+    let mut hs = Vec::new();
+    for i in 0..n {
+        let client = client.clone();
+        let health: Uri = format!(
+            "https://127.0.0.1:{}/healthz",
+            agent_ports[i % agent_ports.len()]
+        )
+        .parse()
+        .expect("valid uri");
+        hs.push(tokio::spawn(async move {
+            let req = Request::get(health)
+                .body(Full::new(Bytes::new()))
+                .expect("valid request");
+            if let Ok(r) = client.request(req).await {
+                let _ = r.into_body().collect().await;
+            }
+        }));
+    }
+    for h in hs {
+        let _ = h.await;
+    }
+    let sctx = Arc::new(Ctx {
+        client,
+        direct_uri: ctx.direct_uri.clone(),
+        via_uri: uris[0].clone(),
+        direct_auth: ctx.direct_auth.clone(),
+        nginx_uri: None,
+        nginx_pids: Vec::new(),
+        sessions: vec![HeaderValue::try_from(token).map_err(|e| e.to_string())?],
+        sidekey_pid: ctx.sidekey_pid.clone(),
+    });
+    upstream
+        .token_delay_ms
+        .store(args.storm_token_delay_ms, Ordering::Relaxed);
+    let calls_before = upstream.token_calls.load(Ordering::SeqCst);
+    let seen_before = upstream.new_token_seen.load(Ordering::Relaxed);
+    let cpu = || pids.iter().map(|p| cpu_secs(p)).sum::<f64>();
+    let barrier = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut hs = Vec::with_capacity(n);
+    for i in 0..n {
+        let sctx = sctx.clone();
+        let barrier = barrier.clone();
+        let uri = uris[i % uris.len()].clone();
+        hs.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let t0 = Instant::now();
+            let res = one(&sctx, Target::Via, &uri, 0).await;
+            (res, t0.elapsed().as_micros() as u64)
+        }));
+    }
+    let a = snap(&sctx);
+    let cpu_a = cpu();
+    barrier.wait().await;
+    let mut w = WorkerOut::new();
+    for h in hs {
+        if let Ok((res, us)) = h.await {
+            record(&mut w, res, us);
+        }
+    }
+    let b = snap(&sctx);
+    let cpu_b = cpu();
+    upstream.token_delay_ms.store(0, Ordering::Relaxed);
+    let calls = upstream.token_calls.load(Ordering::SeqCst) - calls_before;
+    let seen = upstream.new_token_seen.load(Ordering::Relaxed) - seen_before;
+    let mut c = finish_case(&sctx, "storm", Target::Via, n, None, vec![w], a, b);
+    // CPU of every replica, not only the first.
+    c.proxy_cpu_s = cpu_b - cpu_a;
+    c.extra.insert("token_calls".into(), json!(calls));
+    c.extra.insert("upstream_saw_new_token".into(), json!(seen));
+    c.extra
+        .insert("token_delay_ms".into(), json!(args.storm_token_delay_ms));
+    c.extra.insert("replicas".into(), json!(agent_ports.len()));
+    Ok(c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_backend_is_written_into_the_generated_config() {
+        let dir = std::env::temp_dir().join(format!(
+            "sidekey-bench-cfg-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TempDir(dir.clone(), false);
+        let args = Args::parse_from(["sidekey-bench"]);
+        let ports = Ports {
+            agent: 1,
+            admin: 2,
+            upstream: 3,
+        };
+        write_config(&dir, &ports, &args).unwrap();
+        let sled = sidekey::config::Config::load(&dir.join("config.toml")).unwrap();
+        assert_eq!(sled.store.backend, sidekey::config::StoreBackend::Sled);
+        let url = "postgresql://postgres@/sidekey_bench?host=/tmp/a \"b\"&sslmode=disable";
+        use_postgres_store(&dir, url).unwrap();
+        let cfg = sidekey::config::Config::load(&dir.join("config.toml")).unwrap();
+        assert_eq!(cfg.store.backend, sidekey::config::StoreBackend::Postgres);
+        match sidekey::app::store_location(&cfg).unwrap() {
+            sidekey::store::Location::Postgres(pg) => assert_eq!(pg.url.expose(), url),
+            sidekey::store::Location::Sled(_) => panic!("still sled"),
+        }
+        drop(tmp);
+    }
+
+    /// Needs Debian's postgresql and root (initdb runs as `postgres`), as
+    /// tests/cluster.rs does.
+    #[test]
+    fn throwaway_cluster_starts_and_is_stopped_on_drop() {
+        let dir = std::env::temp_dir().join(format!(
+            "sidekey-bench-pg-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = TempDir(dir.clone(), false);
+        let pg = PgCluster::start(dir.join("pg")).unwrap();
+        let pid_file = pg.dir.join("data/postmaster.pid");
+        assert!(pid_file.exists());
+        let (n, _) = pg
+            .transactions()
+            .expect("the cluster answers over its socket");
+        assert!(n > 0);
+        assert!(pg.url().contains(&format!("host={}", pg.dir.display())));
+        drop(pg);
+        assert!(!pid_file.exists(), "the cluster is still running");
+        drop(tmp);
+    }
 
     #[test]
     fn parses_wrk_output() {
