@@ -125,25 +125,8 @@ impl Store {
 
     /// Deletes tickets that expired before `before`; returns how many.
     pub async fn gc_connect_tickets(&self, before: i64) -> Result<usize, StoreError> {
-        let mut n = 0;
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let rows = on_backend!(self, b => b.page(Tree::Tickets, after.as_deref(), 500).await)?;
-            let Some((last, _)) = rows.last() else { break };
-            after = Some(last.clone());
-            for (k, v) in rows {
-                let expired = self
-                    .decode::<ConnectTicket>(Tree::Tickets, &k, &v)
-                    .map(|(r, _)| r.expires_at < before)
-                    .unwrap_or(true);
-                if expired
-                    && on_backend!(self, b => b.cas(Tree::Tickets, &k, Some(&v), None).await)?
-                {
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
+        self.gc_expired::<ConnectTicket>(Tree::Tickets, before, |t| t.expires_at)
+            .await
     }
 }
 

@@ -1247,21 +1247,32 @@ impl Store {
 
     /// Drops OAuth states that expired before `now`.
     pub async fn gc_oauth_states(&self, now: i64) -> Result<usize, StoreError> {
+        self.gc_expired::<OAuthState>(Tree::OAuthStates, now, |s| s.expires_at)
+            .await
+    }
+
+    /// Removes the records of `t` whose expiry (`expires_at`) is before
+    /// `before`, and any that no longer open; each removal is a
+    /// compare-and-swap, so a record rewritten meanwhile stays. Returns how
+    /// many were removed.
+    async fn gc_expired<T: DeserializeOwned>(
+        &self,
+        t: Tree,
+        before: i64,
+        expires_at: impl Fn(&T) -> i64,
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let rows =
-                on_backend!(self, b => b.page(Tree::OAuthStates, after.as_deref(), 500).await)?;
+            let rows = on_backend!(self, b => b.page(t, after.as_deref(), 500).await)?;
             let Some((last, _)) = rows.last() else { break };
             after = Some(last.clone());
             for (k, v) in rows {
                 let expired = self
-                    .decode::<OAuthState>(Tree::OAuthStates, &k, &v)
-                    .map(|(s, _)| s.expires_at < now)
+                    .decode::<T>(t, &k, &v)
+                    .map(|(r, _)| expires_at(&r) < before)
                     .unwrap_or(true);
-                if expired
-                    && on_backend!(self, b => b.cas(Tree::OAuthStates, &k, Some(&v), None).await)?
-                {
+                if expired && on_backend!(self, b => b.cas(t, &k, Some(&v), None).await)? {
                     n += 1;
                 }
             }
@@ -1278,6 +1289,22 @@ impl Store {
         k[..8].copy_from_slice(&id.to_be_bytes());
         k[8..].copy_from_slice(&(n.min(u16::MAX as usize) as u16).to_be_bytes());
         k
+    }
+
+    /// The newest part of the audit batch `(k, v)` once its oldest `excess`
+    /// records are dropped, re-sealed under a key that counts what is left;
+    /// `None` when nothing is left. Trimming on both backends uses it.
+    fn audit_tail(&self, k: &[u8], v: &[u8], excess: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+        let (batch, _) = self
+            .decode::<Vec<AuditRecord>>(Tree::Audit, k, v)
+            .unwrap_or_default();
+        let kept = &batch[excess.min(batch.len())..];
+        if kept.is_empty() {
+            return None;
+        }
+        let id = u64::from_be_bytes(k.get(..8).and_then(|b| b.try_into().ok()).unwrap_or([0; 8]));
+        let key = Store::audit_key(id, kept.len());
+        Some((key.to_vec(), self.seal_json(Tree::Audit, &key, &kept)))
     }
 
     /// Appends typed records (tests; the audit writer hands over JSON).
@@ -1317,19 +1344,7 @@ impl Store {
         }
         match &self.backend {
             Backend::Sled(b) => {
-                // Keep the newest part of a batch that straddles the limit.
-                let trim = |k: &[u8], v: &[u8], excess: usize| {
-                    let (batch, _) = self
-                        .decode::<Vec<AuditRecord>>(Tree::Audit, k, v)
-                        .unwrap_or_default();
-                    let kept = &batch[excess.min(batch.len())..];
-                    if kept.is_empty() {
-                        return None;
-                    }
-                    let id = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]));
-                    let key = Store::audit_key(id, kept.len());
-                    Some((key.to_vec(), self.seal_json(Tree::Audit, &key, &kept)))
-                };
+                let trim = |k: &[u8], v: &[u8], excess: usize| self.audit_tail(k, v, excess);
                 b.append_audit(batches, max_records, &trim).await
             }
             Backend::Postgres(b) => {
@@ -1365,18 +1380,15 @@ impl Store {
                 removed += n as u64;
                 continue;
             }
-            let (batch, _) = self
-                .decode::<Vec<AuditRecord>>(Tree::Audit, &k, &v)
-                .unwrap_or_default();
-            let kept = &batch[excess.min(batch.len())..];
-            if !kept.is_empty() {
-                let id = u64::from_be_bytes(k[..8].try_into().unwrap_or([0; 8]));
-                let key = Store::audit_key(id, kept.len());
-                b.put(Tree::Audit, &key, &self.seal_json(Tree::Audit, &key, &kept))
-                    .await?;
-            }
-            total -= n - kept.len();
-            removed += (n - kept.len()) as u64;
+            let kept = match self.audit_tail(&k, &v, excess) {
+                Some((key, sealed)) => {
+                    b.put(Tree::Audit, &key, &sealed).await?;
+                    audit_key_count(&key)
+                }
+                None => 0,
+            };
+            total -= n - kept;
+            removed += (n - kept) as u64;
         }
         Ok(removed)
     }
