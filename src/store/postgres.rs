@@ -809,19 +809,23 @@ impl PgBackend {
                 Some(false) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
                        failures = 0, backoff_until_ms = NULL \
-                     WHERE k = $1 AND fence = $2 AND $3::bigint IS NOT NULL RETURNING k) \
+                     WHERE k = $1 AND fence = $2 RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 None => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL \
-                     WHERE k = $1 AND fence = $2 AND $3::bigint IS NOT NULL RETURNING k) \
+                     WHERE k = $1 AND fence = $2 RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
             };
             let st = c.prepare_cached(sql).await.map_err(pg)?;
-            c.query(&st, &[&claim.key, &claim.fence, &now_ms])
-                .await
-                .map_err(pg)?;
+            // Only a failure's back-off needs sidekey's clock.
+            if failed == Some(true) {
+                c.query(&st, &[&claim.key, &claim.fence, &now_ms]).await
+            } else {
+                c.query(&st, &[&claim.key, &claim.fence]).await
+            }
+            .map_err(pg)?;
             Ok(())
         })
         .await
