@@ -101,16 +101,26 @@ pub enum Owner {
 }
 
 impl Owner {
+    /// `u/{user}/`, `t/{tenant}/` or `a/`.
     fn prefix(&self) -> String {
-        match self {
-            Owner::User(u) => format!("u/{u}/"),
-            Owner::Tenant(t) => format!("t/{t}/"),
-            Owner::App => "a/".into(),
-        }
+        self.key("")
     }
 
+    /// `prefix` + provider, built by hand rather than with `format!`:
+    /// every proxied request looks its credential up by this key.
     pub fn key(&self, provider: &str) -> String {
-        let mut k = self.prefix();
+        let (tag, id) = match self {
+            Owner::User(u) => ("u/", Some(u.as_str())),
+            Owner::Tenant(t) => ("t/", Some(t.as_str())),
+            Owner::App => ("a/", None),
+        };
+        let id_len = id.map_or(0, |i| i.len() + 1);
+        let mut k = String::with_capacity(tag.len() + id_len + provider.len());
+        k.push_str(tag);
+        if let Some(id) = id {
+            k.push_str(id);
+            k.push('/');
+        }
         k.push_str(provider);
         k
     }
@@ -1687,6 +1697,15 @@ fn set_private_dir(_: &Path) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_keys() {
+        assert_eq!(Owner::User("alice".into()).key("slack"), "u/alice/slack");
+        assert_eq!(Owner::Tenant("acme".into()).key("google"), "t/acme/google");
+        assert_eq!(Owner::App.key("bench"), "a/bench");
+        assert_eq!(Owner::User("alice".into()).prefix(), "u/alice/");
+        assert_eq!(Owner::App.prefix(), "a/");
+    }
 
     fn ring(b: u8) -> KeyRing {
         KeyRing::new(MasterKey::from_bytes(&[b; 32]), vec![])

@@ -1,5 +1,11 @@
 //! The pooled upstream client (providers, token endpoints, ElevenLabs API),
 //! and a body wrapper that enforces an idle timeout while streaming.
+//!
+//! Agent workers send proxied requests through their own pool
+//! ([`pool`]); everything else (token endpoints, the ElevenLabs API, the
+//! main runtime) uses the shared hyper-util client built here.
+
+pub mod pool;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,6 +29,23 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// the webpki roots plus `extra_roots`; plain HTTP is possible only because
 /// config validation allows `http://` for loopback or `allow_http` providers.
 pub fn build(connect_timeout: Duration, extra_roots: Vec<CertificateDer<'static>>) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http1_max_buf_size(256 * 1024)
+        .http2_adaptive_window(true)
+        .build(connector(connect_timeout, extra_roots))
+}
+
+/// The connector both clients use: TCP with the connect timeout, keepalive
+/// and nodelay, then rustls (webpki roots plus `extra_roots`) offering h2
+/// and HTTP/1.1 by ALPN.
+pub fn connector(
+    connect_timeout: Duration,
+    extra_roots: Vec<CertificateDer<'static>>,
+) -> HttpsConnector<HttpConnector> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for c in extra_roots {
@@ -40,49 +63,47 @@ pub fn build(connect_timeout: Duration, extra_roots: Vec<CertificateDer<'static>
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .http1_max_buf_size(256 * 1024)
-        .http2_adaptive_window(true)
-        .build(https)
+        .wrap_connector(http)
 }
 
-thread_local! {
-    /// The upstream client of an agent worker thread (`server`): its pool's
-    /// connection tasks run on that thread's runtime, so a proxied request
-    /// never wakes another thread.
-    static THREAD_CLIENT: std::cell::RefCell<Option<HttpClient>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Gives the current thread its own client (and connection pool).
+/// Gives the current thread (an agent worker) its own connection pool: its
+/// connection tasks run on that thread's runtime, so a proxied request
+/// never wakes another thread.
 pub fn set_thread_client(cfg: &crate::config::ServerConfig) {
     let roots = match &cfg.upstream_ca_file {
         Some(p) => crate::bootstrap::load_roots(p).unwrap_or_default(),
         None => Vec::new(),
     };
-    let c = build(Duration::from_secs(cfg.connect_timeout_secs), roots);
-    THREAD_CLIENT.with(|t| *t.borrow_mut() = Some(c));
+    pool::install(connector(
+        Duration::from_secs(cfg.connect_timeout_secs),
+        roots,
+    ));
 }
 
-/// Sends on this thread's client if it has one, else on the shared one
-/// (without cloning either: the future owns what it needs).
-pub fn request(
+/// Why a proxied request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Pool(#[from] pool::SendError),
+    #[error(transparent)]
+    Shared(#[from] hyper_util::client::legacy::Error),
+}
+
+/// Sends on this thread's pool if it has one, else on the shared client.
+pub async fn request(
     shared: &HttpClient,
     req: http::Request<Full<Bytes>>,
-) -> hyper_util::client::legacy::ResponseFuture {
-    THREAD_CLIENT.with(|t| match &*t.borrow() {
-        Some(c) => c.request(req),
-        None => shared.request(req),
-    })
+) -> Result<http::Response<hyper::body::Incoming>, RequestError> {
+    if pool::installed() {
+        Ok(pool::send(req).await?)
+    } else {
+        Ok(shared.request(req).await?)
+    }
 }
 
 pin_project_lite::pin_project! {
