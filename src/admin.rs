@@ -728,7 +728,7 @@ fn audit_write(
         kind: "admin".into(),
         user,
         provider,
-        method: method.to_string(),
+        method: crate::store::method_name(method),
         path: path.to_owned(),
         status,
         duration_ms: (started.elapsed().as_secs_f64() * 1e6).round() / 1000.0,

@@ -481,14 +481,16 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
 /// All configured providers by name.
 #[derive(Debug, Default)]
 pub struct Providers {
-    map: HashMap<String, Arc<Provider>>,
+    /// foldhash rather than SipHash: looked up several times per request,
+    /// keyed by names from the operator's config.
+    map: HashMap<String, Arc<Provider>, foldhash::fast::RandomState>,
     names: Vec<String>,
 }
 
 impl Providers {
     pub fn from_config(cfg: &Config) -> Result<Providers, Vec<String>> {
         let mut problems = Vec::new();
-        let mut map = HashMap::new();
+        let mut map = HashMap::with_hasher(foldhash::fast::RandomState::default());
         let mut names = Vec::new();
         for (name, pc) in &cfg.providers {
             match resolve(name, pc) {

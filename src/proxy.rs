@@ -959,7 +959,7 @@ fn finish(
         kind: "proxy".into(),
         user: t.user,
         provider: t.provider,
-        method: method.to_string(),
+        method: crate::store::method_name(method),
         path: t.path,
         status,
         duration_ms: (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,

@@ -170,17 +170,39 @@ pub struct OAuthState {
 }
 
 /// One audit entry: who did what, when. Never a token or a body.
+
+/// A request method's name for an audit record; the standard ones without
+/// an allocation.
+pub fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    use http::Method;
+    let known = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+    ];
+    const NAMES: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+    match known.iter().position(|k| k == m) {
+        Some(i) => NAMES[i].into(),
+        None => m.as_str().to_owned().into(),
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AuditRecord {
     /// Unix milliseconds.
     pub time: i64,
-    /// `proxy`, `admin`, `refresh`, `oauth`, `webhook`.
-    pub kind: String,
+    /// `proxy`, `admin`, `refresh`, `oauth`, `webhook`. `Cow`: the request
+    /// path records fixed names without allocating them.
+    pub kind: std::borrow::Cow<'static, str>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
-    pub method: String,
+    pub method: std::borrow::Cow<'static, str>,
     /// Path without query string.
     pub path: String,
     pub status: u16,
