@@ -169,8 +169,6 @@ pub struct OAuthState {
     pub ticket: Option<String>,
 }
 
-/// One audit entry: who did what, when. Never a token or a body.
-
 /// A request method's name for an audit record; the standard ones without
 /// an allocation.
 pub fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
@@ -191,6 +189,7 @@ pub fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
     }
 }
 
+/// One audit entry: who did what, when. Never a token or a body.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AuditRecord {
     /// Unix milliseconds.
@@ -1719,6 +1718,14 @@ fn set_private_dir(_: &Path) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_method_names() {
+        assert_eq!(method_name(&http::Method::GET), "GET");
+        assert_eq!(method_name(&http::Method::OPTIONS), "OPTIONS");
+        let custom = http::Method::from_bytes(b"PROPFIND").unwrap();
+        assert_eq!(method_name(&custom), "PROPFIND");
+    }
 
     #[test]
     fn owner_keys() {
