@@ -264,9 +264,8 @@ pub async fn send(mut req: Request<ReqBody>) -> Result<Response<Incoming>, SendE
 
 /// HTTP/1 wants origin-form and a `Host` header (the legacy client did both).
 fn prepare_h1(req: &mut Request<ReqBody>, target: &Uri) {
-    if !req.headers().contains_key(HOST)
-        && let Some(host) = target.host()
-    {
+    // (No let chain: the crate's minimum Rust is 1.85.)
+    if let (false, Some(host)) = (req.headers().contains_key(HOST), target.host()) {
         let value = match non_default_port(target) {
             Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
             None => HeaderValue::from_str(host),
