@@ -51,21 +51,18 @@ struct Pending {
     done: Vec<(Vec<u8>, usize)>,
     current: Vec<u8>,
     in_current: usize,
-    total: usize,
 }
 
 impl Pending {
-    /// Appends one serialised record; returns how many are pending.
-    fn push(&mut self, json: &[u8]) -> usize {
+    /// Appends one serialised record.
+    fn push(&mut self, json: &[u8]) {
         let sep = if self.in_current == 0 { b'[' } else { b',' };
         self.current.push(sep);
         self.current.extend_from_slice(json);
         self.in_current += 1;
-        self.total += 1;
         if self.in_current == AUDIT_BATCH {
             self.close_current();
         }
-        self.total
     }
 
     /// Ends the open JSON array and queues it as a batch.
@@ -79,7 +76,6 @@ impl Pending {
 
     fn take(&mut self) -> Vec<(Vec<u8>, usize)> {
         self.close_current();
-        self.total = 0;
         std::mem::take(&mut self.done)
     }
 }
@@ -108,36 +104,34 @@ fn serialise(records: Vec<AuditRecord>) -> Vec<(Vec<u8>, usize)> {
     p.take()
 }
 
-/// The summary records for `counts`, serialised.
-fn summary(counts: std::collections::BTreeMap<Refused, u64>) -> Vec<(Vec<u8>, usize)> {
+/// The summary records for `counts`.
+fn summary(counts: std::collections::BTreeMap<Refused, u64>) -> Vec<AuditRecord> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let mut p = Pending::default();
-    for (k, n) in counts {
-        let what = match k.reason {
-            Some(r) => format!("{} ({r})", k.code),
-            None => k.code.to_owned(),
-        };
-        let r = AuditRecord {
-            time: now,
-            kind: "refused".into(),
-            user: None,
-            provider: None,
-            method: "*".into(),
-            path: k.path.into(),
-            status: k.status,
-            duration_ms: 0.0,
-            session_id: None,
-            conversation_id: None,
-            error: Some(format!("{what} x{n}")),
-        };
-        if let Ok(json) = serde_json::to_vec(&r) {
-            p.push(&json);
-        }
-    }
-    p.take()
+    counts
+        .into_iter()
+        .map(|(k, n)| {
+            let what = match k.reason {
+                Some(r) => format!("{} ({r})", k.code),
+                None => k.code.to_owned(),
+            };
+            AuditRecord {
+                time: now,
+                kind: "refused".into(),
+                user: None,
+                provider: None,
+                method: "*".into(),
+                path: k.path.into(),
+                status: k.status,
+                duration_ms: 0.0,
+                session_id: None,
+                conversation_id: None,
+                error: Some(format!("{what} x{n}")),
+            }
+        })
+        .collect()
 }
 
 pub struct AuditLog {
@@ -180,21 +174,19 @@ impl AuditLog {
                 // Waiters first: every record buffered before a waiter
                 // registered is then in `records` below.
                 let waiters = std::mem::take(&mut *lock(&s.waiters));
-                let records = {
+                let mut records = {
                     let mut buf = lock(&s.buf);
                     // The next interval likely needs as much room: allocate
                     // it here, not on a request's first push.
                     let room = buf.len();
                     std::mem::replace(&mut *buf, Vec::with_capacity(room))
                 };
-                let mut batches = serialise(records);
                 if !waiters.is_empty() || last_summary.elapsed() >= SUMMARY_EVERY {
                     last_summary = tokio::time::Instant::now();
                     let counts = std::mem::take(&mut *lock(&s.refused));
-                    if !counts.is_empty() {
-                        batches.extend(summary(counts));
-                    }
+                    records.extend(summary(counts));
                 }
+                let batches = serialise(records);
                 if !batches.is_empty() {
                     let store = store.clone();
                     // sled writes block: off the request workers.

@@ -54,6 +54,9 @@ pub enum SendError {
     /// Not an absolute `http://` or `https://` address (a bug: providers
     /// build absolute URIs).
     NotAbsolute,
+    /// Called on a thread without a pool (a bug: callers check
+    /// [`installed`]).
+    NoPool,
 }
 
 impl fmt::Display for SendError {
@@ -62,6 +65,7 @@ impl fmt::Display for SendError {
             SendError::Connect(_) => f.write_str("cannot connect to the upstream"),
             SendError::Http(_) => f.write_str("upstream HTTP exchange failed"),
             SendError::NotAbsolute => f.write_str("upstream address is not absolute"),
+            SendError::NoPool => f.write_str("no upstream connection pool on this thread"),
         }
     }
 }
@@ -71,7 +75,7 @@ impl std::error::Error for SendError {
         match self {
             SendError::Connect(e) => Some(e.as_ref()),
             SendError::Http(e) => Some(e),
-            SendError::NotAbsolute => None,
+            SendError::NotAbsolute | SendError::NoPool => None,
         }
     }
 }
@@ -111,27 +115,25 @@ struct Host {
 
 /// One worker thread's pool. Not `Sync`, never shared: it is reached
 /// through a thread-local and no borrow is held across an `.await`.
-pub struct Pool {
+struct Pool {
     connector: HttpsConnector<HttpConnector>,
     hosts: RefCell<Vec<Host>>,
 }
 
-impl Pool {
-    pub fn new(connector: HttpsConnector<HttpConnector>) -> Pool {
-        Pool {
-            connector,
-            hosts: RefCell::new(Vec::new()),
-        }
-    }
+fn find(hosts: &[Host], https: bool, authority: &str) -> Option<usize> {
+    hosts
+        .iter()
+        .position(|h| h.https == https && h.authority == authority)
+}
 
-    /// A connection to `uri`'s upstream that can take a request now, most
+impl Pool {
+    /// A connection to the upstream that can take a request now, most
     /// recently used first; closed and stale ones are dropped on the way.
     /// HTTP/1 connections still reading an earlier answer stay pooled.
     fn checkout(&self, https: bool, authority: &str) -> Option<Sender> {
         let mut hosts = self.hosts.borrow_mut();
-        let host = hosts
-            .iter_mut()
-            .find(|h| h.https == https && h.authority == authority)?;
+        let idx = find(&hosts, https, authority)?;
+        let host = &mut hosts[idx];
         let now = Instant::now();
         let mut i = host.conns.len();
         while i > 0 {
@@ -161,10 +163,7 @@ impl Pool {
 
     fn checkin(&self, https: bool, authority: &str, sender: Sender) {
         let mut hosts = self.hosts.borrow_mut();
-        let idx = match hosts
-            .iter()
-            .position(|h| h.https == https && h.authority == authority)
-        {
+        let idx = match find(&hosts, https, authority) {
             Some(i) => i,
             None => {
                 hosts.push(Host {
@@ -186,10 +185,6 @@ impl Pool {
             used: Instant::now(),
         });
     }
-
-    fn connector(&self) -> HttpsConnector<HttpConnector> {
-        self.connector.clone()
-    }
 }
 
 thread_local! {
@@ -198,7 +193,11 @@ thread_local! {
 
 /// Gives the current thread (an agent worker) its own pool.
 pub fn install(connector: HttpsConnector<HttpConnector>) {
-    POOL.with(|p| *p.borrow_mut() = Some(std::rc::Rc::new(Pool::new(connector))));
+    let pool = Pool {
+        connector,
+        hosts: RefCell::new(Vec::new()),
+    };
+    POOL.with(|p| *p.borrow_mut() = Some(std::rc::Rc::new(pool)));
 }
 
 /// Whether this thread has a pool (agent workers do; the main runtime's
@@ -212,18 +211,20 @@ fn with_pool<R>(f: impl FnOnce(&Pool) -> R) -> Option<R> {
 }
 
 /// Sends `req` (absolute URI) on one of this thread's connections, or a
-/// new one. Panics never; on a thread without a pool it connects afresh
-/// for every request (callers check [`installed`] first).
+/// new one. On a thread without a pool (callers check [`installed`]
+/// first) it fails with [`SendError::NoPool`].
 pub async fn send(mut req: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
-    let (https, authority) = match (req.uri().scheme_str(), req.uri().authority()) {
-        (Some("https"), Some(a)) => (true, a.as_str().to_owned()),
-        (Some("http"), Some(a)) => (false, a.as_str().to_owned()),
+    // A clone shares the URI's bytes: the authority is borrowed from it
+    // rather than copied for every request.
+    let target = req.uri().clone();
+    let (https, authority) = match (target.scheme_str(), target.authority()) {
+        (Some("https"), Some(a)) => (true, a.as_str()),
+        (Some("http"), Some(a)) => (false, a.as_str()),
         _ => return Err(SendError::NotAbsolute),
     };
-    let target = req.uri().clone();
     let mut fresh_tried = false;
     loop {
-        let (sender, reused) = match with_pool(|p| p.checkout(https, &authority)).flatten() {
+        let (sender, reused) = match with_pool(|p| p.checkout(https, authority)).flatten() {
             Some(s) => (s, true),
             None => {
                 fresh_tried = true;
@@ -235,13 +236,13 @@ pub async fn send(mut req: Request<ReqBody>) -> Result<Response<Incoming>, SendE
                 prepare_h1(&mut req, &target);
                 let r = s.try_send_request(req).await;
                 if r.is_ok() || !s.is_closed() {
-                    with_pool(|p| p.checkin(https, &authority, Sender::H1(s)));
+                    with_pool(|p| p.checkin(https, authority, Sender::H1(s)));
                 }
                 r
             }
             Sender::H2(mut s) => {
                 if !reused {
-                    with_pool(|p| p.checkin(https, &authority, Sender::H2(s.clone())));
+                    with_pool(|p| p.checkin(https, authority, Sender::H2(s.clone())));
                 }
                 *req.uri_mut() = target.clone();
                 s.try_send_request(req).await
@@ -264,14 +265,15 @@ pub async fn send(mut req: Request<ReqBody>) -> Result<Response<Incoming>, SendE
 
 /// HTTP/1 wants origin-form and a `Host` header (the legacy client did both).
 fn prepare_h1(req: &mut Request<ReqBody>, target: &Uri) {
-    // (No let chain: the crate's minimum Rust is 1.85.)
-    if let (false, Some(host)) = (req.headers().contains_key(HOST), target.host()) {
-        let value = match non_default_port(target) {
-            Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
-            None => HeaderValue::from_str(host),
-        };
-        if let Ok(v) = value {
-            req.headers_mut().insert(HOST, v);
+    if !req.headers().contains_key(HOST) {
+        if let Some(host) = target.host() {
+            let value = match non_default_port(target) {
+                Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+                None => HeaderValue::from_str(host),
+            };
+            if let Ok(v) = value {
+                req.headers_mut().insert(HOST, v);
+            }
         }
     }
     let origin = match target.path_and_query() {
@@ -297,7 +299,7 @@ fn non_default_port(uri: &Uri) -> Option<u16> {
 /// A new connection through the connector, then hyper's handshake for the
 /// protocol ALPN chose; the connection task runs on this thread's runtime.
 async fn connect(target: &Uri) -> Result<Sender, SendError> {
-    let mut connector = with_pool(|p| p.connector()).ok_or(SendError::NotAbsolute)?;
+    let mut connector = with_pool(|p| p.connector.clone()).ok_or(SendError::NoPool)?;
     std::future::poll_fn(|cx| connector.poll_ready(cx))
         .await
         .map_err(SendError::Connect)?;

@@ -173,19 +173,15 @@ pub struct OAuthState {
 /// an allocation.
 pub fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
     use http::Method;
-    let known = [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::HEAD,
-        Method::OPTIONS,
-    ];
-    const NAMES: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
-    match known.iter().position(|k| k == m) {
-        Some(i) => NAMES[i].into(),
-        None => m.as_str().to_owned().into(),
+    match *m {
+        Method::GET => "GET".into(),
+        Method::POST => "POST".into(),
+        Method::PUT => "PUT".into(),
+        Method::PATCH => "PATCH".into(),
+        Method::DELETE => "DELETE".into(),
+        Method::HEAD => "HEAD".into(),
+        Method::OPTIONS => "OPTIONS".into(),
+        _ => m.as_str().to_owned().into(),
     }
 }
 
