@@ -2818,7 +2818,6 @@ async fn probe_open_store(
     n: usize,
     reads: usize,
 ) -> Result<StoreProbe, String> {
-    use sidekey::store::Owner;
     let mut probe = StoreProbe {
         bytes: store.size_on_disk().await,
         uncached: None,
@@ -2828,55 +2827,55 @@ async fn probe_open_store(
     if n == 0 || reads == 0 {
         return Ok(probe);
     }
-    let owner = |i: usize| Owner::User(user_id(i % n));
     // Not counted: the pool's connections, sled's pages.
-    for i in 0..reads.min(100) {
-        store
-            .credential_uncached(&owner(i), "bench")
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let mut h = ns_hist();
-    for i in 0..reads {
-        let t = Instant::now();
-        let c = store
-            .credential_uncached(&owner(i), "bench")
-            .await
-            .map_err(|e| e.to_string())?;
-        let ns = t.elapsed().as_nanos() as u64;
-        if c.is_none() {
-            return Err(format!("credential of {} missing", user_id(i % n)));
-        }
-        let _ = h.record(ns.max(1));
-    }
-    probe.uncached = Some(h);
+    probe.uncached = Some(time_lookups(store, n, reads, reads.min(100), false).await?);
     // PostgreSQL's cache is used only while the LISTEN connection is up.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !store.caches().is_live() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     probe.cache_live = store.caches().is_live();
-    for i in 0..n.min(reads) {
-        store
-            .credential(&owner(i), "bench")
-            .await
-            .map_err(|e| e.to_string())?;
+    // Warm-up fills the cache.
+    probe.cached = Some(time_lookups(store, n, reads, n.min(reads), true).await?);
+    Ok(probe)
+}
+
+/// `reads` timed credential lookups over `n` users after `warmup` untimed
+/// ones, through the record cache or around it.
+async fn time_lookups(
+    store: &sidekey::store::Store,
+    n: usize,
+    reads: usize,
+    warmup: usize,
+    cached: bool,
+) -> Result<Histogram<u64>, String> {
+    use sidekey::store::Owner;
+    // Timed up to the answer; the credential is dropped (and zeroized)
+    // after the clock is read.
+    let lookup = |i: usize| async move {
+        let t = Instant::now();
+        let owner = Owner::User(user_id(i % n));
+        let (took, found) = if cached {
+            let c = store.credential(&owner, "bench").await;
+            (t.elapsed(), c.map(|c| c.is_some()))
+        } else {
+            let c = store.credential_uncached(&owner, "bench").await;
+            (t.elapsed(), c.map(|c| c.is_some()))
+        };
+        found.map(|f| (took, f)).map_err(|e| e.to_string())
+    };
+    for i in 0..warmup {
+        lookup(i).await?;
     }
     let mut h = ns_hist();
     for i in 0..reads {
-        let t = Instant::now();
-        let c = store
-            .credential(&owner(i), "bench")
-            .await
-            .map_err(|e| e.to_string())?;
-        let ns = t.elapsed().as_nanos() as u64;
-        if c.is_none() {
+        let (took, found) = lookup(i).await?;
+        if !found {
             return Err(format!("credential of {} missing", user_id(i % n)));
         }
-        let _ = h.record(ns.max(1));
+        let _ = h.record((took.as_nanos() as u64).max(1));
     }
-    probe.cached = Some(h);
-    Ok(probe)
+    Ok(h)
 }
 
 /// Prints the lookup latencies (and a JSON object with them).
