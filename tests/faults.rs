@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::CertificateDer;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -238,43 +238,18 @@ struct Pki {
     untrusted: Arc<rustls::ServerConfig>,
 }
 
-fn server_config(cert: CertificateDer<'static>, key: &rcgen::KeyPair) -> Arc<rustls::ServerConfig> {
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(cfg)
-}
-
 fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "sidekey faults test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
+    let ca = support::private_pki(&["127.0.0.1"]);
     let self_key = rcgen::KeyPair::generate().unwrap();
     let self_signed = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
         .unwrap()
         .self_signed(&self_key)
         .unwrap();
+    let h1: &[&[u8]] = &[b"http/1.1"];
     Pki {
-        ca_pem: ca_cert.pem(),
-        trusted: server_config(leaf.der().clone(), &leaf_key),
-        untrusted: server_config(self_signed.der().clone(), &self_key),
+        ca_pem: ca.ca_pem,
+        trusted: support::tls_server_config(ca.leaf, &ca.leaf_key, h1),
+        untrusted: support::tls_server_config(self_signed.der().clone(), &self_key, h1),
     }
 }
 

@@ -818,3 +818,56 @@ pub fn oauth_provider(name: &str, base_url: &str, token_url: &str, extra: &str) 
          refresh_skew_secs = 60\n{extra}\n"
     )
 }
+
+/// A private CA and a certificate it signed for `names`: what an upstream
+/// on a company's own PKI presents (sidekey trusts it through
+/// `upstream_ca_file`).
+pub struct PrivatePki {
+    /// PEM of the CA.
+    pub ca_pem: String,
+    /// The leaf for `names`, signed by the CA.
+    pub leaf: CertificateDer<'static>,
+    pub leaf_key: rcgen::KeyPair,
+}
+
+pub fn private_pki(names: &[&str]) -> PrivatePki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sidekey test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+    PrivatePki {
+        ca_pem: ca_cert.pem(),
+        leaf: leaf.der().clone(),
+        leaf_key,
+    }
+}
+
+/// A rustls server config presenting `cert` (ring provider) and offering
+/// `alpn`.
+pub fn tls_server_config(
+    cert: CertificateDer<'static>,
+    key: &rcgen::KeyPair,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ServerConfig> {
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
