@@ -52,6 +52,11 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
+// The throwaway PostgreSQL cluster is started exactly as the tests start
+// theirs: one file serves both.
+#[path = "../../tests/support/pg_server.rs"]
+mod pg_server;
+
 type BenchClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -2484,80 +2489,18 @@ struct PgCluster {
 
 const PG_DATABASE: &str = "sidekey_bench";
 
-/// The newest `/usr/lib/postgresql/<version>/bin` with an initdb.
-fn pg_bin() -> Result<PathBuf, String> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.retain(|d| d.join("initdb").exists());
-    dirs.sort_by_key(|d| {
-        d.parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    dirs.pop().ok_or_else(|| {
-        "PostgreSQL server binaries not found under /usr/lib/postgresql: install Debian's package (apt-get install -y postgresql) or pass --postgres-url".to_owned()
-    })
-}
-
-fn run_cmd(cmd: &mut Command, what: &str) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{what}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
-fn as_postgres(bin: &Path, tool: &str) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
-    c
-}
-
 impl PgCluster {
     /// initdb + pg_ctl start in `dir` (created here, owned by `postgres`),
     /// then an empty database for the run.
     fn start(dir: PathBuf) -> Result<PgCluster, String> {
-        let bin = pg_bin()?;
+        let bin = pg_server::server_bin().map_err(|e| format!("{e} or pass --postgres-url"))?;
         let version = bin
             .parent()
             .and_then(|p| p.file_name())
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        run_cmd(
-            Command::new("chown").arg("postgres:postgres").arg(&dir),
-            "chown postgres (the cluster runs as the postgres user)",
-        )?;
-        run_cmd(Command::new("chmod").arg("700").arg(&dir), "chmod")?;
-        let data = dir.join("data");
-        run_cmd(
-            as_postgres(&bin, "initdb").arg("-D").arg(&data).args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ]),
-            "initdb",
-        )?;
+        pg_server::init(&bin, &dir)?;
         let mut pg = PgCluster {
             dir,
             bin,
@@ -2566,26 +2509,14 @@ impl PgCluster {
         };
         // PostgreSQL's durability defaults (fsync, synchronous_commit on):
         // what a deployment runs, unlike the test clusters.
-        let started = run_cmd(
-            as_postgres(&pg.bin, "pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(pg.dir.join("log"))
-                .args(["-w", "-o"])
-                .arg(format!(
-                    "-k {} -c listen_addresses='' -p 5432 -c max_connections=200",
-                    pg.dir.display()
-                ))
-                .arg("start"),
-            "pg_ctl start",
-        );
-        if let Err(e) = started {
+        if let Err(e) = pg_server::start(&pg.bin, &pg.dir, "-c max_connections=200") {
             return Err(format!("{e}\n{}", pg.log_tail()));
         }
         pg.running = true;
-        pg.watchdog()?;
-        run_cmd(
+        // Drop stops it on every ordinary exit; the watchdog if this
+        // process dies first.
+        pg_server::watchdog(&pg.bin, &pg.dir, "")?;
+        pg_server::run(
             Command::new(pg.bin.join("createdb"))
                 .arg("-h")
                 .arg(&pg.dir)
@@ -2593,25 +2524,6 @@ impl PgCluster {
             "createdb",
         )?;
         Ok(pg)
-    }
-
-    /// Stops the cluster once this process is gone, however it ends
-    /// (Drop does it on every ordinary exit).
-    fn watchdog(&self) -> Result<(), String> {
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             runuser -u postgres -- {pg_ctl} -D {data} stop -m immediate >/dev/null 2>&1",
-            pid = std::process::id(),
-            pg_ctl = self.bin.join("pg_ctl").display(),
-            data = self.dir.join("data").display(),
-        );
-        let quoted = script.replace('\'', "'\\''");
-        run_cmd(
-            Command::new("sh").arg("-c").arg(format!(
-                "setsid sh -c '{quoted}' </dev/null >/dev/null 2>&1 &"
-            )),
-            "start the cluster watchdog",
-        )
     }
 
     /// libpq URL over the unix socket.
@@ -2652,7 +2564,7 @@ impl PgCluster {
         if !std::mem::take(&mut self.running) {
             return;
         }
-        let _ = as_postgres(&self.bin, "pg_ctl")
+        let _ = pg_server::as_postgres(&self.bin, "pg_ctl")
             .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-w", "stop", "-m", "immediate"])

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pg;
+pub mod pg_server;
 pub mod token;
 pub mod upstream;
 pub mod webdriver;

@@ -8,8 +8,10 @@
 //! installs the package). A watchdog stops the cluster when this process
 //! ends, however it ends.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
+
+use super::pg_server;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -35,109 +37,34 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(Cluster::start_new)
 }
 
-fn pg_bin() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.retain(|d| d.join("initdb").exists());
-    dirs.sort_by_key(|d| {
-        d.parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-    });
-    dirs.pop().unwrap_or_else(|| {
-        panic!(
-            "PostgreSQL server binaries not found under /usr/lib/postgresql; install Debian's package: apt-get install -y postgresql"
-        )
-    })
-}
+/// Settings of the test clusters: durability off (a test's data is thrown
+/// away), room for many sidekey instances' pools.
+const SETTINGS: &str =
+    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400";
 
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn as_postgres(bin: &Path, tool: &str) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
-    c
+fn must(r: Result<(), String>) {
+    if let Err(e) = r {
+        panic!("{e}");
+    }
 }
 
 impl Cluster {
     /// A cluster of its own (for a test that stops and starts it).
     pub fn start_new() -> Cluster {
-        let bin = pg_bin();
+        let bin = pg_server::server_bin().unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::Builder::new()
             .prefix("sidekey-pg-")
             .tempdir()
             .unwrap()
             .keep();
-        run(
-            Command::new("chown").args(["postgres:postgres"]).arg(&dir),
-            "chown",
-        );
-        run(Command::new("chmod").arg("700").arg(&dir), "chmod");
-        let data = dir.join("data");
-        run(
-            as_postgres(&bin, "initdb").arg("-D").arg(&data).args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-            ]),
-            "initdb",
-        );
-        run(
-        as_postgres(&bin, "pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-w", "-o"])
-            .arg(format!(
-                "-k {} -c listen_addresses='' -p 5432 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
-                dir.display()
-            ))
-            .arg("start"),
-        "pg_ctl start",
-    );
+        must(pg_server::init(&bin, &dir));
+        must(pg_server::start(&bin, &dir, SETTINGS));
         // Stops the cluster and removes it once this test process is gone.
-        let watchdog = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-         runuser -u postgres -- {pg_ctl} -D {data} stop -m immediate >/dev/null 2>&1; \
-         rm -rf {dir}",
-            pid = std::process::id(),
-            pg_ctl = bin.join("pg_ctl").display(),
-            data = data.display(),
-            dir = dir.display(),
-        );
-        // Detached (setsid, backgrounded by a shell we wait for) so that
-        // it outlives this process and cleans up after it.
-        let quoted = watchdog.replace('\'', "'\\''");
-        run(
-            Command::new("sh").arg("-c").arg(format!(
-                "setsid sh -c '{quoted}' </dev/null >/dev/null 2>&1 &"
-            )),
-            "start the cluster watchdog",
-        );
+        must(pg_server::watchdog(
+            &bin,
+            &dir,
+            &format!("rm -rf {}", dir.display()),
+        ));
         Cluster { dir, bin }
     }
 
@@ -179,19 +106,18 @@ impl Cluster {
 
     /// `pg_ctl stop` (fast) or `start`: an outage under traffic.
     pub fn ctl(&self, action: &str) {
-        let data = self.dir.join("data");
-        let mut c = as_postgres(&self.bin, "pg_ctl");
-        c.arg("-D").arg(&data).arg("-w");
         if action == "start" {
-            c.arg("-l").arg(self.dir.join("log")).arg("-o").arg(format!(
-                "-k {} -c listen_addresses='' -p 5432 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400",
-                self.dir.display()
-            ));
-        } else {
-            c.args(["-m", "fast"]);
+            must(pg_server::start(&self.bin, &self.dir, SETTINGS));
+            return;
         }
-        c.arg(action);
-        run(&mut c, &format!("pg_ctl {action}"));
+        must(pg_server::run(
+            pg_server::as_postgres(&self.bin, "pg_ctl")
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .args(["-w", "-m", "fast"])
+                .arg(action),
+            &format!("pg_ctl {action}"),
+        ));
     }
 
     /// `pg_dump` of one database, as text.
