@@ -103,6 +103,16 @@ impl Fx {
         self.sk.agent(Method::POST, path, &h, body).await
     }
 
+    /// Tells the fake token endpoint to accept `code` for the flow behind
+    /// `authorize_url` (its PKCE challenge and redirect URI).
+    fn expect_code(&self, authorize_url: &str, code: &str) {
+        self.tok.register_code(
+            code,
+            &query_param(authorize_url, "code_challenge").unwrap(),
+            &query_param(authorize_url, "redirect_uri").unwrap(),
+        );
+    }
+
     async fn cred_status(&self, user: &str, provider: &str) -> u16 {
         self.sk
             .admin(
@@ -553,11 +563,7 @@ async fn callback_completes_only_in_the_bound_browser() {
     // stored, and the state is spent.
     let url = start().await;
     let state = query_param(&url, "state").unwrap();
-    fx.tok.register_code(
-        "code-victim",
-        &query_param(&url, "code_challenge").unwrap(),
-        &query_param(&url, "redirect_uri").unwrap(),
-    );
+    fx.expect_code(&url, "code-victim");
     let cb = format!("/oauth/custom/callback?code=code-victim&state={state}");
     for c in [None, Some("B".repeat(43))] {
         let r = fx.get(&cb, c.as_deref()).await;
@@ -585,11 +591,7 @@ async fn callback_completes_only_in_the_bound_browser() {
 
     // In the bound browser it completes and lands back on the page.
     let url = start().await;
-    fx.tok.register_code(
-        "code-dana",
-        &query_param(&url, "code_challenge").unwrap(),
-        &query_param(&url, "redirect_uri").unwrap(),
-    );
+    fx.expect_code(&url, "code-dana");
     let state = query_param(&url, "state").unwrap();
     let r = fx
         .get(
@@ -665,11 +667,7 @@ async fn admin_start_connect_url_binds_the_browser() {
         assert_eq!(r.status, 200, "{}", r.text());
         let v = r.json();
         let authorize = v["authorize_url"].as_str().unwrap().to_owned();
-        fx.tok.register_code(
-            &format!("code-{user}"),
-            &query_param(&authorize, "code_challenge").unwrap(),
-            &query_param(&authorize, "redirect_uri").unwrap(),
-        );
+        fx.expect_code(&authorize, &format!("code-{user}"));
         (
             authorize,
             v["state"].as_str().unwrap().to_owned(),
@@ -726,11 +724,7 @@ async fn bind_browser_false_lets_the_bare_url_complete_but_not_page_flows() {
     let v = r.json();
     assert!(v["connect_url"].is_string(), "still answered: {v}");
     let authorize = v["authorize_url"].as_str().unwrap();
-    fx.tok.register_code(
-        "code-gina",
-        &query_param(authorize, "code_challenge").unwrap(),
-        &query_param(authorize, "redirect_uri").unwrap(),
-    );
+    fx.expect_code(authorize, "code-gina");
     let state = v["state"].as_str().unwrap();
     let r = fx
         .get(
@@ -753,11 +747,7 @@ async fn bind_browser_false_lets_the_bare_url_complete_but_not_page_flows() {
         )
         .await;
     let url = location(&r);
-    fx.tok.register_code(
-        "code-hugo",
-        &query_param(&url, "code_challenge").unwrap(),
-        &query_param(&url, "redirect_uri").unwrap(),
-    );
+    fx.expect_code(&url, "code-hugo");
     let state = query_param(&url, "state").unwrap();
     let r = fx
         .get(
