@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
@@ -741,7 +741,7 @@ async fn send(
     let uri = p
         .upstream_uri(&out.path, out.query.as_deref(), cred.access_token.as_ref())
         .map_err(|e| inject_error(p, e))?;
-    let mut req = Request::new(Full::new(out.body.clone()));
+    let mut req = Request::new(out.body.clone());
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = out.headers.clone();

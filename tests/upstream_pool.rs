@@ -127,6 +127,178 @@ async fn connections_the_upstream_closed_are_replaced_without_an_error() {
     }
 }
 
+/// A raw HTTP/1.1 upstream that answers in the framing the path names,
+/// writing its answers in pieces with pauses between them (so sidekey has
+/// to read a body across several reads). Records each request's head and
+/// body; counts accepted connections.
+async fn framing_upstream() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (a, sn) = (accepted.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_framings(s, sn.clone()));
+        }
+    });
+    (url, accepted, seen)
+}
+
+async fn serve_framings(mut s: TcpStream, seen: Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let pause = || tokio::time::sleep(Duration::from_millis(15));
+    loop {
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        buf.drain(..end);
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while buf.len() < len {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..len).collect();
+        let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        seen.lock()
+            .unwrap()
+            .push(format!("{head}{}", String::from_utf8_lossy(&body)));
+        let mut pieces: Vec<Vec<u8>> = Vec::new();
+        let mut close = false;
+        match path.as_str() {
+            "/chunked" => {
+                pieces.push(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel".to_vec());
+                pieces.push(b"lo\r\n7;ext=1\r\n, world\r\n".to_vec());
+                pieces.push(b"0\r\nx-trailer: dropped\r\n\r\n".to_vec());
+            }
+            "/split" => {
+                let body = vec![b'a'; 40_000];
+                let mut first = b"HTTP/1.1 200 OK\r\ncontent-length: 40000\r\n\r\n".to_vec();
+                first.extend_from_slice(&body[..1000]);
+                pieces.push(first);
+                pieces.push(body[1000..30_000].to_vec());
+                pieces.push(body[30_000..].to_vec());
+            }
+            "/until-close" => {
+                pieces.push(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil ".to_vec());
+                pieces.push(b"close".to_vec());
+                close = true;
+            }
+            "/no-content" => {
+                pieces
+                    .push(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n".to_vec());
+            }
+            _ => {
+                // Echo the request body back.
+                let mut a = format!(
+                    "HTTP/1.1 201 Created\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                )
+                .into_bytes();
+                a.extend_from_slice(&body);
+                pieces.push(a);
+            }
+        }
+        for (i, p) in pieces.iter().enumerate() {
+            if i > 0 {
+                pause().await;
+            }
+            if s.write_all(p).await.is_err() {
+                return;
+            }
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_answer_framing_arrives_whole_and_keeps_the_connection_when_it_can() {
+    let (url, accepted, seen) = framing_upstream().await;
+    let (sk, tok) = start(&url, "").await;
+
+    for round in 0..2 {
+        let r = sk
+            .proxy(Method::GET, "/v1/proxy/up/chunked", &tok, "")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "hello, world");
+        assert!(r.headers.get("x-trailer").is_none());
+
+        let r = sk.proxy(Method::GET, "/v1/proxy/up/split", &tok, "").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), 40_000, "round {round}");
+        assert!(r.body.iter().all(|&b| b == b'a'));
+
+        let r = sk
+            .proxy(Method::POST, "/v1/proxy/up/echo", &tok, "{\"n\":1}")
+            .await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.text(), "{\"n\":1}");
+
+        let r = sk
+            .proxy(Method::POST, "/v1/proxy/up/no-content", &tok, "")
+            .await;
+        assert_eq!(r.status, 204);
+        assert!(r.body.is_empty());
+    }
+    // Chunked, length-delimited and empty answers all left the connection
+    // reusable: eight requests, one connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // An answer that ends with the connection is read to the close, and
+    // the next request opens a new connection.
+    let r = sk
+        .proxy(Method::GET, "/v1/proxy/up/until-close", &tok, "")
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "until close");
+    let r = sk
+        .proxy(Method::GET, "/v1/proxy/up/chunked", &tok, "")
+        .await;
+    assert_eq!(r.text(), "hello, world");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // What went upstream: origin-form, the upstream's Host, the injected
+    // token, and a Content-Length for bodies (also an empty POST's).
+    let seen = seen.lock().unwrap();
+    let echo = seen.iter().find(|h| h.starts_with("POST /echo ")).unwrap();
+    assert!(
+        echo.contains(&format!("host: {}\r\n", url.trim_start_matches("http://"))),
+        "{echo}"
+    );
+    assert!(
+        echo.contains("authorization: Bearer tok-pool-u1\r\n"),
+        "{echo}"
+    );
+    assert!(echo.contains("content-length: 7\r\n"), "{echo}");
+    assert!(echo.ends_with("\r\n\r\n{\"n\":1}"), "{echo}");
+    let empty = seen
+        .iter()
+        .find(|h| h.starts_with("POST /no-content "))
+        .unwrap();
+    assert!(empty.contains("content-length: 0\r\n"), "{empty}");
+    let get = seen
+        .iter()
+        .find(|h| h.starts_with("GET /chunked "))
+        .unwrap();
+    assert!(!get.contains("content-length"), "{get}");
+}
+
 /// An HTTPS upstream on a certificate from a private CA, offering `alpn`;
 /// records the HTTP version and `Host` (or `:authority`) of each request.
 async fn tls_upstream(

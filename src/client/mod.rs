@@ -5,6 +5,7 @@
 //! ([`pool`]); everything else (token endpoints, the ElevenLabs API, the
 //! main runtime) uses the shared hyper-util client built here.
 
+pub mod h1;
 pub mod pool;
 
 use std::pin::Pin;
@@ -39,36 +40,44 @@ pub fn build(connect_timeout: Duration, extra_roots: Vec<CertificateDer<'static>
         .build(connector(connect_timeout, extra_roots))
 }
 
-/// The connector both clients use: TCP with the connect timeout, keepalive
-/// and nodelay, then rustls (webpki roots plus `extra_roots`) offering h2
-/// and HTTP/1.1 by ALPN.
+/// The connector the shared client uses: TCP as in [`tcp_connector`], then
+/// rustls as in [`tls_config`] offering h2 and HTTP/1.1 by ALPN.
 pub fn connector(
     connect_timeout: Duration,
     extra_roots: Vec<CertificateDer<'static>>,
 ) -> HttpsConnector<HttpConnector> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for c in extra_roots {
-        let _ = roots.add(c);
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(extra_roots))
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp_connector(connect_timeout))
+}
+
+/// TCP for both clients: the connect timeout, keepalive and nodelay;
+/// `https://` addresses are accepted (TLS is layered on by the caller).
+fn tcp_connector(connect_timeout: Duration) -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http)
+    http
+}
+
+/// rustls for both clients: the webpki roots plus `extra_roots`, no ALPN
+/// (each client adds its own).
+fn tls_config(extra_roots: Vec<CertificateDer<'static>>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for c in extra_roots {
+        let _ = roots.add(c);
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
 
 /// Gives the current thread (an agent worker) its own connection pool: its
@@ -79,10 +88,12 @@ pub fn set_thread_client(cfg: &crate::config::ServerConfig) {
         Some(p) => crate::bootstrap::load_roots(p).unwrap_or_default(),
         None => Vec::new(),
     };
-    pool::install(connector(
-        Duration::from_secs(cfg.connect_timeout_secs),
-        roots,
-    ));
+    let mut tls = tls_config(roots);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    pool::install(
+        tcp_connector(Duration::from_secs(cfg.connect_timeout_secs)),
+        tls,
+    );
 }
 
 /// Why a proxied request got no answer.
@@ -97,12 +108,51 @@ pub enum RequestError {
 /// Sends on this thread's pool if it has one, else on the shared client.
 pub async fn request(
     shared: &HttpClient,
-    req: http::Request<Full<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, RequestError> {
+    req: http::Request<Bytes>,
+) -> Result<http::Response<UpstreamBody>, RequestError> {
     if pool::installed() {
         Ok(pool::send(req).await?)
     } else {
-        Ok(shared.request(req).await?)
+        let resp = shared.request(req.map(Full::new)).await?;
+        Ok(resp.map(UpstreamBody::Hyper))
+    }
+}
+
+/// An upstream answer's body: read by hyper's client (the shared client,
+/// h2), or by sidekey's own HTTP/1.1 exchange ([`h1`]).
+pub enum UpstreamBody {
+    Hyper(hyper::body::Incoming),
+    H1(h1::Body),
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
     }
 }
 

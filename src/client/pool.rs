@@ -22,20 +22,18 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderValue};
-use http::uri::{PathAndQuery, Uri};
+use http::uri::Uri;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use tower_service::Service;
 
+use super::UpstreamBody;
+use super::h1::{self, Conn, ExchangeError};
 use crate::body::BoxError;
-
-type ReqBody = Full<Bytes>;
 
 /// Idle connections kept per upstream and thread (the legacy client's
 /// `pool_max_idle_per_host` was 256 for the whole process).
@@ -49,7 +47,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub enum SendError {
     /// No connection: DNS, TCP connect (or its timeout), TLS handshake.
     Connect(BoxError),
-    /// The HTTP exchange on an established connection.
+    /// The HTTP/1.1 exchange on an established connection.
+    Exchange(ExchangeError),
+    /// The h2 exchange on an established connection.
     Http(hyper::Error),
     /// Not an absolute `http://` or `https://` address (a bug: providers
     /// build absolute URIs).
@@ -63,6 +63,7 @@ impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SendError::Connect(_) => f.write_str("cannot connect to the upstream"),
+            SendError::Exchange(e) => fmt::Display::fmt(e, f),
             SendError::Http(_) => f.write_str("upstream HTTP exchange failed"),
             SendError::NotAbsolute => f.write_str("upstream address is not absolute"),
             SendError::NoPool => f.write_str("no upstream connection pool on this thread"),
@@ -74,35 +75,23 @@ impl std::error::Error for SendError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             SendError::Connect(e) => Some(e.as_ref()),
+            SendError::Exchange(e) => e.source(),
             SendError::Http(e) => Some(e),
             SendError::NotAbsolute | SendError::NoPool => None,
         }
     }
 }
 
-enum Sender {
-    H1(http1::SendRequest<ReqBody>),
-    H2(http2::SendRequest<ReqBody>),
-}
-
-impl Sender {
-    fn usable(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
-        }
-    }
-
-    fn closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
+/// A pooled connection: an HTTP/1.1 socket read and written by the
+/// request's own task, or hyper's sender for an h2 connection (which
+/// multiplexes, and so has a task of its own).
+enum Idle {
+    H1(Conn),
+    H2(http2::SendRequest<Full<Bytes>>),
 }
 
 struct Pooled {
-    sender: Sender,
+    conn: Idle,
     used: Instant,
 }
 
@@ -116,7 +105,8 @@ struct Host {
 /// One worker thread's pool. Not `Sync`, never shared: it is reached
 /// through a thread-local and no borrow is held across an `.await`.
 struct Pool {
-    connector: HttpsConnector<HttpConnector>,
+    tcp: HttpConnector,
+    tls: tokio_rustls::TlsConnector,
     hosts: RefCell<Vec<Host>>,
 }
 
@@ -129,8 +119,7 @@ fn find(hosts: &[Host], https: bool, authority: &str) -> Option<usize> {
 impl Pool {
     /// A connection to the upstream that can take a request now, most
     /// recently used first; closed and stale ones are dropped on the way.
-    /// HTTP/1 connections still reading an earlier answer stay pooled.
-    fn checkout(&self, https: bool, authority: &str) -> Option<Sender> {
+    fn checkout(&self, https: bool, authority: &str) -> Option<Idle> {
         let mut hosts = self.hosts.borrow_mut();
         let idx = find(&hosts, https, authority)?;
         let host = &mut hosts[idx];
@@ -138,30 +127,35 @@ impl Pool {
         let mut i = host.conns.len();
         while i > 0 {
             i -= 1;
-            let c = &host.conns[i];
-            if c.sender.closed() || now.duration_since(c.used) > IDLE_TIMEOUT {
+            if now.duration_since(host.conns[i].used) > IDLE_TIMEOUT {
                 host.conns.swap_remove(i);
                 continue;
             }
-            if c.sender.usable() {
-                let c = host.conns.swap_remove(i);
-                return Some(match c.sender {
-                    // An h2 connection multiplexes: it stays pooled.
-                    Sender::H2(s) => {
-                        host.conns.push(Pooled {
-                            sender: Sender::H2(s.clone()),
-                            used: now,
-                        });
-                        Sender::H2(s)
+            match &mut host.conns[i].conn {
+                Idle::H2(s) if s.is_closed() => {
+                    host.conns.swap_remove(i);
+                }
+                // An h2 connection multiplexes: it stays pooled.
+                Idle::H2(s) if s.is_ready() => {
+                    let s = s.clone();
+                    host.conns[i].used = now;
+                    return Some(Idle::H2(s));
+                }
+                Idle::H2(_) => {}
+                Idle::H1(_) => {
+                    let Pooled { conn, .. } = host.conns.swap_remove(i);
+                    if let Idle::H1(mut c) = conn {
+                        if c.idle_and_open() {
+                            return Some(Idle::H1(c));
+                        }
                     }
-                    h1 => h1,
-                });
+                }
             }
         }
         None
     }
 
-    fn checkin(&self, https: bool, authority: &str, sender: Sender) {
+    fn checkin(&self, https: bool, authority: &str, conn: Idle) {
         let mut hosts = self.hosts.borrow_mut();
         let idx = match find(&hosts, https, authority) {
             Some(i) => i,
@@ -176,12 +170,12 @@ impl Pool {
         };
         let conns = &mut hosts[idx].conns;
         if conns.len() >= MAX_PER_HOST {
-            // Dropping a sender lets its connection finish the answer in
-            // flight and close.
+            // The oldest goes; dropping an h2 sender lets its connection
+            // finish the streams in flight and close.
             conns.remove(0);
         }
         conns.push(Pooled {
-            sender,
+            conn,
             used: Instant::now(),
         });
     }
@@ -191,10 +185,12 @@ thread_local! {
     static POOL: RefCell<Option<std::rc::Rc<Pool>>> = const { RefCell::new(None) };
 }
 
-/// Gives the current thread (an agent worker) its own pool.
-pub fn install(connector: HttpsConnector<HttpConnector>) {
+/// Gives the current thread (an agent worker) its own pool. `tls` offers
+/// h2 and HTTP/1.1 by ALPN.
+pub fn install(tcp: HttpConnector, tls: rustls::ClientConfig) {
     let pool = Pool {
-        connector,
+        tcp,
+        tls: tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls)),
         hosts: RefCell::new(Vec::new()),
     };
     POOL.with(|p| *p.borrow_mut() = Some(std::rc::Rc::new(pool)));
@@ -210,84 +206,89 @@ fn with_pool<R>(f: impl FnOnce(&Pool) -> R) -> Option<R> {
     POOL.with(|p| p.borrow().as_ref().map(|p| f(p)))
 }
 
+fn scheme_and_authority(uri: &Uri) -> Option<(bool, &str)> {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("https"), Some(a)) => Some((true, a.as_str())),
+        (Some("http"), Some(a)) => Some((false, a.as_str())),
+        _ => None,
+    }
+}
+
+/// An HTTP/1.1 connection whose answer was read to its end: back to the
+/// pool of the thread reading it (if that thread has one).
+fn checkin_h1(target: &Uri, conn: Conn) {
+    if let Some((https, authority)) = scheme_and_authority(target) {
+        with_pool(|p| p.checkin(https, authority, Idle::H1(conn)));
+    }
+}
+
 /// Sends `req` (absolute URI) on one of this thread's connections, or a
 /// new one. On a thread without a pool (callers check [`installed`]
 /// first) it fails with [`SendError::NoPool`].
-pub async fn send(mut req: Request<ReqBody>) -> Result<Response<Incoming>, SendError> {
+pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendError> {
     // A clone shares the URI's bytes: the authority is borrowed from it
     // rather than copied for every request.
     let target = req.uri().clone();
-    let (https, authority) = match (target.scheme_str(), target.authority()) {
-        (Some("https"), Some(a)) => (true, a.as_str()),
-        (Some("http"), Some(a)) => (false, a.as_str()),
-        _ => return Err(SendError::NotAbsolute),
-    };
+    let (https, authority) = scheme_and_authority(&target).ok_or(SendError::NotAbsolute)?;
     let mut fresh_tried = false;
     loop {
-        let (sender, reused) = match with_pool(|p| p.checkout(https, authority)).flatten() {
-            Some(s) => (s, true),
+        let (conn, reused) = match with_pool(|p| p.checkout(https, authority)).flatten() {
+            Some(c) => (c, true),
             None => {
                 fresh_tried = true;
-                (connect(&target).await?, false)
+                (connect(&target, https).await?, false)
             }
         };
-        let result = match sender {
-            Sender::H1(mut s) => {
-                prepare_h1(&mut req, &target);
-                let r = s.try_send_request(req).await;
-                if r.is_ok() || !s.is_closed() {
-                    with_pool(|p| p.checkin(https, authority, Sender::H1(s)));
+        let retry_allowed = reused && !fresh_tried;
+        match conn {
+            Idle::H1(mut conn) => {
+                let sent =
+                    h1::write_request(&mut conn, req.method(), &target, req.headers(), req.body())
+                        .await
+                        .map_err(ExchangeError::Write);
+                let head = match sent {
+                    Ok(()) => h1::read_head(&mut conn, req.method()).await,
+                    Err(e) => Err(e),
+                };
+                match head {
+                    Ok(head) => {
+                        let body = h1::Body::new(&head, conn, target, checkin_h1);
+                        return Ok(Response::from_parts(head.parts, UpstreamBody::H1(body)));
+                    }
+                    // A reused connection that went away: an unsent request,
+                    // or an idempotent one nothing was answered to, goes once
+                    // more on a fresh connection.
+                    Err(e) if retry_allowed && e.retryable(req.method()) => {
+                        tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one");
+                    }
+                    Err(e) => return Err(SendError::Exchange(e)),
                 }
-                r
             }
-            Sender::H2(mut s) => {
+            Idle::H2(mut s) => {
                 if !reused {
-                    with_pool(|p| p.checkin(https, authority, Sender::H2(s.clone())));
+                    with_pool(|p| p.checkin(https, authority, Idle::H2(s.clone())));
                 }
-                *req.uri_mut() = target.clone();
-                s.try_send_request(req).await
+                let mut h2req = Request::new(Full::new(req.body().clone()));
+                *h2req.method_mut() = req.method().clone();
+                *h2req.uri_mut() = target.clone();
+                *h2req.headers_mut() = req.headers().clone();
+                match s.try_send_request(h2req).await {
+                    Ok(resp) => return Ok(resp.map(UpstreamBody::Hyper)),
+                    Err(mut e) => {
+                        // Never started on a pooled connection that went away
+                        // in the meantime: once more, on a fresh connection.
+                        if !(retry_allowed && e.take_message().is_some()) {
+                            return Err(SendError::Http(e.into_error()));
+                        }
+                        tracing::debug!(error = %e.error(), "pooled upstream connection was closed; retrying on a new one");
+                    }
+                }
             }
-        };
-        match result {
-            Ok(resp) => return Ok(resp),
-            Err(mut e) => match e.take_message() {
-                // Never started on a pooled connection that went away in
-                // the meantime: once more, on a fresh connection.
-                Some(back) if reused && !fresh_tried => {
-                    tracing::debug!(error = %e.error(), "pooled upstream connection was closed; retrying on a new one");
-                    req = back;
-                }
-                _ => return Err(SendError::Http(e.into_error())),
-            },
         }
     }
 }
 
-/// HTTP/1 wants origin-form and a `Host` header (the legacy client did both).
-fn prepare_h1(req: &mut Request<ReqBody>, target: &Uri) {
-    if !req.headers().contains_key(HOST) {
-        if let Some(host) = target.host() {
-            let value = match non_default_port(target) {
-                Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
-                None => HeaderValue::from_str(host),
-            };
-            if let Ok(v) = value {
-                req.headers_mut().insert(HOST, v);
-            }
-        }
-    }
-    let origin = match target.path_and_query() {
-        Some(pq) if pq.as_str() != "/" => {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(pq.clone());
-            Uri::from_parts(parts).unwrap_or_default()
-        }
-        _ => Uri::from(PathAndQuery::from_static("/")),
-    };
-    *req.uri_mut() = origin;
-}
-
-fn non_default_port(uri: &Uri) -> Option<u16> {
+pub(crate) fn non_default_port(uri: &Uri) -> Option<u16> {
     let port = uri.port_u16()?;
     let secure = uri.scheme_str() == Some("https");
     match (port, secure) {
@@ -296,22 +297,35 @@ fn non_default_port(uri: &Uri) -> Option<u16> {
     }
 }
 
-/// A new connection through the connector, then hyper's handshake for the
-/// protocol ALPN chose; the connection task runs on this thread's runtime.
-async fn connect(target: &Uri) -> Result<Sender, SendError> {
-    let mut connector = with_pool(|p| p.connector.clone()).ok_or(SendError::NoPool)?;
-    std::future::poll_fn(|cx| connector.poll_ready(cx))
+/// A new connection: TCP through hyper-util's connector (DNS, connect
+/// timeout, keepalive, nodelay), then for `https` rustls; h2 if ALPN chose
+/// it (hyper's h2 client, its task on this thread's runtime), else
+/// HTTP/1.1 read and written by the requests themselves.
+async fn connect(target: &Uri, https: bool) -> Result<Idle, SendError> {
+    let (mut tcp, tls) = with_pool(|p| (p.tcp.clone(), p.tls.clone())).ok_or(SendError::NoPool)?;
+    std::future::poll_fn(|cx| tcp.poll_ready(cx))
         .await
-        .map_err(SendError::Connect)?;
-    let io = connector
+        .map_err(|e| SendError::Connect(e.into()))?;
+    let stream = tcp
         .call(target.clone())
         .await
-        .map_err(SendError::Connect)?;
-    if io.connected().is_negotiated_h2() {
+        .map_err(|e| SendError::Connect(e.into()))?
+        .into_inner();
+    if !https {
+        return Ok(Idle::H1(Conn::new(h1::Io::Plain(stream))));
+    }
+    let host = target.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| SendError::Connect(e.into()))?;
+    let stream = tls
+        .connect(name, stream)
+        .await
+        .map_err(|e| SendError::Connect(e.into()))?;
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
-            .handshake(io)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
         tokio::spawn(async move {
@@ -319,20 +333,9 @@ async fn connect(target: &Uri) -> Result<Sender, SendError> {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
-        Ok(Sender::H2(sender))
-    } else {
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size(256 * 1024)
-            .handshake(io)
-            .await
-            .map_err(SendError::Http)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(Sender::H1(sender))
+        return Ok(Idle::H2(sender));
     }
+    Ok(Idle::H1(Conn::new(h1::Io::Tls(Box::new(stream)))))
 }
 
 #[cfg(test)]
@@ -340,31 +343,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn h1_requests_get_origin_form_and_host() {
-        let target: Uri = "http://127.0.0.1:8080/api/items?limit=10".parse().unwrap();
-        let mut req = Request::new(Full::new(Bytes::new()));
-        *req.uri_mut() = target.clone();
-        prepare_h1(&mut req, &target);
-        assert_eq!(req.uri().to_string(), "/api/items?limit=10");
-        assert_eq!(req.headers()[HOST], "127.0.0.1:8080");
-
-        let target: Uri = "https://slack.com".parse().unwrap();
-        let mut req = Request::new(Full::new(Bytes::new()));
-        prepare_h1(&mut req, &target);
-        assert_eq!(req.uri().to_string(), "/");
-        assert_eq!(req.headers()[HOST], "slack.com");
-    }
-
-    #[test]
-    fn an_explicit_host_header_is_kept() {
+    fn default_ports_are_left_out_of_host() {
         let target: Uri = "https://api.example.com:8443/x".parse().unwrap();
-        let mut req = Request::new(Full::new(Bytes::new()));
-        req.headers_mut()
-            .insert(HOST, HeaderValue::from_static("override"));
-        prepare_h1(&mut req, &target);
-        assert_eq!(req.headers()[HOST], "override");
         assert_eq!(non_default_port(&target), Some(8443));
         assert_eq!(non_default_port(&"https://a:443/".parse().unwrap()), None);
         assert_eq!(non_default_port(&"http://a:80/".parse().unwrap()), None);
+        assert_eq!(
+            non_default_port(&"http://a:443/".parse().unwrap()),
+            Some(443)
+        );
     }
 }

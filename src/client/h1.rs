@@ -1,0 +1,941 @@
+//! sidekey's own HTTP/1.1 client exchange, run in the task that serves the
+//! agent's request.
+//!
+//! hyper's connection-level client drives each upstream connection from a
+//! task of its own: the request goes to it over a channel, the answer's head
+//! comes back over another, and every body frame is one more hand-off and
+//! wake-up between the two tasks. After round 3 that machinery was the
+//! largest cost left on the proxy path that nginx does not pay (see
+//! docs/performance.md). Here, as in nginx and pingora, the request's own
+//! task writes the request, reads the answer's head, and the response body
+//! reads the upstream socket when the agent's connection polls it. A
+//! connection whose answer has been read to its end goes straight back to
+//! the worker's pool.
+//!
+//! The exchange is deliberately small: requests have a buffered body and a
+//! `Content-Length`; answers are framed by RFC 9112 §6.3 (no body for HEAD,
+//! 1xx, 204 and 304; chunked; `Content-Length`; or until close). Interim
+//! 1xx answers are skipped; trailers are read and dropped (nginx drops them
+//! too). Anything malformed fails the exchange rather than guessing.
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::body::BoxError;
+
+/// An answer's head (status line and headers) may be at most this large;
+/// hyper's client allowed the same (its `max_buf_size`).
+const MAX_HEAD: usize = 256 * 1024;
+/// At most this many headers in an answer (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line (with extensions) may be at most this long.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Trailers are read and dropped, up to this much.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// Read buffer growth: enough for a typical JSON answer in one read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Bodies up to this size are copied behind the head and written in one
+/// call; larger ones are written after it.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// The upstream socket: plain TCP, or TLS over it.
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to an upstream, and what was read from it but
+/// not yet consumed.
+pub(crate) struct Conn {
+    io: Io,
+    buf: BytesMut,
+}
+
+impl Conn {
+    pub(crate) fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: the upstream has
+    /// neither closed it nor sent anything unasked. hyper's connection task
+    /// noticed a close by always reading; an idle connection here has no
+    /// task, so checkout looks once, without waiting.
+    pub(crate) fn idle_and_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut probe);
+        // Pending: nothing to read, still open. A TLS session ticket is
+        // consumed by rustls and also ends in Pending.
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending()
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+}
+
+/// Why an exchange failed before the answer's head was complete.
+#[derive(Debug)]
+pub enum ExchangeError {
+    /// Writing the request failed.
+    Write(io::Error),
+    /// Reading the answer failed, or the upstream closed first.
+    Read {
+        error: io::Error,
+        /// No byte of an answer had arrived (a reused connection that went
+        /// away: safe to retry an idempotent request).
+        nothing_read: bool,
+    },
+    /// The answer's head is not valid HTTP/1.x.
+    Parse(&'static str),
+}
+
+impl fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExchangeError::Write(_) => f.write_str("cannot write the request upstream"),
+            ExchangeError::Read { .. } => f.write_str("cannot read the upstream's answer"),
+            ExchangeError::Parse(why) => write!(f, "invalid answer from the upstream: {why}"),
+        }
+    }
+}
+
+impl ExchangeError {
+    /// Whether the request may go once more on a fresh connection, when
+    /// this happened on a reused one: it was not (completely) sent, or it
+    /// is idempotent and no byte of an answer came back.
+    pub(crate) fn retryable(&self, method: &Method) -> bool {
+        match self {
+            ExchangeError::Write(_) => true,
+            ExchangeError::Read {
+                nothing_read: true, ..
+            } => idempotent(method),
+            _ => false,
+        }
+    }
+}
+
+impl std::error::Error for ExchangeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ExchangeError::Write(e) | ExchangeError::Read { error: e, .. } => Some(e),
+            ExchangeError::Parse(_) => None,
+        }
+    }
+}
+
+/// Writes the request in origin-form with `Host` (unless the caller set
+/// one) and a `Content-Length` for any body.
+pub(crate) async fn write_request(
+    conn: &mut Conn,
+    method: &Method,
+    target: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> io::Result<()> {
+    let head = encode_head(method, target, headers, body);
+    if body.len() <= COALESCE_BODY {
+        conn.io.write_all(&head).await?;
+    } else {
+        conn.io.write_all(&head).await?;
+        conn.io.write_all(body).await?;
+    }
+    // Plain TCP: nothing buffered. TLS: pushes the records out.
+    conn.io.flush().await
+}
+
+fn encode_head(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
+    let mut size = 64 + target.path().len() + target.query().map_or(0, str::len);
+    for (n, v) in headers {
+        size += n.as_str().len() + v.len() + 4;
+    }
+    if body.len() <= COALESCE_BODY {
+        size += body.len();
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    match target.path_and_query() {
+        Some(pq) if !pq.as_str().is_empty() => out.extend_from_slice(pq.as_str().as_bytes()),
+        _ => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        if let Some(host) = target.host() {
+            out.extend_from_slice(b"host: ");
+            out.extend_from_slice(host.as_bytes());
+            if let Some(port) = super::pool::non_default_port(target) {
+                out.push(b':');
+                out.extend_from_slice(port.to_string().as_bytes());
+            }
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    for (n, v) in headers {
+        out.extend_from_slice(n.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || expects_body(method) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if body.len() <= COALESCE_BODY {
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+/// Methods whose requests carry a body by convention: an empty one is
+/// still announced (`Content-Length: 0`), as hyper did.
+fn expects_body(m: &Method) -> bool {
+    !matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    ) && *m != Method::CONNECT
+}
+
+/// Whether a request may be sent again after an upstream connection went
+/// away without answering (RFC 9110 §9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// How the answer's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// The answer's head, and how to read its body.
+pub(crate) struct Head {
+    pub(crate) parts: http::response::Parts,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Reads the answer's head (skipping interim 1xx answers).
+pub(crate) async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, ExchangeError> {
+    let mut read_any = false;
+    loop {
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf, method)? {
+                Some(Parsed::Interim) => continue,
+                Some(Parsed::Final(head)) => return Ok(head),
+                None if conn.buf.len() >= MAX_HEAD => {
+                    return Err(ExchangeError::Parse("the answer's head is too large"));
+                }
+                None => {}
+            }
+        }
+        match conn.fill().await {
+            Ok(0) => {
+                return Err(ExchangeError::Read {
+                    error: io::ErrorKind::UnexpectedEof.into(),
+                    nothing_read: !read_any && conn.buf.is_empty(),
+                });
+            }
+            Ok(_) => read_any = true,
+            Err(error) => {
+                return Err(ExchangeError::Read {
+                    error,
+                    nothing_read: !read_any && conn.buf.is_empty(),
+                });
+            }
+        }
+    }
+}
+
+enum Parsed {
+    Interim,
+    Final(Head),
+}
+
+/// Parses a complete head off the front of `buf`; `None` when more bytes
+/// are needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, ExchangeError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut slots);
+    let len = match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ExchangeError::Parse("too many headers"));
+        }
+        Err(_) => return Err(ExchangeError::Parse("malformed status line or header")),
+    };
+    let code = res.code.unwrap_or(0);
+    let version = match res.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    // Header positions in `buf`, so the values can share the head's bytes
+    // once it is split off (no copy per header).
+    let base = buf.as_ptr() as usize;
+    let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
+    for h in res.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| ExchangeError::Parse("invalid header name"))?;
+        let start = h.value.as_ptr() as usize - base;
+        spans.push((name, start, start + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    if (100..200).contains(&code) {
+        if code == 101 {
+            return Err(ExchangeError::Parse("unexpected protocol switch"));
+        }
+        return Ok(Some(Parsed::Interim));
+    }
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ExchangeError::Parse("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, start, end) in spans {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            .map_err(|_| ExchangeError::Parse("invalid header value"))?;
+        headers.append(name, value);
+    }
+    let framing = framing(method, status, &headers)?;
+    let keep_alive = version == Version::HTTP_11
+        && framing != Framing::UntilClose
+        && !connection_close(&headers);
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    let (parts, ()) = resp.into_parts();
+    Ok(Some(Parsed::Final(Head {
+        parts,
+        framing,
+        keep_alive,
+    })))
+}
+
+/// RFC 9112 §6.3, for a client.
+fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing, ExchangeError> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Length(0));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        let last = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|c| !c.is_empty());
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            // Any other final coding: the body ends when the connection does.
+            _ => Framing::UntilClose,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        let v = v
+            .to_str()
+            .map_err(|_| ExchangeError::Parse("invalid content-length"))?;
+        for part in v.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(ExchangeError::Parse("invalid content-length"));
+            }
+            let n: u64 = part
+                .parse()
+                .map_err(|_| ExchangeError::Parse("invalid content-length"))?;
+            match length {
+                Some(m) if m != n => {
+                    return Err(ExchangeError::Parse("conflicting content-length values"));
+                }
+                _ => length = Some(n),
+            }
+        }
+    }
+    Ok(match length {
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    })
+}
+
+fn connection_close(h: &HeaderMap) -> bool {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes to go.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines (dropped), this many bytes so far.
+    Trailers(usize),
+}
+
+/// What the next step of reading a body produced.
+enum Step {
+    Data(Bytes),
+    NeedMore,
+    End,
+}
+
+/// Decodes what `buf` holds of a chunked body.
+fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BodyError> {
+    loop {
+        match *state {
+            Chunk::Size => {
+                let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(BodyError::Chunked("chunk-size line too long"));
+                    }
+                    return Ok(Step::NeedMore);
+                };
+                let line = buf.split_to(nl + 1);
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let size = line.split(|&b| b == b';').next().unwrap_or_default();
+                let size = size.trim_ascii();
+                if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
+                    return Err(BodyError::Chunked("invalid chunk size"));
+                }
+                let n = size
+                    .iter()
+                    .fold(0u64, |acc, &b| (acc << 4) | u64::from(hex(b)));
+                *state = if n == 0 {
+                    Chunk::Trailers(0)
+                } else {
+                    Chunk::Data(n)
+                };
+            }
+            Chunk::Data(left) => {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let take = left.min(buf.len() as u64) as usize;
+                let data = buf.split_to(take).freeze();
+                *state = if take as u64 == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - take as u64)
+                };
+                return Ok(Step::Data(data));
+            }
+            Chunk::DataEnd => match buf.first() {
+                None => return Ok(Step::NeedMore),
+                Some(b'\n') => {
+                    buf.advance(1);
+                    *state = Chunk::Size;
+                }
+                Some(b'\r') => match buf.get(1) {
+                    None => return Ok(Step::NeedMore),
+                    Some(b'\n') => {
+                        buf.advance(2);
+                        *state = Chunk::Size;
+                    }
+                    Some(_) => return Err(BodyError::Chunked("chunk data not followed by CRLF")),
+                },
+                Some(_) => return Err(BodyError::Chunked("chunk data not followed by CRLF")),
+            },
+            Chunk::Trailers(seen) => {
+                let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                    if seen + buf.len() > MAX_TRAILERS {
+                        return Err(BodyError::Chunked("trailers too large"));
+                    }
+                    return Ok(Step::NeedMore);
+                };
+                let line = buf.split_to(nl + 1);
+                if line.as_ref() == b"\r\n" || line.as_ref() == b"\n" {
+                    return Ok(Step::End);
+                }
+                if seen + line.len() > MAX_TRAILERS {
+                    return Err(BodyError::Chunked("trailers too large"));
+                }
+                *state = Chunk::Trailers(seen + line.len());
+            }
+        }
+    }
+}
+
+fn hex(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        b'a'..=b'f' => b - b'a' + 10,
+        _ => b - b'A' + 10,
+    }
+}
+
+/// Why a body read from the upstream ended early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    #[error("the upstream closed the connection before the body was complete")]
+    Incomplete,
+    #[error("reading the upstream body failed")]
+    Io(#[source] io::Error),
+    #[error("invalid chunked body from the upstream: {0}")]
+    Chunked(&'static str),
+}
+
+/// Hands a connection whose answer was read to its end back to the pool.
+pub(crate) type Checkin = fn(&Uri, Conn);
+
+/// An answer's body, read from the upstream connection as the agent's
+/// connection polls it. At its end the connection goes back to the pool;
+/// dropped before its end, the connection is closed.
+pub struct Body {
+    state: BodyState,
+    conn: Option<Conn>,
+    keep_alive: bool,
+    target: Uri,
+    checkin: Checkin,
+}
+
+enum BodyState {
+    /// The whole body, read with the head.
+    Buffered(Bytes),
+    Length(u64),
+    Chunked(Chunk),
+    UntilClose,
+    Done,
+}
+
+impl Body {
+    /// The body for `head` on `conn`. An answer already read whole (no
+    /// body, or a short one that came with its head) needs the connection
+    /// no more: it goes back to the pool at once, before the agent's
+    /// connection has polled anything.
+    pub(crate) fn new(head: &Head, mut conn: Conn, target: Uri, checkin: Checkin) -> Body {
+        let state = match head.framing {
+            Framing::Length(n) if conn.buf.len() as u64 >= n => {
+                let data = conn.buf.split_to(n as usize).freeze();
+                // Bytes past the body were never asked for: not reusable.
+                if head.keep_alive && conn.buf.is_empty() {
+                    checkin(&target, conn);
+                }
+                return Body {
+                    state: if data.is_empty() {
+                        BodyState::Done
+                    } else {
+                        BodyState::Buffered(data)
+                    },
+                    conn: None,
+                    keep_alive: false,
+                    target,
+                    checkin,
+                };
+            }
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(Chunk::Size),
+            Framing::UntilClose => BodyState::UntilClose,
+        };
+        Body {
+            state,
+            conn: Some(conn),
+            keep_alive: head.keep_alive,
+            target,
+            checkin,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                (self.checkin)(&self.target, conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.state = BodyState::Done;
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let BodyState::Buffered(data) = &mut this.state {
+                let data = std::mem::take(data);
+                this.state = BodyState::Done;
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let step = match &mut this.state {
+                BodyState::Buffered(_) | BodyState::Done => Ok(Step::End),
+                BodyState::Length(left) => {
+                    if conn.buf.is_empty() {
+                        Ok(Step::NeedMore)
+                    } else {
+                        let take = (*left).min(conn.buf.len() as u64) as usize;
+                        *left -= take as u64;
+                        Ok(Step::Data(conn.buf.split_to(take).freeze()))
+                    }
+                }
+                BodyState::Chunked(chunk) => decode_chunked(chunk, &mut conn.buf),
+                BodyState::UntilClose => {
+                    if conn.buf.is_empty() {
+                        Ok(Step::NeedMore)
+                    } else {
+                        Ok(Step::Data(conn.buf.split().freeze()))
+                    }
+                }
+            };
+            match step {
+                Err(e) => return this.fail(e),
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Data(d)) => {
+                    // The last byte read: the connection can serve the
+                    // next request while this frame is still being sent.
+                    if matches!(this.state, BodyState::Length(0)) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Ok(Step::NeedMore) => {}
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
+                    this.conn = None;
+                    this.state = BodyState::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(BodyError::Incomplete),
+                Ok(_) => {}
+                Err(e) => return this.fail(BodyError::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done | BodyState::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Buffered(b) => SizeHint::with_exact(b.len() as u64),
+            BodyState::Length(n) => SizeHint::with_exact(*n),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head_of(raw: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
+        let mut buf = BytesMut::from(raw);
+        loop {
+            match parse_head(&mut buf, method)? {
+                Some(Parsed::Interim) => continue,
+                Some(Parsed::Final(h)) => return Ok(Some(h)),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    fn decode_all(raw: &[u8], split: usize) -> Result<(Vec<u8>, bool), BodyError> {
+        // Fed in pieces of `split` bytes, as reads would deliver them.
+        let mut state = Chunk::Size;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in raw.chunks(split.max(1)) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decode_chunked(&mut state, &mut buf)? {
+                    Step::Data(d) => out.extend_from_slice(&d),
+                    Step::NeedMore => break,
+                    Step::End => return Ok((out, true)),
+                }
+            }
+        }
+        Ok((out, false))
+    }
+
+    #[test]
+    fn requests_are_origin_form_with_host_and_length() {
+        let target: Uri = "http://127.0.0.1:8080/api/items?limit=10".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        let head = encode_head(&Method::GET, &target, &h, &Bytes::new());
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "GET /api/items?limit=10 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\naccept: application/json\r\n\r\n"
+        );
+
+        let target: Uri = "https://slack.com".parse().unwrap();
+        let body = Bytes::from_static(b"{\"a\":1}");
+        let head = encode_head(&Method::POST, &target, &HeaderMap::new(), &body);
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "POST / HTTP/1.1\r\nhost: slack.com\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+        );
+        // An empty POST still says so; an empty GET does not.
+        let head = encode_head(&Method::POST, &target, &HeaderMap::new(), &Bytes::new());
+        assert!(
+            String::from_utf8(head)
+                .unwrap()
+                .contains("content-length: 0\r\n")
+        );
+    }
+
+    #[test]
+    fn an_explicit_host_header_is_kept_and_large_bodies_go_separately() {
+        let target: Uri = "https://api.example.com:8443/x".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("override"));
+        let body = Bytes::from(vec![b'x'; COALESCE_BODY + 1]);
+        let head = String::from_utf8(encode_head(&Method::PUT, &target, &h, &body)).unwrap();
+        assert_eq!(
+            head,
+            format!(
+                "PUT /x HTTP/1.1\r\nhost: override\r\ncontent-length: {}\r\n\r\n",
+                COALESCE_BODY + 1
+            )
+        );
+    }
+
+    #[test]
+    fn heads_are_parsed_with_their_framing() {
+        let h = head_of(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.parts.status, StatusCode::OK);
+        assert_eq!(h.parts.headers["content-type"], "application/json");
+        assert_eq!(h.framing, Framing::Length(11));
+        assert!(h.keep_alive);
+
+        // Incomplete: more bytes needed.
+        assert!(
+            head_of(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
+                .unwrap()
+                .is_none()
+        );
+
+        // Interim answers are skipped.
+        let h = head_of(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+            &Method::POST,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.parts.status, StatusCode::NO_CONTENT);
+        assert_eq!(h.framing, Framing::Length(0));
+
+        let h = head_of(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+
+        // No length: until close, and the connection is not reused.
+        let h = head_of(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::UntilClose);
+        assert!(!h.keep_alive);
+
+        // HEAD answers have no body whatever they declare.
+        let h = head_of(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Length(0));
+
+        for raw in [
+            &b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert!(!head_of(raw, &Method::GET).unwrap().unwrap().keep_alive);
+        }
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        for raw in [
+            &b"garbage\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(
+                head_of(raw, &Method::GET).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // Repeated equal lengths are one length.
+        let h = head_of(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Length(3));
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(head_of(&many, &Method::GET).is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let raw =
+            b"5;ext=1\r\nhello\r\n7\r\n, world\r\nA \r\n0123456789\r\n0\r\nx-trailer: t\r\n\r\n";
+        for split in [1, 2, 3, 7, 64, raw.len()] {
+            let (out, ended) = decode_all(raw, split).unwrap();
+            assert_eq!(out, b"hello, world0123456789", "split {split}");
+            assert!(ended, "split {split}");
+        }
+        // Bare LF line ends are accepted.
+        let (out, ended) = decode_all(b"3\nabc\n0\n\n", 2).unwrap();
+        assert_eq!((out.as_slice(), ended), (&b"abc"[..], true));
+        // Not yet ended.
+        let (out, ended) = decode_all(b"3\r\nabc\r\n", 4).unwrap();
+        assert_eq!((out.as_slice(), ended), (&b"abc"[..], false));
+    }
+
+    #[test]
+    fn bad_chunked_bodies_are_errors() {
+        for raw in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"11111111111111111\r\n",
+            b"3\r\nabcX\r\n",
+        ] {
+            assert!(
+                decode_all(raw, raw.len()).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert!(decode_all(&long, long.len()).is_err());
+        let mut trailers = b"0\r\n".to_vec();
+        trailers.extend(std::iter::repeat_n(b'x', MAX_TRAILERS + 1));
+        assert!(decode_all(&trailers, trailers.len()).is_err());
+    }
+
+    #[test]
+    fn retries_only_what_is_safe() {
+        let gone = || ExchangeError::Read {
+            error: io::ErrorKind::UnexpectedEof.into(),
+            nothing_read: true,
+        };
+        assert!(gone().retryable(&Method::GET));
+        assert!(gone().retryable(&Method::PUT));
+        assert!(!gone().retryable(&Method::POST));
+        assert!(ExchangeError::Write(io::ErrorKind::BrokenPipe.into()).retryable(&Method::POST));
+        let partial = ExchangeError::Read {
+            error: io::ErrorKind::UnexpectedEof.into(),
+            nothing_read: false,
+        };
+        assert!(!partial.retryable(&Method::GET));
+        assert!(!ExchangeError::Parse("x").retryable(&Method::GET));
+    }
+}
