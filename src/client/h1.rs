@@ -99,6 +99,8 @@ impl AsyncWrite for Io {
 pub(crate) struct Conn {
     io: Io,
     buf: BytesMut,
+    /// The request being written; kept between requests (heads are alike).
+    out: Vec<u8>,
 }
 
 impl Conn {
@@ -106,6 +108,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            out: Vec::new(),
         }
     }
 
@@ -198,18 +201,28 @@ pub(crate) async fn write_request(
     headers: &HeaderMap,
     body: &Bytes,
 ) -> io::Result<()> {
-    let head = encode_head(method, target, headers, body);
-    if body.len() <= COALESCE_BODY {
-        conn.io.write_all(&head).await?;
-    } else {
-        conn.io.write_all(&head).await?;
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    encode_head(&mut out, method, target, headers, body);
+    conn.io.write_all(&out).await?;
+    if body.len() > COALESCE_BODY {
         conn.io.write_all(body).await?;
+    }
+    // A large coalesced body is not kept for the connection's lifetime.
+    if out.capacity() <= 4096 {
+        conn.out = out;
     }
     // Plain TCP: nothing buffered. TLS: pushes the records out.
     conn.io.flush().await
 }
 
-fn encode_head(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
+fn encode_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) {
     let mut size = 64 + target.path().len() + target.query().map_or(0, str::len);
     for (n, v) in headers {
         size += n.as_str().len() + v.len() + 4;
@@ -217,7 +230,7 @@ fn encode_head(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes)
     if body.len() <= COALESCE_BODY {
         size += body.len();
     }
-    let mut out = Vec::with_capacity(size);
+    out.reserve(size);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     match target.path_and_query() {
@@ -230,8 +243,7 @@ fn encode_head(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes)
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(host.as_bytes());
             if let Some(port) = super::pool::non_default_port(target) {
-                out.push(b':');
-                out.extend_from_slice(port.to_string().as_bytes());
+                push_decimal(out, b':', port.into());
             }
             out.extend_from_slice(b"\r\n");
         }
@@ -243,15 +255,32 @@ fn encode_head(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes)
         out.extend_from_slice(b"\r\n");
     }
     if !body.is_empty() || expects_body(method) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"content-length:");
+        push_decimal(out, b' ', body.len() as u64);
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     if body.len() <= COALESCE_BODY {
         out.extend_from_slice(body);
     }
-    out
+}
+
+/// `sep` and `n` in decimal, without a `String` per number (this runs for
+/// every request).
+fn push_decimal(out: &mut Vec<u8>, sep: u8, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push(sep);
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// Methods whose requests carry a body by convention: an empty one is
@@ -343,14 +372,14 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         _ => Version::HTTP_11,
     };
     // Header positions in `buf`, so the values can share the head's bytes
-    // once it is split off (no copy per header).
+    // once it is split off (no copy per header, no list on the heap).
     let base = buf.as_ptr() as usize;
-    let mut spans: Vec<(HeaderName, usize, usize)> = Vec::with_capacity(res.headers.len());
-    for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| ExchangeError::Parse("invalid header name"))?;
-        let start = h.value.as_ptr() as usize - base;
-        spans.push((name, start, start + h.value.len()));
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = res.headers.len();
+    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (name, name + h.name.len(), value, value + h.value.len());
     }
     let head = buf.split_to(len).freeze();
     if (100..200).contains(&code) {
@@ -361,9 +390,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     }
     let status =
         StatusCode::from_u16(code).map_err(|_| ExchangeError::Parse("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for (name, start, end) in spans {
-        let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(n0, n1, v0, v1) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n0..n1])
+            .map_err(|_| ExchangeError::Parse("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| ExchangeError::Parse("invalid header value"))?;
         headers.append(name, value);
     }
@@ -718,6 +749,12 @@ impl http_body::Body for Body {
 mod tests {
     use super::*;
 
+    fn encode(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_head(&mut out, method, target, headers, body);
+        out
+    }
+
     fn head_of(raw: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
         let mut buf = BytesMut::from(raw);
         loop {
@@ -752,7 +789,7 @@ mod tests {
         let target: Uri = "http://127.0.0.1:8080/api/items?limit=10".parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert("accept", HeaderValue::from_static("application/json"));
-        let head = encode_head(&Method::GET, &target, &h, &Bytes::new());
+        let head = encode(&Method::GET, &target, &h, &Bytes::new());
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "GET /api/items?limit=10 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\naccept: application/json\r\n\r\n"
@@ -760,13 +797,13 @@ mod tests {
 
         let target: Uri = "https://slack.com".parse().unwrap();
         let body = Bytes::from_static(b"{\"a\":1}");
-        let head = encode_head(&Method::POST, &target, &HeaderMap::new(), &body);
+        let head = encode(&Method::POST, &target, &HeaderMap::new(), &body);
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "POST / HTTP/1.1\r\nhost: slack.com\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
         );
         // An empty POST still says so; an empty GET does not.
-        let head = encode_head(&Method::POST, &target, &HeaderMap::new(), &Bytes::new());
+        let head = encode(&Method::POST, &target, &HeaderMap::new(), &Bytes::new());
         assert!(
             String::from_utf8(head)
                 .unwrap()
@@ -780,7 +817,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("override"));
         let body = Bytes::from(vec![b'x'; COALESCE_BODY + 1]);
-        let head = String::from_utf8(encode_head(&Method::PUT, &target, &h, &body)).unwrap();
+        let head = String::from_utf8(encode(&Method::PUT, &target, &h, &body)).unwrap();
         assert_eq!(
             head,
             format!(
