@@ -204,14 +204,18 @@ pub(crate) async fn write_request(
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     encode_head(&mut out, method, target, headers, body);
-    conn.io.write_all(&out).await?;
-    if body.len() > COALESCE_BODY {
-        conn.io.write_all(body).await?;
+    let mut written = conn.io.write_all(&out).await;
+    if written.is_ok() && body.len() > COALESCE_BODY {
+        written = conn.io.write_all(body).await;
     }
-    // A large coalesced body is not kept for the connection's lifetime.
+    // The head carries the injected credential: wiped before the buffer
+    // waits in the pool (or is freed), so no token outlives its request
+    // here. A large coalesced body is not kept for the connection's life.
+    out.fill(0);
     if out.capacity() <= 4096 {
         conn.out = out;
     }
+    written?;
     // Plain TCP: nothing buffered. TLS: pushes the records out.
     conn.io.flush().await
 }
