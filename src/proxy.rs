@@ -770,7 +770,12 @@ async fn send(
         .upstream_latency(&p.metric_label, started.elapsed().as_secs_f64());
     let (mut parts, incoming) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let body = IdleTimeoutBody::new(incoming, timeout).boxed_unsync();
+    // A body that came whole with the head cannot stall: no idle timer.
+    let body = if incoming.is_read() {
+        incoming.boxed_unsync()
+    } else {
+        IdleTimeoutBody::new(incoming, timeout).boxed_unsync()
+    };
     Ok(Response::from_parts(parts, body))
 }
 

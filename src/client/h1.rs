@@ -652,6 +652,11 @@ impl Body {
         }
     }
 
+    /// Whether the body is in memory already (no more reads).
+    pub fn is_read(&self) -> bool {
+        matches!(self.state, BodyState::Buffered(_) | BodyState::Done)
+    }
+
     fn finish(&mut self) {
         self.state = BodyState::Done;
         if let Some(conn) = self.conn.take() {

@@ -125,6 +125,17 @@ pub enum UpstreamBody {
     H1(h1::Body),
 }
 
+impl UpstreamBody {
+    /// Whether the whole body has already been read (it came with the
+    /// answer's head): nothing left that could stall.
+    pub fn is_read(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(_) => false,
+            UpstreamBody::H1(b) => b.is_read(),
+        }
+    }
+}
+
 impl HttpBody for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -165,15 +176,21 @@ pin_project_lite::pin_project! {
         #[pin]
         sleep: tokio::time::Sleep,
         idle: Duration,
+        // When the body stalls, unless another frame comes first. Kept
+        // apart from `sleep`: moving a timer costs a trip to the timer
+        // wheel, so `sleep` follows only when a poll has to wait.
+        deadline: tokio::time::Instant,
     }
 }
 
 impl<B> IdleTimeoutBody<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
+        let deadline = tokio::time::Instant::now() + idle;
         IdleTimeoutBody {
             inner,
-            sleep: tokio::time::sleep(idle),
+            sleep: tokio::time::sleep_until(deadline),
             idle,
+            deadline,
         }
     }
 }
@@ -194,17 +211,21 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(f) => {
-                let deadline = tokio::time::Instant::now() + *this.idle;
-                this.sleep.reset(deadline);
+                *this.deadline = tokio::time::Instant::now() + *this.idle;
                 Poll::Ready(f.map(|r| r.map_err(Into::into)))
             }
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                if this.sleep.deadline() != *this.deadline {
+                    this.sleep.as_mut().reset(*this.deadline);
+                }
+                match this.sleep.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -214,5 +235,47 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, StreamBody};
+
+    /// A body whose frames arrive after the given pauses.
+    fn paced(pauses: Vec<Duration>) -> impl HttpBody<Data = Bytes, Error = BoxError> {
+        StreamBody::new(futures_util::stream::iter(pauses).then(|p| async move {
+            tokio::time::sleep(p).await;
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x")))
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_is_cut_off_only_when_one_gap_exceeds_the_idle_timeout() {
+        let idle = Duration::from_secs(10);
+        // Seven frames 6 s apart: 42 s in all, never 10 s without a frame.
+        let started = tokio::time::Instant::now();
+        let body = IdleTimeoutBody::new(paced(vec![Duration::from_secs(6); 7]), idle);
+        let bytes = body.collect().await.expect("no gap exceeds the timeout");
+        assert_eq!(bytes.to_bytes().len(), 7);
+        assert_eq!(started.elapsed(), Duration::from_secs(42));
+
+        // Two quick frames, then a 30 s gap: cut off 10 s after the last.
+        let started = tokio::time::Instant::now();
+        let mut body = std::pin::pin!(IdleTimeoutBody::new(
+            paced(vec![
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                Duration::from_secs(30)
+            ]),
+            idle,
+        ));
+        assert!(body.frame().await.unwrap().is_ok());
+        assert!(body.frame().await.unwrap().is_ok());
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyStalled>());
+        assert_eq!(started.elapsed(), Duration::from_secs(12));
     }
 }
