@@ -184,6 +184,10 @@ async fn serve_framings(mut s: TcpStream, seen: Arc<std::sync::Mutex<Vec<String>
                 pieces.push(b"lo\r\n7;ext=1\r\n, world\r\n".to_vec());
                 pieces.push(b"0\r\nx-trailer: dropped\r\n\r\n".to_vec());
             }
+            "/chunked-and-length" => {
+                // Both framings: Transfer-Encoding wins (RFC 9112 §6.3).
+                pieces.push(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec());
+            }
             "/split" => {
                 let body = vec![b'a'; 40_000];
                 let mut first = b"HTTP/1.1 200 OK\r\ncontent-length: 40000\r\n\r\n".to_vec();
@@ -239,6 +243,16 @@ async fn every_answer_framing_arrives_whole_and_keeps_the_connection_when_it_can
         assert_eq!(r.text(), "hello, world");
         assert!(r.headers.get("x-trailer").is_none());
 
+        let r = sk
+            .proxy(Method::GET, "/v1/proxy/up/chunked-and-length", &tok, "")
+            .await;
+        assert_eq!(r.text(), "hello");
+        assert_ne!(
+            r.headers.get("content-length").map(|v| v.as_bytes()),
+            Some(&b"3"[..]),
+            "the upstream's Content-Length must not frame a chunked answer"
+        );
+
         let r = sk.proxy(Method::GET, "/v1/proxy/up/split", &tok, "").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body.len(), 40_000, "round {round}");
@@ -257,7 +271,7 @@ async fn every_answer_framing_arrives_whole_and_keeps_the_connection_when_it_can
         assert!(r.body.is_empty());
     }
     // Chunked, length-delimited and empty answers all left the connection
-    // reusable: eight requests, one connection.
+    // reusable: ten requests, one connection.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
     // An answer that ends with the connection is read to the close, and
@@ -297,6 +311,103 @@ async fn every_answer_framing_arrives_whole_and_keeps_the_connection_when_it_can
         .find(|h| h.starts_with("GET /chunked "))
         .unwrap();
     assert!(!get.contains("content-length"), "{get}");
+}
+
+/// A raw upstream whose first connection answers one request, then reads
+/// the next and closes without answering (an upstream that dies mid-way);
+/// later connections answer everything. Records the request lines.
+async fn dying_upstream() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sn = seen.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let answers = if first { 1 } else { usize::MAX };
+            first = false;
+            let sn = sn.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let mut answered = 0;
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    buf.drain(..end + len.min(buf.len() - end));
+                    sn.lock()
+                        .unwrap()
+                        .push(head.lines().next().unwrap_or("").to_owned());
+                    if answered == answers {
+                        return; // read, never answered, closed
+                    }
+                    answered += 1;
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn an_unanswered_request_on_a_reused_connection_is_replayed_only_if_idempotent() {
+    // GET: the pooled connection dies with the request unanswered; the
+    // request goes once more on a new connection and the caller sees 200.
+    let (url, seen) = dying_upstream().await;
+    let (sk, tok) = start(&url, "").await;
+    assert_eq!(
+        sk.proxy(Method::GET, "/v1/proxy/up/a", &tok, "")
+            .await
+            .status,
+        200
+    );
+    let r = sk.proxy(Method::GET, "/v1/proxy/up/b", &tok, "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET /a HTTP/1.1", "GET /b HTTP/1.1", "GET /b HTTP/1.1"]
+    );
+
+    // POST: it may have been acted on; never sent twice. The caller gets
+    // the contract's 502 and the upstream saw it once.
+    let (url, seen) = dying_upstream().await;
+    let (sk, tok) = start(&url, "").await;
+    assert_eq!(
+        sk.proxy(Method::GET, "/v1/proxy/up/a", &tok, "")
+            .await
+            .status,
+        200
+    );
+    let r = sk.proxy(Method::POST, "/v1/proxy/up/pay", &tok, "{}").await;
+    r.assert_error(502, "upstream_unreachable");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["GET /a HTTP/1.1", "POST /pay HTTP/1.1"]
+    );
+    // The next request opens a new connection and works.
+    assert_eq!(
+        sk.proxy(Method::GET, "/v1/proxy/up/c", &tok, "")
+            .await
+            .status,
+        200
+    );
 }
 
 /// An HTTPS upstream on a certificate from a private CA, offering `alpn`;

@@ -403,6 +403,12 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         headers.append(name, value);
     }
     let framing = framing(method, status, &headers)?;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); a
+        // length passed on next to a decoded body would misframe the
+        // answer to the agent.
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let keep_alive = version == Version::HTTP_11
         && framing != Framing::UntilClose
         && !connection_close(&headers);
@@ -873,6 +879,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.parts.headers.contains_key(header::CONTENT_LENGTH));
 
         // No length: until close, and the connection is not reused.
         let h = head_of(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET)

@@ -230,16 +230,20 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
     // rather than copied for every request.
     let target = req.uri().clone();
     let (https, authority) = scheme_and_authority(&target).ok_or(SendError::NotAbsolute)?;
-    let mut fresh_tried = false;
+    // A retry always goes on a new connection: a second pooled one may be
+    // just as stale, and the request is sent at most twice.
+    let mut retried = false;
     loop {
-        let (conn, reused) = match with_pool(|p| p.checkout(https, authority)).flatten() {
-            Some(c) => (c, true),
-            None => {
-                fresh_tried = true;
-                (connect(&target, https).await?, false)
-            }
+        let pooled = if retried {
+            None
+        } else {
+            with_pool(|p| p.checkout(https, authority)).flatten()
         };
-        let retry_allowed = reused && !fresh_tried;
+        let (conn, reused) = match pooled {
+            Some(c) => (c, true),
+            None => (connect(&target, https).await?, false),
+        };
+        let retry_allowed = reused;
         match conn {
             Idle::H1(mut conn) => {
                 let sent =
@@ -260,6 +264,7 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                     // more on a fresh connection.
                     Err(e) if retry_allowed && e.retryable(req.method()) => {
                         tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one");
+                        retried = true;
                     }
                     Err(e) => return Err(SendError::Exchange(e)),
                 }
@@ -281,6 +286,7 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                             return Err(SendError::Http(e.into_error()));
                         }
                         tracing::debug!(error = %e.error(), "pooled upstream connection was closed; retrying on a new one");
+                        retried = true;
                     }
                 }
             }
