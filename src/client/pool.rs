@@ -1,21 +1,22 @@
-//! An agent worker's own upstream connections: hyper's connection-level
-//! client (`hyper::client::conn`) driven from a pool that lives on the
+//! An agent worker's own upstream connections, in a pool that lives on the
 //! worker thread.
 //!
 //! hyper-util's legacy `Client` was the largest single cost of a proxied
 //! request (see docs/performance.md): a shared, locked pool, a boxed
 //! response future, a checkout that races a connect, and one more spawned
-//! task per HTTP/1 request to put the connection back once the answer has
-//! been read. A worker serves its connections on one current-thread
-//! runtime, so its pool needs no lock, and an HTTP/1 connection can go back
-//! the moment its answer's head arrives: the next checkout skips it until
-//! hyper says it wants another request.
+//! task per HTTP/1 request to put the connection back. A worker serves its
+//! connections on one current-thread runtime, so its pool needs no lock.
+//! HTTP/1.1 connections are plain sockets that the request's own task
+//! writes and reads ([`super::h1`]); they come back when an answer has been
+//! read to its end. h2 connections (by ALPN) are hyper's h2 senders, which
+//! multiplex and stay pooled while in use.
 //!
 //! What the legacy client did that callers rely on is kept: connections
-//! come from the same connector (connect timeout, TCP keepalive and
-//! nodelay, rustls with the same roots, h2 or HTTP/1.1 by ALPN), a request
-//! that a reused connection never started is sent again once on a fresh
-//! connection, HTTP/1 requests get a `Host` header and origin-form targets.
+//! come from the same TCP connector (connect timeout, TCP keepalive and
+//! nodelay) and rustls configuration (same roots, h2 or HTTP/1.1 by ALPN);
+//! a request a reused connection did not take is sent once more on a
+//! fresh connection; HTTP/1 requests get a `Host` header and origin-form
+//! targets.
 
 use std::cell::RefCell;
 use std::fmt;
