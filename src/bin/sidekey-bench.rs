@@ -2225,6 +2225,23 @@ fn range(xs: &[f64], prec: usize, signed: bool) -> String {
     }
 }
 
+/// The middle of the finite values (the mean of the two middle ones for an
+/// even count); NaN when there are none. Rounds on a shared VM spread
+/// widely, so the goals are reported with their median as well as range.
+fn median(xs: &[f64]) -> f64 {
+    let mut xs: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    xs.sort_by(f64::total_cmp);
+    let m = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[m]
+    } else {
+        (xs[m - 1] + xs[m]) / 2.0
+    }
+}
+
 /// direct / nginx / sidekey per load level, as ranges over the rounds, and
 /// the two gateway goals (added p50 at 1 connection, req/s at 64).
 fn side_by_side(out: &Out, cases: &[Case]) {
@@ -2330,10 +2347,11 @@ fn side_by_side(out: &Out, cases: &[Case]) {
             .collect();
         let met = diff.iter().filter(|d| **d <= 0.0).count();
         out.note(&format!(
-            "goal p50 at 1 connection: sidekey adds {} µs, nginx {} µs; sidekey − nginx {} µs; met in {met}/{} round(s)",
+            "goal p50 at 1 connection: sidekey adds {} µs, nginx {} µs; sidekey − nginx {} µs (median {:+.0}); met in {met}/{} round(s)",
             range(&s1.iter().map(|c| c.added_p50_us.unwrap_or(f64::NAN)).collect::<Vec<_>>(), 0, true),
             range(&n1.iter().map(|c| c.added_p50_us.unwrap_or(f64::NAN)).collect::<Vec<_>>(), 0, true),
             range(&diff, 0, true),
+            median(&diff),
             diff.len()
         ));
     }
@@ -2350,8 +2368,9 @@ fn side_by_side(out: &Out, cases: &[Case]) {
             .filter(|(s, r)| **r >= 1.0 && s.errors == 0)
             .count();
         out.note(&format!(
-            "goal req/s at 64 connections: sidekey/nginx {}× (errors sidekey {}, nginx {}); met in {met}/{} round(s)",
+            "goal req/s at 64 connections: sidekey/nginx {}× (median {:.2}; errors sidekey {}, nginx {}); met in {met}/{} round(s)",
             range(&ratio, 2, false),
+            median(&ratio),
             s64.iter().map(|c| c.errors).sum::<u64>(),
             n64.iter().map(|c| c.errors).sum::<u64>(),
             ratio.len()
@@ -3014,6 +3033,14 @@ async fn storm_replicas(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_skip_missing_values() {
+        assert_eq!(median(&[3.0, -5.0, 28.0]), 3.0);
+        assert!((median(&[0.76, 1.03, 0.88, 0.9]) - 0.89).abs() < 1e-9);
+        assert_eq!(median(&[f64::NAN, 2.0]), 2.0);
+        assert!(median(&[]).is_nan());
+    }
 
     #[test]
     fn postgres_backend_is_written_into_the_generated_config() {
