@@ -124,8 +124,9 @@ impl FaultServer {
     /// Serves requests until the connection ends; returns the stream when
     /// the fault wants it reset.
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, mut s: S) -> Option<S> {
+        let mut buf = Vec::new();
         loop {
-            read_request(&mut s).await?;
+            support::read_request(&mut s, &mut buf).await?;
             let n = self.hits.fetch_add(1, Ordering::SeqCst) + 1;
             let mode = *self.mode.lock().unwrap();
             let partial_head = format!(
@@ -193,37 +194,6 @@ impl FaultServer {
             }
         }
     }
-}
-
-/// Reads one request head (and its Content-Length body); `None` at EOF.
-async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<()> {
-    let mut buf = Vec::new();
-    let mut b = [0u8; 4096];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut b).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&b[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-    let cl: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut have = buf.len() - end;
-    while have < cl {
-        let n = s.read(&mut b).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        have += n;
-    }
-    Some(())
 }
 
 // ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use support::{Options, Sidekey, provider_toml};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A raw HTTP/1.1 upstream: answers every request on a connection with
@@ -44,17 +44,10 @@ async fn raw_upstream(
 async fn serve_raw(mut s: TcpStream, answers: usize, close_after: Duration) {
     let mut buf = Vec::new();
     let mut answered = 0;
-    let mut chunk = [0u8; 4096];
     while answered < answers {
-        // One request head per answer (the proxied GETs have no body).
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        if support::read_request(&mut s, &mut buf).await.is_none() {
+            return;
         }
-        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        buf.drain(..end);
         if s
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}")
             .await
@@ -149,29 +142,11 @@ async fn framing_upstream() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<V
 
 async fn serve_framings(mut s: TcpStream, seen: Arc<std::sync::Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
     let pause = || tokio::time::sleep(Duration::from_millis(15));
     loop {
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        buf.drain(..end);
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .map_or(0, |v| v.trim().parse().unwrap());
-        while buf.len() < len {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body: Vec<u8> = buf.drain(..len).collect();
+        let Some((head, body)) = support::read_request(&mut s, &mut buf).await else {
+            return;
+        };
         let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
         seen.lock()
             .unwrap()
@@ -332,22 +307,11 @@ async fn dying_upstream() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
             let sn = sn.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
                 let mut answered = 0;
                 loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    buf.drain(..end + len.min(buf.len() - end));
+                    let Some((head, _)) = support::read_request(&mut s, &mut buf).await else {
+                        return;
+                    };
                     sn.lock()
                         .unwrap()
                         .push(head.lines().next().unwrap_or("").to_owned());
