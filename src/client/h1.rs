@@ -338,14 +338,14 @@ pub(crate) async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, 
             Ok(0) => {
                 return Err(ExchangeError::Read {
                     error: io::ErrorKind::UnexpectedEof.into(),
-                    nothing_read: !read_any && conn.buf.is_empty(),
+                    nothing_read: !read_any,
                 });
             }
             Ok(_) => read_any = true,
             Err(error) => {
                 return Err(ExchangeError::Read {
                     error,
-                    nothing_read: !read_any && conn.buf.is_empty(),
+                    nothing_read: !read_any,
                 });
             }
         }
