@@ -246,7 +246,7 @@ fn encode_head(
         if let Some(host) = target.host() {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(host.as_bytes());
-            if let Some(port) = super::pool::non_default_port(target) {
+            if let Some(port) = non_default_port(target) {
                 push_decimal(out, b':', port.into());
             }
             out.extend_from_slice(b"\r\n");
@@ -266,6 +266,16 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     if body.len() <= COALESCE_BODY {
         out.extend_from_slice(body);
+    }
+}
+
+/// The port for `Host`, unless it is the scheme's default.
+fn non_default_port(uri: &Uri) -> Option<u16> {
+    let port = uri.port_u16()?;
+    let secure = uri.scheme_str() == Some("https");
+    match (port, secure) {
+        (443, true) | (80, false) => None,
+        _ => Some(port),
     }
 }
 
@@ -990,5 +1000,17 @@ mod tests {
         };
         assert!(!partial.retryable(&Method::GET));
         assert!(!ExchangeError::Parse("x").retryable(&Method::GET));
+    }
+
+    #[test]
+    fn default_ports_are_left_out_of_host() {
+        let target: Uri = "https://api.example.com:8443/x".parse().unwrap();
+        assert_eq!(non_default_port(&target), Some(8443));
+        assert_eq!(non_default_port(&"https://a:443/".parse().unwrap()), None);
+        assert_eq!(non_default_port(&"http://a:80/".parse().unwrap()), None);
+        assert_eq!(
+            non_default_port(&"http://a:443/".parse().unwrap()),
+            Some(443)
+        );
     }
 }

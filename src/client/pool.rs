@@ -244,7 +244,6 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
             Some(c) => (c, true),
             None => (connect(&target, https).await?, false),
         };
-        let retry_allowed = reused;
         match conn {
             Idle::H1(mut conn) => {
                 let sent =
@@ -263,7 +262,7 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                     // A reused connection that went away: an unsent request,
                     // or an idempotent one nothing was answered to, goes once
                     // more on a fresh connection.
-                    Err(e) if retry_allowed && e.retryable(req.method()) => {
+                    Err(e) if reused && e.retryable(req.method()) => {
                         tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one");
                         retried = true;
                     }
@@ -283,7 +282,7 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                     Err(mut e) => {
                         // Never started on a pooled connection that went away
                         // in the meantime: once more, on a fresh connection.
-                        if !(retry_allowed && e.take_message().is_some()) {
+                        if !(reused && e.take_message().is_some()) {
                             return Err(SendError::Http(e.into_error()));
                         }
                         tracing::debug!(error = %e.error(), "pooled upstream connection was closed; retrying on a new one");
@@ -292,15 +291,6 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                 }
             }
         }
-    }
-}
-
-pub(crate) fn non_default_port(uri: &Uri) -> Option<u16> {
-    let port = uri.port_u16()?;
-    let secure = uri.scheme_str() == Some("https");
-    match (port, secure) {
-        (443, true) | (80, false) => None,
-        _ => Some(port),
     }
 }
 
@@ -343,21 +333,4 @@ async fn connect(target: &Uri, https: bool) -> Result<Idle, SendError> {
         return Ok(Idle::H2(sender));
     }
     Ok(Idle::H1(Conn::new(h1::Io::Tls(Box::new(stream)))))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_ports_are_left_out_of_host() {
-        let target: Uri = "https://api.example.com:8443/x".parse().unwrap();
-        assert_eq!(non_default_port(&target), Some(8443));
-        assert_eq!(non_default_port(&"https://a:443/".parse().unwrap()), None);
-        assert_eq!(non_default_port(&"http://a:80/".parse().unwrap()), None);
-        assert_eq!(
-            non_default_port(&"http://a:443/".parse().unwrap()),
-            Some(443)
-        );
-    }
 }
