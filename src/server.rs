@@ -165,8 +165,11 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        // Also bounds how long an idle keep-alive connection is kept.
-        .header_read_timeout(Duration::from_secs(cfg.header_read_timeout_secs))
+        // Off: `serve_http`'s connection timer already closes a connection
+        // with no request in flight for `header_read_timeout_secs` (idle,
+        // or a head that never completes). hyper's own timer cost a boxed
+        // sleep and a timer-wheel entry on every request.
+        .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
