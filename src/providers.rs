@@ -256,7 +256,8 @@ impl Provider {
             s.push('=');
             s.push_str(&utf8_percent_encode(token.expose(), QUERY).to_string());
         }
-        s.parse::<Uri>().map_err(|_| InjectError::BadUri)
+        // From the String itself: `parse` would copy it first.
+        Uri::try_from(s).map_err(|_| InjectError::BadUri)
     }
 
     /// Puts the credential on the upstream request headers (after every
@@ -266,16 +267,29 @@ impl Provider {
         headers: &mut HeaderMap,
         cred: &crate::store::Credential,
     ) -> Result<(), InjectError> {
-        match &self.inject {
+        if let Some((name, value)) = self.credential_header(cred)? {
+            headers.insert(name, value);
+        }
+        Ok(())
+    }
+
+    /// The header that carries the credential (`None` when it goes in the
+    /// path or query), marked sensitive. The proxy hands it to the client
+    /// apart from the caller's headers, so those are not copied into a new
+    /// map for every attempt.
+    pub fn credential_header(
+        &self,
+        cred: &crate::store::Credential,
+    ) -> Result<Option<(HeaderName, HeaderValue)>, InjectError> {
+        let (name, mut v) = match &self.inject {
             Injection::Bearer => {
                 let token = cred
                     .access_token
                     .as_ref()
                     .ok_or(InjectError::MissingToken)?;
-                let mut v = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+                let v = HeaderValue::try_from(format!("Bearer {}", token.expose()))
                     .map_err(|_| InjectError::BadValue)?;
-                v.set_sensitive(true);
-                headers.insert(http::header::AUTHORIZATION, v);
+                (http::header::AUTHORIZATION, v)
             }
             Injection::Basic => {
                 let (Some(u), Some(p)) = (&cred.username, &cred.password) else {
@@ -285,10 +299,9 @@ impl Provider {
                 let enc = zeroize::Zeroizing::new(
                     base64::engine::general_purpose::STANDARD.encode(raw.as_bytes()),
                 );
-                let mut v = HeaderValue::try_from(format!("Basic {}", enc.as_str()))
+                let v = HeaderValue::try_from(format!("Basic {}", enc.as_str()))
                     .map_err(|_| InjectError::BadValue)?;
-                v.set_sensitive(true);
-                headers.insert(http::header::AUTHORIZATION, v);
+                (http::header::AUTHORIZATION, v)
             }
             Injection::Header { name, template } => {
                 let token = cred
@@ -296,14 +309,13 @@ impl Provider {
                     .as_ref()
                     .ok_or(InjectError::MissingToken)?;
                 let value = zeroize::Zeroizing::new(template.replace("{token}", token.expose()));
-                let mut v =
-                    HeaderValue::try_from(value.as_str()).map_err(|_| InjectError::BadValue)?;
-                v.set_sensitive(true);
-                headers.insert(name.clone(), v);
+                let v = HeaderValue::try_from(value.as_str()).map_err(|_| InjectError::BadValue)?;
+                (name.clone(), v)
             }
-            Injection::Query { .. } | Injection::PathPrefix { .. } => {}
-        }
-        Ok(())
+            Injection::Query { .. } | Injection::PathPrefix { .. } => return Ok(None),
+        };
+        v.set_sensitive(true);
+        Ok(Some((name, v)))
     }
 
     /// Header that carries the credential, which a client may not set.
@@ -411,12 +423,11 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
         return Err("backslash, space or control character in path");
     }
     let mut decoded = String::with_capacity(rest.len());
-    let segments: Vec<&str> = rest[1..].split('/').collect();
-    let last = segments.len() - 1;
-    for (i, seg) in segments.iter().enumerate() {
+    let mut segments = rest[1..].split('/').enumerate().peekable();
+    while let Some((i, seg)) = segments.next() {
         // A trailing slash is an empty last segment and harmless; an empty
         // segment anywhere else is `//`, which some servers read as a host.
-        if seg.is_empty() && i != last {
+        if seg.is_empty() && segments.peek().is_some() {
             return Err("empty path segment");
         }
         let mut cur: std::borrow::Cow<str> = std::borrow::Cow::Borrowed(seg);

@@ -84,9 +84,16 @@ async fn proxy(
             | Method::HEAD
             | Method::OPTIONS
     ) {
+        t.path = audit_path(path);
         return Err(ApiError::MethodNotAllowed);
     }
-    let body = read_body(app, &parts.headers, body).await?;
+    let body = match read_body(app, &parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            t.path = audit_path(path);
+            return Err(e);
+        }
+    };
     let headers = upstream_headers(
         &parts.headers,
         &provider,
@@ -99,7 +106,9 @@ async fn proxy(
         headers,
         body,
     };
-    call_provider(app, &provider, &session, &outgoing).await
+    let result = call_provider(app, &provider, &session, &outgoing).await;
+    t.path = audit_path(outgoing.path);
+    result
 }
 
 /// `POST /v1/call/{provider}`: the generic tool. The LLM fills `method`,
@@ -167,6 +176,7 @@ async fn call(
             query = Some(join_query(query, &ser.finish()));
         }
         Some(_) => {
+            t.path = audit_path(path);
             return Err(ApiError::BadRequest(
                 "query must be a string or an object.".into(),
             ));
@@ -201,7 +211,9 @@ async fn call(
         headers,
         body,
     };
-    call_provider(app, &provider, &session, &outgoing).await
+    let result = call_provider(app, &provider, &session, &outgoing).await;
+    t.path = audit_path(outgoing.path);
+    result
 }
 
 #[derive(serde::Deserialize, Debug)]
@@ -553,15 +565,21 @@ fn check_request(
     t: &mut Trace,
 ) -> Result<ProxyPath, ApiError> {
     let path = check_path(rest).map_err(ApiError::BadPath)?;
-    t.path = if path.decoded.is_empty() {
-        "/".into()
-    } else {
-        path.decoded.clone()
-    };
     if !provider.allows(method, &path.decoded) {
+        t.path = audit_path(path);
         return Err(ApiError::PathNotAllowed(provider.label()));
     }
     Ok(path)
+}
+
+/// The path as the audit log and access log show it: decoded, `/` for none.
+/// Moved into the trace once the request is done with it (not copied).
+fn audit_path(path: ProxyPath) -> String {
+    if path.decoded.is_empty() {
+        "/".into()
+    } else {
+        path.decoded
+    }
 }
 
 /// Phase 4: the request body, at most `max_body_bytes`.
@@ -741,12 +759,13 @@ async fn send(
     let uri = p
         .upstream_uri(&out.path, out.query.as_deref(), cred.access_token.as_ref())
         .map_err(|e| inject_error(p, e))?;
-    let mut req = Request::new(out.body.clone());
-    *req.method_mut() = out.method.clone();
-    *req.uri_mut() = uri;
-    *req.headers_mut() = out.headers.clone();
-    p.inject_headers(req.headers_mut(), cred)
-        .map_err(|e| inject_error(p, e))?;
+    let req = crate::client::Outbound {
+        method: &out.method,
+        uri,
+        headers: &out.headers,
+        credential: p.credential_header(cred).map_err(|e| inject_error(p, e))?,
+        body: out.body.clone(),
+    };
 
     let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
     let started = Instant::now();

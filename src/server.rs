@@ -682,11 +682,14 @@ async fn route(
 }
 
 async fn route_agent(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    let method = req.method().clone();
-    if path.starts_with("/v1/proxy/") || path == "/v1/proxy" {
+    // The proxy route first, before anything is copied out of the request:
+    // it is nearly every request this listener serves.
+    let p = req.uri().path();
+    if p.starts_with("/v1/proxy/") || p == "/v1/proxy" {
         return crate::proxy::handle(app, req).await;
     }
+    let path = p.to_owned();
+    let method = req.method().clone();
     if let Some(provider) = path.strip_prefix("/v1/call/") {
         if method != Method::POST {
             return ApiError::MethodNotAllowed.into_response();

@@ -193,17 +193,19 @@ impl std::error::Error for ExchangeError {
 }
 
 /// Writes the request in origin-form with `Host` (unless the caller set
-/// one) and a `Content-Length` for any body.
+/// one), `credential` after the caller's headers (replacing any of the
+/// same name), and a `Content-Length` for any body.
 pub(crate) async fn write_request(
     conn: &mut Conn,
     method: &Method,
     target: &Uri,
     headers: &HeaderMap,
+    credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
 ) -> io::Result<()> {
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
-    encode_head(&mut out, method, target, headers, body);
+    encode_head(&mut out, method, target, headers, credential, body);
     let mut written = conn.io.write_all(&out).await;
     if written.is_ok() && body.len() > COALESCE_BODY {
         written = conn.io.write_all(body).await;
@@ -225,10 +227,12 @@ fn encode_head(
     method: &Method,
     target: &Uri,
     headers: &HeaderMap,
+    credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
 ) {
+    let replaced = credential.map(|(n, _)| n);
     let mut size = 64 + target.path().len() + target.query().map_or(0, str::len);
-    for (n, v) in headers {
+    for (n, v) in headers.iter().chain(credential.map(|(n, v)| (n, v))) {
         size += n.as_str().len() + v.len() + 4;
     }
     if body.len() <= COALESCE_BODY {
@@ -242,7 +246,7 @@ fn encode_head(
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
+    if !headers.contains_key(header::HOST) && replaced != Some(&header::HOST) {
         if let Some(host) = target.host() {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(host.as_bytes());
@@ -253,10 +257,12 @@ fn encode_head(
         }
     }
     for (n, v) in headers {
-        out.extend_from_slice(n.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        if replaced != Some(n) {
+            push_header(out, n, v);
+        }
+    }
+    if let Some((n, v)) = credential {
+        push_header(out, n, v);
     }
     if !body.is_empty() || expects_body(method) {
         out.extend_from_slice(b"content-length:");
@@ -267,6 +273,13 @@ fn encode_head(
     if body.len() <= COALESCE_BODY {
         out.extend_from_slice(body);
     }
+}
+
+fn push_header(out: &mut Vec<u8>, n: &HeaderName, v: &HeaderValue) {
+    out.extend_from_slice(n.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(v.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The port for `Host`, unless it is the scheme's default.
@@ -788,7 +801,7 @@ mod tests {
 
     fn encode(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_head(&mut out, method, target, headers, body);
+        encode_head(&mut out, method, target, headers, None, body);
         out
     }
 
@@ -845,6 +858,31 @@ mod tests {
             String::from_utf8(head)
                 .unwrap()
                 .contains("content-length: 0\r\n")
+        );
+    }
+
+    #[test]
+    fn the_credential_goes_last_and_replaces_a_header_of_its_name() {
+        let target: Uri = "http://127.0.0.1:8080/x".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("from-the-client"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let cred = (
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_static("injected"),
+        );
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            &Method::GET,
+            &target,
+            &h,
+            Some(&cred),
+            &Bytes::new(),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /x HTTP/1.1\r\nhost: 127.0.0.1:8080\r\naccept: */*\r\nx-api-key: injected\r\n\r\n"
         );
     }
 

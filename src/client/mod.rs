@@ -14,6 +14,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
@@ -105,14 +107,53 @@ pub enum RequestError {
     Shared(#[from] hyper_util::client::legacy::Error),
 }
 
+/// One request for an upstream. The caller's headers are borrowed and the
+/// credential header travels apart from them, so neither is copied into a
+/// new map for each attempt (a 401 replay sends the same headers again).
+pub struct Outbound<'a> {
+    pub method: &'a Method,
+    /// Absolute: its scheme and authority pick the connection.
+    pub uri: Uri,
+    pub headers: &'a HeaderMap,
+    /// Sent after `headers`, replacing any header of the same name there.
+    pub credential: Option<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// The same request as an `http::Request`, for hyper's clients (h2, the
+/// shared client), which take one by value.
+fn owned_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    credential: Option<&(HeaderName, HeaderValue)>,
+    body: &Bytes,
+) -> http::Request<Bytes> {
+    let mut req = http::Request::new(body.clone());
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri.clone();
+    *req.headers_mut() = headers.clone();
+    if let Some((n, v)) = credential {
+        req.headers_mut().insert(n.clone(), v.clone());
+    }
+    req
+}
+
 /// Sends on this thread's pool if it has one, else on the shared client.
 pub async fn request(
     shared: &HttpClient,
-    req: http::Request<Bytes>,
+    out: Outbound<'_>,
 ) -> Result<http::Response<UpstreamBody>, RequestError> {
     if pool::installed() {
-        Ok(pool::send(req).await?)
+        Ok(pool::send(out).await?)
     } else {
+        let req = owned_request(
+            out.method,
+            &out.uri,
+            out.headers,
+            out.credential.as_ref(),
+            &out.body,
+        );
         let resp = shared.request(req.map(Full::new)).await?;
         Ok(resp.map(UpstreamBody::Hyper))
     }

@@ -23,8 +23,8 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http::Response;
 use http::uri::Uri;
-use http::{Request, Response};
 use http_body_util::Full;
 use hyper::client::conn::http2;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -32,6 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tower_service::Service;
 
+use super::Outbound;
 use super::UpstreamBody;
 use super::h1::{self, Conn, ExchangeError};
 use crate::body::BoxError;
@@ -226,10 +227,14 @@ fn checkin_h1(target: &Uri, conn: Conn) {
 /// Sends `req` (absolute URI) on one of this thread's connections, or a
 /// new one. On a thread without a pool (callers check [`installed`]
 /// first) it fails with [`SendError::NoPool`].
-pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendError> {
-    // A clone shares the URI's bytes: the authority is borrowed from it
-    // rather than copied for every request.
-    let target = req.uri().clone();
+pub async fn send(out: Outbound<'_>) -> Result<Response<UpstreamBody>, SendError> {
+    let Outbound {
+        method,
+        uri: target,
+        headers,
+        credential,
+        body,
+    } = out;
     let (https, authority) = scheme_and_authority(&target).ok_or(SendError::NotAbsolute)?;
     // A retry always goes on a new connection: a second pooled one may be
     // just as stale, and the request is sent at most twice.
@@ -246,12 +251,18 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
         };
         match conn {
             Idle::H1(mut conn) => {
-                let sent =
-                    h1::write_request(&mut conn, req.method(), &target, req.headers(), req.body())
-                        .await
-                        .map_err(ExchangeError::Write);
+                let sent = h1::write_request(
+                    &mut conn,
+                    method,
+                    &target,
+                    headers,
+                    credential.as_ref(),
+                    &body,
+                )
+                .await
+                .map_err(ExchangeError::Write);
                 let head = match sent {
-                    Ok(()) => h1::read_head(&mut conn, req.method()).await,
+                    Ok(()) => h1::read_head(&mut conn, method).await,
                     Err(e) => Err(e),
                 };
                 match head {
@@ -262,7 +273,7 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                     // A reused connection that went away: an unsent request,
                     // or an idempotent one nothing was answered to, goes once
                     // more on a fresh connection.
-                    Err(e) if reused && e.retryable(req.method()) => {
+                    Err(e) if reused && e.retryable(method) => {
                         tracing::debug!(error = %e, "pooled upstream connection was closed; retrying on a new one");
                         retried = true;
                     }
@@ -273,10 +284,9 @@ pub async fn send(req: Request<Bytes>) -> Result<Response<UpstreamBody>, SendErr
                 if !reused {
                     with_pool(|p| p.checkin(https, authority, Idle::H2(s.clone())));
                 }
-                let mut h2req = Request::new(Full::new(req.body().clone()));
-                *h2req.method_mut() = req.method().clone();
-                *h2req.uri_mut() = target.clone();
-                *h2req.headers_mut() = req.headers().clone();
+                let h2req =
+                    super::owned_request(method, &target, headers, credential.as_ref(), &body)
+                        .map(Full::new);
                 match s.try_send_request(h2req).await {
                     Ok(resp) => return Ok(resp.map(UpstreamBody::Hyper)),
                     Err(mut e) => {
