@@ -430,6 +430,20 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
         if seg.is_empty() && segments.peek().is_some() {
             return Err("empty path segment");
         }
+        if !seg.contains('%') {
+            // Printable ASCII without a backslash (checked above) and no
+            // escape: it means what it says, so only the checks on meaning
+            // apply. Nearly every real path takes this way.
+            if is_dot_segment(seg) {
+                return Err("dot segment in path");
+            }
+            if i == 0 && seg.starts_with('@') {
+                return Err("path looks like a user@host authority");
+            }
+            decoded.push('/');
+            decoded.push_str(seg);
+            continue;
+        }
         let mut cur: std::borrow::Cow<str> = std::borrow::Cow::Borrowed(seg);
         // Decode until stable so double and triple encodings are judged by
         // what they finally mean; more than MAX_DECODES levels is refused

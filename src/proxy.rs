@@ -341,7 +341,7 @@ async fn refresh_providers(
             vec![p]
         }
         None => session
-            .providers
+            .providers()
             .iter()
             .filter(|p| app.providers.get(p).is_some())
             .cloned()
@@ -350,7 +350,7 @@ async fn refresh_providers(
     let mut out = serde_json::Map::new();
     for name in names {
         let provider = app.providers.get(&name).expect("filtered above").clone();
-        let owner = owner_with_credential(app, &provider, &session.user).await?;
+        let owner = owner_with_credential(app, &provider, session.user()).await?;
         let result = match &owner {
             Some(o) => app.refresher.force(&provider, o).await,
             None => Ok(None),
@@ -419,8 +419,8 @@ async fn authenticate(
                 "no session token",
             ))?;
     let mut session = app.sessions.verify(token).await?;
-    t.user = Some(session.user.clone());
-    t.session_id = Some(session.sid.clone());
+    t.user = Some(session.user().to_owned());
+    t.session_id = Some(session.sid().to_owned());
 
     let conv_header = &app.config.elevenlabs.conversation_header;
     let conv = match headers.get(conv_header) {
@@ -439,26 +439,26 @@ async fn authenticate(
     // An unbound session is a bearer pass for whichever conversation uses
     // it first: it has to be claimed soon after minting, or never.
     let bind_within = app.config.sessions.bind_within_secs;
-    if session.conv.is_none()
+    if session.conv().is_none()
         && bind_within > 0
-        && app.clock.now() > session.iat.saturating_add(bind_within)
+        && app.clock.now() > session.iat().saturating_add(bind_within)
     {
         return Err(ApiError::InvalidSession(
             SessionFault::Expired,
             "unbound session past [sessions] bind_within_secs",
         ));
     }
-    match (&session.conv, conv) {
+    match (session.conv(), conv) {
         (Some(bound), Some(c)) if bound != c => {
             return Err(session_conflict(app, &session, bound, c).await);
         }
         (Some(_), None) if app.config.sessions.require_conversation_header => {
             return Err(ApiError::ConversationMissing);
         }
-        (None, Some(c)) => match app.store.bind_session(&session.sid, c).await {
+        (None, Some(c)) => match app.store.bind_session(session.sid(), c).await {
             Ok(crate::store::BindOutcome::Bound) => {
-                tracing::info!(session_id = %session.sid, conversation_id = %c, "session bound to conversation");
-                session.conv = Some(c.to_owned());
+                tracing::info!(session_id = %session.sid(), conversation_id = %c, "session bound to conversation");
+                session.bound_to(c);
             }
             Ok(crate::store::BindOutcome::Mismatch) => {
                 // Another conversation bound it a moment ago.
@@ -474,9 +474,9 @@ async fn authenticate(
         },
         _ => {}
     }
-    t.conversation_id = session.conv.clone();
+    t.conversation_id = session.conv().map(str::to_owned);
     app.limits
-        .check(&session.sid, &session.user, app.clock.now_millis())
+        .check(session.sid(), session.user(), app.clock.now_millis())
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
     Ok(session)
 }
@@ -491,14 +491,14 @@ async fn session_conflict(
     bound: &str,
     presented: &str,
 ) -> ApiError {
-    match app.store.revoke_session(&session.sid).await {
+    match app.store.revoke_session(session.sid()).await {
         Ok(_) => {}
         Err(e) => tracing::error!(error = %e, "cannot revoke a conflicting session"),
     }
     app.metrics.session_conflict();
     tracing::warn!(
-        session_id = %session.sid,
-        user = %session.user,
+        session_id = %session.sid(),
+        user = %session.user(),
         bound_conversation = %bound,
         conversation_id = %presented,
         "session used from a second conversation; revoked"
@@ -506,13 +506,13 @@ async fn session_conflict(
     app.audit.record(AuditRecord {
         time: app.clock.now_millis(),
         kind: "session_conflict".into(),
-        user: Some(session.user.clone()),
+        user: Some(session.user().to_owned()),
         provider: None,
         method: "-".into(),
         path: "-".into(),
         status: 401,
         duration_ms: 0.0,
-        session_id: Some(session.sid.clone()),
+        session_id: Some(session.sid().to_owned()),
         conversation_id: Some(presented.chars().take(256).collect()),
         error: Some("conversation_mismatch".into()),
     });
@@ -551,7 +551,7 @@ fn select_provider(
         .providers
         .get(name)
         .ok_or_else(|| ApiError::UnknownProvider(label()))?;
-    if !session.providers.iter().any(|p| p == name) {
+    if !session.providers().iter().any(|p| p == name) {
         return Err(ApiError::ProviderNotAllowed(label()));
     }
     Ok(provider.clone())
@@ -681,7 +681,7 @@ async fn call_provider(
     session: &VerifiedSession,
     out: &Outgoing,
 ) -> Result<Response<Body>, ApiError> {
-    let (owner, cred) = credential_for(app, provider, &session.user).await?;
+    let (owner, cred) = credential_for(app, provider, session.user()).await?;
     let resp = send(app, provider, out, &cred).await?;
     match check_rejected(app, provider, resp).await {
         Checked::Pass(resp) => Ok(resp),
@@ -768,8 +768,10 @@ async fn send(
     };
 
     let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
-    let started = Instant::now();
-    let resp = match tokio::time::timeout(timeout, crate::client::request(&app.client, req)).await {
+    // One clock reading for both the deadline and the latency metric.
+    let started = tokio::time::Instant::now();
+    let sent = crate::client::request(&app.client, req);
+    let resp = match tokio::time::timeout_at(started + timeout, sent).await {
         Err(_) => {
             tracing::warn!(provider = %p.name, timeout_secs = timeout.as_secs(), "upstream timed out");
             return Err(ApiError::UpstreamTimeout(p.label()));

@@ -169,16 +169,50 @@ impl SessionKeys {
     }
 }
 
-/// A session that passed every check.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A session that passed every check. It shares the verified claims and
+/// the cached session record rather than copying their strings: this is
+/// built for every proxied request.
+#[derive(Clone, Debug)]
 pub struct VerifiedSession {
-    pub sid: String,
-    pub user: String,
-    pub providers: Vec<String>,
+    claims: Arc<SessionClaims>,
+    record: Arc<crate::store::SessionRecord>,
+    /// The conversation this very call bound it to (the cached record
+    /// predates the binding).
+    bound_now: Option<String>,
+}
+
+impl VerifiedSession {
+    pub fn sid(&self) -> &str {
+        &self.claims.sid
+    }
+
+    pub fn user(&self) -> &str {
+        &self.record.user
+    }
+
+    /// The providers it may use (the record's list is authoritative; the
+    /// claim is informational).
+    pub fn providers(&self) -> &[String] {
+        &self.record.providers
+    }
+
     /// When the session was minted (unix seconds).
-    pub iat: i64,
-    pub exp: i64,
-    pub conv: Option<String>,
+    pub fn iat(&self) -> i64 {
+        self.record.iat
+    }
+
+    pub fn exp(&self) -> i64 {
+        self.record.exp
+    }
+
+    pub fn conv(&self) -> Option<&str> {
+        self.bound_now.as_deref().or(self.record.conv.as_deref())
+    }
+
+    /// Records that this call bound the session to `conv`.
+    pub fn bound_to(&mut self, conv: &str) {
+        self.bound_now = Some(conv.to_owned());
+    }
 }
 
 /// A newly minted session.
@@ -376,13 +410,9 @@ impl SessionAuthority {
             }
         }
         Ok(VerifiedSession {
-            sid: c.sid.clone(),
-            user: rec.user.clone(),
-            // The record is authoritative; the claim is informational.
-            providers: rec.providers.clone(),
-            iat: rec.iat,
-            exp: rec.exp,
-            conv: rec.conv.clone(),
+            claims: c,
+            record: rec,
+            bound_now: None,
         })
     }
 
@@ -468,8 +498,8 @@ mod tests {
             .await
             .unwrap();
         let v = a.verify(m.token.expose()).await.unwrap();
-        assert_eq!(v.user, "alice");
-        assert_eq!(v.providers, vec!["slack"]);
+        assert_eq!(v.user(), "alice");
+        assert_eq!(v.providers(), ["slack"]);
         let header = jsonwebtoken::decode_header(m.token.expose()).unwrap();
         assert_eq!(header.alg, Algorithm::HS256);
         assert!(header.kid.unwrap().starts_with("hs-"));
