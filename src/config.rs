@@ -578,7 +578,22 @@ pub fn valid_id(s: &str) -> bool {
 
 impl Config {
     /// Reads and validates a config file. On failure, every problem found.
+    /// Provider sections are only parsed here; resolving them (presets,
+    /// URLs, injection) is `providers::Providers::from_config`'s job.
     pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+        let (cfg, problems) = Config::read(path)?;
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Reads a config file and checks what this module owns. The config
+    /// comes back with its problems (when the file could be made into one at
+    /// all), so a caller that checks more — the providers — can report every
+    /// problem at once (`check-config` lists all, not the first group).
+    pub fn read(path: &Path) -> Result<(Config, Vec<String>), Vec<String>> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             vec![format!(
                 "cannot read config file {}: {e} (pass --config PATH or set SIDEKEY_CONFIG)",
@@ -595,22 +610,29 @@ impl Config {
                 }
             })
             .unwrap_or_else(|| PathBuf::from("."));
-        Config::parse(&text, path, &dir)
+        Config::check(&text, path, &dir)
     }
 
     pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config, Vec<String>> {
+        let (cfg, problems) = Config::check(text, path, dir)?;
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// [`Config::parse`], returning the config together with its problems.
+    pub fn check(
+        text: &str,
+        path: &Path,
+        dir: &Path,
+    ) -> Result<(Config, Vec<String>), Vec<String>> {
         let (raw, mut p) = parse_raw(text, path)?;
         let mut warnings = Vec::new();
         let mut cfg = Config::from_raw(raw, path, dir, &mut p, &mut warnings);
         cfg.warnings = warnings;
-        // Provider resolution (presets, URLs, injection) is validated by
-        // the module that owns it; it only reads `[providers.*]`, so its
-        // problems are listed alongside the others (check-config reports
-        // every problem, not the first group).
-        if let Err(mut errs) = crate::providers::Providers::from_config(&cfg) {
-            p.append(&mut errs);
-        }
-        if p.is_empty() { Ok(cfg) } else { Err(p) }
+        Ok((cfg, p))
     }
 
     fn from_raw(

@@ -999,8 +999,9 @@ preset = "telegram"
             "[providers.x]\nbase_url = \"http://api.example.com\"\n",
             Path::new("/x/c.toml"),
             Path::new("/x"),
-        );
-        let e = cfg.unwrap_err();
+        )
+        .unwrap();
+        let e = Providers::from_config(&cfg).unwrap_err();
         assert!(e[0].contains("allow_http"), "{e:?}");
         let ps =
             providers("[providers.x]\nbase_url = \"http://api.example.com\"\nallow_http = true\n");

@@ -450,19 +450,20 @@ async fn authenticate(
     }
     match (session.conv(), conv) {
         (Some(bound), Some(c)) if bound != c => {
-            return Err(session_conflict(app, &session, bound, c).await);
+            return Err(Box::pin(session_conflict(app, &session, bound, c)).await);
         }
         (Some(_), None) if app.config.sessions.require_conversation_header => {
             return Err(ApiError::ConversationMissing);
         }
-        (None, Some(c)) => match app.store.bind_session(session.sid(), c).await {
+        // Boxed, as the two conflict paths: rare, and large futures.
+        (None, Some(c)) => match Box::pin(app.store.bind_session(session.sid(), c)).await {
             Ok(crate::store::BindOutcome::Bound) => {
                 tracing::info!(session_id = %session.sid(), conversation_id = %c, "session bound to conversation");
                 session.bound_to(c);
             }
             Ok(crate::store::BindOutcome::Mismatch) => {
                 // Another conversation bound it a moment ago.
-                return Err(session_conflict(app, &session, "-", c).await);
+                return Err(Box::pin(session_conflict(app, &session, "-", c)).await);
             }
             Ok(crate::store::BindOutcome::Gone) => {
                 return Err(ApiError::InvalidSession(

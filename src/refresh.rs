@@ -542,21 +542,27 @@ impl RefreshCoordinator {
 
     /// The single-flight core. `seen` is the generation the caller judged;
     /// if the stored credential moved on, the caller gets the newer one.
-    async fn refresh(
-        &self,
-        p: &Provider,
-        owner: &Owner,
+    ///
+    /// Boxed: a refresh (lock, cluster claim, token endpoint call) is a
+    /// future of kilobytes that `usable`, on every request's path, would
+    /// otherwise carry inline although it runs once per token lifetime.
+    fn refresh<'a>(
+        &'a self,
+        p: &'a Provider,
+        owner: &'a Owner,
         seen: Option<u64>,
         force: bool,
-    ) -> Result<Arc<Credential>, ApiError> {
-        let key = owner.key(&p.name);
-        let lock = self.lock_for(&key);
-        let result = {
-            let _guard = lock.lock().await;
-            self.refresh_locked(p, owner, seen, force).await
-        };
-        self.release(&key, lock);
-        result
+    ) -> futures_util::future::BoxFuture<'a, Result<Arc<Credential>, ApiError>> {
+        Box::pin(async move {
+            let key = owner.key(&p.name);
+            let lock = self.lock_for(&key);
+            let result = {
+                let _guard = lock.lock().await;
+                self.refresh_locked(p, owner, seen, force).await
+            };
+            self.release(&key, lock);
+            result
+        })
     }
 
     /// Under this process's lock: use a newer credential if one appeared,

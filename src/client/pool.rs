@@ -247,7 +247,9 @@ pub async fn send(out: Outbound<'_>) -> Result<Response<UpstreamBody>, SendError
         };
         let (conn, reused) = match pooled {
             Some(c) => (c, true),
-            None => (connect(&target, https).await?, false),
+            // Boxed: a connect (TCP, then TLS) is a large future that
+            // would otherwise sit inline in every request's future.
+            None => (Box::pin(connect(&target, https)).await?, false),
         };
         match conn {
             Idle::H1(mut conn) => {
@@ -287,7 +289,9 @@ pub async fn send(out: Outbound<'_>) -> Result<Response<UpstreamBody>, SendError
                 let h2req =
                     super::owned_request(method, &target, headers, credential.as_ref(), &body)
                         .map(Full::new);
-                match s.try_send_request(h2req).await {
+                // Boxed: hyper's h2 send future would otherwise sit inline
+                // in every HTTP/1.1 request's future too.
+                match Box::pin(s.try_send_request(h2req)).await {
                     Ok(resp) => return Ok(resp.map(UpstreamBody::Hyper)),
                     Err(mut e) => {
                         // Never started on a pooled connection that went away

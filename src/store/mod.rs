@@ -775,20 +775,27 @@ impl Store {
 
     /// Reads and decodes a record; one sealed under an old key is re-sealed
     /// under the current key unless it changed meanwhile (lazy rotation).
-    async fn get_as<T: DeserializeOwned + Serialize>(
-        &self,
+    ///
+    /// Boxed: the backends' read futures are kilobytes, and the cached
+    /// lookups on the request path (`session`, `credential`) would
+    /// otherwise carry one inline, to be copied with every request's
+    /// future even when the cache answers.
+    fn get_as<'a, T: DeserializeOwned + Serialize + Send + 'a>(
+        &'a self,
         t: Tree,
-        key: &[u8],
-    ) -> Result<Option<T>, StoreError> {
-        let Some(raw) = on_backend!(self, b => b.get(t, key).await)? else {
-            return Ok(None);
-        };
-        let (v, stale) = self.decode::<T>(t, key, &raw)?;
-        if stale {
-            let new = self.seal_json(t, key, &v);
-            let _ = on_backend!(self, b => b.cas(t, key, Some(&raw), Some(&new)).await);
-        }
-        Ok(Some(v))
+        key: &'a [u8],
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<T>, StoreError>> {
+        Box::pin(async move {
+            let Some(raw) = on_backend!(self, b => b.get(t, key).await)? else {
+                return Ok(None);
+            };
+            let (v, stale) = self.decode::<T>(t, key, &raw)?;
+            if stale {
+                let new = self.seal_json(t, key, &v);
+                let _ = on_backend!(self, b => b.cas(t, key, Some(&raw), Some(&new)).await);
+            }
+            Ok(Some(v))
+        })
     }
 
     async fn put_as<T: Serialize>(&self, t: Tree, key: &[u8], v: &T) -> Result<(), StoreError> {
