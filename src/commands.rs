@@ -17,16 +17,14 @@ use crate::store::{KeyRing, MasterKey, OpenError, Store, StoreOptions};
 /// The config file with its providers resolved too: the problems of both
 /// are reported together.
 fn load_config(path: &Path) -> Result<Config, Fatal> {
-    let (cfg, mut problems) =
-        Config::read(path).map_err(|problems| Fatal::new(problems.join("\n")))?;
-    if let Err(mut e) = Providers::from_config(&cfg) {
-        problems.append(&mut e);
-    }
-    if problems.is_empty() {
-        Ok(cfg)
-    } else {
-        Err(Fatal::new(problems.join("\n")))
-    }
+    Config::read(path)
+        .and_then(|(cfg, mut problems)| {
+            if let Err(mut e) = Providers::from_config(&cfg) {
+                problems.append(&mut e);
+            }
+            crate::config::without_problems((cfg, problems))
+        })
+        .map_err(|problems| Fatal::new(problems.join("\n")))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Fatal> {

@@ -576,17 +576,21 @@ pub fn valid_id(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._@:+-".contains(&b))
 }
 
+/// A config found without problems, or the problems.
+pub fn without_problems((cfg, problems): (Config, Vec<String>)) -> Result<Config, Vec<String>> {
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(problems)
+    }
+}
+
 impl Config {
     /// Reads and validates a config file. On failure, every problem found.
     /// Provider sections are only parsed here; resolving them (presets,
     /// URLs, injection) is `providers::Providers::from_config`'s job.
     pub fn load(path: &Path) -> Result<Config, Vec<String>> {
-        let (cfg, problems) = Config::read(path)?;
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(problems)
-        }
+        Config::read(path).and_then(without_problems)
     }
 
     /// Reads a config file and checks what this module owns. The config
@@ -614,12 +618,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config, Vec<String>> {
-        let (cfg, problems) = Config::check(text, path, dir)?;
-        if problems.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(problems)
-        }
+        Config::check(text, path, dir).and_then(without_problems)
     }
 
     /// [`Config::parse`], returning the config together with its problems.

@@ -74,40 +74,37 @@ async fn proxy(
     t.provider = Some(name.to_owned());
     let provider = select_provider(app, &session, name)?;
     let path = check_request(&provider, &parts.method, rest, t)?;
-    if !matches!(
-        parts.method,
-        Method::GET
-            | Method::POST
-            | Method::PUT
-            | Method::PATCH
-            | Method::DELETE
-            | Method::HEAD
-            | Method::OPTIONS
-    ) {
-        t.path = audit_path(path);
-        return Err(ApiError::MethodNotAllowed);
-    }
-    let body = match read_body(app, &parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => {
-            t.path = audit_path(path);
-            return Err(e);
+    let result = async {
+        if !matches!(
+            parts.method,
+            Method::GET
+                | Method::POST
+                | Method::PUT
+                | Method::PATCH
+                | Method::DELETE
+                | Method::HEAD
+                | Method::OPTIONS
+        ) {
+            return Err(ApiError::MethodNotAllowed);
         }
-    };
-    let headers = upstream_headers(
-        &parts.headers,
-        &provider,
-        &app.config.elevenlabs.conversation_header,
-    );
-    let outgoing = Outgoing {
-        method: parts.method.clone(),
-        path,
-        query: parts.uri.query().map(str::to_owned),
-        headers,
-        body,
-    };
-    let result = call_provider(app, &provider, &session, &outgoing).await;
-    t.path = audit_path(outgoing.path);
+        let body = read_body(app, &parts.headers, body).await?;
+        let headers = upstream_headers(
+            &parts.headers,
+            &provider,
+            &app.config.elevenlabs.conversation_header,
+        );
+        let outgoing = Outgoing {
+            method: parts.method.clone(),
+            path: &path,
+            query: parts.uri.query().map(str::to_owned),
+            headers,
+            body,
+        };
+        call_provider(app, &provider, &session, &outgoing).await
+    }
+    .await;
+    // However it ended, the trace takes the path now (moved, not copied).
+    t.path = audit_path(path);
     result
 }
 
@@ -154,65 +151,68 @@ async fn call(
     };
     let encoded = encode_tool_path(&path_part)?;
     let path = check_request(&provider, &method, &encoded, t)?;
-    let mut query = query_in_path;
-    match spec.query {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(Value::String(s)) => {
-            query = Some(join_query(
-                query,
-                &encode_tool_query(s.trim().trim_start_matches('?')),
-            ))
-        }
-        Some(Value::Object(map)) => {
-            let mut ser = url::form_urlencoded::Serializer::new(String::new());
-            for (k, v) in map {
-                let v = match v {
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                ser.append_pair(&k, &v);
+    let result = async {
+        let mut query = query_in_path;
+        match spec.query {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s.is_empty() => {}
+            Some(Value::String(s)) => {
+                query = Some(join_query(
+                    query,
+                    &encode_tool_query(s.trim().trim_start_matches('?')),
+                ))
             }
-            query = Some(join_query(query, &ser.finish()));
+            Some(Value::Object(map)) => {
+                let mut ser = url::form_urlencoded::Serializer::new(String::new());
+                for (k, v) in map {
+                    let v = match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    ser.append_pair(&k, &v);
+                }
+                query = Some(join_query(query, &ser.finish()));
+            }
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "query must be a string or an object.".into(),
+                ));
+            }
         }
-        Some(_) => {
-            t.path = audit_path(path);
-            return Err(ApiError::BadRequest(
-                "query must be a string or an object.".into(),
-            ));
+        let body = match spec.body {
+            None | Some(Value::Null) => Bytes::new(),
+            Some(Value::String(s)) if s.trim().is_empty() => Bytes::new(),
+            // A string body is JSON text when it parses as JSON (LLMs fill
+            // string parameters most reliably).
+            Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+                Ok(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+                Err(_) => Bytes::from(s),
+            },
+            Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        if !body.is_empty() {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            );
         }
+        if let Some(ua) = parts.headers.get(header::USER_AGENT) {
+            headers.insert(header::USER_AGENT, ua.clone());
+        }
+        let outgoing = Outgoing {
+            method,
+            path: &path,
+            query,
+            headers,
+            body,
+        };
+        call_provider(app, &provider, &session, &outgoing).await
     }
-    let body = match spec.body {
-        None | Some(Value::Null) => Bytes::new(),
-        Some(Value::String(s)) if s.trim().is_empty() => Bytes::new(),
-        // A string body is JSON text when it parses as JSON (LLMs fill
-        // string parameters most reliably).
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
-            Ok(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-            Err(_) => Bytes::from(s),
-        },
-        Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-    if !body.is_empty() {
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-    }
-    if let Some(ua) = parts.headers.get(header::USER_AGENT) {
-        headers.insert(header::USER_AGENT, ua.clone());
-    }
-    let outgoing = Outgoing {
-        method,
-        path,
-        query,
-        headers,
-        body,
-    };
-    let result = call_provider(app, &provider, &session, &outgoing).await;
-    t.path = audit_path(outgoing.path);
+    .await;
+    // However it ended, the trace takes the path now (moved, not copied).
+    t.path = audit_path(path);
     result
 }
 
@@ -667,9 +667,9 @@ async fn credential_for(
 }
 
 /// A request ready to go upstream, minus the credential.
-struct Outgoing {
+struct Outgoing<'a> {
     method: Method,
-    path: ProxyPath,
+    path: &'a ProxyPath,
     query: Option<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -680,7 +680,7 @@ async fn call_provider(
     app: &Arc<App>,
     provider: &Arc<Provider>,
     session: &VerifiedSession,
-    out: &Outgoing,
+    out: &Outgoing<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let (owner, cred) = credential_for(app, provider, session.user()).await?;
     let resp = send(app, provider, out, &cred).await?;
@@ -754,11 +754,11 @@ fn upstream_headers(
 async fn send(
     app: &Arc<App>,
     p: &Provider,
-    out: &Outgoing,
+    out: &Outgoing<'_>,
     cred: &Credential,
 ) -> Result<Response<Body>, ApiError> {
     let uri = p
-        .upstream_uri(&out.path, out.query.as_deref(), cred.access_token.as_ref())
+        .upstream_uri(out.path, out.query.as_deref(), cred.access_token.as_ref())
         .map_err(|e| inject_error(p, e))?;
     let req = crate::client::Outbound {
         method: &out.method,
