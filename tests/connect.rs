@@ -14,16 +14,6 @@ use support::{InProcess, Options, Resp, query_param};
 
 const RETURN_TO: &str = "https://app.example/settings";
 
-/// A port that was free a moment ago, so `public_url` can name the real
-/// listener and the redirects sidekey answers can be followed.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Fx {
     sk: InProcess,
     tok: TokenServer,
@@ -34,7 +24,9 @@ struct Fx {
 async fn start(tune: impl FnOnce(Options) -> Options) -> Fx {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
-    let port = free_port();
+    // Named in advance, so `public_url` can name the real listener and the
+    // redirects sidekey answers can be followed.
+    let port = support::ports::listen_port();
     let public = format!("https://localhost:{port}");
     let providers = format!(
         "[providers.custom]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\

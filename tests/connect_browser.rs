@@ -180,11 +180,7 @@ async fn connect_page_in_a_real_browser() {
         "https://localhost:{}",
         provider_listener.local_addr().unwrap().port()
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::ports::listen_port();
     let public = format!("https://localhost:{port}");
     let provider = |name: &str, display: &str, description: &str| {
         format!(

@@ -46,13 +46,9 @@ fn blocks(markdown: &str, heading: &str) -> Vec<(String, String)> {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "support/ports.rs"]
+mod ports;
+use ports::listen_port;
 
 /// Every `"key": value` pair with a literal value (string, number, bool,
 /// null) in an expected-output comment; `…` stands for "anything" and
@@ -185,7 +181,7 @@ fn readme_walkthrough_runs_as_written() {
         .map(|(_, t)| t.trim().to_owned())
         .expect("a plain block with the echo upstream's output");
 
-    let (agent, admin, echo) = (free_port(), free_port(), free_port());
+    let (agent, admin, echo) = (listen_port(), listen_port(), listen_port());
     let ports = |s: &str| {
         s.replace("8443", &agent.to_string())
             .replace("8444", &admin.to_string())

@@ -5,6 +5,7 @@
 
 pub mod pg;
 pub mod pg_server;
+pub mod ports;
 pub mod token;
 pub mod upstream;
 pub mod webdriver;
