@@ -116,8 +116,8 @@ fn fixture() -> &'static Fixture {
         }
         for (token, sid, user) in &minted {
             let v = ready(authority.verify(token)).expect("minted token verifies");
-            assert_eq!(&v.sid, sid);
-            assert_eq!(&v.user, user);
+            assert_eq!(v.sid(), sid);
+            assert_eq!(v.user(), user);
         }
         Fixture {
             authority,
@@ -167,9 +167,9 @@ fuzz_target!(|data: &[u8]| {
         let (_, sid, user) = f
             .minted
             .iter()
-            .find(|(_, sid, _)| *sid == v.sid)
+            .find(|(_, sid, _)| sid == v.sid())
             .expect("accepted a session id that was never minted");
-        assert_eq!(&v.user, user);
+        assert_eq!(v.user(), user);
         let original = &f.minted.iter().find(|(_, s, _)| s == sid).unwrap().0;
         assert_eq!(
             signed_part(&token),
