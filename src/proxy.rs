@@ -40,7 +40,11 @@ struct Trace {
     provider: Option<String>,
     session_id: Option<String>,
     conversation_id: Option<String>,
+    /// The audited path of a route with no provider path.
     path: String,
+    /// The provider path once checked; the request borrows it from here
+    /// and `finish` moves it into the records (no copy).
+    checked: Option<ProxyPath>,
     error: Option<&'static str>,
     /// Route group for refused-request summaries (`/v1/proxy`, ...).
     route: &'static str,
@@ -74,38 +78,32 @@ async fn proxy(
     t.provider = Some(name.to_owned());
     let provider = select_provider(app, &session, name)?;
     let path = check_request(&provider, &parts.method, rest, t)?;
-    let result = async {
-        if !matches!(
-            parts.method,
-            Method::GET
-                | Method::POST
-                | Method::PUT
-                | Method::PATCH
-                | Method::DELETE
-                | Method::HEAD
-                | Method::OPTIONS
-        ) {
-            return Err(ApiError::MethodNotAllowed);
-        }
-        let body = read_body(app, &parts.headers, body).await?;
-        let headers = upstream_headers(
-            &parts.headers,
-            &provider,
-            &app.config.elevenlabs.conversation_header,
-        );
-        let outgoing = Outgoing {
-            method: parts.method.clone(),
-            path: &path,
-            query: parts.uri.query().map(str::to_owned),
-            headers,
-            body,
-        };
-        call_provider(app, &provider, &session, &outgoing).await
+    if !matches!(
+        parts.method,
+        Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS
+    ) {
+        return Err(ApiError::MethodNotAllowed);
     }
-    .await;
-    // However it ended, the trace takes the path now (moved, not copied).
-    t.path = audit_path(path);
-    result
+    let body = read_body(app, &parts.headers, body).await?;
+    let headers = upstream_headers(
+        &parts.headers,
+        &provider,
+        &app.config.elevenlabs.conversation_header,
+    );
+    let outgoing = Outgoing {
+        method: parts.method.clone(),
+        path,
+        query: parts.uri.query().map(str::to_owned),
+        headers,
+        body,
+    };
+    call_provider(app, &provider, &session, &outgoing).await
 }
 
 /// `POST /v1/call/{provider}`: the generic tool. The LLM fills `method`,
@@ -151,69 +149,63 @@ async fn call(
     };
     let encoded = encode_tool_path(&path_part)?;
     let path = check_request(&provider, &method, &encoded, t)?;
-    let result = async {
-        let mut query = query_in_path;
-        match spec.query {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s.is_empty() => {}
-            Some(Value::String(s)) => {
-                query = Some(join_query(
-                    query,
-                    &encode_tool_query(s.trim().trim_start_matches('?')),
-                ))
-            }
-            Some(Value::Object(map)) => {
-                let mut ser = url::form_urlencoded::Serializer::new(String::new());
-                for (k, v) in map {
-                    let v = match v {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    ser.append_pair(&k, &v);
-                }
-                query = Some(join_query(query, &ser.finish()));
-            }
-            Some(_) => {
-                return Err(ApiError::BadRequest(
-                    "query must be a string or an object.".into(),
-                ));
-            }
+    let mut query = query_in_path;
+    match spec.query {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(Value::String(s)) => {
+            query = Some(join_query(
+                query,
+                &encode_tool_query(s.trim().trim_start_matches('?')),
+            ))
         }
-        let body = match spec.body {
-            None | Some(Value::Null) => Bytes::new(),
-            Some(Value::String(s)) if s.trim().is_empty() => Bytes::new(),
-            // A string body is JSON text when it parses as JSON (LLMs fill
-            // string parameters most reliably).
-            Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
-                Ok(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-                Err(_) => Bytes::from(s),
-            },
-            Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        if !body.is_empty() {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json; charset=utf-8"),
-            );
+        Some(Value::Object(map)) => {
+            let mut ser = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in map {
+                let v = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                ser.append_pair(&k, &v);
+            }
+            query = Some(join_query(query, &ser.finish()));
         }
-        if let Some(ua) = parts.headers.get(header::USER_AGENT) {
-            headers.insert(header::USER_AGENT, ua.clone());
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "query must be a string or an object.".into(),
+            ));
         }
-        let outgoing = Outgoing {
-            method,
-            path: &path,
-            query,
-            headers,
-            body,
-        };
-        call_provider(app, &provider, &session, &outgoing).await
     }
-    .await;
-    // However it ended, the trace takes the path now (moved, not copied).
-    t.path = audit_path(path);
-    result
+    let body = match spec.body {
+        None | Some(Value::Null) => Bytes::new(),
+        Some(Value::String(s)) if s.trim().is_empty() => Bytes::new(),
+        // A string body is JSON text when it parses as JSON (LLMs fill
+        // string parameters most reliably).
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+            Ok(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+            Err(_) => Bytes::from(s),
+        },
+        Some(v) => Bytes::from(serde_json::to_vec(&v).unwrap_or_default()),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    if !body.is_empty() {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+    }
+    if let Some(ua) = parts.headers.get(header::USER_AGENT) {
+        headers.insert(header::USER_AGENT, ua.clone());
+    }
+    let outgoing = Outgoing {
+        method,
+        path,
+        query,
+        headers,
+        body,
+    };
+    call_provider(app, &provider, &session, &outgoing).await
 }
 
 #[derive(serde::Deserialize, Debug)]
@@ -558,29 +550,21 @@ fn select_provider(
     Ok(provider.clone())
 }
 
-/// Phase 3: path rules, then the allow list.
-fn check_request(
+/// Phase 3: path rules, then the allow list. The checked path goes into
+/// the trace (audited however the request ends) and is lent from there.
+fn check_request<'t>(
     provider: &Provider,
     method: &Method,
     rest: &str,
-    t: &mut Trace,
-) -> Result<ProxyPath, ApiError> {
-    let path = check_path(rest).map_err(ApiError::BadPath)?;
+    t: &'t mut Trace,
+) -> Result<&'t ProxyPath, ApiError> {
+    let path = &*t
+        .checked
+        .insert(check_path(rest).map_err(ApiError::BadPath)?);
     if !provider.allows(method, &path.decoded) {
-        t.path = audit_path(path);
         return Err(ApiError::PathNotAllowed(provider.label()));
     }
     Ok(path)
-}
-
-/// The path as the audit log and access log show it: decoded, `/` for none.
-/// Moved into the trace once the request is done with it (not copied).
-fn audit_path(path: ProxyPath) -> String {
-    if path.decoded.is_empty() {
-        "/".into()
-    } else {
-        path.decoded
-    }
 }
 
 /// Phase 4: the request body, at most `max_body_bytes`.
@@ -946,6 +930,15 @@ fn finish(
             e.into_response()
         }
     };
+    // The path as the audit log and access log show it: decoded, `/` for
+    // an empty one.
+    if let Some(p) = t.checked.take() {
+        t.path = if p.decoded.is_empty() {
+            "/".into()
+        } else {
+            p.decoded
+        };
+    }
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
     let label = t
