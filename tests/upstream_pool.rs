@@ -330,10 +330,9 @@ async fn dying_upstream() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     (url, seen)
 }
 
-#[tokio::test]
-async fn an_unanswered_request_on_a_reused_connection_is_replayed_only_if_idempotent() {
-    // GET: the pooled connection dies with the request unanswered; the
-    // request goes once more on a new connection and the caller sees 200.
+/// sidekey in front of a [`dying_upstream`], after one answered GET: its
+/// pooled connection is the one that dies on the next request.
+async fn pooled_on_dying_upstream() -> (Sidekey, String, Arc<std::sync::Mutex<Vec<String>>>) {
     let (url, seen) = dying_upstream().await;
     let (sk, tok) = start(&url, "").await;
     assert_eq!(
@@ -342,6 +341,14 @@ async fn an_unanswered_request_on_a_reused_connection_is_replayed_only_if_idempo
             .status,
         200
     );
+    (sk, tok, seen)
+}
+
+#[tokio::test]
+async fn an_unanswered_request_on_a_reused_connection_is_replayed_only_if_idempotent() {
+    // GET: the pooled connection dies with the request unanswered; the
+    // request goes once more on a new connection and the caller sees 200.
+    let (sk, tok, seen) = pooled_on_dying_upstream().await;
     let r = sk.proxy(Method::GET, "/v1/proxy/up/b", &tok, "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
@@ -351,14 +358,7 @@ async fn an_unanswered_request_on_a_reused_connection_is_replayed_only_if_idempo
 
     // POST: it may have been acted on; never sent twice. The caller gets
     // the contract's 502 and the upstream saw it once.
-    let (url, seen) = dying_upstream().await;
-    let (sk, tok) = start(&url, "").await;
-    assert_eq!(
-        sk.proxy(Method::GET, "/v1/proxy/up/a", &tok, "")
-            .await
-            .status,
-        200
-    );
+    let (sk, tok, seen) = pooled_on_dying_upstream().await;
     let r = sk.proxy(Method::POST, "/v1/proxy/up/pay", &tok, "{}").await;
     r.assert_error(502, "upstream_unreachable");
     assert_eq!(
