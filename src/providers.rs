@@ -430,77 +430,81 @@ pub fn check_path(rest: &str) -> Result<ProxyPath, &'static str> {
         if seg.is_empty() && segments.peek().is_some() {
             return Err("empty path segment");
         }
-        if !seg.contains('%') {
-            // Printable ASCII without a backslash (checked above) and no
-            // escape: it means what it says, so only the checks on meaning
-            // apply. Nearly every real path takes this way.
-            if is_dot_segment(seg) {
-                return Err("dot segment in path");
-            }
-            if i == 0 && seg.starts_with('@') {
-                return Err("path looks like a user@host authority");
-            }
-            decoded.push('/');
-            decoded.push_str(seg);
-            continue;
-        }
-        let mut cur: std::borrow::Cow<str> = std::borrow::Cow::Borrowed(seg);
-        // Decode until stable so double and triple encodings are judged by
-        // what they finally mean; more than MAX_DECODES levels is refused
-        // outright (no legitimate path is encoded that often).
-        let mut stable = false;
-        for _ in 0..MAX_DECODES {
-            if is_dot_segment(&cur) {
-                return Err("dot segment in path");
-            }
-            if cur.contains(['/', '\\']) {
-                return Err("encoded slash or backslash in path");
-            }
-            if cur.chars().any(|c| c.is_control()) {
-                return Err("control character in path");
-            }
-            if !cur.contains('%') {
-                stable = true;
-                break;
-            }
-            let next = match percent_decode_str(&cur).decode_utf8() {
-                Ok(d) => d.into_owned(),
-                Err(_) => return Err("invalid UTF-8 in path"),
-            };
-            if next == cur {
-                stable = true;
-                break;
-            }
-            cur = std::borrow::Cow::Owned(next);
-        }
-        if !stable
-            && percent_decode_str(&cur)
-                .decode_utf8()
-                .map_or(true, |d| d != cur)
-        {
-            return Err("path is percent-encoded too many times");
-        }
-        if is_dot_segment(&cur) {
+        // Printable ASCII without a backslash (checked above) and no escape
+        // means what it says: nearly every real segment skips decoding.
+        let escaped = seg.contains('%');
+        let meaning = if escaped {
+            fully_decoded(seg)?
+        } else {
+            std::borrow::Cow::Borrowed(seg)
+        };
+        if is_dot_segment(&meaning) {
             return Err("dot segment in path");
         }
-        if cur.contains(['/', '\\']) || cur.chars().any(|c| c.is_control()) {
-            return Err("encoded slash, backslash or control character in path");
-        }
-        if i == 0 && cur.starts_with('@') {
+        if i == 0 && meaning.starts_with('@') {
             return Err("path looks like a user@host authority");
         }
         decoded.push('/');
-        // Allow-list matching uses one round of decoding, which is what the
-        // upstream will see.
-        let once = percent_decode_str(seg)
-            .decode_utf8()
-            .map_err(|_| "invalid UTF-8 in path")?;
-        decoded.push_str(&once);
+        if escaped {
+            // Allow-list matching uses one round of decoding, which is what
+            // the upstream will see.
+            let once = percent_decode_str(seg)
+                .decode_utf8()
+                .map_err(|_| "invalid UTF-8 in path")?;
+            decoded.push_str(&once);
+        } else {
+            decoded.push_str(seg);
+        }
     }
     Ok(ProxyPath {
         raw: rest.to_owned(),
         decoded,
     })
+}
+
+/// What an escaped path segment finally means: decoded until stable, so
+/// double and triple encodings are judged by their meaning; more than
+/// MAX_DECODES levels is refused outright (no legitimate path is encoded
+/// that often), and so is a meaning with a slash, backslash or control
+/// character, or a dot segment at any level.
+fn fully_decoded(seg: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    let mut cur: std::borrow::Cow<str> = std::borrow::Cow::Borrowed(seg);
+    let mut stable = false;
+    for _ in 0..MAX_DECODES {
+        if is_dot_segment(&cur) {
+            return Err("dot segment in path");
+        }
+        if cur.contains(['/', '\\']) {
+            return Err("encoded slash or backslash in path");
+        }
+        if cur.chars().any(|c| c.is_control()) {
+            return Err("control character in path");
+        }
+        if !cur.contains('%') {
+            stable = true;
+            break;
+        }
+        let next = match percent_decode_str(&cur).decode_utf8() {
+            Ok(d) => d.into_owned(),
+            Err(_) => return Err("invalid UTF-8 in path"),
+        };
+        if next == cur {
+            stable = true;
+            break;
+        }
+        cur = std::borrow::Cow::Owned(next);
+    }
+    if !stable
+        && percent_decode_str(&cur)
+            .decode_utf8()
+            .map_or(true, |d| d != cur)
+    {
+        return Err("path is percent-encoded too many times");
+    }
+    if cur.contains(['/', '\\']) || cur.chars().any(|c| c.is_control()) {
+        return Err("encoded slash, backslash or control character in path");
+    }
+    Ok(cur)
 }
 
 /// All configured providers by name.
