@@ -201,10 +201,6 @@ impl VerifiedSession {
         self.record.iat
     }
 
-    pub fn exp(&self) -> i64 {
-        self.record.exp
-    }
-
     pub fn conv(&self) -> Option<&str> {
         self.bound_now.as_deref().or(self.record.conv.as_deref())
     }
