@@ -54,6 +54,11 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: usize,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WebhookLabels {
     event: String,
     outcome: &'static str,
@@ -79,6 +84,7 @@ pub struct Metrics {
     credentials: Gauge,
     store_bytes: Gauge,
     connections: Gauge,
+    worker_connections: Family<WorkerLabels, Gauge>,
     /// Requests answered `store_unavailable` (the Postgres backend could not
     /// be reached); alerting needs it even while it stays at 0.
     store_unavailable: Counter,
@@ -168,6 +174,12 @@ impl Metrics {
             "Open client connections on both listeners",
             connections.clone(),
         );
+        let worker_connections = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "agent_worker_connections",
+            "Open agent connections per agent worker thread (a connection goes to the worker with the fewest)",
+            worker_connections.clone(),
+        );
         let store_unavailable = Counter::default();
         registry.register(
             "store_unavailable",
@@ -194,6 +206,7 @@ impl Metrics {
             credentials,
             store_bytes,
             connections,
+            worker_connections,
             store_unavailable,
             none: Label::new("-"),
         }
@@ -272,6 +285,14 @@ impl Metrics {
 
     pub fn connection_closed(&self) {
         self.connections.dec();
+    }
+
+    /// Agent worker `worker`'s count of open connections: the server
+    /// balances on it, so it is the gauge itself, not a copy.
+    pub fn worker_connections(&self, worker: usize) -> Gauge {
+        self.worker_connections
+            .get_or_create(&WorkerLabels { worker })
+            .clone()
     }
 
     pub fn connection_refused(&self, reason: &'static str) {

@@ -170,6 +170,13 @@ pub async fn run(
         // or a head that never completes). hyper's own timer cost a boxed
         // sleep and a timer-wheel entry on every request.
         .header_read_timeout(None)
+        // On: hyper otherwise reads ahead while a request is in flight to
+        // see the client leave. That read needs room in its 8 KiB buffer,
+        // which the request's headers still share, so hyper allocated a new
+        // one for every request (glibc's slow path). A request whose client
+        // left now runs to its end and is audited like any other; its
+        // answer then fails to write and the connection closes.
+        .half_close(true)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
@@ -216,9 +223,17 @@ pub async fn run(
         if let Some(l) = agent.take() {
             match l.into_std() {
                 Ok(l) => {
-                    for i in 0..threads {
+                    let (balance, inboxes) = Balance::new(threads, &app.metrics);
+                    for (i, inbox) in inboxes.into_iter().enumerate() {
                         match l.try_clone() {
-                            Ok(l) => workers.push(spawn_worker(i, &shared, l, &agent_slots)),
+                            Ok(l) => workers.push(spawn_worker(
+                                i,
+                                &shared,
+                                l,
+                                &agent_slots,
+                                &balance,
+                                inbox,
+                            )),
                             Err(e) => {
                                 tracing::error!(error = %e, "cannot share the agent listener")
                             }
@@ -315,10 +330,13 @@ fn spawn_worker(
     sh: &Arc<Shared>,
     listener: std::net::TcpListener,
     slots: &Arc<Semaphore>,
+    balance: &Arc<Balance>,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<Handoff>,
 ) -> tokio::sync::oneshot::Receiver<()> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let sh = sh.clone();
     let slots = slots.clone();
+    let balance = balance.clone();
     let mut drain = sh.drain.subscribe();
     let mut abort = sh.abort.subscribe();
     sh.worker_listeners.fetch_add(1, Ordering::SeqCst);
@@ -344,18 +362,44 @@ fn spawn_worker(
             };
             // Each connection holds a sender; all gone = this worker is idle.
             let (held, mut idle) = tokio::sync::mpsc::channel::<()>(1);
+            let serve = |h: Handoff| match TcpStream::from_std(h.stream) {
+                Ok(s) => {
+                    let hold = WorkerHold {
+                        _idle: held.clone(),
+                        _counted: h.counted,
+                    };
+                    spawn_connection(&sh, s, h.peer, Role::Agent, h.permit, Some(hold));
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot adopt a handed-off connection"),
+            };
             if !*drain.borrow_and_update() {
                 loop {
                     tokio::select! {
                         _ = drain.changed() => break,
                         _ = abort.changed() => break,
+                        Some(h) = inbox.recv() => serve(h),
                         r = accept(&listener, &slots) => {
                             if let Some((s, p, permit)) = r {
-                                spawn_connection(&sh, s, p, Role::Agent, permit, Some(held.clone()));
+                                let to = balance.pick(i);
+                                let counted = balance.count(to);
+                                if to == i {
+                                    let hold = WorkerHold { _idle: held.clone(), _counted: counted };
+                                    spawn_connection(&sh, s, p, Role::Agent, permit, Some(hold));
+                                } else if let Err(mut h) = balance.hand_off(to, s, p, permit, counted) {
+                                    h.counted = balance.count(i);
+                                    serve(h);
+                                }
                             }
                         }
                     }
                 }
+            }
+            // Connections already handed to this worker are served (and
+            // drained) like its own; later hand-offs fail and stay where
+            // they were accepted.
+            inbox.close();
+            while let Ok(h) = inbox.try_recv() {
+                serve(h);
             }
             drop((listener, held, drain));
             sh.worker_listeners.fetch_sub(1, Ordering::SeqCst);
@@ -377,6 +421,108 @@ fn spawn_worker(
     done_rx
 }
 
+/// The agent workers' shares of the connections. All workers wait on one
+/// listening socket, so a burst of new connections mostly lands on
+/// whichever worker is awake; one left with twice its share gets no more
+/// CPU than the others (the kernel schedules threads fairly) and sets the
+/// pace for all of them, which nginx avoids by accepting one connection
+/// per wake-up. A worker that accepts a connection while another holds
+/// fewer passes it there, before the TLS handshake. This costs a hand-off
+/// per connection, never per request.
+struct Balance {
+    workers: Vec<(
+        prometheus_client::metrics::gauge::Gauge,
+        tokio::sync::mpsc::UnboundedSender<Handoff>,
+    )>,
+}
+
+/// An accepted connection on its way to another worker.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    counted: Counted,
+}
+
+/// One open connection in its worker's count, until dropped.
+struct Counted(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What an agent worker's connection holds: its worker's "still busy"
+/// sender and its place in the worker's count.
+struct WorkerHold {
+    _idle: tokio::sync::mpsc::Sender<()>,
+    _counted: Counted,
+}
+
+impl Balance {
+    fn new(
+        workers: usize,
+        metrics: &crate::metrics::Metrics,
+    ) -> (
+        Arc<Balance>,
+        Vec<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
+    ) {
+        let (senders, inboxes) = (0..workers)
+            .map(|i| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                ((metrics.worker_connections(i), tx), rx)
+            })
+            .unzip();
+        (Arc::new(Balance { workers: senders }), inboxes)
+    }
+
+    /// The worker that should serve a connection `me` accepted: the live
+    /// one with the fewest connections, `me` on a tie.
+    fn pick(&self, me: usize) -> usize {
+        let mut best = (me, self.workers[me].0.get());
+        for (i, (count, inbox)) in self.workers.iter().enumerate() {
+            let n = count.get();
+            if n < best.1 && !inbox.is_closed() {
+                best = (i, n);
+            }
+        }
+        best.0
+    }
+
+    fn count(&self, worker: usize) -> Counted {
+        let g = self.workers[worker].0.clone();
+        g.inc();
+        Counted(g)
+    }
+
+    /// Moves the connection to worker `to`'s runtime; gives it back when
+    /// that worker no longer takes connections (it is draining).
+    fn hand_off(
+        &self,
+        to: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        counted: Counted,
+    ) -> Result<(), Handoff> {
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot hand a connection to another worker");
+                return Ok(());
+            }
+        };
+        let h = Handoff {
+            stream,
+            peer,
+            permit,
+            counted,
+        };
+        self.workers[to].1.send(h).map_err(|e| e.0)
+    }
+}
+
 /// Admits (per-IP pending limit) and serves one accepted connection on the
 /// current runtime.
 fn spawn_connection(
@@ -385,7 +531,7 @@ fn spawn_connection(
     peer: SocketAddr,
     role: Role,
     permit: tokio::sync::OwnedSemaphorePermit,
-    held: Option<tokio::sync::mpsc::Sender<()>>,
+    held: Option<WorkerHold>,
 ) {
     let ticket = if role == Role::Agent {
         match shared.pending.admit(peer.ip()) {

@@ -624,3 +624,141 @@ async fn both_serving_models_proxy_h1_and_h2_and_stop_cleanly() {
         assert!(t.elapsed() < Duration::from_secs(2), "{threads:?}");
     }
 }
+
+/// A burst of connections lands on whichever agent worker is awake; it
+/// passes each one on to the worker with the fewest, so every worker gets
+/// its share (shown by `sidekey_agent_worker_connections`), and the counts
+/// go back to zero as the connections close.
+#[tokio::test]
+async fn agent_workers_share_the_connections_evenly() {
+    let up = Upstream::start().await;
+    let opts = Options::with_providers(&provider_toml("bearer", &up.url, ""))
+        .env("SIDEKEY_AGENT_THREADS", "3");
+    let mut sk = Sidekey::start(opts).await;
+    sk.put_credential("cy", "bearer", json!({"access_token": "tok-share-cy"}))
+        .await;
+    let tok = sk.token("cy", &["bearer"]).await;
+    let ca = ca(sk.path());
+    let per_worker = |m: &str| -> Vec<String> {
+        let mut v: Vec<String> = m
+            .lines()
+            .filter(|l| l.starts_with("sidekey_agent_worker_connections{"))
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    };
+    // Nine clients, each holding one keep-alive connection open; opened
+    // one after the other, so every choice sees the counts before it.
+    let clients: Vec<_> = (0..9)
+        .map(|_| support::client_trusting(&ca, false))
+        .collect();
+    for (i, c) in clients.iter().enumerate() {
+        let r = support::send(
+            c,
+            Method::GET,
+            &sk.agent_url(&format!("/v1/proxy/bearer/share/{i}")),
+            &[("x-sidekey-session", &tok)],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let m = sk.admin(Method::GET, "/metrics", None).await.text();
+    assert_eq!(
+        per_worker(&m),
+        [
+            r#"sidekey_agent_worker_connections{worker="0"} 3"#,
+            r#"sidekey_agent_worker_connections{worker="1"} 3"#,
+            r#"sidekey_agent_worker_connections{worker="2"} 3"#,
+        ],
+        "{m}"
+    );
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = sk.admin(Method::GET, "/metrics", None).await.text();
+        let counts = per_worker(&m);
+        if counts.iter().all(|l| l.ends_with(" 0")) {
+            assert_eq!(counts.len(), 3, "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections still counted: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sk.stop(), Some(0));
+}
+
+/// An HTTP/1.1 client may shut its sending side once its request is out
+/// (a half-close): it still gets the answer. And a client that leaves
+/// altogether while the upstream is working does not erase the call: it
+/// runs to its end and is in the audit log with the upstream's status.
+#[tokio::test]
+async fn a_request_outlives_its_client_half_closing_or_leaving() {
+    let h: Handler = Arc::new(|_r: &Recorded| {
+        Reply::Delay(
+            Duration::from_millis(400),
+            Box::new(Reply::Json(200, json!({"done": true}))),
+        )
+    });
+    let up = Upstream::start_with(h).await;
+    let sk = InProcess::start(Options::with_providers(&provider_toml("slow", &up.url, ""))).await;
+    sk.put_credential("hc", "slow", json!({"access_token": "tok-slow-hc"}))
+        .await;
+    let tok = sk.token("hc", &["slow"]).await;
+    let ca = ca(sk.dir.path());
+    let request = |path: &str| {
+        format!(
+            "GET /v1/proxy/slow/{path} HTTP/1.1\r\nhost: localhost\r\nx-sidekey-session: {tok}\r\n\r\n"
+        )
+    };
+
+    let mut tls = tls_connect(sk.agent_addr, &ca, &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(request("half").as_bytes()).await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf))
+        .await
+        .expect("no answer after the half-close")
+        .ok();
+    let (status, _, v) = parse_raw(&buf);
+    assert_eq!((status, v), (200, json!({"done": true})));
+
+    let mut tls = tls_connect(sk.agent_addr, &ca, &[b"http/1.1"])
+        .await
+        .unwrap();
+    tls.write_all(request("gone").as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while up.count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tls);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = sk.admin(Method::GET, "/v1/audit?user=hc", None).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let records = r.json();
+        let gone = records.as_array().unwrap().iter().find(|r| {
+            r["kind"] == "proxy" && r["path"].as_str().is_some_and(|p| p.ends_with("/gone"))
+        });
+        if let Some(rec) = gone {
+            assert_eq!(rec["status"], 200, "{rec}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the call whose client left is not audited: {records}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
