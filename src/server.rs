@@ -497,7 +497,9 @@ impl Balance {
     }
 
     /// Moves the connection to worker `to`'s runtime; gives it back when
-    /// that worker no longer takes connections (it is draining).
+    /// that worker no longer takes connections (it is draining). A socket
+    /// the accepting runtime cannot let go of is closed (the client sees a
+    /// reset, as for a connection refused at accept).
     fn hand_off(
         &self,
         to: usize,

@@ -456,3 +456,68 @@ async fn https_upstreams_get_h2_or_http1_by_alpn_with_the_private_ca() {
         }
     }
 }
+
+/// An upstream that refuses every request as soon as its head is in
+/// (`100 Continue`, then `413`), never reads a body and keeps the
+/// connection open; its sockets take little before the sender must wait.
+/// Counts accepted connections.
+async fn refusing_upstream() -> (String, Arc<AtomicUsize>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let l = socket.listen(64).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 16\r\n\r\n{\"too_big\":true}";
+                if s.write_all(answer).await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn an_answer_that_comes_before_the_body_is_read_reaches_the_agent() {
+    let (url, accepted) = refusing_upstream().await;
+    let (sk, tok) = start(&url, "upstream_timeout_secs = 4\nmax_body_bytes = 33554432").await;
+    // More than the kernel buffers on loopback hold (send buffers grow to
+    // 4 MiB), so the write has to wait on the upstream.
+    let body = "a".repeat(24 << 20);
+    let t = std::time::Instant::now();
+    let r = sk
+        .proxy(Method::POST, "/v1/proxy/up/upload", &tok, body.clone())
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json(), json!({"too_big": true}));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the answer waited for the body: {:?}",
+        t.elapsed()
+    );
+    // That connection is not reused (its request was never finished): the
+    // next request goes on a new one, and is answered too.
+    let r = sk
+        .proxy(Method::POST, "/v1/proxy/up/upload", &tok, "{}")
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}

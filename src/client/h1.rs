@@ -202,13 +202,13 @@ pub(crate) async fn write_request(
     headers: &HeaderMap,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
-) -> io::Result<()> {
+) -> io::Result<Sent> {
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     encode_head(&mut out, method, target, headers, credential, body);
-    let mut written = conn.io.write_all(&out).await;
-    if written.is_ok() && body.len() > COALESCE_BODY {
-        written = conn.io.write_all(body).await;
+    let mut written = write_unless_answered(conn, &out).await;
+    if matches!(written, Ok(true)) && body.len() > COALESCE_BODY {
+        written = write_unless_answered(conn, body).await;
     }
     // The head carries the injected credential: wiped before the buffer
     // waits in the pool (or is freed), so no token outlives its request
@@ -217,9 +217,86 @@ pub(crate) async fn write_request(
     if out.capacity() <= 4096 {
         conn.out = out;
     }
-    written?;
+    if !written? {
+        return Ok(Sent::Cut);
+    }
     // Plain TCP: nothing buffered. TLS: pushes the records out.
-    conn.io.flush().await
+    conn.io.flush().await?;
+    Ok(Sent::Whole)
+}
+
+/// How much of a request went out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    Whole,
+    /// The answer began before the rest was sent: the upstream's idea of
+    /// where a next request would start is unknown, so the connection is
+    /// not reused ([`Head::close_after`]).
+    Cut,
+}
+
+/// Writes `data` unless the upstream's final answer starts arriving
+/// first; whether all of it was written. An upstream may refuse a request
+/// (413, 401) before reading its body and then stop reading: without
+/// this, the write would wait for room until the upstream timeout and the
+/// agent would get 504 instead of the upstream's answer. Interim (1xx)
+/// answers are skipped and the write goes on.
+async fn write_unless_answered(conn: &mut Conn, data: &[u8]) -> io::Result<bool> {
+    let mut off = 0;
+    std::future::poll_fn(|cx| {
+        while off < data.len() {
+            match Pin::new(&mut conn.io).poll_write(cx, &data[off..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => off += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // No room: see whether the upstream has answered meanwhile.
+                Poll::Pending => loop {
+                    match conn.poll_fill(cx) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the upstream closed the connection during the request",
+                            )));
+                        }
+                        Poll::Ready(Ok(_)) if final_answer_started(&mut conn.buf) => {
+                            return Poll::Ready(Ok(false));
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                },
+            }
+        }
+        Poll::Ready(Ok(true))
+    })
+    .await
+}
+
+/// Drops complete interim (1xx) heads off the front of `buf`, and says
+/// whether what is left begins a final answer (or something that is not
+/// an HTTP/1 answer at all, which `read_head` then reports). Too few bytes
+/// to tell, or an interim head still arriving: not yet.
+fn final_answer_started(buf: &mut BytesMut) -> bool {
+    loop {
+        let Some(line) = buf.get(..10) else {
+            return false;
+        };
+        if !line.starts_with(b"HTTP/1.") || line[9] != b'1' {
+            return true;
+        }
+        match buf.get(9..12) {
+            None => return false,
+            Some(b"101") => return true,
+            Some(_) => {}
+        }
+        match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(end) => {
+                let _ = buf.split_to(end + 4);
+            }
+            None => return false,
+        }
+    }
 }
 
 fn encode_head(
@@ -341,6 +418,13 @@ pub(crate) struct Head {
     pub(crate) parts: http::response::Parts,
     framing: Framing,
     keep_alive: bool,
+}
+
+impl Head {
+    /// The connection is closed after this answer, whatever it says.
+    pub(crate) fn close_after(&mut self) {
+        self.keep_alive = false;
+    }
 }
 
 /// Reads the answer's head (skipping interim 1xx answers).
@@ -661,11 +745,12 @@ impl Body {
     /// no more: it goes back to the pool at once, before the agent's
     /// connection has polled anything.
     pub(crate) fn new(head: &Head, mut conn: Conn, target: Uri, checkin: Checkin) -> Body {
+        let keep_alive = head.keep_alive;
         let state = match head.framing {
             Framing::Length(n) if conn.buf.len() as u64 >= n => {
                 let data = conn.buf.split_to(n as usize).freeze();
                 // Bytes past the body were never asked for: not reusable.
-                if head.keep_alive && conn.buf.is_empty() {
+                if keep_alive && conn.buf.is_empty() {
                     checkin(&target, conn);
                 }
                 return Body {
@@ -687,7 +772,7 @@ impl Body {
         Body {
             state,
             conn: Some(conn),
-            keep_alive: head.keep_alive,
+            keep_alive,
             target,
             checkin,
         }
@@ -1032,6 +1117,28 @@ mod tests {
         let mut trailers = b"0\r\n".to_vec();
         trailers.extend(std::iter::repeat_n(b'x', MAX_TRAILERS + 1));
         assert!(decode_all(&trailers, trailers.len()).is_err());
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_while_a_request_is_written() {
+        let mut b = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 41"[..]);
+        assert!(final_answer_started(&mut b));
+        assert_eq!(&b[..], b"HTTP/1.1 41");
+        // Only interim heads, or too little to tell: not yet.
+        for partial in [
+            &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n",
+            b"HTTP/1.1 ",
+        ] {
+            let mut b = BytesMut::from(partial);
+            assert!(!final_answer_started(&mut b), "{partial:?}");
+        }
+        // 101 and anything that is not HTTP/1 are left for read_head to refuse.
+        for odd in [&b"HTTP/1.1 101 Switching\r\n\r\n"[..], b"garbage, not HTTP"] {
+            let mut b = BytesMut::from(odd);
+            assert!(final_answer_started(&mut b), "{odd:?}");
+            assert_eq!(&b[..], odd);
+        }
     }
 
     #[test]
