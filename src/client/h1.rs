@@ -745,12 +745,11 @@ impl Body {
     /// no more: it goes back to the pool at once, before the agent's
     /// connection has polled anything.
     pub(crate) fn new(head: &Head, mut conn: Conn, target: Uri, checkin: Checkin) -> Body {
-        let keep_alive = head.keep_alive;
         let state = match head.framing {
             Framing::Length(n) if conn.buf.len() as u64 >= n => {
                 let data = conn.buf.split_to(n as usize).freeze();
                 // Bytes past the body were never asked for: not reusable.
-                if keep_alive && conn.buf.is_empty() {
+                if head.keep_alive && conn.buf.is_empty() {
                     checkin(&target, conn);
                 }
                 return Body {
@@ -772,7 +771,7 @@ impl Body {
         Body {
             state,
             conn: Some(conn),
-            keep_alive,
+            keep_alive: head.keep_alive,
             target,
             checkin,
         }
