@@ -498,7 +498,11 @@ async fn refusing_upstream() -> (String, Arc<AtomicUsize>) {
 #[tokio::test]
 async fn an_answer_that_comes_before_the_body_is_read_reaches_the_agent() {
     let (url, accepted) = refusing_upstream().await;
-    let (sk, tok) = start(&url, "upstream_timeout_secs = 4\nmax_body_bytes = 33554432").await;
+    let (sk, tok) = start(
+        &url,
+        "upstream_timeout_secs = 10\nmax_body_bytes = 33554432",
+    )
+    .await;
     // More than the kernel buffers on loopback hold (send buffers grow to
     // 4 MiB), so the write has to wait on the upstream.
     let body = "a".repeat(24 << 20);
@@ -509,7 +513,7 @@ async fn an_answer_that_comes_before_the_body_is_read_reaches_the_agent() {
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(r.json(), json!({"too_big": true}));
     assert!(
-        t.elapsed() < Duration::from_secs(3),
+        t.elapsed() < Duration::from_secs(8),
         "the answer waited for the body: {:?}",
         t.elapsed()
     );
