@@ -442,6 +442,25 @@ fn cpu_secs(pid: &str) -> f64 {
     ticks as f64 / clock_ticks()
 }
 
+/// CPU seconds of each thread of `pid` whose name starts with `prefix`,
+/// sorted by name.
+fn thread_cpu(pid: &str, prefix: &str) -> Vec<(String, f64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<(String, f64)> = dir
+        .filter_map(|e| {
+            let tid = e.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let comm = comm.trim();
+            comm.starts_with(prefix)
+                .then(|| (comm.to_owned(), cpu_secs(&format!("{pid}/task/{tid}"))))
+        })
+        .collect();
+    threads.sort_by(|a, b| a.0.cmp(&b.0));
+    threads
+}
+
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
@@ -2180,6 +2199,33 @@ async fn run(args: Args) -> Result<(), String> {
     ));
     let final_hwm = status_kib(&pid, "VmHWM:");
     let final_cpu = cpu_secs(&pid);
+    // How evenly the work was shared: one worker with more than its share
+    // sets the pace of all of them.
+    let split = |name: &str, parts: Vec<(String, f64)>| {
+        let total: f64 = parts.iter().map(|p| p.1).sum();
+        (parts.len() > 1 && total > 0.0).then(|| {
+            let each: Vec<String> = parts
+                .iter()
+                .map(|(n, c)| format!("{n} {c:.2} s ({:.0} %)", 100.0 * c / total))
+                .collect();
+            format!("{name} workers' CPU over the run: {}", each.join(", "))
+        })
+    };
+    if let Some(line) = split("sidekey", thread_cpu(&pid, "sidekey-agent-")) {
+        out.note(&line);
+    }
+    let nginx_workers = nginx
+        .as_ref()
+        .map(|n| {
+            n.workers
+                .iter()
+                .map(|p| (format!("pid {p}"), cpu_secs(&p.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(line) = split("nginx", nginx_workers) {
+        out.note(&line);
+    }
     if sk.exited().is_some() {
         return Err(format!("sidekey died during the run:\n{}", sk.log_text()));
     }
