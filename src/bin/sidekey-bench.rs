@@ -236,6 +236,9 @@ struct Case {
     proxy_cpu_s: f64,
     /// CPU of the load generator and the upstream (this process, and wrk).
     bench_cpu_s: f64,
+    /// How the gateway's CPU was shared between its workers, per cent
+    /// each (sidekey's agent threads, nginx's worker processes).
+    worker_split: Option<Vec<f64>>,
     sidekey_hwm_kib: u64,
     sidekey_rss_kib: u64,
     /// Filled in for `via` cases from the matching `direct` one.
@@ -306,6 +309,10 @@ impl Case {
             "bench_cpu_us_per_req": round1(self.cpu_us_per_req(self.bench_cpu_s)),
             "sidekey_rss_kib": self.sidekey_rss_kib,
             "sidekey_peak_rss_kib": self.sidekey_hwm_kib,
+            "worker_cpu_split_pct": self
+                .worker_split
+                .as_ref()
+                .map(|w| w.iter().map(|p| round1(*p)).collect::<Vec<_>>()),
         });
         if let Value::Object(m) = &mut v {
             for (k, x) in &self.extra {
@@ -415,6 +422,16 @@ impl Out {
         ));
         for (k, n) in &c.error_kinds {
             self.line(&format!("        error {k}: {n}"));
+        }
+        // Several connections over several workers: one worker with more
+        // than its share sets the pace of all of them.
+        if let Some(split) = c.worker_split.as_ref().filter(|_| c.concurrency > 1) {
+            let each: Vec<String> = split.iter().map(|p| format!("{p:.0} %")).collect();
+            self.line(&format!(
+                "        {} workers' CPU: {}",
+                c.target,
+                each.join(" / ")
+            ));
         }
         self.json_line(&c.json(self.credentials));
     }
@@ -1494,6 +1511,10 @@ struct Snap {
     sidekey_cpu: f64,
     nginx_cpu: f64,
     bench_cpu: f64,
+    /// Each sidekey agent worker thread's CPU, by thread name.
+    sidekey_workers: Vec<f64>,
+    /// Each nginx worker process's CPU (the master is not one).
+    nginx_workers: Vec<f64>,
 }
 
 fn snap(ctx: &Ctx) -> Snap {
@@ -1502,7 +1523,20 @@ fn snap(ctx: &Ctx) -> Snap {
         sidekey_cpu: cpu_secs(&ctx.sidekey_pid),
         nginx_cpu: ctx.nginx_pids.iter().map(|p| cpu_secs(p)).sum(),
         bench_cpu: cpu_secs("self") + children_cpu_secs(),
+        sidekey_workers: thread_cpu(&ctx.sidekey_pid, "sidekey-agent-")
+            .into_iter()
+            .map(|t| t.1)
+            .collect(),
+        nginx_workers: ctx.nginx_pids.iter().skip(1).map(|p| cpu_secs(p)).collect(),
     }
+}
+
+/// Each worker's share of the CPU between two snapshots, in per cent, when
+/// there are several workers and they did something.
+fn worker_split(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
+    let used: Vec<f64> = b.iter().zip(a).map(|(b, a)| (b - a).max(0.0)).collect();
+    let total: f64 = used.iter().sum();
+    (used.len() > 1 && total > 0.0).then(|| used.iter().map(|u| 100.0 * u / total).collect())
 }
 
 /// CPU of this process's waited-for children (wrk runs), seconds.
@@ -1555,6 +1589,11 @@ fn finish_case(
             Target::Via => b.sidekey_cpu - a.sidekey_cpu,
         },
         bench_cpu_s: b.bench_cpu - a.bench_cpu,
+        worker_split: match target {
+            Target::Direct => None,
+            Target::Nginx => worker_split(&a.nginx_workers, &b.nginx_workers),
+            Target::Via => worker_split(&a.sidekey_workers, &b.sidekey_workers),
+        },
         sidekey_hwm_kib: status_kib(&ctx.sidekey_pid, "VmHWM:"),
         sidekey_rss_kib: status_kib(&ctx.sidekey_pid, "VmRSS:"),
         ratio: None,
@@ -2199,33 +2238,6 @@ async fn run(args: Args) -> Result<(), String> {
     ));
     let final_hwm = status_kib(&pid, "VmHWM:");
     let final_cpu = cpu_secs(&pid);
-    // How evenly the work was shared: one worker with more than its share
-    // sets the pace of all of them.
-    let split = |name: &str, parts: Vec<(String, f64)>| {
-        let total: f64 = parts.iter().map(|p| p.1).sum();
-        (parts.len() > 1 && total > 0.0).then(|| {
-            let each: Vec<String> = parts
-                .iter()
-                .map(|(n, c)| format!("{n} {c:.2} s ({:.0} %)", 100.0 * c / total))
-                .collect();
-            format!("{name} workers' CPU over the run: {}", each.join(", "))
-        })
-    };
-    if let Some(line) = split("sidekey", thread_cpu(&pid, "sidekey-agent-")) {
-        out.note(&line);
-    }
-    let nginx_workers = nginx
-        .as_ref()
-        .map(|n| {
-            n.workers
-                .iter()
-                .map(|p| (format!("pid {p}"), cpu_secs(&p.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(line) = split("nginx", nginx_workers) {
-        out.note(&line);
-    }
     if sk.exited().is_some() {
         return Err(format!("sidekey died during the run:\n{}", sk.log_text()));
     }
