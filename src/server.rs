@@ -422,13 +422,13 @@ fn spawn_worker(
 }
 
 /// The agent workers' shares of the connections. All workers wait on one
-/// listening socket, so a burst of new connections mostly lands on
-/// whichever worker is awake; one left with twice its share gets no more
-/// CPU than the others (the kernel schedules threads fairly) and sets the
-/// pace for all of them, which nginx avoids by accepting one connection
-/// per wake-up. A worker that accepts a connection while another holds
-/// fewer passes it there, before the TLS handshake. This costs a hand-off
-/// per connection, never per request.
+/// listening socket, so a burst of new connections can land mostly on
+/// whichever worker is awake, and a worker can use at most one core: with
+/// two thirds of the connections on one of two workers, sidekey gets
+/// about 1.5 cores' worth of work done however many are idle. A worker
+/// that accepts a connection while another holds fewer passes it there,
+/// before the TLS handshake. This costs a hand-off per connection, never
+/// per request.
 struct Balance {
     workers: Vec<(
         prometheus_client::metrics::gauge::Gauge,
