@@ -1312,13 +1312,7 @@ async fn refusals_have_their_codes_and_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn a_slow_upstream_is_upstream_timeout() {
-    let h: Handler = Arc::new(|_r: &Recorded| {
-        Reply::Delay(
-            Duration::from_secs(30),
-            Box::new(Reply::Json(200, json!({"late": true}))),
-        )
-    });
-    let up = Upstream::start_with(h).await;
+    let up = Upstream::slow(Duration::from_secs(30), 200, json!({"late": true})).await;
     let mut sk = Sidekey::start(
         Options::with_providers(&provider_toml("slow", &up.url, ""))
             .server("upstream_timeout_secs = 1"),

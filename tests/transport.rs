@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use support::upstream::{Handler, Recorded, Reply, Upstream};
+use support::upstream::Upstream;
 use support::{InProcess, Options, Sidekey, provider_toml};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -148,13 +148,7 @@ async fn an_http2_connection_without_streams_gets_goaway_after_the_idle_timeout(
 
 #[tokio::test]
 async fn a_stream_reset_mid_request_does_not_keep_the_connection_busy() {
-    let h: Handler = Arc::new(|_r: &Recorded| {
-        Reply::Delay(
-            Duration::from_secs(20),
-            Box::new(Reply::Json(200, json!({"late": true}))),
-        )
-    });
-    let up = Upstream::start_with(h).await;
+    let up = Upstream::slow(Duration::from_secs(20), 200, json!({"late": true})).await;
     let sk = InProcess::start(
         Options::with_providers(&provider_toml("slow", &up.url, ""))
             .server("header_read_timeout_secs = 1\nupstream_timeout_secs = 30"),
@@ -194,13 +188,7 @@ async fn a_stream_reset_mid_request_does_not_keep_the_connection_busy() {
 
 #[tokio::test]
 async fn a_request_in_flight_longer_than_the_idle_timeout_is_not_cut() {
-    let h: Handler = Arc::new(|_r: &Recorded| {
-        Reply::Delay(
-            Duration::from_millis(2500),
-            Box::new(Reply::Json(200, json!({"slow": true}))),
-        )
-    });
-    let up = Upstream::start_with(h).await;
+    let up = Upstream::slow(Duration::from_millis(2500), 200, json!({"slow": true})).await;
     let sk = InProcess::start(
         Options::with_providers(&provider_toml("slow", &up.url, ""))
             .server("header_read_timeout_secs = 1"),
@@ -698,13 +686,7 @@ async fn agent_workers_share_the_connections_evenly() {
 /// runs to its end and is in the audit log with the upstream's status.
 #[tokio::test]
 async fn a_request_outlives_its_client_half_closing_or_leaving() {
-    let h: Handler = Arc::new(|_r: &Recorded| {
-        Reply::Delay(
-            Duration::from_millis(400),
-            Box::new(Reply::Json(200, json!({"done": true}))),
-        )
-    });
-    let up = Upstream::start_with(h).await;
+    let up = Upstream::slow(Duration::from_millis(400), 200, json!({"done": true})).await;
     let sk = InProcess::start(Options::with_providers(&provider_toml("slow", &up.url, ""))).await;
     sk.put_credential("hc", "slow", json!({"access_token": "tok-slow-hc"}))
         .await;

@@ -139,6 +139,15 @@ impl Upstream {
         Upstream::start_with(Arc::new(echo)).await
     }
 
+    /// An upstream that answers every request with `status` and `body`,
+    /// `delay` after it arrived.
+    pub async fn slow(delay: Duration, status: u16, body: Value) -> Upstream {
+        Upstream::start_with(Arc::new(move |_r: &Recorded| {
+            Reply::Delay(delay, Box::new(Reply::Json(status, body.clone())))
+        }))
+        .await
+    }
+
     pub async fn start_with(handler: Handler) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
