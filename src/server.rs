@@ -362,14 +362,18 @@ fn spawn_worker(
             };
             // Each connection holds a sender; all gone = this worker is idle.
             let (held, mut idle) = tokio::sync::mpsc::channel::<()>(1);
-            let serve = |h: Handoff| match TcpStream::from_std(h.stream) {
-                Ok(s) => {
-                    let hold = WorkerHold {
-                        _idle: held.clone(),
-                        _counted: h.counted,
-                    };
-                    spawn_connection(&sh, s, h.peer, Role::Agent, h.permit, Some(hold));
-                }
+            let serve_here = |s: TcpStream,
+                              peer: SocketAddr,
+                              permit: tokio::sync::OwnedSemaphorePermit,
+                              counted: Counted| {
+                let hold = WorkerHold {
+                    _idle: held.clone(),
+                    _counted: counted,
+                };
+                spawn_connection(&sh, s, peer, Role::Agent, permit, Some(hold));
+            };
+            let adopt = |h: Handoff| match TcpStream::from_std(h.stream) {
+                Ok(s) => serve_here(s, h.peer, h.permit, h.counted),
                 Err(e) => tracing::debug!(error = %e, "cannot adopt a handed-off connection"),
             };
             if !*drain.borrow_and_update() {
@@ -377,17 +381,16 @@ fn spawn_worker(
                     tokio::select! {
                         _ = drain.changed() => break,
                         _ = abort.changed() => break,
-                        Some(h) = inbox.recv() => serve(h),
+                        Some(h) = inbox.recv() => adopt(h),
                         r = accept(&listener, &slots) => {
                             if let Some((s, p, permit)) = r {
                                 let to = balance.pick(i);
                                 let counted = balance.count(to);
                                 if to == i {
-                                    let hold = WorkerHold { _idle: held.clone(), _counted: counted };
-                                    spawn_connection(&sh, s, p, Role::Agent, permit, Some(hold));
+                                    serve_here(s, p, permit, counted);
                                 } else if let Err(mut h) = balance.hand_off(to, s, p, permit, counted) {
                                     h.counted = balance.count(i);
-                                    serve(h);
+                                    adopt(h);
                                 }
                             }
                         }
@@ -399,7 +402,7 @@ fn spawn_worker(
             // they were accepted.
             inbox.close();
             while let Ok(h) = inbox.try_recv() {
-                serve(h);
+                adopt(h);
             }
             drop((listener, held, drain));
             sh.worker_listeners.fetch_sub(1, Ordering::SeqCst);
