@@ -423,8 +423,8 @@ impl Out {
         for (k, n) in &c.error_kinds {
             self.line(&format!("        error {k}: {n}"));
         }
-        // Several connections over several workers: one worker with more
-        // than its share sets the pace of all of them.
+        // Several connections over several workers: a split far from even
+        // means one worker carried most of the connections.
         if let Some(split) = c.worker_split.as_ref().filter(|_| c.concurrency > 1) {
             let each: Vec<String> = split.iter().map(|p| format!("{p:.0} %")).collect();
             self.line(&format!(
@@ -460,8 +460,8 @@ fn cpu_secs(pid: &str) -> f64 {
 }
 
 /// CPU seconds of each thread of `pid` whose name starts with `prefix`,
-/// sorted by name.
-fn thread_cpu(pid: &str, prefix: &str) -> Vec<(String, f64)> {
+/// in the order of their names (so two snapshots line up).
+fn thread_cpu(pid: &str, prefix: &str) -> Vec<f64> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -475,7 +475,7 @@ fn thread_cpu(pid: &str, prefix: &str) -> Vec<(String, f64)> {
         })
         .collect();
     threads.sort_by(|a, b| a.0.cmp(&b.0));
-    threads
+    threads.into_iter().map(|t| t.1).collect()
 }
 
 fn clock_ticks() -> f64 {
@@ -1523,10 +1523,7 @@ fn snap(ctx: &Ctx) -> Snap {
         sidekey_cpu: cpu_secs(&ctx.sidekey_pid),
         nginx_cpu: ctx.nginx_pids.iter().map(|p| cpu_secs(p)).sum(),
         bench_cpu: cpu_secs("self") + children_cpu_secs(),
-        sidekey_workers: thread_cpu(&ctx.sidekey_pid, "sidekey-agent-")
-            .into_iter()
-            .map(|t| t.1)
-            .collect(),
+        sidekey_workers: thread_cpu(&ctx.sidekey_pid, "sidekey-agent-"),
         nginx_workers: ctx.nginx_pids.iter().skip(1).map(|p| cpu_secs(p)).collect(),
     }
 }
