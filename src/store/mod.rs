@@ -1781,6 +1781,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_held_store_is_refused_and_a_closed_one_reopens_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        let held = Store::open(&p, ring(1), StoreOptions::default()).unwrap();
+        let err = Store::open(&p, ring(1), StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, OpenError::Locked(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("in use by another sidekey process"),
+            "{err}"
+        );
+        drop(held);
+        // Closing while sled's I/O threads still write is the race CI hit:
+        // write, drop and reopen straight away, many times over.
+        for i in 0..30u64 {
+            let s = Store::open(&p, ring(1), StoreOptions::default())
+                .unwrap_or_else(|e| panic!("reopen {i}: {e}"));
+            let mut c = cred(&format!("xoxb-{i}"));
+            s.put_credential(&Owner::User("alice".into()), "slack", &mut c)
+                .await
+                .unwrap();
+            assert_eq!(c.generation, i + 1);
+        }
+    }
+
+    #[tokio::test]
     async fn wrong_key_refused_before_sled_opens() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("db");

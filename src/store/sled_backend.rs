@@ -13,6 +13,14 @@ use super::{Claim, ClaimOutcome, Op, OpenError, StoreError, Tree};
 /// the new `(key, sealed)`, or `None` when nothing is kept.
 pub type TrimPartial<'a> = dyn Fn(&[u8], &[u8], usize) -> Option<(Vec<u8>, Vec<u8>)> + Sync + 'a;
 
+/// How long a held store lock is retried before it is reported.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    let msg = e.to_string();
+    msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("temporarily unavailable")
+}
+
 pub struct SledBackend {
     db: sled::Db,
     path: PathBuf,
@@ -49,28 +57,39 @@ impl From<sled::Error> for StoreError {
 
 impl SledBackend {
     pub fn open(path: &Path, flush_every_ms: u64) -> Result<SledBackend, OpenError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(flush_every_ms))
             // sled's page cache defaults to 1 GiB and fills with audit pages
             // under load (peak RSS 191 MiB in a 60 s soak before this cap).
             // Credentials and sessions have their own caches.
-            .cache_capacity(16 * 1024 * 1024)
-            .open()
-            .map_err(|e| {
-                let msg = e.to_string();
-                if msg.contains("lock")
-                    || msg.contains("WouldBlock")
-                    || msg.contains("temporarily unavailable")
-                {
-                    OpenError::Locked(format!(
+            .cache_capacity(16 * 1024 * 1024);
+        // A store closed by this process keeps sled's file lock until sled's
+        // I/O threads finish their last write, a few milliseconds after the
+        // handle is dropped (sled's own tests block on the lock for this
+        // reason). So a held lock is retried briefly before it is reported:
+        // a reopen after close succeeds, and another process still fails.
+        let deadline = Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) if is_lock_error(&e) => {
+                    return Err(OpenError::Locked(format!(
                         "store at {} is in use by another sidekey process",
                         path.display()
-                    ))
-                } else {
-                    OpenError::Other(format!("cannot open store at {}: {msg}", path.display()))
+                    )));
                 }
-            })?;
+                Err(e) => {
+                    return Err(OpenError::Other(format!(
+                        "cannot open store at {}: {e}",
+                        path.display()
+                    )));
+                }
+            }
+        };
         let mut trees = Vec::new();
         for t in Tree::ALL {
             trees.push(db.open_tree(t.name()).map_err(|e| {
