@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::audit::Refused;
+use crate::audit::{ProxyRecord, Refused};
 use crate::body::{self, Body};
 use crate::client::IdleTimeoutBody;
 use crate::error::{ApiError, SessionFault};
@@ -36,10 +36,13 @@ use crate::store::{AuditRecord, Credential, Owner};
 /// What one request did, for the audit log, metrics and the access log.
 #[derive(Default)]
 struct Trace {
-    user: Option<String>,
-    provider: Option<String>,
-    session_id: Option<String>,
-    conversation_id: Option<String>,
+    /// The verified session: its user and id are in every record.
+    session: Option<VerifiedSession>,
+    /// The session passed every check, so its conversation is recorded.
+    conversation: bool,
+    /// The selected provider, or the name asked for when none was.
+    provider: Option<Arc<Provider>>,
+    requested: Option<String>,
     /// The audited path of a route with no provider path.
     path: String,
     /// The provider path once checked; the request borrows it from here
@@ -75,8 +78,7 @@ async fn proxy(
 ) -> Result<Response<Body>, ApiError> {
     let session = authenticate(app, &parts.headers, t).await?;
     let (name, rest) = split_proxy_path(parts.uri.path());
-    t.provider = Some(name.to_owned());
-    let provider = select_provider(app, &session, name)?;
+    let provider = select_provider(app, &session, name, t)?;
     let path = check_request(&provider, &parts.method, rest, t)?;
     if !matches!(
         parts.method,
@@ -128,8 +130,7 @@ async fn call(
     t: &mut Trace,
 ) -> Result<Response<Body>, ApiError> {
     let session = authenticate(app, &parts.headers, t).await?;
-    t.provider = Some(name.to_owned());
-    let provider = select_provider(app, &session, name)?;
+    let provider = select_provider(app, &session, name, t)?;
     let raw = read_body(app, &parts.headers, body).await?;
     let spec: CallSpec = body::json_object(&raw)?;
     let method = Method::from_bytes(spec.method.trim().to_ascii_uppercase().as_bytes())
@@ -328,8 +329,7 @@ async fn refresh_providers(
     };
     let names: Vec<String> = match req.provider.filter(|p| !p.is_empty()) {
         Some(p) => {
-            t.provider = Some(p.clone());
-            select_provider(app, &session, &p)?;
+            select_provider(app, &session, &p, t)?;
             vec![p]
         }
         None => session
@@ -411,8 +411,7 @@ async fn authenticate(
                 "no session token",
             ))?;
     let mut session = app.sessions.verify(token).await?;
-    t.user = Some(session.user().to_owned());
-    t.session_id = Some(session.sid().to_owned());
+    t.session = Some(session.clone());
 
     let conv_header = &app.config.elevenlabs.conversation_header;
     let conv = match headers.get(conv_header) {
@@ -452,6 +451,7 @@ async fn authenticate(
             Ok(crate::store::BindOutcome::Bound) => {
                 tracing::info!(session_id = %session.sid(), conversation_id = %c, "session bound to conversation");
                 session.bound_to(c);
+                t.session = Some(session.clone());
             }
             Ok(crate::store::BindOutcome::Mismatch) => {
                 // Another conversation bound it a moment ago.
@@ -467,7 +467,7 @@ async fn authenticate(
         },
         _ => {}
     }
-    t.conversation_id = session.conv().map(str::to_owned);
+    t.conversation = true;
     app.limits
         .check(session.sid(), session.user(), app.clock.now_millis())
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
@@ -522,8 +522,23 @@ fn split_proxy_path(path: &str) -> (&str, &str) {
     }
 }
 
-/// Phase 2: the provider exists and the session may use it.
+/// Phase 2: the provider exists and the session may use it. The provider
+/// goes into the trace, or the name asked for when it is refused.
 fn select_provider(
+    app: &Arc<App>,
+    session: &VerifiedSession,
+    name: &str,
+    t: &mut Trace,
+) -> Result<Arc<Provider>, ApiError> {
+    let selected = allowed_provider(app, session, name);
+    match &selected {
+        Ok(p) => t.provider = Some(p.clone()),
+        Err(_) => t.requested = Some(name.to_owned()),
+    }
+    selected
+}
+
+fn allowed_provider(
     app: &Arc<App>,
     session: &VerifiedSession,
     name: &str,
@@ -941,14 +956,20 @@ fn finish(
     }
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
-    let label = t
-        .provider
-        .as_deref()
-        .and_then(|p| app.providers.get(p))
-        .map(|p| &p.metric_label)
-        .unwrap_or(app.metrics.no_provider());
+    // A provider refused for this session still has its own label.
+    let refused = || t.requested.as_deref().and_then(|p| app.providers.get(p));
+    let label = match &t.provider {
+        Some(p) => &p.metric_label,
+        None => refused()
+            .map(|p| &p.metric_label)
+            .unwrap_or(app.metrics.no_provider()),
+    };
     app.metrics.request(label, status);
-    let provider = t.provider.as_deref().unwrap_or("-");
+    let provider = match &t.provider {
+        Some(p) => p.name.as_str(),
+        None => t.requested.as_deref().unwrap_or("-"),
+    };
+    let session = t.session.as_ref();
     tracing::info!(
         target: "sidekey::access",
         method = %method,
@@ -956,9 +977,12 @@ fn finish(
         path = %t.path,
         status,
         ms = elapsed.as_secs_f64() * 1000.0,
-        user = t.user.as_deref().unwrap_or("-"),
-        session_id = t.session_id.as_deref().unwrap_or("-"),
-        conversation_id = t.conversation_id.as_deref().unwrap_or("-"),
+        user = session.map_or("-", VerifiedSession::user),
+        session_id = session.map_or("-", VerifiedSession::sid),
+        conversation_id = session
+            .filter(|_| t.conversation)
+            .and_then(VerifiedSession::conv)
+            .unwrap_or("-"),
         error = t.error.unwrap_or("-"),
         reason = t.reason.unwrap_or("-"),
     );
@@ -974,18 +998,17 @@ fn finish(
         });
         return resp;
     }
-    app.audit.record(AuditRecord {
+    app.audit.record_proxy(ProxyRecord {
         time: app.clock.now_millis(),
-        kind: "proxy".into(),
-        user: t.user,
+        session: t.session,
+        conversation: t.conversation,
         provider: t.provider,
+        requested: t.requested,
         method: crate::store::method_name(method),
         path: t.path,
         status,
         duration_ms: (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-        session_id: t.session_id,
-        conversation_id: t.conversation_id,
-        error: t.error.map(str::to_owned),
+        error: t.error,
     });
     resp
 }

@@ -209,6 +209,25 @@ impl VerifiedSession {
     pub fn bound_to(&mut self, conv: &str) {
         self.bound_now = Some(conv.to_owned());
     }
+
+    /// A session as `verify` would pass it, for unit tests elsewhere.
+    #[cfg(test)]
+    pub fn for_test(sid: &str, record: crate::store::SessionRecord) -> VerifiedSession {
+        VerifiedSession {
+            claims: Arc::new(SessionClaims {
+                iss: "sidekey".into(),
+                aud: "sidekey".into(),
+                sub: record.user.clone(),
+                sid: sid.into(),
+                providers: record.providers.clone(),
+                iat: record.iat,
+                exp: record.exp,
+                conv: record.conv.clone(),
+            }),
+            record: Arc::new(record),
+            bound_now: None,
+        }
+    }
 }
 
 /// A newly minted session.

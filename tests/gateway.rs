@@ -2295,3 +2295,128 @@ async fn admin_accepts_token_responses_and_defaults_session_providers() {
         .await;
     r.assert_error(400, "bad_request");
 }
+
+/// What the audit log says about proxied calls: who (user and session),
+/// in which conversation (bound at minting or by the call's header), to
+/// which provider, and, for a refused provider, the name that was asked
+/// for. The request path hands the session's strings to the audit writer
+/// without copying them; this pins what comes out.
+#[tokio::test]
+async fn proxied_calls_are_audited_with_their_user_session_conversation_and_provider() {
+    let up = Upstream::start().await;
+    let toml = [
+        provider_toml("bearer", &up.url, ""),
+        provider_toml("other", &up.url, ""),
+    ]
+    .concat();
+    let sk = Sidekey::start(Options::with_providers(&toml)).await;
+    sk.put_credential("alice", "bearer", json!({"access_token": AT_BEARER}))
+        .await;
+    let bound = sk
+        .session_with(
+            json!({"user": "alice", "providers": ["bearer"], "conversation_id": "conv-A"}),
+        )
+        .await;
+    let unbound = sk.session("alice", &["bearer"]).await;
+    let (bound_tok, unbound_tok) = (
+        bound["token"].as_str().unwrap(),
+        unbound["token"].as_str().unwrap(),
+    );
+
+    async fn call(sk: &Sidekey, method: Method, path: &str, tok: &str, conv: &str) -> Resp {
+        let headers = [("x-sidekey-session", tok), ("x-conversation-id", conv)];
+        sk.agent(method, path, &headers, "{}").await
+    }
+    let r = call(&sk, Method::GET, "/v1/proxy/bearer/a", bound_tok, "conv-A").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The unbound session is bound by this call's header.
+    let r = call(
+        &sk,
+        Method::POST,
+        "/v1/proxy/bearer/b",
+        unbound_tok,
+        "conv-B",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    call(&sk, Method::GET, "/v1/proxy/other/c", bound_tok, "conv-A")
+        .await
+        .assert_error(403, "provider_not_allowed");
+    call(&sk, Method::GET, "/v1/proxy/nope/d", bound_tok, "conv-A")
+        .await
+        .assert_error(404, "unknown_provider");
+
+    let r = sk.admin(Method::GET, "/v1/audit?limit=100", None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let records = r.json();
+    let proxied: Vec<&Value> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "proxy")
+        .collect();
+    assert_eq!(proxied.len(), 4, "{}", r.text());
+    let find = |provider: &str| {
+        *proxied
+            .iter()
+            .find(|a| a["provider"] == provider)
+            .unwrap_or_else(|| panic!("no record for {provider}: {}", r.text()))
+    };
+    let bound_sid = bound["session_id"].as_str().unwrap();
+    let unbound_sid = unbound["session_id"].as_str().unwrap();
+
+    let a = proxied.iter().find(|a| a["path"] == "/a").unwrap();
+    assert_eq!(
+        (&a["user"], &a["session_id"], &a["conversation_id"]),
+        (&json!("alice"), &json!(bound_sid), &json!("conv-A")),
+        "{a}"
+    );
+    assert_eq!((&a["method"], &a["status"]), (&json!("GET"), &json!(200)));
+    assert!(a.get("error").is_none(), "{a}");
+
+    let b = proxied.iter().find(|a| a["path"] == "/b").unwrap();
+    assert_eq!(
+        (
+            &b["user"],
+            &b["session_id"],
+            &b["conversation_id"],
+            &b["provider"]
+        ),
+        (
+            &json!("alice"),
+            &json!(unbound_sid),
+            &json!("conv-B"),
+            &json!("bearer")
+        ),
+        "{b}"
+    );
+    assert_eq!(b["method"], "POST");
+
+    // Refused providers: named as asked, with who asked. The session
+    // passed its checks before the provider was refused, so its
+    // conversation is recorded too.
+    for (name, code, status) in [
+        ("other", "provider_not_allowed", 403),
+        ("nope", "unknown_provider", 404),
+    ] {
+        let rec = find(name);
+        assert_eq!(
+            (
+                &rec["user"],
+                &rec["session_id"],
+                &rec["error"],
+                &rec["status"]
+            ),
+            (
+                &json!("alice"),
+                &json!(bound_sid),
+                &json!(code),
+                &json!(status)
+            ),
+            "{rec}"
+        );
+        assert_eq!(rec["conversation_id"], "conv-A", "{rec}");
+    }
+    let text = r.text();
+    assert!(!text.contains(AT_BEARER), "{text}");
+}
