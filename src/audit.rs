@@ -103,8 +103,8 @@ pub struct ProxyRecord {
     /// Unix milliseconds.
     pub time: i64,
     pub session: Option<VerifiedSession>,
-    /// The session's conversation is recorded only once the session passed
-    /// every check (binding, rate limits).
+    /// The session's conversation is recorded only once its binding was
+    /// checked (a refusal before that leaves it out).
     pub conversation: bool,
     pub provider: Option<Arc<Provider>>,
     /// The provider asked for, when none was selected (unknown, not in the
@@ -585,7 +585,7 @@ mod tests {
             written(proxy_record(s(), true, Some("slack"), None)).into_bytes(),
             expected(Some("conv_1"), Some("slack"), None)
         );
-        // Refused after the session was verified: no conversation.
+        // Refused before its binding was checked: no conversation.
         assert_eq!(
             written(proxy_record(
                 s(),

@@ -38,7 +38,8 @@ use crate::store::{AuditRecord, Credential, Owner};
 struct Trace {
     /// The verified session: its user and id are in every record.
     session: Option<VerifiedSession>,
-    /// The session passed every check, so its conversation is recorded.
+    /// The session's conversation binding was checked, so its
+    /// conversation is recorded (also when a later check refuses the call).
     conversation: bool,
     /// The selected provider, or the name asked for when none was.
     provider: Option<Arc<Provider>>,

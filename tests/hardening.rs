@@ -1056,17 +1056,8 @@ async fn item11_second_conversation_revokes_the_session_audited_and_counted() {
         assert_eq!(r.json()["error"]["reason"], "revoked");
     }
     assert_eq!(up.count(), 1);
-    let audit = sk
-        .admin(Method::GET, "/v1/audit?limit=100", None)
-        .await
-        .json();
-    let conflicts: Vec<&Value> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["kind"] == "session_conflict")
-        .collect();
-    assert_eq!(conflicts.len(), 1, "{audit}");
+    let conflicts = sk.audit_of_kind("session_conflict").await;
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
     assert_eq!(conflicts[0]["user"], "ann");
     assert_eq!(conflicts[0]["conversation_id"], "conv-real");
     let m = sk.admin(Method::GET, "/metrics", None).await.text();

@@ -425,6 +425,17 @@ impl Api {
         r.json()
     }
 
+    /// The audit records of one `kind` among the newest 1000, newest
+    /// first; panics unless the audit log answers 200.
+    pub async fn audit_of_kind(&self, kind: &str) -> Vec<Value> {
+        let r = self.admin(Method::GET, "/v1/audit?limit=1000", None).await;
+        assert_eq!(r.status, 200, "audit: {}", r.text());
+        let Value::Array(all) = r.json() else {
+            panic!("audit is not an array: {}", r.text())
+        };
+        all.into_iter().filter(|a| a["kind"] == kind).collect()
+    }
+
     /// Mints a session; panics unless 201. Returns the whole answer.
     pub async fn session(&self, user: &str, providers: &[&str]) -> Value {
         self.session_with(serde_json::json!({"user": user, "providers": providers}))
