@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
-
 use std::borrow::Cow;
+
+use tokio::sync::{Notify, oneshot};
 
 use crate::providers::Provider;
 use crate::session::VerifiedSession;
@@ -95,13 +95,13 @@ struct Shared {
     refused: Mutex<std::collections::BTreeMap<Refused, u64>>,
 }
 
-/// A proxied call's record as the request path leaves it: the session's
-/// and the provider's shared parts, not copies of their strings. Each copy
-/// was a `malloc` on the agent worker and a `free` on the writer's thread,
-/// glibc's slow cross-arena path.
-pub struct ProxyRecord {
-    /// Unix milliseconds.
-    pub time: i64,
+/// Who made a proxied call, and to which provider, as far as the request
+/// got: the session's and the provider's shared parts, not copies of their
+/// strings. Each copy was a `malloc` on the agent worker and a `free` on
+/// the writer's thread, glibc's slow cross-arena path. The access log and
+/// the audit record read the same accessors.
+#[derive(Default)]
+pub struct Caller {
     pub session: Option<VerifiedSession>,
     /// The session's conversation is recorded only once its binding was
     /// checked (a refusal before that leaves it out).
@@ -110,6 +110,38 @@ pub struct ProxyRecord {
     /// The provider asked for, when none was selected (unknown, not in the
     /// session).
     pub requested: Option<String>,
+}
+
+impl Caller {
+    pub fn user(&self) -> Option<&str> {
+        self.session.as_ref().map(VerifiedSession::user)
+    }
+
+    pub fn session_id(&self) -> Option<&str> {
+        self.session.as_ref().map(VerifiedSession::sid)
+    }
+
+    pub fn conversation_id(&self) -> Option<&str> {
+        self.session
+            .as_ref()
+            .filter(|_| self.conversation)
+            .and_then(VerifiedSession::conv)
+    }
+
+    /// The selected provider's name, or the one asked for.
+    pub fn provider_name(&self) -> Option<&str> {
+        self.provider
+            .as_ref()
+            .map(|p| p.name.as_str())
+            .or(self.requested.as_deref())
+    }
+}
+
+/// A proxied call's record as the request path leaves it.
+pub struct ProxyRecord {
+    /// Unix milliseconds.
+    pub time: i64,
+    pub caller: Caller,
     pub method: Cow<'static, str>,
     pub path: String,
     pub status: u16,
@@ -156,22 +188,14 @@ impl Entry {
             Entry::Proxy(r) => Fields {
                 time: r.time,
                 kind: "proxy",
-                user: r.session.as_ref().map(VerifiedSession::user),
-                provider: r
-                    .provider
-                    .as_ref()
-                    .map(|p| p.name.as_str())
-                    .or(r.requested.as_deref()),
+                user: r.caller.user(),
+                provider: r.caller.provider_name(),
                 method: &r.method,
                 path: &r.path,
                 status: r.status,
                 duration_ms: r.duration_ms,
-                session_id: r.session.as_ref().map(VerifiedSession::sid),
-                conversation_id: r
-                    .session
-                    .as_ref()
-                    .filter(|_| r.conversation)
-                    .and_then(VerifiedSession::conv),
+                session_id: r.caller.session_id(),
+                conversation_id: r.caller.conversation_id(),
                 error: r.error,
             },
         }
@@ -533,10 +557,12 @@ mod tests {
     ) -> ProxyRecord {
         ProxyRecord {
             time: 1_764_000_000_123,
-            session,
-            conversation,
-            provider: None,
-            requested: requested.map(str::to_owned),
+            caller: Caller {
+                session,
+                conversation,
+                provider: None,
+                requested: requested.map(str::to_owned),
+            },
             method: "GET".into(),
             path: "/conversations.list".into(),
             status: 200,

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use crate::app::App;
-use crate::audit::{ProxyRecord, Refused};
+use crate::audit::{Caller, ProxyRecord, Refused};
 use crate::body::{self, Body};
 use crate::client::IdleTimeoutBody;
 use crate::error::{ApiError, SessionFault};
@@ -36,14 +36,8 @@ use crate::store::{AuditRecord, Credential, Owner};
 /// What one request did, for the audit log, metrics and the access log.
 #[derive(Default)]
 struct Trace {
-    /// The verified session: its user and id are in every record.
-    session: Option<VerifiedSession>,
-    /// The session's conversation binding was checked, so its
-    /// conversation is recorded (also when a later check refuses the call).
-    conversation: bool,
-    /// The selected provider, or the name asked for when none was.
-    provider: Option<Arc<Provider>>,
-    requested: Option<String>,
+    /// The verified session and the provider, as far as the request got.
+    caller: Caller,
     /// The audited path of a route with no provider path.
     path: String,
     /// The provider path once checked; the request borrows it from here
@@ -412,7 +406,7 @@ async fn authenticate(
                 "no session token",
             ))?;
     let mut session = app.sessions.verify(token).await?;
-    t.session = Some(session.clone());
+    t.caller.session = Some(session.clone());
 
     let conv_header = &app.config.elevenlabs.conversation_header;
     let conv = match headers.get(conv_header) {
@@ -452,7 +446,7 @@ async fn authenticate(
             Ok(crate::store::BindOutcome::Bound) => {
                 tracing::info!(session_id = %session.sid(), conversation_id = %c, "session bound to conversation");
                 session.bound_to(c);
-                t.session = Some(session.clone());
+                t.caller.session = Some(session.clone());
             }
             Ok(crate::store::BindOutcome::Mismatch) => {
                 // Another conversation bound it a moment ago.
@@ -468,7 +462,9 @@ async fn authenticate(
         },
         _ => {}
     }
-    t.conversation = true;
+    // Checked: the conversation is recorded even if a later check
+    // refuses the call.
+    t.caller.conversation = true;
     app.limits
         .check(session.sid(), session.user(), app.clock.now_millis())
         .map_err(|retry_after_secs| ApiError::RateLimited { retry_after_secs })?;
@@ -533,8 +529,8 @@ fn select_provider(
 ) -> Result<Arc<Provider>, ApiError> {
     let selected = allowed_provider(app, session, name);
     match &selected {
-        Ok(p) => t.provider = Some(p.clone()),
-        Err(_) => t.requested = Some(name.to_owned()),
+        Ok(p) => t.caller.provider = Some(p.clone()),
+        Err(_) => t.caller.requested = Some(name.to_owned()),
     }
     selected
 }
@@ -957,33 +953,31 @@ fn finish(
     }
     let status = resp.status().as_u16();
     let elapsed = started.elapsed();
+    let caller = &t.caller;
     // A provider refused for this session still has its own label.
-    let refused = || t.requested.as_deref().and_then(|p| app.providers.get(p));
-    let label = match &t.provider {
+    let refused = || {
+        caller
+            .requested
+            .as_deref()
+            .and_then(|p| app.providers.get(p))
+    };
+    let label = match &caller.provider {
         Some(p) => &p.metric_label,
         None => refused()
             .map(|p| &p.metric_label)
             .unwrap_or(app.metrics.no_provider()),
     };
     app.metrics.request(label, status);
-    let provider = match &t.provider {
-        Some(p) => p.name.as_str(),
-        None => t.requested.as_deref().unwrap_or("-"),
-    };
-    let session = t.session.as_ref();
     tracing::info!(
         target: "sidekey::access",
         method = %method,
-        provider = %provider,
+        provider = %caller.provider_name().unwrap_or("-"),
         path = %t.path,
         status,
         ms = elapsed.as_secs_f64() * 1000.0,
-        user = session.map_or("-", VerifiedSession::user),
-        session_id = session.map_or("-", VerifiedSession::sid),
-        conversation_id = session
-            .filter(|_| t.conversation)
-            .and_then(VerifiedSession::conv)
-            .unwrap_or("-"),
+        user = caller.user().unwrap_or("-"),
+        session_id = caller.session_id().unwrap_or("-"),
+        conversation_id = caller.conversation_id().unwrap_or("-"),
         error = t.error.unwrap_or("-"),
         reason = t.reason.unwrap_or("-"),
     );
@@ -1001,10 +995,7 @@ fn finish(
     }
     app.audit.record_proxy(ProxyRecord {
         time: app.clock.now_millis(),
-        session: t.session,
-        conversation: t.conversation,
-        provider: t.provider,
-        requested: t.requested,
+        caller: t.caller,
         method: crate::store::method_name(method),
         path: t.path,
         status,
