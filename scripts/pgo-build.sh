@@ -6,7 +6,8 @@
 #
 # Why: with the profile, LLVM lays out the hot request path together and
 # predicts its branches from what sidekey really does. On the bench VM that
-# took sidekey from 0.93x to 1.02x nginx's throughput at 64 connections
+# took sidekey from a median 0.91x to 0.97x nginx's throughput at 64
+# connections, and its CPU per request from 1.12x to 1.02x nginx's
 # (docs/performance.md, round 7). The source is the same; only code layout
 # and inlining change, so the binary behaves exactly as the plain release
 # build.
