@@ -1,12 +1,18 @@
 //! Prometheus metrics: what operators graph and alert on.
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder, MetricEncoder, NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 /// A label value made once (per configured provider) and shared: the
@@ -17,6 +23,11 @@ pub struct Label(Arc<str>);
 impl Label {
     pub fn new(s: &str) -> Label {
         Label(Arc::from(s))
+    }
+
+    /// Identifies the label without hashing its text: each is made once.
+    fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0).cast::<u8>() as usize
     }
 }
 
@@ -64,17 +75,206 @@ struct WebhookLabels {
     outcome: &'static str,
 }
 
-type LatencyFamily = Family<ProviderLabels, Histogram, fn() -> Histogram>;
+/// Upper bounds of the upstream latency buckets: 250 µs … ~8 s, then +Inf
+/// (prometheus-client's histogram ends with `f64::MAX` the same way).
+const LATENCY_BUCKETS: usize = 17;
 
-fn latency_histogram() -> Histogram {
-    // 250 µs … ~8 s
-    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+fn latency_bounds() -> [f64; LATENCY_BUCKETS] {
+    let mut b = [f64::MAX; LATENCY_BUCKETS];
+    for (slot, v) in b.iter_mut().zip(exponential_buckets(0.000_25, 2.0, 16)) {
+        *slot = v;
+    }
+    b
+}
+
+/// The two metrics every proxied request updates (its count by provider
+/// and status, and the upstream latency by provider), kept per thread and
+/// summed when scraped. In prometheus-client's families each request took
+/// a read lock, hashed its labels with SipHash, took and dropped a
+/// reference on the provider's label and took the histogram's write lock,
+/// all on memory every agent worker writes: those cache lines moved
+/// between the workers' cores on every request. A thread's shard is
+/// written by that thread alone; its lock is contended only by a scrape.
+#[derive(Debug)]
+struct PerThread {
+    /// Which `Metrics` a thread's shard belongs to (tests run several in
+    /// one process).
+    id: usize,
+    shards: Mutex<Vec<Arc<Mutex<Shard>>>>,
+    bounds: [f64; LATENCY_BUCKETS],
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    /// Keyed by the label's address: labels are made once per provider.
+    requests: HashMap<(usize, u16), (Label, u64), foldhash::fast::RandomState>,
+    latency: HashMap<usize, (Label, Latency), foldhash::fast::RandomState>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Latency {
+    sum: f64,
+    count: u64,
+    /// Per bucket, not cumulative (the encoder adds them up).
+    buckets: [u64; LATENCY_BUCKETS],
+}
+
+thread_local! {
+    static SHARDS: RefCell<Vec<(usize, Arc<Mutex<Shard>>)>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PerThread {
+    fn new() -> Arc<PerThread> {
+        Arc::new(PerThread {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shards: Mutex::new(Vec::new()),
+            bounds: latency_bounds(),
+        })
+    }
+
+    /// Runs `f` on this thread's shard, made (and registered for scrapes)
+    /// on the thread's first update.
+    fn with<R>(&self, f: impl FnOnce(&mut Shard) -> R) -> R {
+        SHARDS.with(|cell| {
+            let mut mine = cell.borrow_mut();
+            let shard = match mine.iter().find(|(id, _)| *id == self.id) {
+                Some((_, s)) => s.clone(),
+                None => {
+                    // Shards of a `Metrics` gone (only this list holds
+                    // them) are dropped here.
+                    mine.retain(|(_, s)| Arc::strong_count(s) > 1);
+                    let s = Arc::new(Mutex::new(Shard::default()));
+                    lock(&self.shards).push(s.clone());
+                    mine.push((self.id, s.clone()));
+                    s
+                }
+            };
+            drop(mine);
+            f(&mut lock(&shard))
+        })
+    }
+
+    fn request(&self, provider: &Label, status: u16) {
+        self.with(|s| {
+            s.requests
+                .entry((provider.addr(), status))
+                .or_insert_with(|| (provider.clone(), 0))
+                .1 += 1;
+        });
+    }
+
+    fn latency(&self, provider: &Label, secs: f64) {
+        let bucket = self.bounds.iter().position(|b| *b >= secs);
+        self.with(|s| {
+            let l = &mut s
+                .latency
+                .entry(provider.addr())
+                .or_insert_with(|| (provider.clone(), Latency::default()))
+                .1;
+            l.sum += secs;
+            l.count += 1;
+            if let Some(i) = bucket {
+                l.buckets[i] += 1;
+            }
+        });
+    }
+
+    /// Every shard's values, summed.
+    fn sums(&self) -> Sums {
+        let mut requests: HashMap<(Label, u16), u64> = HashMap::new();
+        let mut latency: HashMap<Label, Latency> = HashMap::new();
+        for shard in lock(&self.shards).iter() {
+            let s = lock(shard);
+            for (label, n) in s
+                .requests
+                .iter()
+                .map(|((_, st), (l, n))| ((l.clone(), *st), n))
+            {
+                *requests.entry(label).or_default() += n;
+            }
+            for (l, v) in s.latency.values() {
+                let t = latency.entry(l.clone()).or_default();
+                t.sum += v.sum;
+                t.count += v.count;
+                for (a, b) in t.buckets.iter_mut().zip(v.buckets) {
+                    *a += b;
+                }
+            }
+        }
+        let mut requests: Vec<_> = requests
+            .into_iter()
+            .map(|((provider, status), n)| (RequestLabels { provider, status }, n))
+            .collect();
+        requests.sort_by(|a, b| (&a.0.provider.0, a.0.status).cmp(&(&b.0.provider.0, b.0.status)));
+        let mut latency: Vec<_> = latency
+            .into_iter()
+            .map(|(provider, v)| (ProviderLabels { provider }, v))
+            .collect();
+        latency.sort_by(|a, b| a.0.provider.0.cmp(&b.0.provider.0));
+        Sums { requests, latency }
+    }
+}
+
+/// What a scrape renders, sorted by labels.
+struct Sums {
+    requests: Vec<(RequestLabels, u64)>,
+    latency: Vec<(ProviderLabels, Latency)>,
+}
+
+/// `sidekey_proxy_requests_total`, from the shards.
+#[derive(Debug)]
+struct RequestCounts(Arc<PerThread>);
+
+impl EncodeMetric for RequestCounts {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, n) in self.0.sums().requests {
+            ConstCounter::new(n).encode(encoder.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.sums().requests.is_empty()
+    }
+}
+
+/// `sidekey_upstream_latency_seconds`, from the shards.
+#[derive(Debug)]
+struct UpstreamLatency(Arc<PerThread>);
+
+impl EncodeMetric for UpstreamLatency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for (labels, v) in self.0.sums().latency {
+            let buckets: Vec<(f64, u64)> = self.0.bounds.iter().copied().zip(v.buckets).collect();
+            encoder
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(v.sum, v.count, &buckets, None)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.sums().latency.is_empty()
+    }
 }
 
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    upstream_latency: LatencyFamily,
+    per_thread: Arc<PerThread>,
     refresh: Family<OutcomeLabels, Counter>,
     token_calls: Family<TokenLabels, Counter>,
     webhooks: Family<WebhookLabels, Counter>,
@@ -107,18 +307,16 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("sidekey");
-        let requests = Family::<RequestLabels, Counter>::default();
+        let per_thread = PerThread::new();
         registry.register(
             "proxy_requests",
             "Proxied requests by provider and answered status",
-            requests.clone(),
+            RequestCounts(per_thread.clone()),
         );
-        let upstream_latency: LatencyFamily =
-            Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "upstream_latency_seconds",
             "Time from sending a request upstream to its response headers",
-            upstream_latency.clone(),
+            UpstreamLatency(per_thread.clone()),
         );
         let refresh = Family::<OutcomeLabels, Counter>::default();
         registry.register(
@@ -195,8 +393,7 @@ impl Metrics {
         Metrics {
             registry,
             connections_refused,
-            requests,
-            upstream_latency,
+            per_thread,
             refresh,
             token_calls,
             webhooks,
@@ -215,12 +412,7 @@ impl Metrics {
     /// `provider` is a configured provider's label, or [`Metrics::no_provider`]
     /// (never a name taken from a request: label values stay bounded).
     pub fn request(&self, provider: &Label, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                provider: provider.clone(),
-                status,
-            })
-            .inc();
+        self.per_thread.request(provider, status);
     }
 
     /// The label for requests that named no configured provider.
@@ -229,11 +421,7 @@ impl Metrics {
     }
 
     pub fn upstream_latency(&self, provider: &Label, secs: f64) {
-        self.upstream_latency
-            .get_or_create(&ProviderLabels {
-                provider: provider.clone(),
-            })
-            .observe(secs);
+        self.per_thread.latency(provider, secs);
     }
 
     pub fn refresh(&self, provider: &str, outcome: &'static str) {
@@ -315,6 +503,91 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prometheus_client::metrics::histogram::Histogram;
+
+    /// The per-thread shards render what prometheus-client's own counter
+    /// and histogram families render for the same updates, summed over
+    /// the threads that made them.
+    #[test]
+    fn per_thread_metrics_render_as_prometheus_client_families() {
+        let m = Arc::new(Metrics::new());
+        let slack = Label::new("slack");
+        let google = Label::new("google");
+        let reference_requests = Family::<RequestLabels, Counter>::default();
+        let reference_latency: Family<ProviderLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 2.0, 16)));
+        let secs = [0.0001, 0.00025, 0.0003, 0.004, 0.5, 9.0, 1e9, 0.0, f64::NAN];
+        let mut threads = Vec::new();
+        for t in 0..3u16 {
+            let (m, slack, google) = (m.clone(), slack.clone(), google.clone());
+            threads.push(std::thread::spawn(move || {
+                for (i, s) in secs.iter().enumerate() {
+                    let p = if i % 2 == 0 { &slack } else { &google };
+                    m.request(p, 200 + t);
+                    m.upstream_latency(p, *s);
+                }
+            }));
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        for t in 0..3u16 {
+            for (i, s) in secs.iter().enumerate() {
+                let p = if i % 2 == 0 { &slack } else { &google };
+                reference_requests
+                    .get_or_create(&RequestLabels {
+                        provider: p.clone(),
+                        status: 200 + t,
+                    })
+                    .inc();
+                reference_latency
+                    .get_or_create(&ProviderLabels {
+                        provider: p.clone(),
+                    })
+                    .observe(*s);
+            }
+        }
+        let mut reg = Registry::with_prefix("sidekey");
+        reg.register(
+            "proxy_requests",
+            "Proxied requests by provider and answered status",
+            reference_requests,
+        );
+        reg.register(
+            "upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            reference_latency,
+        );
+        let mut want = String::new();
+        prometheus_client::encoding::text::encode(&mut want, &reg).unwrap();
+        let got = m.render(0, 0, 0);
+        let lines = |t: &str| {
+            let mut l: Vec<String> = t
+                .lines()
+                .filter(|l| l.contains("proxy_requests") || l.contains("upstream_latency"))
+                .map(str::to_owned)
+                .collect();
+            l.sort();
+            l
+        };
+        let (want, got) = (lines(&want), lines(&got));
+        assert!(want.len() > 40, "{want:?}");
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            // Sums added up per thread first differ in the last bits.
+            match (g.rsplit_once(' '), w.rsplit_once(' ')) {
+                (Some((gk, gv)), Some((wk, wv))) if gk.contains("_sum{") => {
+                    assert_eq!(gk, wk);
+                    let (gv, wv): (f64, f64) = (gv.parse().unwrap(), wv.parse().unwrap());
+                    assert!(
+                        (gv.is_nan() && wv.is_nan()) || (gv - wv).abs() <= 1e-9 * wv.abs(),
+                        "{g} / {w}"
+                    );
+                }
+                _ => assert_eq!(g, w),
+            }
+        }
+    }
 
     #[test]
     fn renders_text_format() {

@@ -69,6 +69,12 @@ pub struct BaseUrl {
     pub origin: String,
     /// Path without trailing slash; empty for the root.
     pub path: String,
+    /// The origin parsed once, so that each upstream request parses only
+    /// its path and query. The authority's text lives for the process
+    /// (providers are configured once, at start), so cloning it into a
+    /// request's URI costs no allocation and no shared reference count.
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
 }
 
 #[derive(Clone, Debug)]
@@ -220,10 +226,8 @@ impl Provider {
         query: Option<&str>,
         token: Option<&Secret>,
     ) -> Result<Uri, InjectError> {
-        let mut s = String::with_capacity(
-            self.base.origin.len() + self.base.path.len() + path.raw.len() + 64,
-        );
-        s.push_str(&self.base.origin);
+        // The path and query; the origin was parsed at start.
+        let mut s = String::with_capacity(self.base.path.len() + path.raw.len() + 64);
         s.push_str(&self.base.path);
         if let Injection::PathPrefix { template } = &self.inject {
             let token = token.ok_or(InjectError::MissingToken)?;
@@ -256,8 +260,17 @@ impl Provider {
             s.push('=');
             s.push_str(&utf8_percent_encode(token.expose(), QUERY).to_string());
         }
+        if !s.starts_with('/') {
+            s.insert(0, '/');
+        }
         // From the String itself: `parse` would copy it first.
-        Uri::try_from(s).map_err(|_| InjectError::BadUri)
+        let path_and_query =
+            http::uri::PathAndQuery::try_from(s).map_err(|_| InjectError::BadUri)?;
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.base.scheme.clone());
+        parts.authority = Some(self.base.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Uri::from_parts(parts).map_err(|_| InjectError::BadUri)
     }
 
     /// Puts the credential on the upstream request headers (after every
@@ -643,10 +656,23 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
                 origin
             };
             let path = u.path().trim_end_matches('/').to_owned();
+            let scheme = http::uri::Scheme::try_from(u.scheme()).ok()?;
+            let authority = origin.split_once("://").map(|(_, a)| a)?;
+            let leaked: &'static str = Box::leak(authority.to_owned().into_boxed_str());
+            let Ok(authority) = http::uri::Authority::from_maybe_shared(bytes::Bytes::from_static(
+                leaked.as_bytes(),
+            )) else {
+                p.push(format!(
+                    "{sec} base_url has a host and port sidekey cannot use: {origin}"
+                ));
+                return None;
+            };
             Some(BaseUrl {
                 url: u,
                 origin,
                 path,
+                scheme,
+                authority,
             })
         }),
     };
@@ -1048,6 +1074,27 @@ inject = { query = "key" }
             q.upstream_uri(&path, None, Some(&tok)).unwrap().to_string(),
             "https://maps.example.com/api/geocode?key=k%26y%3D1"
         );
+        // The origin is parsed once, at start; the request's URI carries
+        // it with a path that always begins with `/` (a request line needs
+        // one, even for the root with only a query).
+        let ps = providers(
+            "[providers.r]\nbase_url = \"http://[::1]:8080/\"\n[providers.h]\nbase_url = \"http://127.0.0.1:9999\"\n",
+        );
+        for (name, authority) in [("r", "[::1]:8080"), ("h", "127.0.0.1:9999")] {
+            let p = ps.get(name).unwrap();
+            assert_eq!(p.base.authority.as_str(), authority);
+            for (raw, query, want) in [
+                ("", Some("a=1"), "/?a=1"),
+                ("", None, "/"),
+                ("/x/y", Some("b=2"), "/x/y?b=2"),
+            ] {
+                let path = check_path(raw).unwrap();
+                let u = p.upstream_uri(&path, query, None).unwrap();
+                assert_eq!(u.scheme_str(), Some("http"), "{name} {raw}");
+                assert_eq!(u.authority().unwrap().as_str(), authority, "{name} {raw}");
+                assert_eq!(u.path_and_query().unwrap().as_str(), want, "{name} {raw}");
+            }
+        }
     }
 
     #[test]

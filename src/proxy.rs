@@ -88,7 +88,7 @@ async fn proxy(
         return Err(ApiError::MethodNotAllowed);
     }
     let body = read_body(app, &parts.headers, body).await?;
-    let headers = upstream_headers(
+    let filter = ForwardFilter::new(
         &parts.headers,
         &provider,
         &app.config.elevenlabs.conversation_header,
@@ -97,7 +97,7 @@ async fn proxy(
         method: parts.method.clone(),
         path,
         query: parts.uri.query().map(str::to_owned),
-        headers,
+        headers: crate::client::Headers::filtered(&parts.headers, &filter),
         body,
     };
     call_provider(app, &provider, &session, &outgoing).await
@@ -198,7 +198,7 @@ async fn call(
         method,
         path,
         query,
-        headers,
+        headers: crate::client::Headers::all(&headers),
         body,
     };
     call_provider(app, &provider, &session, &outgoing).await
@@ -667,7 +667,7 @@ struct Outgoing<'a> {
     method: Method,
     path: &'a ProxyPath,
     query: Option<String>,
-    headers: HeaderMap,
+    headers: crate::client::Headers<'a>,
     body: Bytes,
 }
 
@@ -702,48 +702,51 @@ async fn call_provider(
     }
 }
 
-/// Headers the client sent that may go upstream: no credentials of its
-/// own, no session, no hop-by-hop, no conversation header.
-fn upstream_headers(
-    incoming: &HeaderMap,
-    provider: &Provider,
-    conv_header: &HeaderName,
-) -> HeaderMap {
-    let listed: Vec<String> = if incoming.contains_key(header::CONNECTION) {
-        incoming
+/// Which headers the client sent may go upstream: no credentials of its
+/// own, no session, no hop-by-hop, no conversation header. Applied while
+/// the upstream request is written ([`crate::client::Headers`]).
+struct ForwardFilter<'a> {
+    provider: &'a Provider,
+    conv_header: &'a HeaderName,
+    /// Names the client's `Connection` header lists (hop-by-hop too).
+    listed: Vec<String>,
+}
+
+impl<'a> ForwardFilter<'a> {
+    fn new(incoming: &HeaderMap, provider: &'a Provider, conv_header: &'a HeaderName) -> Self {
+        let listed = incoming
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(|s| s.trim().to_ascii_lowercase())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut out = HeaderMap::with_capacity(incoming.len());
-    for (name, value) in incoming {
+            .collect();
+        ForwardFilter {
+            provider,
+            conv_header,
+            listed,
+        }
+    }
+}
+
+impl crate::client::HeaderFilter for ForwardFilter<'_> {
+    fn keeps(&self, name: &HeaderName) -> bool {
         let n = name.as_str();
-        if is_hop_by_hop(name)
+        !(is_hop_by_hop(name)
             || name == header::HOST
             || name == header::AUTHORIZATION
             || name == header::COOKIE
             || name == header::CONTENT_LENGTH
             || name == header::EXPECT
-            || name == conv_header
+            || name == self.conv_header
             || n.starts_with("x-sidekey-")
-            || listed.iter().any(|l| l == n)
-            || provider.injected_header() == Some(name)
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
+            || self.listed.iter().any(|l| l == n)
+            || self.provider.injected_header() == Some(name)
+            // Slack-style `ok: false` answers must be read to be
+            // recognised; ask for an uncompressed body.
+            || (name == header::ACCEPT_ENCODING
+                && !self.provider.conventions.ok_false_auth_errors.is_empty()))
     }
-    // Slack-style `ok: false` answers must be read to be recognised; ask
-    // for an uncompressed body.
-    if !provider.conventions.ok_false_auth_errors.is_empty() {
-        out.remove(header::ACCEPT_ENCODING);
-    }
-    out
 }
 
 /// Phase 6: inject and forward; response headers within the upstream timeout.
@@ -759,7 +762,7 @@ async fn send(
     let req = crate::client::Outbound {
         method: &out.method,
         uri,
-        headers: &out.headers,
+        headers: out.headers,
         credential: p.credential_header(cred).map_err(|e| inject_error(p, e))?,
         body: out.body.clone(),
     };

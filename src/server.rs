@@ -662,18 +662,26 @@ async fn serve_http<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let app = sh.app.clone();
-    let draining = sh.draining.clone();
-    let st = state.clone();
+    // What every request on this connection needs, behind one handle of
+    // the connection's own: cloning the process-wide `Arc`s per request
+    // would bounce their reference counts between the agent workers' cores.
+    let conn_ctx = Arc::new(ConnCtx {
+        app: sh.app.clone(),
+        draining: sh.draining.clone(),
+        state: state.clone(),
+    });
     let svc = service_fn(move |req: Request<Incoming>| {
-        let app = app.clone();
-        let draining = draining.clone();
-        let st = st.clone();
+        let ctx = conn_ctx.clone();
         async move {
-            let guard = InFlight::start(&st);
+            let ConnCtx {
+                app,
+                draining,
+                state: st,
+            } = &*ctx;
+            let guard = InFlight::start(st);
             let health = matches!(req.uri().path(), "/healthz" | "/readyz");
             let has_body = !http_body::Body::is_end_stream(req.body());
-            let resp = std::panic::AssertUnwindSafe(route(&app, role, req, &draining))
+            let resp = std::panic::AssertUnwindSafe(route(app, role, req, draining))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -906,6 +914,13 @@ fn is_admin_path(p: &str) -> bool {
 
 /// Per-connection state shared by the connection task, its IO and the
 /// bodies of its answers.
+/// A connection's share of the server, for its requests.
+struct ConnCtx {
+    app: Arc<App>,
+    draining: Arc<AtomicBool>,
+    state: Arc<ConnState>,
+}
+
 struct ConnState {
     /// Answers not yet fully sent (their body not yet dropped).
     in_flight: AtomicUsize,

@@ -936,6 +936,43 @@ fn forge(claims: &Value, key: &[u8], kid: &str) -> String {
     jsonwebtoken::encode(&h, claims, &jsonwebtoken::EncodingKey::from_secret(key)).unwrap()
 }
 
+/// Compression is the client's to ask for, except from a provider whose
+/// auth errors sidekey recognises in the body (Slack's `ok: false`): there
+/// it must be able to read the answer, so `Accept-Encoding` is dropped.
+#[tokio::test]
+async fn accept_encoding_is_forwarded_unless_the_answer_must_be_read() {
+    let plain = quiet_upstream().await;
+    let slack = quiet_upstream().await;
+    let toml = format!(
+        "{}[providers.slack]\npreset = \"slack\"\nbase_url = \"{}\"\n",
+        provider_toml("bearer", &plain.url, ""),
+        slack.url
+    );
+    let sk = Sidekey::start(Options::with_providers(&toml)).await;
+    for p in ["bearer", "slack"] {
+        sk.put_credential("alice", p, json!({"access_token": AT_BEARER}))
+            .await;
+    }
+    let tok = sk.token("alice", &["bearer", "slack"]).await;
+    for (p, up, forwarded) in [
+        ("bearer", &plain, Some("gzip, br")),
+        ("slack", &slack, None),
+    ] {
+        let r = sk
+            .agent(
+                Method::GET,
+                &format!("/v1/proxy/{p}/x"),
+                &[(SESSION_HDR, &tok), ("accept-encoding", "gzip, br")],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 200, "{p}: {}", r.text());
+        let rec = up.last();
+        assert_eq!(rec.header("accept-encoding").as_deref(), forwarded, "{p}");
+        assert_eq!(rec.bearer().as_deref(), Some(AT_BEARER), "{p}");
+    }
+}
+
 #[tokio::test]
 async fn every_kind_of_bad_session_is_invalid_session() {
     let up = quiet_upstream().await;

@@ -234,6 +234,8 @@ struct Case {
     /// CPU of the gateway under test: sidekey's process for `sidekey`,
     /// nginx's master and workers for `nginx`, 0 for `direct`.
     proxy_cpu_s: f64,
+    /// The user-space part of `proxy_cpu_s`; the rest is the kernel's.
+    proxy_user_s: f64,
     /// CPU of the load generator and the upstream (this process, and wrk).
     bench_cpu_s: f64,
     /// How the gateway's CPU was shared between its workers, per cent
@@ -306,6 +308,7 @@ impl Case {
             "ratio_rps_to_direct": self.ratio.map(round3),
             "added_p50_us": self.added_p50_us,
             "proxy_cpu_us_per_req": round1(self.cpu_us_per_req(self.proxy_cpu_s)),
+            "proxy_user_us_per_req": round1(self.cpu_us_per_req(self.proxy_user_s)),
             "bench_cpu_us_per_req": round1(self.cpu_us_per_req(self.bench_cpu_s)),
             "sidekey_rss_kib": self.sidekey_rss_kib,
             "sidekey_peak_rss_kib": self.sidekey_hwm_kib,
@@ -423,14 +426,21 @@ impl Out {
         for (k, n) in &c.error_kinds {
             self.line(&format!("        error {k}: {n}"));
         }
-        // Several connections over several workers: a split far from even
-        // means one worker carried most of the connections.
-        if let Some(split) = c.worker_split.as_ref().filter(|_| c.concurrency > 1) {
-            let each: Vec<String> = split.iter().map(|p| format!("{p:.0} %")).collect();
+        if c.proxy_cpu_s > 0.0 && c.proxy_user_s.is_finite() {
+            // Several connections over several workers: a split far from
+            // even means one worker carried most of the connections.
+            let split = match c.worker_split.as_ref().filter(|_| c.concurrency > 1) {
+                Some(split) => {
+                    let each: Vec<String> = split.iter().map(|p| format!("{p:.0} %")).collect();
+                    format!("workers' CPU {}; ", each.join(" / "))
+                }
+                None => String::new(),
+            };
             self.line(&format!(
-                "        {} workers' CPU: {}",
+                "        {}: {split}user {:.1} + kernel {:.1} µs per request",
                 c.target,
-                each.join(" / ")
+                c.cpu_us_per_req(c.proxy_user_s),
+                c.cpu_us_per_req(c.proxy_cpu_s - c.proxy_user_s),
             ));
         }
         self.json_line(&c.json(self.credentials));
@@ -446,17 +456,25 @@ impl Out {
 
 /// utime + stime of a process (all threads), seconds.
 fn cpu_secs(pid: &str) -> f64 {
+    let (user, sys) = cpu_split_secs(pid);
+    user + sys
+}
+
+/// utime and stime of a process (all threads), seconds: user space, and
+/// the kernel working for it (system calls, and on loopback the
+/// receiving side's TCP processing of what it sends).
+fn cpu_split_secs(pid: &str) -> (f64, f64) {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After the command name: state is field 3, utime 14, stime 15.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    ticks as f64 / clock_ticks()
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let hz = clock_ticks();
+    (field(11) as f64 / hz, field(12) as f64 / hz)
 }
 
 /// CPU seconds of each thread of `pid` whose name starts with `prefix`,
@@ -1510,6 +1528,9 @@ struct Snap {
     at: Instant,
     sidekey_cpu: f64,
     nginx_cpu: f64,
+    /// The user-space part of the two above.
+    sidekey_user: f64,
+    nginx_user: f64,
     bench_cpu: f64,
     /// Each sidekey agent worker thread's CPU, by thread name.
     sidekey_workers: Vec<f64>,
@@ -1518,10 +1539,14 @@ struct Snap {
 }
 
 fn snap(ctx: &Ctx) -> Snap {
+    let (sk_user, sk_sys) = cpu_split_secs(&ctx.sidekey_pid);
+    let nginx: Vec<(f64, f64)> = ctx.nginx_pids.iter().map(|p| cpu_split_secs(p)).collect();
     Snap {
         at: Instant::now(),
-        sidekey_cpu: cpu_secs(&ctx.sidekey_pid),
-        nginx_cpu: ctx.nginx_pids.iter().map(|p| cpu_secs(p)).sum(),
+        sidekey_cpu: sk_user + sk_sys,
+        nginx_cpu: nginx.iter().map(|(u, s)| u + s).sum(),
+        sidekey_user: sk_user,
+        nginx_user: nginx.iter().map(|(u, _)| u).sum(),
         bench_cpu: cpu_secs("self") + children_cpu_secs(),
         sidekey_workers: thread_cpu(&ctx.sidekey_pid, "sidekey-agent-"),
         nginx_workers: ctx.nginx_pids.iter().skip(1).map(|p| cpu_secs(p)).collect(),
@@ -1584,6 +1609,11 @@ fn finish_case(
             Target::Direct => 0.0,
             Target::Nginx => b.nginx_cpu - a.nginx_cpu,
             Target::Via => b.sidekey_cpu - a.sidekey_cpu,
+        },
+        proxy_user_s: match target {
+            Target::Direct => 0.0,
+            Target::Nginx => b.nginx_user - a.nginx_user,
+            Target::Via => b.sidekey_user - a.sidekey_user,
         },
         bench_cpu_s: b.bench_cpu - a.bench_cpu,
         worker_split: match target {
@@ -2324,7 +2354,7 @@ fn side_by_side(out: &Out, cases: &[Case]) {
         out.backend
     ));
     out.note(&format!(
-        "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13}",
+        "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13} {:>13}",
         "conc/rate",
         "target",
         "req/s",
@@ -2332,6 +2362,7 @@ fn side_by_side(out: &Out, cases: &[Case]) {
         "+p50 µs",
         "errors",
         "gw CPU µs/rq",
+        "of it user",
         "×nginx req/s"
     ));
     let pick = |k: &(usize, String), t: &str| -> Vec<&Case> {
@@ -2358,7 +2389,7 @@ fn side_by_side(out: &Out, cases: &[Case]) {
                 .map(|(c, n)| c.rps() / n.rps().max(1e-9))
                 .collect();
             out.note(&format!(
-                "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13}",
+                "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13} {:>13}",
                 if k.1.is_empty() {
                     k.0.to_string()
                 } else {
@@ -2377,6 +2408,11 @@ fn side_by_side(out: &Out, cases: &[Case]) {
                     "-".into()
                 } else {
                     range(&v(&|c| c.cpu_us_per_req(c.proxy_cpu_s)), 1, false)
+                },
+                if t == "direct" {
+                    "-".into()
+                } else {
+                    range(&v(&|c| c.cpu_us_per_req(c.proxy_user_s)), 1, false)
                 },
                 if t == "sidekey" {
                     range(&vs_nginx, 2, false)
@@ -3077,6 +3113,7 @@ async fn storm_replicas(
     let mut c = finish_case(&sctx, "storm", Target::Via, n, None, vec![w], a, b);
     // CPU of every replica, not only the first.
     c.proxy_cpu_s = cpu_b - cpu_a;
+    c.proxy_user_s = f64::NAN;
     c.extra.insert("token_calls".into(), json!(calls));
     c.extra.insert("upstream_saw_new_token".into(), json!(seen));
     c.extra

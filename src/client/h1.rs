@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use super::Headers;
 use crate::body::BoxError;
 
 /// An answer's head (status line and headers) may be at most this large;
@@ -199,7 +200,7 @@ pub(crate) async fn write_request(
     conn: &mut Conn,
     method: &Method,
     target: &Uri,
-    headers: &HeaderMap,
+    headers: Headers<'_>,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
 ) -> io::Result<Sent> {
@@ -303,7 +304,7 @@ fn encode_head(
     out: &mut Vec<u8>,
     method: &Method,
     target: &Uri,
-    headers: &HeaderMap,
+    headers: Headers<'_>,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
 ) {
@@ -323,7 +324,7 @@ fn encode_head(
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) && replaced != Some(&header::HOST) {
+    if !headers.contains_key(&header::HOST) && replaced != Some(&header::HOST) {
         if let Some(host) = target.host() {
             out.extend_from_slice(b"host: ");
             out.extend_from_slice(host.as_bytes());
@@ -333,7 +334,7 @@ fn encode_head(
             out.extend_from_slice(b"\r\n");
         }
     }
-    for (n, v) in headers {
+    for (n, v) in headers.iter() {
         if replaced != Some(n) {
             push_header(out, n, v);
         }
@@ -885,7 +886,7 @@ mod tests {
 
     fn encode(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_head(&mut out, method, target, headers, None, body);
+        encode_head(&mut out, method, target, Headers::all(headers), None, body);
         out
     }
 
@@ -960,7 +961,7 @@ mod tests {
             &mut out,
             &Method::GET,
             &target,
-            &h,
+            Headers::all(&h),
             Some(&cred),
             &Bytes::new(),
         );

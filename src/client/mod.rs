@@ -114,10 +114,65 @@ pub struct Outbound<'a> {
     pub method: &'a Method,
     /// Absolute: its scheme and authority pick the connection.
     pub uri: Uri,
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
     /// Sent after `headers`, replacing any header of the same name there.
     pub credential: Option<(HeaderName, HeaderValue)>,
     pub body: Bytes,
+}
+
+/// Which of a client's headers may go upstream.
+pub trait HeaderFilter: Sync {
+    fn keeps(&self, name: &HeaderName) -> bool;
+}
+
+/// The headers an upstream request carries besides the credential: a
+/// borrowed map, optionally seen through a filter. The filter is applied
+/// as the request is written, so forwarding a client's headers builds no
+/// second map (that map, its hashing and its drop were ~5 % of a proxied
+/// request's instructions).
+#[derive(Clone, Copy)]
+pub struct Headers<'a> {
+    map: &'a HeaderMap,
+    filter: Option<&'a dyn HeaderFilter>,
+}
+
+impl<'a> Headers<'a> {
+    /// Every header of `map`.
+    pub fn all(map: &'a HeaderMap) -> Self {
+        Headers { map, filter: None }
+    }
+
+    /// The headers of `map` that `filter` keeps.
+    pub fn filtered(map: &'a HeaderMap, filter: &'a dyn HeaderFilter) -> Self {
+        Headers {
+            map,
+            filter: Some(filter),
+        }
+    }
+
+    fn keeps(&self, name: &HeaderName) -> bool {
+        self.filter.is_none_or(|f| f.keeps(name))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
+        self.map.iter().filter(|(n, _)| self.keeps(n))
+    }
+
+    pub fn contains_key(&self, name: &HeaderName) -> bool {
+        self.map.contains_key(name) && self.keeps(name)
+    }
+
+    /// As a map of their own, for hyper's clients.
+    pub fn to_map(&self) -> HeaderMap {
+        if self.filter.is_none() {
+            return self.map.clone();
+        }
+        let mut out = HeaderMap::with_capacity(self.map.len());
+        for (n, v) in self.iter() {
+            out.append(n.clone(), v.clone());
+        }
+        out
+    }
 }
 
 /// The same request as an `http::Request`, for hyper's clients (h2, the
@@ -125,14 +180,14 @@ pub struct Outbound<'a> {
 fn owned_request(
     method: &Method,
     uri: &Uri,
-    headers: &HeaderMap,
+    headers: Headers<'_>,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
 ) -> http::Request<Bytes> {
     let mut req = http::Request::new(body.clone());
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri.clone();
-    *req.headers_mut() = headers.clone();
+    *req.headers_mut() = headers.to_map();
     if let Some((n, v)) = credential {
         req.headers_mut().insert(n.clone(), v.clone());
     }

@@ -21,6 +21,8 @@ const SHARDS: usize = 32;
 
 struct Shard<V> {
     epoch: u64,
+    /// Each value with the instant it expires: a lookup compares one clock
+    /// reading, with no duration arithmetic.
     map: HashMap<String, (Arc<V>, Instant), RandomState>,
 }
 
@@ -63,7 +65,7 @@ impl<V> Cache<V> {
         }
         let mut s = self.lock(self.shard(key));
         match s.map.get(key) {
-            Some((c, at)) if at.elapsed() < self.ttl => Ok(c.clone()),
+            Some((c, expires)) if Instant::now() < *expires => Ok(c.clone()),
             Some(_) => {
                 s.map.remove(key);
                 Err(s.epoch)
@@ -83,15 +85,21 @@ impl<V> Cache<V> {
         }
         if s.map.len() >= self.per_shard && !s.map.contains_key(key) {
             // Drop expired entries first; if none, drop an arbitrary one.
-            let ttl = self.ttl;
-            s.map.retain(|_, (_, at)| at.elapsed() < ttl);
+            let now = Instant::now();
+            s.map.retain(|_, (_, expires)| now < *expires);
             if s.map.len() >= self.per_shard {
                 if let Some(k) = s.map.keys().next().cloned() {
                     s.map.remove(&k);
                 }
             }
         }
-        s.map.insert(key.to_owned(), (value, Instant::now()));
+        // A TTL past what an Instant can hold is "until evicted".
+        let now = Instant::now();
+        let expires = now
+            .checked_add(self.ttl)
+            .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+            .unwrap_or(now);
+        s.map.insert(key.to_owned(), (value, expires));
     }
 
     /// Called by every write: removes the entry and fences off in-flight loads.
