@@ -25,7 +25,10 @@ impl Label {
         Label(Arc::from(s))
     }
 
-    /// Identifies the label without hashing its text: each is made once.
+    /// Identifies the label without hashing its text. Labels are made
+    /// once (per configured provider, and `-`), never per request: a shard
+    /// holds a clone of each label it keys, so an address cannot be reused
+    /// for another label while it counts under it.
     fn addr(&self) -> usize {
         Arc::as_ptr(&self.0).cast::<u8>() as usize
     }
