@@ -82,9 +82,14 @@ struct WebhookLabels {
 /// (prometheus-client's histogram ends with `f64::MAX` the same way).
 const LATENCY_BUCKETS: usize = 17;
 
+/// The finite upper bounds: 250 µs … ~8 s.
+fn latency_upper_bounds() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_25, 2.0, 16)
+}
+
 fn latency_bounds() -> [f64; LATENCY_BUCKETS] {
     let mut b = [f64::MAX; LATENCY_BUCKETS];
-    for (slot, v) in b.iter_mut().zip(exponential_buckets(0.000_25, 2.0, 16)) {
+    for (slot, v) in b.iter_mut().zip(latency_upper_bounds()) {
         *slot = v;
     }
     b
@@ -188,6 +193,12 @@ impl PerThread {
         });
     }
 
+    /// Whether no shard has counted anything in `which`; a scrape asks
+    /// this before it encodes, so it does not sum the shards for it.
+    fn nothing_in(&self, which: impl Fn(&Shard) -> bool) -> bool {
+        lock(&self.shards).iter().all(|s| which(&lock(s)))
+    }
+
     /// Every shard's values, summed.
     fn sums(&self) -> Sums {
         let mut requests: HashMap<(Label, u16), u64> = HashMap::new();
@@ -247,7 +258,7 @@ impl EncodeMetric for RequestCounts {
     }
 
     fn is_empty(&self) -> bool {
-        self.0.sums().requests.is_empty()
+        self.0.nothing_in(|s| s.requests.is_empty())
     }
 }
 
@@ -271,7 +282,7 @@ impl EncodeMetric for UpstreamLatency {
     }
 
     fn is_empty(&self) -> bool {
-        self.0.sums().latency.is_empty()
+        self.0.nothing_in(|s| s.latency.is_empty())
     }
 }
 
@@ -518,7 +529,7 @@ mod tests {
         let google = Label::new("google");
         let reference_requests = Family::<RequestLabels, Counter>::default();
         let reference_latency: Family<ProviderLabels, Histogram, fn() -> Histogram> =
-            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 2.0, 16)));
+            Family::new_with_constructor(|| Histogram::new(latency_upper_bounds()));
         let secs = [0.0001, 0.00025, 0.0003, 0.004, 0.5, 9.0, 1e9, 0.0, f64::NAN];
         let mut threads = Vec::new();
         for t in 0..3u16 {

@@ -643,30 +643,32 @@ fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
                 p.push(format!("{sec} base_url must not contain a query string"));
                 return None;
             }
-            let origin = match u.port() {
-                Some(port) => format!("{}://{}:{}", u.scheme(), u.host_str()?, port),
-                None => format!("{}://{}", u.scheme(), u.host_str()?),
+            // `host[:port]`, an IPv6 address in brackets.
+            let host = match u.host() {
+                Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+                _ => u.host_str()?.to_owned(),
             };
-            let origin = if let Some(url::Host::Ipv6(ip)) = u.host() {
-                match u.port() {
-                    Some(port) => format!("{}://[{ip}]:{port}", u.scheme()),
-                    None => format!("{}://[{ip}]", u.scheme()),
-                }
-            } else {
-                origin
+            let authority = match u.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
             };
+            let origin = format!("{}://{authority}", u.scheme());
             let path = u.path().trim_end_matches('/').to_owned();
-            let scheme = http::uri::Scheme::try_from(u.scheme()).ok()?;
-            let authority = origin.split_once("://").map(|(_, a)| a)?;
-            let leaked: &'static str = Box::leak(authority.to_owned().into_boxed_str());
-            let Ok(authority) = http::uri::Authority::from_maybe_shared(bytes::Bytes::from_static(
-                leaked.as_bytes(),
-            )) else {
+            let (Ok(scheme), Ok(_)) = (
+                http::uri::Scheme::try_from(u.scheme()),
+                http::uri::Authority::try_from(authority.as_str()),
+            ) else {
                 p.push(format!(
-                    "{sec} base_url has a host and port sidekey cannot use: {origin}"
+                    "{sec} base_url has a scheme, host or port sidekey cannot use: {origin}"
                 ));
                 return None;
             };
+            // Kept for the process, once per configured provider: a
+            // request's URI then takes the authority without a copy or a
+            // shared reference count. Checked above: `from_static` cannot
+            // panic.
+            let leaked: &'static str = Box::leak(authority.into_boxed_str());
+            let authority = http::uri::Authority::from_static(leaked);
             Some(BaseUrl {
                 url: u,
                 origin,

@@ -912,8 +912,6 @@ fn is_admin_path(p: &str) -> bool {
     .any(|a| p == *a || p.strip_prefix(a).is_some_and(|r| r.starts_with('/')))
 }
 
-/// Per-connection state shared by the connection task, its IO and the
-/// bodies of its answers.
 /// A connection's share of the server, for its requests.
 struct ConnCtx {
     app: Arc<App>,
@@ -921,6 +919,8 @@ struct ConnCtx {
     state: Arc<ConnState>,
 }
 
+/// Per-connection state shared by the connection task, its IO and the
+/// bodies of its answers.
 struct ConnState {
     /// Answers not yet fully sent (their body not yet dropped).
     in_flight: AtomicUsize,
