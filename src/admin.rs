@@ -177,11 +177,12 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 
 /// OpenMetrics text; also served by the token-less metrics listener.
 pub async fn metrics(app: &Arc<App>) -> Response<Body> {
-    let text = app.metrics.render(
-        app.store.session_count().await,
-        app.store.credential_count().await,
-        app.store.size_on_disk().await,
-    );
+    let text = app.metrics.render(crate::metrics::Sampled {
+        sessions: app.store.session_count().await,
+        credentials: app.store.credential_count().await,
+        store_bytes: app.store.size_on_disk().await,
+        audit: app.audit.backlog(),
+    });
     body::text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text)
 }
 

@@ -297,6 +297,8 @@ pub struct Metrics {
     sessions_active: Gauge,
     credentials: Gauge,
     store_bytes: Gauge,
+    audit_pending: Gauge,
+    audit_dropped: Counter,
     connections: Gauge,
     worker_connections: Family<WorkerLabels, Gauge>,
     /// Requests answered `store_unavailable` (the Postgres backend could not
@@ -304,6 +306,15 @@ pub struct Metrics {
     store_unavailable: Counter,
     connections_refused: Family<ReasonLabels, Counter>,
     none: Label,
+}
+
+/// What a scrape reads from the store and the audit writer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sampled {
+    pub sessions: usize,
+    pub credentials: usize,
+    pub store_bytes: u64,
+    pub audit: crate::audit::Backlog,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -380,6 +391,18 @@ impl Metrics {
             "Size of the store on disk",
             store_bytes.clone(),
         );
+        let audit_pending = Gauge::default();
+        registry.register(
+            "audit_pending_records",
+            "Audit records buffered or being written, not yet in the store (written every 200 ms; what a kill -9 would lose)",
+            audit_pending.clone(),
+        );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped_records",
+            "Audit records dropped because the writer fell 65536 records behind",
+            audit_dropped.clone(),
+        );
         let connections = Gauge::default();
         registry.register(
             "connections_active",
@@ -416,6 +439,8 @@ impl Metrics {
             sessions_active,
             credentials,
             store_bytes,
+            audit_pending,
+            audit_dropped,
             connections,
             worker_connections,
             store_unavailable,
@@ -503,11 +528,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Renders the text exposition, after sampling the store gauges.
-    pub fn render(&self, sessions: usize, credentials: usize, store_bytes: u64) -> String {
-        self.sessions_active.set(sessions as i64);
-        self.credentials.set(credentials as i64);
-        self.store_bytes.set(store_bytes as i64);
+    /// Renders the text exposition, after setting the sampled gauges.
+    pub fn render(&self, s: Sampled) -> String {
+        self.sessions_active.set(s.sessions as i64);
+        self.credentials.set(s.credentials as i64);
+        self.store_bytes.set(s.store_bytes as i64);
+        self.audit_pending.set(s.audit.pending as i64);
+        // The writer counts its drops itself; the counter catches up.
+        let seen = self.audit_dropped.get();
+        self.audit_dropped
+            .inc_by(s.audit.dropped.saturating_sub(seen));
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
@@ -574,7 +604,7 @@ mod tests {
         );
         let mut want = String::new();
         prometheus_client::encoding::text::encode(&mut want, &reg).unwrap();
-        let got = m.render(0, 0, 0);
+        let got = m.render(Sampled::default());
         let lines = |t: &str| {
             let mut l: Vec<String> = t
                 .lines()
@@ -610,13 +640,24 @@ mod tests {
         m.request(&slack, 200);
         m.upstream_latency(&slack, 0.01);
         m.refresh("slack", "refreshed");
-        let t = m.render(3, 4, 1000);
+        let audit = |pending, dropped| crate::audit::Backlog { pending, dropped };
+        let sampled = |dropped| Sampled {
+            sessions: 3,
+            credentials: 4,
+            store_bytes: 1000,
+            audit: audit(17, dropped),
+        };
+        // A later scrape's count of drops replaces the earlier one, not adds.
+        m.render(sampled(2));
+        let t = m.render(sampled(5));
         assert!(
             t.contains("sidekey_proxy_requests_total{provider=\"slack\",status=\"200\"} 1"),
             "{t}"
         );
         assert!(t.contains("sidekey_sessions_active 3"), "{t}");
         assert!(t.contains("sidekey_store_unavailable_total 0"), "{t}");
+        assert!(t.contains("sidekey_audit_pending_records 17\n"), "{t}");
+        assert!(t.contains("sidekey_audit_dropped_records_total 5\n"), "{t}");
         assert!(t.contains("sidekey_upstream_latency_seconds_bucket"), "{t}");
         assert!(t.ends_with("# EOF\n"));
     }

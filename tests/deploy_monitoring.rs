@@ -101,6 +101,7 @@ async fn dashboard_and_alerts_use_only_exported_metrics() {
         "SidekeyUpstream5xx",
         "SidekeyUpstreamLatencyP99High",
         "SidekeyStoreUnavailable",
+        "SidekeyAuditRecordsDropped",
     ] {
         assert!(
             rules.contains(&format!("alert: {alert}")),
@@ -192,7 +193,7 @@ fn promtool_accepts_the_alert_rules() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("5 rules found"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("6 rules found"));
 }
 
 #[test]

@@ -521,6 +521,24 @@ fn status_kib(pid: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The soak's per-second samples as one line: RSS in MiB and, after a
+/// slash, the audit records not yet written.
+fn soak_timeline(samples: &[(u64, Option<u64>)]) -> String {
+    let peak = samples.iter().filter_map(|s| s.1).max();
+    let each: Vec<String> = samples
+        .iter()
+        .map(|(rss, pending)| match pending {
+            Some(p) => format!("{:.0}/{p}", *rss as f64 / 1024.0),
+            None => format!("{:.0}/-", *rss as f64 / 1024.0),
+        })
+        .collect();
+    format!(
+        "soak each second, RSS MiB / audit records pending (peak {}): {}",
+        peak.map_or("-".to_string(), |p| p.to_string()),
+        each.join(" ")
+    )
+}
+
 fn dir_bytes(p: &Path) -> u64 {
     let mut n = 0;
     if let Ok(rd) = std::fs::read_dir(p) {
@@ -1339,6 +1357,26 @@ impl Admin {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         ))
+    }
+
+    /// One sample of `/metrics`' value for `name` (a gauge or counter
+    /// without labels).
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let req = Request::builder()
+            .uri(format!("{}/metrics", self.base))
+            .header(header::AUTHORIZATION, self.auth.clone())
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let resp = tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+            .await
+            .ok()?
+            .ok()?;
+        let bytes = resp.into_body().collect().await.ok()?.to_bytes();
+        let text = std::str::from_utf8(&bytes).ok()?;
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.parse().ok())?
+        })
     }
 
     async fn put_credential(&self, user: &str, provider: &str, body: Value) -> Result<(), String> {
@@ -2230,6 +2268,24 @@ async fn run(args: Args) -> Result<(), String> {
     }
 
     if args.soak > 0.0 && n > 0 {
+        // RSS and the audit writer's backlog once a second, to tell a
+        // growing backlog from memory the store keeps.
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let sampler = {
+            let (admin, pid, samples) = (admin.clone(), pid.clone(), samples.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let pending = admin.metric("sidekey_audit_pending_records").await;
+                    let rss = status_kib(&pid, "VmRSS:");
+                    samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((rss, pending.map(|p| p as u64)));
+                }
+            })
+        };
         let c = closed_loop(
             &ctx,
             "soak",
@@ -2250,6 +2306,9 @@ async fn run(args: Args) -> Result<(), String> {
             c.q(0.999),
             c.sidekey_hwm_kib as f64 / 1024.0
         ));
+        sampler.abort();
+        let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+        out.note(&soak_timeline(&samples));
     }
 
     let unauth = upstream.unauthenticated.load(Ordering::Relaxed);
