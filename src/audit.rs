@@ -351,12 +351,12 @@ type Job = (
 );
 
 /// The one thread that writes audit batches into the store (sled writes
-/// block). It used to be `spawn_blocking`, a different pool thread from
-/// one write to the next: sled frees what a write replaces through
-/// crossbeam-epoch, and a pool thread gone idle kept its unflushed share
-/// of that garbage (audit pages of tens of KiB) until it ran again or
-/// exited, and glibc gave each thread's frees to its own arena. A 60 s
-/// soak's peak RSS varied from 85 to 135 MiB with it.
+/// block). It used to be `spawn_blocking`, which does not keep consecutive
+/// writes on one thread; sled frees what a write replaces through
+/// crossbeam-epoch (garbage kept per thread until that thread runs again)
+/// and glibc serves each thread from its own arena. A saturation soak's
+/// peak RSS varied from 85 to 135 MiB with it, 64 to 75 MiB with this
+/// thread (docs/performance.md, round 9).
 fn spawn_store_thread(store: Arc<Store>, max_records: usize) -> std::sync::mpsc::Sender<Job> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let rt = tokio::runtime::Handle::current();
