@@ -2,9 +2,9 @@
 //!
 //! The request path moves its record into a buffer under a short lock (no
 //! wake-up, no I/O, no serialising: the JSON was a third of the request
-//! path's own work). A background task serialises, seals and writes the
-//! buffered records every `FLUSH_EVERY`, or sooner when they grow large or
-//! someone reads the log.
+//! path's own work). A background task serialises the buffered records
+//! every `FLUSH_EVERY`, or sooner when they grow large or someone reads the
+//! log, and hands them to one thread that seals and writes them.
 //! A `kill -9` can lose the last interval's records; a graceful shutdown
 //! writes everything.
 //!
@@ -365,14 +365,12 @@ fn spawn_store_thread(store: Arc<Store>, max_records: usize) -> std::sync::mpsc:
         .spawn(move || {
             // Ends when the writer task drops its sender.
             for (batches, done) in rx {
-                // A panic fails this write (its sender is dropped), not
-                // every later one.
+                // A panic fails this write, not every later one.
                 let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     rt.block_on(store.append_audit_json(&batches, max_records))
-                }));
-                if let Ok(res) = res {
-                    let _ = done.send(res);
-                }
+                }))
+                .unwrap_or_else(|_| Err(StoreError::Io("the audit write panicked".into())));
+                let _ = done.send(res);
             }
         });
     if let Err(e) = spawned {

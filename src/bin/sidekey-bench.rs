@@ -12,7 +12,9 @@
 //!   over `--connections` connections, latency measured from the scheduled
 //!   start, so a slow server cannot hide queueing (coordinated omission);
 //! - `--refresh-storm N`: N concurrent requests on one expired token;
-//! - `--soak S`: `--soak-connections` (256) connections for S seconds.
+//! - `--soak S`: `--soak-connections` (256) connections for S seconds,
+//!   with sidekey's RSS and its audit backlog
+//!   (`sidekey_audit_pending_records`) sampled once a second.
 //!
 //! `--backend postgres` runs sidekey on PostgreSQL (a throwaway cluster the
 //! bench starts as the `postgres` user on a unix socket in its temp dir, or
