@@ -976,6 +976,70 @@ async fn audit_lists_calls_and_admin_writes_newest_first_without_secrets() {
     }
 }
 
+/// Retention when batches hold several records each: calls made at once
+/// land in one batch, so trimming removes whole batches and re-seals the
+/// newest part of the batch that straddles the limit (on PostgreSQL the
+/// whole batches go in one statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_retention_trims_multi_record_batches_exactly() {
+    let up = Upstream::start().await;
+    let mut toml = provider_toml("custom", &up.url, "");
+    toml.push_str("[audit]\nmax_records = 5\n");
+    let sk = Sidekey::start(Options::with_providers(&toml)).await;
+    sk.put_credential("alice", "custom", json!({"access_token": "tok-batches"}))
+        .await;
+    let a = sk.token("alice", &["custom"]).await;
+    let paths = |r: support::Resp| -> Vec<String> {
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["path"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let sizes = [3usize, 3, 4, 7];
+    for (burst, &n) in sizes.iter().enumerate() {
+        let calls = (0..n).map(|i| {
+            let (sk, a) = (&sk, &a);
+            async move {
+                let r = sk
+                    .proxy(
+                        Method::GET,
+                        &format!("/v1/proxy/custom/b{burst}/{i}"),
+                        a,
+                        "",
+                    )
+                    .await;
+                assert_eq!(r.status, 200);
+            }
+        });
+        futures_util::future::join_all(calls).await;
+        // Reading the log writes the burst's records first.
+        let got = paths(sk.admin(Method::GET, "/v1/audit?limit=100", None).await);
+        // Calls made at once finish in any order, so which of a burst's
+        // calls survive a partial trim is not fixed; how many is: the
+        // newest five records, newest burst first.
+        let mut want = Vec::new();
+        let mut room = 5usize;
+        for b in (0..=burst).rev() {
+            let keep = sizes[b].min(room);
+            want.extend(std::iter::repeat_n(format!("b{b}"), keep));
+            room -= keep;
+        }
+        // Older still: the credential write and the session mint.
+        want.extend(std::iter::repeat_n("v1".to_string(), room.min(2)));
+        let bursts: Vec<String> = got
+            .iter()
+            .map(|p| p.split('/').nth(1).unwrap().to_owned())
+            .collect();
+        assert_eq!(bursts, want, "{got:?}");
+        let mut unique = got.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "{got:?}");
+    }
+}
+
 #[tokio::test]
 async fn audit_retention_keeps_only_the_newest_records() {
     let up = Upstream::start().await;

@@ -1359,19 +1359,34 @@ impl Store {
     /// the audit writer builds them, sealing each as one value.
     ///
     /// A sealed batch per value (not a record per key) keeps writing cheap.
-    /// sled trims to `max_records` exactly on every append; PostgreSQL
-    /// trims whole batches in the cluster-wide GC ([`trim_audit`]).
+    /// Both backends trim to `max_records` exactly on every append (and
+    /// PostgreSQL again in the cluster-wide GC, [`trim_audit`]).
     pub async fn append_audit_json(
         &self,
         chunks: &[(Vec<u8>, usize)],
         max_records: usize,
     ) -> Result<(), StoreError> {
         let mut batches = Vec::with_capacity(chunks.len());
+        let wanted = chunks.iter().filter(|(_, n)| *n > 0).count();
+        let mut ids = match &self.backend {
+            // One round trip for all of them, not one per batch.
+            Backend::Postgres(b) => b.next_ids(wanted).await?,
+            Backend::Sled(b) => {
+                let mut ids = Vec::with_capacity(wanted);
+                for _ in 0..wanted {
+                    ids.push(b.next_id().await?);
+                }
+                ids
+            }
+        }
+        .into_iter();
         for (json, n) in chunks {
             if *n == 0 {
                 continue;
             }
-            let id = on_backend!(self, b => b.next_id().await)?;
+            let id = ids
+                .next()
+                .ok_or_else(|| StoreError::Io("the id sequence returned too few ids".into()))?;
             let key = Store::audit_key(id, *n);
             let sealed = self.seal(Tree::Audit, &key, json);
             batches.push((key.to_vec(), sealed, *n));
@@ -1399,6 +1414,13 @@ impl Store {
         };
         let mut total = b.audit_total().await?;
         let mut removed = 0u64;
+        if total > max_records {
+            // The whole batches in one statement; the loop below then has
+            // at most the batch that straddles the limit left.
+            removed += b.trim_audit_batches(total - max_records).await? as u64;
+            // Counted again: another replica may have trimmed at once.
+            total = b.audit_total().await?;
+        }
         while total > max_records {
             let Some((k, v)) = b.page(Tree::Audit, None, 1).await?.into_iter().next() else {
                 break;

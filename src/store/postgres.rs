@@ -631,6 +631,64 @@ impl PgBackend {
         .await
     }
 
+    /// `n` fresh ids in one round trip, ascending.
+    pub async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "SELECT nextval('sidekey_ids') FROM generate_series(1::bigint, $1::bigint)",
+                )
+                .await
+                .map_err(pg)?;
+            let mut ids: Vec<u64> = c
+                .query(&st, &[&(n as i64)])
+                .await
+                .map_err(pg)?
+                .into_iter()
+                .map(|r| r.get::<_, i64>(0).max(0) as u64)
+                .collect();
+            ids.sort_unstable();
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Deletes the oldest whole audit batches that together hold at most
+    /// `excess` records, in one statement, and returns how many records
+    /// they held. One commit instead of one per batch: at saturation the
+    /// per-batch deletes (each its own synchronous commit) could not keep
+    /// up with the writer and records were dropped. Replicas trimming at
+    /// once wait on each other's row locks and skip rows already gone, so
+    /// a batch is never counted twice.
+    pub async fn trim_audit_batches(&self, excess: usize) -> Result<usize, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            // Batch keys end in a 2-byte record count (see `audit_key`).
+            let st = c
+                .prepare_cached(
+                    "DELETE FROM sidekey_kv WHERE ns = $1 AND k IN ( \
+                       SELECT k FROM ( \
+                         SELECT k, sum(get_byte(k, 8) * 256 + get_byte(k, 9)) \
+                                OVER (ORDER BY k) AS upto \
+                         FROM sidekey_kv WHERE ns = $1 AND length(k) = 10 \
+                       ) oldest WHERE upto <= $2) \
+                     RETURNING get_byte(k, 8) * 256 + get_byte(k, 9)",
+                )
+                .await
+                .map_err(pg)?;
+            let rows = c
+                .query(&st, &[&Tree::Audit.ns(), &(excess as i64)])
+                .await
+                .map_err(pg)?;
+            Ok(rows
+                .into_iter()
+                .map(|r| r.get::<_, i32>(0).max(0) as usize)
+                .sum())
+        })
+        .await
+    }
+
     /// Moves the id sequence past `id` (after copying audit batches in).
     pub async fn advance_ids(&self, id: u64) -> Result<(), StoreError> {
         self.timed(async {
