@@ -976,6 +976,16 @@ async fn audit_lists_calls_and_admin_writes_newest_first_without_secrets() {
     }
 }
 
+/// The paths of a `GET /v1/audit` answer, newest first.
+fn audit_paths(r: support::Resp) -> Vec<String> {
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// Retention when batches hold several records each: calls made at once
 /// land in one batch, so trimming removes whole batches and re-seals the
 /// newest part of the batch that straddles the limit (on PostgreSQL the
@@ -989,14 +999,6 @@ async fn audit_retention_trims_multi_record_batches_exactly() {
     sk.put_credential("alice", "custom", json!({"access_token": "tok-batches"}))
         .await;
     let a = sk.token("alice", &["custom"]).await;
-    let paths = |r: support::Resp| -> Vec<String> {
-        r.json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["path"].as_str().unwrap().to_owned())
-            .collect()
-    };
     let sizes = [3usize, 3, 4, 7];
     for (burst, &n) in sizes.iter().enumerate() {
         let calls = (0..n).map(|i| {
@@ -1015,7 +1017,7 @@ async fn audit_retention_trims_multi_record_batches_exactly() {
         });
         futures_util::future::join_all(calls).await;
         // Reading the log writes the burst's records first.
-        let got = paths(sk.admin(Method::GET, "/v1/audit?limit=100", None).await);
+        let got = audit_paths(sk.admin(Method::GET, "/v1/audit?limit=100", None).await);
         // Calls made at once finish in any order, so which of a burst's
         // calls survive a partial trim is not fixed; how many is: the
         // newest five records, newest burst first.
@@ -1056,21 +1058,13 @@ async fn audit_retention_keeps_only_the_newest_records() {
         assert_eq!(r.status, 200);
     }
     let expect = ["/p/8", "/p/7", "/p/6", "/p/5", "/p/4"];
-    let paths = |r: support::Resp| -> Vec<String> {
-        r.json()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["path"].as_str().unwrap().to_owned())
-            .collect()
-    };
     let r = sk.admin(Method::GET, "/v1/audit?limit=100", None).await;
-    assert_eq!(paths(r), expect);
+    assert_eq!(audit_paths(r), expect);
     // Still so after a restart (the trimmed records are gone from disk).
     assert_eq!(sk.stop(), Some(0));
     sk.restart().await;
     let r = sk.admin(Method::GET, "/v1/audit?limit=100", None).await;
-    assert_eq!(paths(r), expect);
+    assert_eq!(audit_paths(r), expect);
 }
 
 // ---------------------------------------------------------------------------

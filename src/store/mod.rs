@@ -1368,18 +1368,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut batches = Vec::with_capacity(chunks.len());
         let wanted = chunks.iter().filter(|(_, n)| *n > 0).count();
-        let mut ids = match &self.backend {
-            // One round trip for all of them, not one per batch.
-            Backend::Postgres(b) => b.next_ids(wanted).await?,
-            Backend::Sled(b) => {
-                let mut ids = Vec::with_capacity(wanted);
-                for _ in 0..wanted {
-                    ids.push(b.next_id().await?);
-                }
-                ids
-            }
-        }
-        .into_iter();
+        // One round trip for all of them on PostgreSQL, not one per batch.
+        let mut ids = on_backend!(self, b => b.next_ids(wanted).await)?.into_iter();
         for (json, n) in chunks {
             if *n == 0 {
                 continue;

@@ -618,19 +618,6 @@ impl PgBackend {
         .await
     }
 
-    pub async fn next_id(&self) -> Result<u64, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached("SELECT nextval('sidekey_ids')")
-                .await
-                .map_err(pg)?;
-            let n: i64 = c.query_one(&st, &[]).await.map_err(pg)?.get(0);
-            Ok(n.max(0) as u64)
-        })
-        .await
-    }
-
     /// `n` fresh ids in one round trip, ascending.
     pub async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
         self.timed(async {

@@ -224,8 +224,9 @@ impl SledBackend {
         Ok(self.t(t).len())
     }
 
-    pub async fn next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+    /// `n` fresh ids, ascending.
+    pub async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
+        (0..n).map(|_| Ok(self.db.generate_id()?)).collect()
     }
 
     /// Makes every write so far durable.
