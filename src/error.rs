@@ -7,10 +7,14 @@
 
 use std::fmt;
 
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::body::{self, Body};
+
+/// `X-Sidekey-Error` on every error answer: its code. A name parsed once,
+/// since every answer is checked for it.
+pub static ERROR_HEADER: HeaderName = HeaderName::from_static("x-sidekey-error");
 
 /// Which provider an error is about, with the name a caller would say.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -299,7 +303,7 @@ impl ApiError {
         }
     }
 
-    /// The contract's error answer: JSON body, status, `X-Sidekey-Error`.
+    /// The contract's error answer: JSON body, status, [`ERROR_HEADER`].
     pub fn into_response(self) -> Response<Body> {
         let mut err = json!({ "code": self.code(), "message": self.message() });
         if let Some(p) = self.provider() {
@@ -310,7 +314,7 @@ impl ApiError {
         }
         let mut resp = body::json(self.status(), &json!({ "error": err }));
         resp.headers_mut()
-            .insert("x-sidekey-error", HeaderValue::from_static(self.code()));
+            .insert(&ERROR_HEADER, HeaderValue::from_static(self.code()));
         if let ApiError::RateLimited { retry_after_secs } = self {
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,

@@ -27,7 +27,7 @@ use crate::audit::{Caller, ProxyRecord, Refused};
 use crate::body::{self, Body};
 use crate::client::IdleTimeoutBody;
 use crate::error::{ApiError, SessionFault};
-use crate::providers::{Grant, InjectError, Provider, ProxyPath, check_path, is_hop_by_hop};
+use crate::providers::{Grant, InjectError, Provider, ProxyPath, check_path};
 use crate::refresh::Forced;
 use crate::secret::scrub;
 use crate::session::VerifiedSession;
@@ -383,8 +383,12 @@ async fn refresh_providers(
 // ---------------------------------------------------------------------------
 // Phases
 
+/// Parsed once: a lookup by `&str` parses and lowercases the name on
+/// every request.
+static SESSION_HEADER: HeaderName = HeaderName::from_static("x-sidekey-session");
+
 fn session_token(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get("x-sidekey-session") {
+    if let Some(v) = headers.get(&SESSION_HEADER) {
         return v.to_str().ok().map(str::trim);
     }
     let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -573,7 +577,7 @@ fn check_request<'t>(
     let path = &*t
         .checked
         .insert(check_path(rest).map_err(ApiError::BadPath)?);
-    if !provider.allows(method, &path.decoded) {
+    if !provider.allows(method, path.decoded()) {
         return Err(ApiError::PathNotAllowed(provider.label()));
     }
     Ok(path)
@@ -730,22 +734,26 @@ impl<'a> ForwardFilter<'a> {
 }
 
 impl crate::client::HeaderFilter for ForwardFilter<'_> {
+    // Runs for every header of every proxied call: the fixed names are one
+    // `match` on the name, not a comparison each.
     fn keeps(&self, name: &HeaderName) -> bool {
         let n = name.as_str();
-        !(is_hop_by_hop(name)
-            || name == header::HOST
-            || name == header::AUTHORIZATION
-            || name == header::COOKIE
-            || name == header::CONTENT_LENGTH
-            || name == header::EXPECT
-            || name == self.conv_header
-            || n.starts_with("x-sidekey-")
-            || self.listed.iter().any(|l| l == n)
-            || self.provider.injected_header() == Some(name)
+        let refused = match n {
+            crate::hop_by_hop_names!()
+            | "host"
+            | "authorization"
+            | "cookie"
+            | "content-length"
+            | "expect" => true,
             // Slack-style `ok: false` answers must be read to be
             // recognised; ask for an uncompressed body.
-            || (name == header::ACCEPT_ENCODING
-                && !self.provider.conventions.ok_false_auth_errors.is_empty()))
+            "accept-encoding" => !self.provider.conventions.ok_false_auth_errors.is_empty(),
+            _ => n.starts_with("x-sidekey-"),
+        };
+        !(refused
+            || name == self.conv_header
+            || self.provider.injected_header() == Some(name)
+            || self.listed.iter().any(|l| l == n))
     }
 }
 
@@ -948,10 +956,10 @@ fn finish(
     // The path as the audit log and access log show it: decoded, `/` for
     // an empty one.
     if let Some(p) = t.checked.take() {
-        t.path = if p.decoded.is_empty() {
+        t.path = if p.raw.is_empty() {
             "/".into()
         } else {
-            p.decoded
+            p.into_decoded()
         };
     }
     let status = resp.status().as_u16();

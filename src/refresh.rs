@@ -365,6 +365,14 @@ impl RefreshCoordinator {
 
     fn needs_refresh(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
         let Some(e) = c.expires_at else { return false };
+        let now = self.clock.now();
+        // The configured skew is the most any token gets (a short-lived
+        // one's is capped below it): far enough from expiry, nothing else
+        // need be looked up. This is every proxied call's path; the
+        // lookup below takes a lock both workers share.
+        if e.saturating_sub(p.refresh_skew_secs) > now {
+            return false;
+        }
         let lifetime = self
             .fetched(&owner.key(&p.name), c)
             .and_then(|f| f.lifetime);
@@ -384,7 +392,7 @@ impl RefreshCoordinator {
                 );
             }
         }
-        e.saturating_sub(skew) <= self.clock.now()
+        e.saturating_sub(skew) <= now
     }
 
     /// Within the provider's cooldown after a successful refresh that

@@ -693,7 +693,7 @@ async fn serve_http<I>(
             // surface in any handler.
             if resp
                 .headers()
-                .get("x-sidekey-error")
+                .get(&crate::error::ERROR_HEADER)
                 .is_some_and(|v| v == "store_unavailable")
             {
                 app.metrics.store_unavailable();
@@ -967,7 +967,7 @@ impl ConnState {
         }
         if !self.proven.load(Ordering::Relaxed)
             && !health
-            && !resp.headers().contains_key("x-sidekey-error")
+            && !resp.headers().contains_key(&crate::error::ERROR_HEADER)
         {
             self.proven.store(true, Ordering::Relaxed);
             let t = self.ticket.lock().unwrap_or_else(|e| e.into_inner()).take();

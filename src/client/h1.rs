@@ -102,14 +102,19 @@ pub(crate) struct Conn {
     buf: BytesMut,
     /// The request being written; kept between requests (heads are alike).
     out: Vec<u8>,
+    /// The `Host` header's value: a connection serves one origin, so it is
+    /// worked out once, not parsed out of each request's URI.
+    host: Box<[u8]>,
 }
 
 impl Conn {
-    pub(crate) fn new(io: Io) -> Conn {
+    /// A connection to `target`'s origin.
+    pub(crate) fn new(io: Io, target: &Uri) -> Conn {
         Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            host: host_value(target).into_boxed_slice(),
         }
     }
 
@@ -206,7 +211,9 @@ pub(crate) async fn write_request(
 ) -> io::Result<Sent> {
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
-    encode_head(&mut out, method, target, headers, credential, body);
+    encode_head(
+        &mut out, method, target, &conn.host, headers, credential, body,
+    );
     let mut written = write_unless_answered(conn, &out).await;
     if matches!(written, Ok(true)) && body.len() > COALESCE_BODY {
         written = write_unless_answered(conn, body).await;
@@ -300,10 +307,13 @@ fn final_answer_started(buf: &mut BytesMut) -> bool {
     }
 }
 
+/// `host` is the `Host` value to send unless the caller set one (none
+/// when empty).
 fn encode_head(
     out: &mut Vec<u8>,
     method: &Method,
     target: &Uri,
+    host: &[u8],
     headers: Headers<'_>,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
@@ -324,15 +334,10 @@ fn encode_head(
         _ => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(&header::HOST) && replaced != Some(&header::HOST) {
-        if let Some(host) = target.host() {
-            out.extend_from_slice(b"host: ");
-            out.extend_from_slice(host.as_bytes());
-            if let Some(port) = non_default_port(target) {
-                push_decimal(out, b':', port.into());
-            }
-            out.extend_from_slice(b"\r\n");
-        }
+    if !host.is_empty() && !headers.contains_key(&header::HOST) && replaced != Some(&header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n");
     }
     for (n, v) in headers.iter() {
         if replaced != Some(n) {
@@ -361,6 +366,18 @@ fn push_header(out: &mut Vec<u8>, n: &HeaderName, v: &HeaderValue) {
 }
 
 /// The port for `Host`, unless it is the scheme's default.
+/// `target`'s host, and its port unless it is the scheme's default.
+fn host_value(target: &Uri) -> Vec<u8> {
+    let mut v = Vec::new();
+    if let Some(host) = target.host() {
+        v.extend_from_slice(host.as_bytes());
+        if let Some(port) = non_default_port(target) {
+            push_decimal(&mut v, b':', port.into());
+        }
+    }
+    v
+}
+
 fn non_default_port(uri: &Uri) -> Option<u16> {
     let port = uri.port_u16()?;
     let secure = uri.scheme_str() == Some("https");
@@ -886,7 +903,16 @@ mod tests {
 
     fn encode(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_head(&mut out, method, target, Headers::all(headers), None, body);
+        let host = host_value(target);
+        encode_head(
+            &mut out,
+            method,
+            target,
+            &host,
+            Headers::all(headers),
+            None,
+            body,
+        );
         out
     }
 
@@ -961,6 +987,7 @@ mod tests {
             &mut out,
             &Method::GET,
             &target,
+            &host_value(&target),
             Headers::all(&h),
             Some(&cred),
             &Bytes::new(),
@@ -1169,5 +1196,15 @@ mod tests {
             non_default_port(&"http://a:443/".parse().unwrap()),
             Some(443)
         );
+        for (uri, host) in [
+            ("https://api.example.com:8443/x", "api.example.com:8443"),
+            ("https://api.example.com:443/x", "api.example.com"),
+            ("http://[::1]:8080/", "[::1]:8080"),
+            ("http://[::1]:80/", "[::1]"),
+            ("http://a/", "a"),
+        ] {
+            let v = host_value(&uri.parse().unwrap());
+            assert_eq!(std::str::from_utf8(&v).unwrap(), host, "{uri}");
+        }
     }
 }

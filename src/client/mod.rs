@@ -159,7 +159,8 @@ impl<'a> Headers<'a> {
     }
 
     pub fn contains_key(&self, name: &HeaderName) -> bool {
-        self.map.contains_key(name) && self.keeps(name)
+        // The filter first: it refuses `Host` without a hash lookup.
+        self.keeps(name) && self.map.contains_key(name)
     }
 
     /// As a map of their own, for hyper's clients.
@@ -216,6 +217,9 @@ pub async fn request(
 
 /// An upstream answer's body: read by hyper's client (the shared client,
 /// h2), or by sidekey's own HTTP/1.1 exchange ([`h1`]).
+// Unboxed: the H1 body is nearly every answer's, and boxing it would be an
+// allocation per proxied call to save bytes in the rare hyper case.
+#[allow(clippy::large_enum_variant)]
 pub enum UpstreamBody {
     Hyper(hyper::body::Incoming),
     H1(h1::Body),

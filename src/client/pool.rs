@@ -328,7 +328,7 @@ async fn connect(target: &Uri, https: bool) -> Result<Idle, SendError> {
         .map_err(|e| SendError::Connect(e.into()))?
         .into_inner();
     if !https {
-        return Ok(Idle::H1(Conn::new(h1::Io::Plain(stream))));
+        return Ok(Idle::H1(Conn::new(h1::Io::Plain(stream), target)));
     }
     let host = target.host().unwrap_or_default();
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -351,5 +351,5 @@ async fn connect(target: &Uri, https: bool) -> Result<Idle, SendError> {
         });
         return Ok(Idle::H2(sender));
     }
-    Ok(Idle::H1(Conn::new(h1::Io::Tls(Box::new(stream)))))
+    Ok(Idle::H1(Conn::new(h1::Io::Tls(Box::new(stream)), target)))
 }

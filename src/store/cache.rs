@@ -6,7 +6,6 @@
 //! from disk before a write cannot put its now-stale copy back. Entries hold
 //! `Arc<V>`: a credential's secrets are zeroized when the last user drops it.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 
 // foldhash, not SipHash: three cache lookups per proxied request hashed
@@ -14,16 +13,21 @@ use std::hash::BuildHasher;
 // seed keeps keys (ids and verified tokens, never raw attacker input that
 // gets inserted) from being steered into collisions.
 use foldhash::fast::RandomState;
+// A table that takes the hash from the caller: one hash per lookup picks
+// the shard (top bits) and the slot, where a map would hash the key again.
+use hashbrown::HashTable;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SHARDS: usize = 32;
 
+/// A key, its value and the instant it expires: a lookup compares one
+/// clock reading, with no duration arithmetic.
+type Entry<V> = (String, Arc<V>, Instant);
+
 struct Shard<V> {
     epoch: u64,
-    /// Each value with the instant it expires: a lookup compares one clock
-    /// reading, with no duration arithmetic.
-    map: HashMap<String, (Arc<V>, Instant), RandomState>,
+    map: HashTable<Entry<V>>,
 }
 
 pub struct Cache<V> {
@@ -40,7 +44,7 @@ impl<V> Cache<V> {
                 .map(|_| {
                     Mutex::new(Shard {
                         epoch: 0,
-                        map: HashMap::default(),
+                        map: HashTable::new(),
                     })
                 })
                 .collect(),
@@ -50,12 +54,13 @@ impl<V> Cache<V> {
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<Shard<V>> {
-        &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS]
-    }
-
-    fn lock<'a>(&self, m: &'a Mutex<Shard<V>>) -> std::sync::MutexGuard<'a, Shard<V>> {
-        m.lock().unwrap_or_else(|p| p.into_inner())
+    /// The key's hash and its shard, locked. The shard comes from bits 32
+    /// and up, which the table inside uses for neither a slot (the low
+    /// bits) nor its tag (the top seven).
+    fn shard(&self, key: &str) -> (u64, std::sync::MutexGuard<'_, Shard<V>>) {
+        let hash = self.hasher.hash_one(key);
+        let m = &self.shards[(hash >> 32) as usize % SHARDS];
+        (hash, m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// A live entry, or the shard epoch to pass to [`insert`] after loading.
@@ -63,14 +68,14 @@ impl<V> Cache<V> {
         if self.per_shard == 0 || self.ttl.is_zero() {
             return Err(0);
         }
-        let mut s = self.lock(self.shard(key));
-        match s.map.get(key) {
-            Some((c, expires)) if Instant::now() < *expires => Ok(c.clone()),
-            Some(_) => {
-                s.map.remove(key);
+        let (hash, mut s) = self.shard(key);
+        match s.map.find_entry(hash, |e| e.0 == key) {
+            Ok(e) if Instant::now() < e.get().2 => Ok(e.get().1.clone()),
+            Ok(e) => {
+                e.remove();
                 Err(s.epoch)
             }
-            None => Err(s.epoch),
+            Err(_) => Err(s.epoch),
         }
     }
 
@@ -79,19 +84,9 @@ impl<V> Cache<V> {
         if self.per_shard == 0 || self.ttl.is_zero() {
             return;
         }
-        let mut s = self.lock(self.shard(key));
+        let (hash, mut s) = self.shard(key);
         if s.epoch != epoch {
             return;
-        }
-        if s.map.len() >= self.per_shard && !s.map.contains_key(key) {
-            // Drop expired entries first; if none, drop an arbitrary one.
-            let now = Instant::now();
-            s.map.retain(|_, (_, expires)| now < *expires);
-            if s.map.len() >= self.per_shard {
-                if let Some(k) = s.map.keys().next().cloned() {
-                    s.map.remove(&k);
-                }
-            }
         }
         // A TTL past what an Instant can hold is "until evicted".
         let now = Instant::now();
@@ -99,26 +94,49 @@ impl<V> Cache<V> {
             .checked_add(self.ttl)
             .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
             .unwrap_or(now);
-        s.map.insert(key.to_owned(), (value, expires));
+        if let Some(e) = s.map.find_mut(hash, |e| e.0 == key) {
+            e.1 = value;
+            e.2 = expires;
+            return;
+        }
+        if s.map.len() >= self.per_shard {
+            // Drop expired entries first; if none, drop an arbitrary one.
+            s.map.retain(|e| now < e.2);
+            if s.map.len() >= self.per_shard {
+                // The first entry the table visits goes.
+                let mut kept_one = false;
+                s.map.retain(|_| std::mem::replace(&mut kept_one, true));
+            }
+        }
+        let hasher = &self.hasher;
+        s.map
+            .insert_unique(hash, (key.to_owned(), value, expires), |e| {
+                hasher.hash_one(&e.0)
+            });
     }
 
     /// Called by every write: removes the entry and fences off in-flight loads.
     pub fn invalidate(&self, key: &str) {
-        let mut s = self.lock(self.shard(key));
+        let (hash, mut s) = self.shard(key);
         s.epoch += 1;
-        s.map.remove(key);
+        if let Ok(e) = s.map.find_entry(hash, |e| e.0 == key) {
+            e.remove();
+        }
     }
 
     pub fn clear(&self) {
         for m in &self.shards {
-            let mut s = self.lock(m);
+            let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
             s.epoch += 1;
             s.map.clear();
         }
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|m| self.lock(m).map.len()).sum()
+        self.shards
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).map.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
