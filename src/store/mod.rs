@@ -186,6 +186,11 @@ pub fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
 }
 
 /// One audit entry: who did what, when. Never a token or a body.
+///
+/// The audit writer stores a record as the JSON array of these fields in
+/// this order (older records are objects; serde reads both). So a field is
+/// only ever added at the end, with `#[serde(default)]`, and never
+/// reordered or removed.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AuditRecord {
     /// Unix milliseconds.
