@@ -365,7 +365,6 @@ fn push_header(out: &mut Vec<u8>, n: &HeaderName, v: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The port for `Host`, unless it is the scheme's default.
 /// `target`'s host, and its port unless it is the scheme's default.
 fn host_value(target: &Uri) -> Vec<u8> {
     let mut v = Vec::new();
@@ -378,6 +377,7 @@ fn host_value(target: &Uri) -> Vec<u8> {
     v
 }
 
+/// The port for `Host`, unless it is the scheme's default.
 fn non_default_port(uri: &Uri) -> Option<u16> {
     let port = uri.port_u16()?;
     let secure = uri.scheme_str() == Some("https");

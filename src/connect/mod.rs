@@ -757,7 +757,7 @@ pub fn store_unavailable(app: &App) -> Response<Body> {
         "sidekey cannot reach its credential store just now. Go back and try again in a moment.",
     );
     resp.headers_mut().insert(
-        "x-sidekey-error",
+        &crate::error::ERROR_HEADER,
         HeaderValue::from_static("store_unavailable"),
     );
     resp

@@ -30,6 +30,12 @@ struct Shard<V> {
     map: HashTable<Entry<V>>,
 }
 
+/// A shard, also after a panic while it was held: its entries are whole
+/// values, so there is nothing half-written to distrust.
+fn lock<V>(m: &Mutex<Shard<V>>) -> std::sync::MutexGuard<'_, Shard<V>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub struct Cache<V> {
     shards: Vec<Mutex<Shard<V>>>,
     hasher: RandomState,
@@ -60,7 +66,7 @@ impl<V> Cache<V> {
     fn shard(&self, key: &str) -> (u64, std::sync::MutexGuard<'_, Shard<V>>) {
         let hash = self.hasher.hash_one(key);
         let m = &self.shards[(hash >> 32) as usize % SHARDS];
-        (hash, m.lock().unwrap_or_else(|p| p.into_inner()))
+        (hash, lock(m))
     }
 
     /// A live entry, or the shard epoch to pass to [`insert`] after loading.
@@ -126,17 +132,14 @@ impl<V> Cache<V> {
 
     pub fn clear(&self) {
         for m in &self.shards {
-            let mut s = m.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(m);
             s.epoch += 1;
             s.map.clear();
         }
     }
 
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).map.len())
-            .sum()
+        self.shards.iter().map(|m| lock(m).map.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
