@@ -460,7 +460,7 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
         }
         Err(PostCallError::TooSlow(why)) => {
             tracing::warn!(reason = why, "post-call body cut off");
-            app.metrics.webhook("post_call", "too_slow");
+            app.metrics.webhook("post_call", "refused");
             app.audit.refused(crate::audit::Refused {
                 path,
                 code: "request_timeout",
@@ -473,9 +473,10 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             if let ApiError::InvalidSignature(why) = &e {
                 tracing::warn!(reason = why, "post-call webhook refused");
             }
-            if !verified && matches!(e, ApiError::Overloaded | ApiError::BodyTooLarge(_)) {
-                // Anyone can send an unsigned body by the thousand: counted
-                // and summarised, never one audit record each.
+            if !verified {
+                // Anyone can send an unsigned body by the thousand (and cut
+                // it off, or overrun the budget): counted and summarised,
+                // never one audit record each.
                 app.metrics.webhook("post_call", "refused");
                 app.audit.refused(crate::audit::Refused {
                     path,

@@ -405,11 +405,12 @@ fn victim(
             .iter()
             .filter(move |(id, h)| **id != me && !h.cut && h.held > 0)
     };
-    // Within its share, a body takes back what others hold on loan,
-    // largest first.
+    // Within its share, a body takes back what large bodies hold on loan,
+    // largest first (a small body is never cut for another's sake, however
+    // small the share is set).
     if total <= rules.share {
         if let Some((id, _)) = others()
-            .filter(|(_, h)| h.held > rules.share)
+            .filter(|(_, h)| h.large && h.held > rules.share)
             .max_by_key(|(_, h)| h.held)
         {
             return Some(*id);
@@ -511,6 +512,33 @@ mod budget_tests {
         assert_eq!(b.used(), 4 * MIB);
         drop((big, other, third));
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_small_body_is_never_cut_for_a_share_smaller_than_the_reserve() {
+        let b = ByteBudget::new(12 * MIB);
+        let r = Sharing {
+            reserve: 4 * MIB,
+            share: MIB,
+            patience: Duration::from_secs(3),
+        };
+        let mut small = b.reader(r, Some(4 * MIB));
+        assert!(small.grow(4 * MIB));
+        let mut large = b.reader(r, Some(60 * MIB));
+        assert!(large.grow(4 * MIB));
+        // Within its share, a newcomer takes the room of the large body past
+        // its share, not of the small one (past the share too).
+        let mut within: Vec<_> = (0..4).map(|_| b.reader(r, Some(60 * MIB))).collect();
+        assert!(within[0].grow(MIB));
+        assert!(!large.grow(1), "the large body gave way");
+        for w in &mut within[1..] {
+            assert!(w.grow(MIB));
+        }
+        assert_eq!(b.used(), 8 * MIB);
+        let mut last = b.reader(r, Some(60 * MIB));
+        assert!(!last.grow(1), "nothing on loan is left to take back");
+        assert!(futures_util::FutureExt::now_or_never(small.cut_off()).is_none());
+        assert!(small.grow(0));
     }
 
     #[test]

@@ -581,3 +581,53 @@ async fn webhooks_refuse_on_their_headers_before_any_body() {
         .unwrap_or_default();
     assert_eq!(status_line(&head), "HTTP/1.1 200 OK", "{head}");
 }
+
+/// Over HTTP/2 too, a body cut off mid-stream gets its answer (a 408 here),
+/// never a stream reset in its place.
+#[tokio::test]
+async fn a_cut_off_http2_body_still_gets_its_answer() {
+    use rustls::pki_types::pem::PemObject;
+    let (_up, sk) = start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(sk.path().join("certs/server.crt"))
+        .unwrap()
+    {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(sk.agent_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::post(sk.agent_url("/v1/elevenlabs/post-call"))
+        .header("elevenlabs-signature", fresh_forgery())
+        .body(())
+        .unwrap();
+    let (resp, mut body) = client.send_request(req, false).unwrap();
+    body.send_data(Bytes::from_static(b"{\"type\":"), false)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no answer within 10 s");
+    match resp {
+        Ok(r) => {
+            assert_eq!(r.status(), 408);
+            assert_eq!(r.headers()["x-sidekey-error"], "request_timeout");
+        }
+        Err(e) => panic!("the stream was reset instead of answered: {e:?}"),
+    }
+}
