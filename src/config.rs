@@ -214,6 +214,10 @@ struct RawElevenLabs {
     init_providers: Option<Vec<String>>,
     max_webhook_bytes: Option<u64>,
     webhook_memory_budget_bytes: Option<u64>,
+    webhook_reserved_bytes: Option<u64>,
+    webhook_share_bytes: Option<u64>,
+    webhook_min_bytes_per_sec: Option<u64>,
+    webhook_min_rate_grace_secs: Option<u64>,
     webhook_tolerance_secs: Option<u64>,
     tool_response_timeout_secs: Option<u64>,
 }
@@ -413,6 +417,15 @@ pub struct ElevenLabsConfig {
     /// Bytes all post-call bodies being read at once may hold together;
     /// past it, a webhook is answered 503 before more is read.
     pub webhook_memory_budget_bytes: u64,
+    /// The last bytes of that budget, kept for bodies of at most this size
+    /// (a post-call without audio always finds room).
+    pub webhook_reserved_bytes: u64,
+    /// What one post-call body may hold while others need memory.
+    pub webhook_share_bytes: u64,
+    /// A body arriving slower than this (after the grace, and over every
+    /// window of that length) is cut off with 408; 0 = no minimum.
+    pub webhook_min_bytes_per_sec: u64,
+    pub webhook_min_rate_grace_secs: u64,
     pub webhook_tolerance_secs: i64,
     /// `response_timeout_secs` written into generated tools.
     pub tool_response_timeout_secs: u64,
@@ -932,6 +945,29 @@ impl Config {
         if tool_timeout <= server.upstream_timeout_secs {
             w.push(format!("[elevenlabs] tool_response_timeout_secs ({tool_timeout}) is not above [server] upstream_timeout_secs ({}): ElevenLabs may give up before sidekey's own timeout answer arrives", server.upstream_timeout_secs));
         }
+        const MIB: u64 = 1 << 20;
+        // 64 MiB for the largest audio body plus the 4 MiB kept for small ones.
+        let budget = positive(
+            el.webhook_memory_budget_bytes,
+            68 * MIB,
+            "[elevenlabs] webhook_memory_budget_bytes",
+            p,
+        );
+        let reserved = match el.webhook_reserved_bytes {
+            // A small budget (tests, tiny pods) keeps half of it.
+            None => (4 * MIB).min(budget / 2),
+            Some(r) if r >= budget => {
+                p.push(format!("[elevenlabs] webhook_reserved_bytes ({r}) must be below webhook_memory_budget_bytes ({budget})"));
+                budget / 2
+            }
+            Some(r) => r,
+        };
+        let share = positive(
+            el.webhook_share_bytes,
+            ((budget - reserved) / 4).max(MIB),
+            "[elevenlabs] webhook_share_bytes",
+            p,
+        );
         let elevenlabs = ElevenLabsConfig {
             conversation_header,
             webhook_secret,
@@ -947,10 +983,14 @@ impl Config {
                 "[elevenlabs] max_webhook_bytes",
                 p,
             ),
-            webhook_memory_budget_bytes: positive(
-                el.webhook_memory_budget_bytes,
-                64 * 1024 * 1024,
-                "[elevenlabs] webhook_memory_budget_bytes",
+            webhook_memory_budget_bytes: budget,
+            webhook_reserved_bytes: reserved,
+            webhook_share_bytes: share,
+            webhook_min_bytes_per_sec: el.webhook_min_bytes_per_sec.unwrap_or(64 * 1024),
+            webhook_min_rate_grace_secs: positive(
+                el.webhook_min_rate_grace_secs,
+                3,
+                "[elevenlabs] webhook_min_rate_grace_secs",
                 p,
             ),
             webhook_tolerance_secs: i64::try_from(el.webhook_tolerance_secs.unwrap_or(1800))
@@ -958,8 +998,8 @@ impl Config {
             tool_response_timeout_secs: tool_timeout,
         };
 
-        if elevenlabs.webhook_memory_budget_bytes < elevenlabs.max_webhook_bytes {
-            w.push(format!("[elevenlabs] webhook_memory_budget_bytes ({}) is below max_webhook_bytes ({}): post-call bodies larger than the budget will always be answered 503", elevenlabs.webhook_memory_budget_bytes, elevenlabs.max_webhook_bytes));
+        if budget - reserved < elevenlabs.max_webhook_bytes {
+            w.push(format!("[elevenlabs] webhook_memory_budget_bytes ({budget}) less webhook_reserved_bytes ({reserved}) is below max_webhook_bytes ({}): post-call bodies larger than {} bytes will always be answered 503", elevenlabs.max_webhook_bytes, budget - reserved));
         }
         let l = raw.limits;
         let limits = LimitsConfig {

@@ -348,21 +348,51 @@ const REVOKING_EVENTS: &[&str] = &[
     "call_initiation_failure",
 ];
 
+/// Why a post-call was refused: one of sidekey's errors, or a body that
+/// did not arrive in time (408, which has no place among the contract's
+/// agent-facing errors: only webhooks answer it).
+enum PostCallError {
+    Api(ApiError),
+    TooSlow(&'static str),
+}
+
+impl From<ApiError> for PostCallError {
+    fn from(e: ApiError) -> Self {
+        PostCallError::Api(e)
+    }
+}
+
+/// `408 request_timeout`, in the shape of every sidekey error. ElevenLabs
+/// redelivers on 408 when the webhook's retries are switched on.
+fn too_slow(message: &str) -> Response<Body> {
+    let mut resp = body::json(
+        StatusCode::REQUEST_TIMEOUT,
+        &json!({"error": {"code": "request_timeout", "message": message}}),
+    );
+    resp.headers_mut().insert(
+        &crate::error::ERROR_HEADER,
+        http::HeaderValue::from_static("request_timeout"),
+    );
+    resp
+}
+
 /// `POST /v1/elevenlabs/post-call`: revokes every session bound to the
 /// conversation and minted before the event. Redelivery finds nothing
 /// left to revoke and answers 200.
 ///
 /// Nothing is read before the cheap checks pass: a secret is configured,
 /// the signature header parses and its timestamp is fresh. The body is
-/// then read into memory reserved from `app.webhook_bodies` (all post-call
-/// bodies in flight share it) while the HMAC is computed over it.
+/// then read into memory held in `app.webhook_bodies` (all post-call
+/// bodies in flight share it fairly, see [`crate::limits::Sharing`]) while
+/// the HMAC is computed over it.
 pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let path = "/v1/elevenlabs/post-call";
+    let mut verified = false;
     let result = async {
         let Some(secret) = &app.webhook_secret else {
             tracing::warn!("post-call webhook called but no webhook secret is configured ([elevenlabs] webhook_secret_env)");
-            return Err(ApiError::InvalidSignature("no webhook secret configured"));
+            return Err(ApiError::InvalidSignature("no webhook secret configured").into());
         };
         let sig = req
             .headers()
@@ -377,14 +407,12 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             app.config.elevenlabs.webhook_tolerance_secs,
         )
         .map_err(ApiError::InvalidSignature)?;
-        let limit = app.config.elevenlabs.max_webhook_bytes;
-        let mut budget = app.webhook_bodies.reservation();
-        let raw = read_signed_body(req, limit, &mut budget, &mut pending).await?;
+        let raw = read_signed_body(app, req, &mut pending).await?;
         let signed_at = pending.timestamp();
         pending.verify().map_err(ApiError::InvalidSignature)?;
+        verified = true;
         let ev: PostCall = body::json_object(&raw)?;
         drop(raw);
-        drop(budget);
         let conv = ev.data.and_then(|d| d.conversation_id);
         // A replayed (validly signed) event must not end a session minted
         // after it happened.
@@ -410,7 +438,7 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
                 app.store.flush().await.map_err(ApiError::from)?;
             }
         }
-        Ok((ev.kind, conv, revoked))
+        Ok::<_, PostCallError>((ev.kind, conv, revoked))
     }
     .await;
     match result {
@@ -430,68 +458,120 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
                 &json!({"status": "ok", "sessions_revoked": revoked}),
             )
         }
-        Err(e) => {
+        Err(PostCallError::TooSlow(why)) => {
+            tracing::warn!(reason = why, "post-call body cut off");
+            app.metrics.webhook("post_call", "refused");
+            app.audit.refused(crate::audit::Refused {
+                path,
+                code: "request_timeout",
+                reason: None,
+                status: 408,
+            });
+            too_slow("The request body did not arrive in time.")
+        }
+        Err(PostCallError::Api(e)) => {
             if let ApiError::InvalidSignature(why) = &e {
                 tracing::warn!(reason = why, "post-call webhook refused");
+            }
+            if !verified {
+                // Anyone can send an unsigned body by the thousand (and cut
+                // it off, or overrun the budget): counted and summarised,
+                // never one audit record each.
+                app.metrics.webhook("post_call", "refused");
+                app.audit.refused(crate::audit::Refused {
+                    path,
+                    code: e.code(),
+                    reason: None,
+                    status: e.status().as_u16(),
+                });
+                return e.into_response();
             }
             refused(app, path, started, "post_call", "refused", e)
         }
     }
 }
 
-/// Reads a post-call body of at most `limit` bytes, holding what it reads
-/// in `budget` and feeding it to the signature as it arrives.
+/// The longest a post-call body may take, whatever its rate.
+const BODY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Reads a post-call body of at most `[elevenlabs] max_webhook_bytes`,
+/// holding what it reads in the shared webhook budget and feeding it to
+/// the signature as it arrives. Cut off with 408 when it arrives slower
+/// than the minimum rate over a window, with 503 when the budget has no
+/// room for it (or another body took its room back).
 async fn read_signed_body(
+    app: &App,
     req: Request<Incoming>,
-    limit: u64,
-    budget: &mut crate::limits::Reservation<'_>,
     sig: &mut PendingSignature,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, PostCallError> {
+    let cfg = &app.config.elevenlabs;
+    let limit = cfg.max_webhook_bytes;
     let (parts, mut body) = req.into_parts();
     let declared = parts
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(len) = declared {
-        if len > limit {
-            return Err(ApiError::BodyTooLarge(limit));
-        }
-        if !budget.ensure(len) {
-            return Err(overloaded());
-        }
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::BodyTooLarge(limit).into());
     }
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(1 << 20) as usize);
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|_| ApiError::BadRequest("The request body could not be read.".into()))?;
-            let Ok(data) = frame.into_data() else {
+    let window = Duration::from_secs(cfg.webhook_min_rate_grace_secs);
+    // Memory is held for what arrived, never for what a Content-Length
+    // promises: a declared length costs the sender nothing.
+    let mut budget = app.webhook_bodies.reader(
+        crate::limits::Sharing {
+            reserve: cfg.webhook_reserved_bytes,
+            share: cfg.webhook_share_bytes,
+            patience: window,
+        },
+        declared,
+    );
+    let min_per_window = cfg
+        .webhook_min_bytes_per_sec
+        .saturating_mul(cfg.webhook_min_rate_grace_secs);
+    let deadline = tokio::time::Instant::now() + BODY_DEADLINE;
+    let mut checkpoint = tokio::time::Instant::now() + window;
+    let mut at_checkpoint: u64 = 0;
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize);
+    loop {
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            () = tokio::time::sleep_until(checkpoint.min(deadline)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(PostCallError::TooSlow("body not complete within 60 s"));
+                }
+                let got = buf.len() as u64;
+                if got - at_checkpoint < min_per_window {
+                    return Err(PostCallError::TooSlow("body slower than webhook_min_bytes_per_sec"));
+                }
+                at_checkpoint = got;
+                checkpoint += window;
                 continue;
-            };
-            let total = buf.len() as u64 + data.len() as u64;
-            if total > limit {
-                return Err(ApiError::BodyTooLarge(limit));
             }
-            if !budget.ensure(total) {
-                return Err(overloaded());
-            }
-            sig.update(&data);
-            buf.extend_from_slice(&data);
+            () = budget.cut_off() => return Err(overloaded().into()),
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame
+            .map_err(|_| ApiError::BadRequest("The request body could not be read.".into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = buf.len() as u64 + data.len() as u64;
+        if total > limit {
+            return Err(ApiError::BodyTooLarge(limit).into());
         }
-        Ok(())
-    };
-    match tokio::time::timeout(Duration::from_secs(60), read).await {
-        Err(_) => Err(ApiError::BadRequest(
-            "The request body did not arrive in time.".into(),
-        )),
-        Ok(r) => r.map(|()| buf.freeze()),
+        if !budget.grow(data.len() as u64) {
+            return Err(overloaded().into());
+        }
+        sig.update(&data);
+        buf.extend_from_slice(&data);
     }
+    Ok(buf.freeze())
 }
 
 fn overloaded() -> ApiError {
     tracing::warn!(
-        "post-call bodies in flight reached [elevenlabs] webhook_memory_budget_bytes; answering 503"
+        "no room for a post-call body within [elevenlabs] webhook_memory_budget_bytes (or its share); answering 503"
     );
     ApiError::Overloaded
 }

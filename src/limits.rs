@@ -220,99 +220,353 @@ mod tests {
     }
 }
 
-/// Bytes held by in-flight request bodies of one kind, capped as a whole.
+/// How a [`ByteBudget`] is shared among the bodies being read.
+#[derive(Clone, Copy, Debug)]
+pub struct Sharing {
+    /// The last `reserve` bytes of the budget are for small bodies only:
+    /// those declaring and, so far, holding at most `reserve` bytes. Large
+    /// bodies, whatever they do, leave that much room for them.
+    pub reserve: u64,
+    /// What one body may hold however many others want memory. Past it a
+    /// body holds memory on loan: when a body within its share needs room,
+    /// the largest body past its share is cut off.
+    pub share: u64,
+    /// A small body still being read after this long may be cut off to make
+    /// room for another small body (a genuine small body arrives in well
+    /// under a second; one that lingers is squatting on the reserve).
+    pub patience: std::time::Duration,
+}
+
+/// Bytes held by in-flight request bodies of one kind, capped as a whole
+/// and shared so that no sender can keep the others out.
 ///
 /// A per-request limit bounds one body; it does not bound 256 HTTP/2
-/// streams each sending one. Each reader reserves what it holds, and a
-/// reader that would go past the budget is refused at once (no waiting:
-/// waiting would hold connections open for the attacker).
+/// streams each sending one, nor stop one slow sender from sitting on the
+/// whole budget. Each reader holds what it has read so far (nothing for
+/// what a `Content-Length` only promises), under the rules of [`Sharing`].
+/// A reader that finds no room is refused at once (no waiting: waiting
+/// would hold connections open for the attacker); one cut off to make
+/// room for another learns it from [`Reader::cut_off`].
 #[derive(Debug)]
 pub struct ByteBudget {
     limit: u64,
-    used: std::sync::atomic::AtomicU64,
+    state: Mutex<BudgetState>,
 }
 
-/// Bytes reserved from a [`ByteBudget`]; given back when dropped.
+#[derive(Debug, Default)]
+struct BudgetState {
+    used: u64,
+    next_id: u64,
+    readers: HashMap<u64, Holder>,
+}
+
 #[derive(Debug)]
-pub struct Reservation<'a> {
-    budget: &'a ByteBudget,
+struct Holder {
     held: u64,
+    /// Declared or grown past the reserve: never again small.
+    large: bool,
+    since: std::time::Instant,
+    /// Set once another reader took this one's memory.
+    cut: bool,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// One body's place in a [`ByteBudget`]; what it holds is given back when
+/// dropped.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    budget: &'a ByteBudget,
+    id: u64,
+    rules: Sharing,
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl ByteBudget {
     pub fn new(limit: u64) -> ByteBudget {
         ByteBudget {
             limit,
-            used: std::sync::atomic::AtomicU64::new(0),
+            state: Mutex::new(BudgetState::default()),
         }
     }
 
-    /// An empty reservation, grown as bytes arrive.
-    pub fn reservation(&self) -> Reservation<'_> {
-        Reservation {
-            budget: self,
-            held: 0,
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes held right now (for tests and metrics).
     pub fn used(&self) -> u64 {
-        self.used.load(std::sync::atomic::Ordering::Relaxed)
+        self.lock().used
     }
 
-    fn take(&self, n: u64) -> bool {
-        use std::sync::atomic::Ordering;
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                u.checked_add(n).filter(|t| *t <= self.limit)
-            })
-            .is_ok()
+    /// A reader holding nothing yet, for a body that declared `declared`
+    /// bytes (`None`: chunked, or HTTP/2 without a length).
+    pub fn reader(&self, rules: Sharing, declared: Option<u64>) -> Reader<'_> {
+        self.reader_at(rules, declared, std::time::Instant::now())
+    }
+
+    fn reader_at(
+        &self,
+        rules: Sharing,
+        declared: Option<u64>,
+        now: std::time::Instant,
+    ) -> Reader<'_> {
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.readers.insert(
+            id,
+            Holder {
+                held: 0,
+                large: declared.is_some_and(|d| d > rules.reserve),
+                since: now,
+                cut: false,
+                wake: wake.clone(),
+            },
+        );
+        Reader {
+            budget: self,
+            id,
+            rules,
+            wake,
+        }
     }
 }
 
-impl Reservation<'_> {
-    /// Holds `n` more bytes, or `false` (holding nothing more) when that
-    /// would pass the budget.
+impl Reader<'_> {
+    /// Holds `n` more bytes, or `false` (holding nothing more) when there
+    /// is no room for them or this reader has been cut off.
     pub fn grow(&mut self, n: u64) -> bool {
-        if self.budget.take(n) {
-            self.held += n;
-            true
+        self.grow_at(n, std::time::Instant::now())
+    }
+
+    fn grow_at(&mut self, n: u64, now: std::time::Instant) -> bool {
+        let limit = self.budget.limit;
+        let rules = self.rules;
+        let mut st = self.budget.lock();
+        let Some(me) = st.readers.get_mut(&self.id) else {
+            return false;
+        };
+        if me.cut {
+            return false;
+        }
+        let total = me.held.saturating_add(n);
+        if total > rules.reserve {
+            me.large = true;
+        }
+        let (large, since) = (me.large, me.since);
+        let ceiling = if large {
+            limit.saturating_sub(rules.reserve)
         } else {
-            false
+            limit
+        };
+        loop {
+            if st.used.saturating_add(n) <= ceiling {
+                st.used += n;
+                if let Some(me) = st.readers.get_mut(&self.id) {
+                    me.held += n;
+                }
+                return true;
+            }
+            let Some(victim) = victim(&st, self.id, total, large, since, rules, now) else {
+                return false;
+            };
+            if let Some(v) = st.readers.get_mut(&victim) {
+                let freed = std::mem::take(&mut v.held);
+                v.cut = true;
+                // A stored permit: the victim learns it even if it is not
+                // waiting right now.
+                v.wake.notify_one();
+                st.used -= freed;
+            }
         }
     }
 
-    /// Holds at least `n` bytes in total.
-    pub fn ensure(&mut self, n: u64) -> bool {
-        n <= self.held || self.grow(n - self.held)
+    /// Resolves once another reader has taken this one's memory: the body
+    /// must be abandoned.
+    pub async fn cut_off(&self) {
+        self.wake.notified().await
     }
 }
 
-impl Drop for Reservation<'_> {
+/// The reader to cut off so that reader `me` (asking to hold `total`
+/// bytes) gets room, if any may be.
+fn victim(
+    st: &BudgetState,
+    me: u64,
+    total: u64,
+    large: bool,
+    since: std::time::Instant,
+    rules: Sharing,
+    now: std::time::Instant,
+) -> Option<u64> {
+    let others = || {
+        st.readers
+            .iter()
+            .filter(move |(id, h)| **id != me && !h.cut && h.held > 0)
+    };
+    // Within its share, a body takes back what large bodies hold on loan,
+    // largest first (a small body is never cut for another's sake, however
+    // small the share is set).
+    if total <= rules.share {
+        if let Some((id, _)) = others()
+            .filter(|(_, h)| h.large && h.held > rules.share)
+            .max_by_key(|(_, h)| h.held)
+        {
+            return Some(*id);
+        }
+    }
+    // A small body may end the oldest small body that has outstayed its
+    // patience (and started before it).
+    if !large {
+        return others()
+            .filter(|(_, h)| !h.large && h.since < since && h.since + rules.patience <= now)
+            .min_by_key(|(_, h)| h.since)
+            .map(|(id, _)| *id);
+    }
+    None
+}
+
+impl Drop for Reader<'_> {
     fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(self.held, std::sync::atomic::Ordering::AcqRel);
+        let mut st = self.budget.lock();
+        if let Some(h) = st.readers.remove(&self.id) {
+            st.used -= h.held;
+        }
     }
 }
 
 #[cfg(test)]
 mod budget_tests {
-    use super::ByteBudget;
+    use super::{ByteBudget, Sharing};
+    use std::time::{Duration, Instant};
+
+    const MIB: u64 = 1 << 20;
+
+    fn rules() -> Sharing {
+        // A 20 MiB budget: 4 MiB reserved, 4 MiB per body when contended.
+        Sharing {
+            reserve: 4 * MIB,
+            share: 4 * MIB,
+            patience: Duration::from_secs(3),
+        }
+    }
 
     #[test]
-    fn reservations_share_one_budget_and_give_back_on_drop() {
-        let b = ByteBudget::new(100);
-        let mut r1 = b.reservation();
-        assert!(r1.grow(60));
-        let mut r2 = b.reservation();
-        assert!(!r2.grow(41));
-        assert!(r2.grow(40));
-        assert!(r2.ensure(30));
-        assert_eq!(b.used(), 100);
+    fn readers_share_one_budget_and_give_back_on_drop() {
+        let b = ByteBudget::new(20 * MIB);
+        let mut r1 = b.reader(rules(), None);
+        assert!(r1.grow(3 * MIB));
+        let mut r2 = b.reader(rules(), Some(MIB));
+        assert!(r2.grow(MIB));
+        assert_eq!(b.used(), 4 * MIB);
         drop(r1);
-        assert_eq!(b.used(), 40);
+        assert_eq!(b.used(), MIB);
         drop(r2);
         assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn large_bodies_leave_the_reserve_to_small_ones() {
+        let b = ByteBudget::new(20 * MIB);
+        // Four large bodies, each within its share, fill all but the reserve.
+        let mut large: Vec<_> = (0..4).map(|_| b.reader(rules(), Some(60 * MIB))).collect();
+        for r in &mut large {
+            assert!(r.grow(4 * MIB));
+        }
+        let mut fifth = b.reader(rules(), Some(60 * MIB));
+        assert!(!fifth.grow(1), "a large body may not touch the reserve");
+        // A chunked body is small until it passes the reserve.
+        let mut chunked = b.reader(rules(), None);
+        assert!(chunked.grow(MIB));
+        assert!(!chunked.grow(3 * MIB + 1), "past the reserve it is large");
+        drop(chunked);
+        // A small signed post-call, up to the whole reserve, always fits.
+        let mut small = b.reader(rules(), Some(4 * MIB));
+        assert!(small.grow(4 * MIB));
+        assert_eq!(b.used(), 20 * MIB);
+        drop(small);
+        drop(fifth);
+        drop(large);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_body_past_its_share_gives_way_to_one_within_it() {
+        let b = ByteBudget::new(20 * MIB);
+        // Alone, one body may use everything but the reserve.
+        let mut big = b.reader(rules(), Some(60 * MIB));
+        assert!(big.grow(16 * MIB));
+        let mut other = b.reader(rules(), Some(60 * MIB));
+        // Within its share: takes the room back from the one on loan.
+        assert!(other.grow(2 * MIB));
+        assert_eq!(b.used(), 2 * MIB);
+        assert!(!big.grow(1), "a reader cut off holds nothing more");
+        let cut = big.cut_off();
+        futures_util::FutureExt::now_or_never(cut).expect("the cut-off reader is told");
+        // Past its own share, a body gets only what is free.
+        assert!(other.grow(14 * MIB));
+        let mut third = b.reader(rules(), Some(60 * MIB));
+        assert!(third.grow(4 * MIB), "within its share: `other` gives way");
+        assert!(!other.grow(1));
+        assert_eq!(b.used(), 4 * MIB);
+        drop((big, other, third));
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_small_body_is_never_cut_for_a_share_smaller_than_the_reserve() {
+        let b = ByteBudget::new(12 * MIB);
+        let r = Sharing {
+            reserve: 4 * MIB,
+            share: MIB,
+            patience: Duration::from_secs(3),
+        };
+        let mut small = b.reader(r, Some(4 * MIB));
+        assert!(small.grow(4 * MIB));
+        let mut large = b.reader(r, Some(60 * MIB));
+        assert!(large.grow(4 * MIB));
+        // Within its share, a newcomer takes the room of the large body past
+        // its share, not of the small one (past the share too).
+        let mut within: Vec<_> = (0..4).map(|_| b.reader(r, Some(60 * MIB))).collect();
+        assert!(within[0].grow(MIB));
+        assert!(!large.grow(1), "the large body gave way");
+        for w in &mut within[1..] {
+            assert!(w.grow(MIB));
+        }
+        assert_eq!(b.used(), 8 * MIB);
+        let mut last = b.reader(r, Some(60 * MIB));
+        assert!(!last.grow(1), "nothing on loan is left to take back");
+        assert!(futures_util::FutureExt::now_or_never(small.cut_off()).is_none());
+        assert!(small.grow(0));
+    }
+
+    #[test]
+    fn a_small_body_that_lingers_gives_way_to_a_newer_small_one() {
+        let b = ByteBudget::new(8 * MIB);
+        let r = Sharing {
+            reserve: 4 * MIB,
+            share: 4 * MIB,
+            patience: Duration::from_secs(3),
+        };
+        let t0 = Instant::now();
+        let mut large = b.reader_at(r, Some(60 * MIB), t0);
+        assert!(large.grow_at(4 * MIB, t0));
+        let mut squatter = b.reader_at(r, Some(4 * MIB), t0);
+        assert!(squatter.grow_at(3 * MIB, t0));
+        // Soon after, a newcomer waits its turn: refused, squatter kept.
+        let t1 = t0 + Duration::from_secs(1);
+        let mut early = b.reader_at(r, Some(2 * MIB), t1);
+        assert!(!early.grow_at(2 * MIB, t1));
+        assert!(squatter.grow_at(1, t1));
+        drop(early);
+        // Past its patience the squatter is cut off for a newer small body.
+        let t2 = t0 + Duration::from_secs(4);
+        let mut genuine = b.reader_at(r, Some(4 * MIB), t2);
+        assert!(genuine.grow_at(4 * MIB, t2));
+        assert!(!squatter.grow_at(1, t2));
+        // A large body within its share is never cut for a small one.
+        assert!(futures_util::FutureExt::now_or_never(large.cut_off()).is_none());
+        assert_eq!(b.used(), 8 * MIB);
     }
 }

@@ -868,21 +868,26 @@ async fn item2_post_call_bodies_share_one_memory_budget_and_audio_still_fits() {
     let up = Upstream::start().await;
     let sk = InProcess::start(
         Options::with_providers(&support::provider_toml("p", &up.url, ""))
-            .elevenlabs("webhook_memory_budget_bytes = 8388608"),
+            // 4 MiB of it kept for small bodies, 2 MiB per body when contended.
+            .elevenlabs("webhook_memory_budget_bytes = 12582912")
+            // The slow upload below stalls on purpose: no minimum rate here.
+            .elevenlabs("webhook_min_bytes_per_sec = 0"),
     )
     .await;
     sk.session_with(json!({"user": "ann", "providers": ["p"], "conversation_id": "conv-audio"}))
         .await;
-    // One slow upload holds 6 MiB of the 8 MiB budget.
+    // One slow upload alone holds 5 MiB of the 8 MiB large bodies may use
+    // (what arrived, not the 8 MiB it declares).
     let fresh = sign(sk.clock.now(), b"never verified");
-    let mut slow = unfinished_post_call(&sk, sk.dir.path(), Some(&fresh), 6 * MIB, MIB).await;
+    let mut slow = unfinished_post_call(&sk, sk.dir.path(), Some(&fresh), 8 * MIB, 5 * MIB).await;
     let t0 = Instant::now();
-    while sk.app.webhook_bodies.used() < (6 * MIB) as u64 {
+    while sk.app.webhook_bodies.used() < (5 * MIB) as u64 {
         assert!(t0.elapsed() < Duration::from_secs(5), "budget not taken");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // A second one that would pass the budget: 503 at once.
-    let mut second = unfinished_post_call(&sk, sk.dir.path(), Some(&fresh), 3 * MIB, 1024).await;
+    assert!(sk.app.webhook_bodies.used() < (6 * MIB) as u64);
+    // A second one that would pass the budget once past its own share: 503.
+    let mut second = unfinished_post_call(&sk, sk.dir.path(), Some(&fresh), 6 * MIB, 6 * MIB).await;
     let line = answer_within(&mut second, Duration::from_secs(5)).await;
     assert_eq!(line.as_deref(), Some("HTTP/1.1 503 Service Unavailable"));
     assert!(
