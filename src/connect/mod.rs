@@ -265,6 +265,18 @@ fn holds(headers: &HeaderMap, t: &ConnectTicket) -> bool {
 
 /// Everything under `/connect/` on the agent listener.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    let mut resp = route(app, req).await;
+    if head {
+        // The answer a GET would get, without its body (which HTTP/2 would
+        // otherwise send, breaking the stream).
+        *resp.body_mut() = body::empty();
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    resp
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let rest = path.trim_start_matches("/connect/");
     if rest == CSS_PATH.trim_start_matches("/connect/") {
