@@ -713,45 +713,7 @@ async fn claim_needs_the_links_csrf_token_and_this_site() {
 #[tokio::test]
 async fn state_at_another_providers_callback_is_refused_without_redirect() {
     let fx = start(|o| o).await;
-    // A page flow: its state's return_to is the connect link itself.
-    let path = fx
-        .link_path(
-            "tom",
-            json!({"providers": ["custom"], "return_to": RETURN_TO}),
-        )
-        .await;
-    let (cookie, page) = fx.claim(&path, None).await;
-    let url = fx.connect(&path, &cookie, &page, "code-tom").await;
-    let state = query_param(&url, "state").unwrap();
-    for c in [None, Some(cookie.as_str())] {
-        let r = fx
-            .get(
-                &format!("/oauth/other/callback?code=code-tom&state={state}"),
-                c,
-            )
-            .await;
-        assert_html(&r, 400);
-        assert_hardened(&r);
-        assert!(r.headers.get("location").is_none(), "no redirect");
-        assert!(
-            !r.text().contains(path.trim_start_matches("/connect/")),
-            "the ticket is not shown"
-        );
-    }
-    assert_eq!(fx.tok.calls(), 0, "no code exchange");
-    // The state was spent at the wrong callback.
-    let r = fx
-        .get(
-            &format!("/oauth/custom/callback?code=code-tom&state={state}"),
-            Some(&cookie),
-        )
-        .await;
-    assert_html(&r, 400);
-    assert!(r.text().contains("not valid"), "{}", r.text());
-    assert_eq!(fx.tok.calls(), 0);
-    assert_eq!(fx.cred_status("tom", "custom").await, 404);
-
-    // An oauth/start flow: not sent to its return_to either.
+    // An oauth/start flow: not sent to its return_to.
     let r = fx
         .sk
         .admin(
@@ -788,6 +750,45 @@ async fn state_at_another_providers_callback_is_refused_without_redirect() {
         )
         .await;
     assert_html(&r, 400);
+    assert_eq!(fx.tok.calls(), 0);
+    assert_eq!(fx.cred_status("tom", "custom").await, 404);
+
+    // A page flow: its state's return_to is the connect link itself,
+    // which must not be handed to whoever holds the state.
+    let path = fx
+        .link_path(
+            "tom",
+            json!({"providers": ["custom"], "return_to": RETURN_TO}),
+        )
+        .await;
+    let (cookie, page) = fx.claim(&path, None).await;
+    let url = fx.connect(&path, &cookie, &page, "code-tom").await;
+    let state = query_param(&url, "state").unwrap();
+    for c in [Some(cookie.as_str()), None] {
+        let r = fx
+            .get(
+                &format!("/oauth/other/callback?code=code-tom&state={state}"),
+                c,
+            )
+            .await;
+        assert_html(&r, 400);
+        assert_hardened(&r);
+        assert!(r.headers.get("location").is_none(), "no redirect");
+        assert!(
+            !r.text().contains(path.trim_start_matches("/connect/")),
+            "the ticket is not shown"
+        );
+    }
+    assert_eq!(fx.tok.calls(), 0, "no code exchange");
+    // The state was spent at the wrong callback.
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-tom&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_html(&r, 400);
+    assert!(r.text().contains("not valid"), "{}", r.text());
     assert_eq!(fx.tok.calls(), 0);
     assert_eq!(fx.cred_status("tom", "custom").await, 404);
 }

@@ -119,7 +119,7 @@ impl Store {
     }
 
     /// Binds the ticket to `browser`, atomically (in the database, for
-    /// every replica): of two concurrent first opens exactly one wins.
+    /// every replica): of two concurrent first claims exactly one wins.
     pub async fn claim_connect_ticket(
         &self,
         id: &str,
