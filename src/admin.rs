@@ -133,6 +133,9 @@ async fn dispatch(
         (&M::POST, ["v1", "users", user, "connect"]) => {
             crate::connect::create_link(app, id(user, "user id")?, body).await
         }
+        (&M::POST, ["v1", "users", user, "connect", "confirm"]) => {
+            crate::connect::confirm::confirm(app, id(user, "user id")?, body).await
+        }
         (&M::GET, ["v1", "users"]) => list_users(app, query).await,
         (&M::PUT, ["v1", "users", user]) => put_user(app, id(user, "user id")?, body).await,
         (&M::GET, ["v1", "users", user]) => get_user(app, id(user, "user id")?).await,
@@ -149,6 +152,7 @@ async fn dispatch(
         | (_, ["v1", "tenants", _, "credentials"])
         | (_, ["v1", "users", _, "oauth", _, "start"])
         | (_, ["v1", "users", _, "connect"])
+        | (_, ["v1", "users", _, "connect", "confirm"])
         | (_, ["v1", "users"])
         | (_, ["v1", "users", _])
         | (_, ["v1", "sessions"])

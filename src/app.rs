@@ -203,7 +203,8 @@ fn spawn_gc(app: &Arc<App>) {
                         .await?;
                     let t = store
                         .gc_connect_tickets(now - crate::connect::GC_GRACE_SECS)
-                        .await?;
+                        .await?
+                        + store.gc_pending_credentials(now).await?;
                     store.trim_audit(max_audit).await?;
                     Ok::<_, crate::store::StoreError>((s, o + t))
                 })

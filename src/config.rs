@@ -134,6 +134,7 @@ struct RawConnect {
     app_name: Option<String>,
     accent_color: Option<String>,
     logo_url: Option<String>,
+    confirm: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -457,7 +458,8 @@ pub struct OAuthConfig {
     pub bind_browser: bool,
 }
 
-/// `[connect]`: the look of the hosted connect page.
+/// `[connect]`: the look of the hosted connect page, and whether a new
+/// connection waits for the app's confirmation.
 #[derive(Clone, Debug)]
 pub struct ConnectConfig {
     /// Name of the main app, in the title and the "Done — back to" link.
@@ -466,6 +468,11 @@ pub struct ConnectConfig {
     pub accent_color: String,
     /// Shown above the title; its origin is added to the page's `img-src`.
     pub logo_url: Option<Url>,
+    /// A completed callback stores the credential as pending and hands the
+    /// app a one-time `connect_code`; only the app's confirm for the right
+    /// user makes it active. A link forwarded to someone else then stores
+    /// nothing unless the app, which knows who is logged in, agrees.
+    pub confirm: bool,
 }
 
 impl ConnectConfig {
@@ -505,6 +512,7 @@ impl ConnectConfig {
             app_name: c.app_name,
             accent_color,
             logo_url,
+            confirm: c.confirm.unwrap_or(false),
         }
     }
 }
@@ -1348,7 +1356,14 @@ mod tests {
     fn connect_theming_and_bind_browser_are_validated() {
         let c = parse("").unwrap();
         assert!(c.oauth.bind_browser, "bound by default");
+        assert!(!c.connect.confirm, "no confirmation step by default");
         assert_eq!(c.connect.accent_color, "#2563eb");
+        assert!(
+            parse("[connect]\nconfirm = true\n")
+                .unwrap()
+                .connect
+                .confirm
+        );
         let c = parse(
             "[oauth]\nbind_browser = false\n[connect]\napp_name = \"Acme\"\naccent_color = \"#0F8\"\nlogo_url = \"https://cdn.example/l.svg\"\n",
         )

@@ -6,9 +6,13 @@
 //! random, sealed in the store, usable once, for ten minutes, and names the
 //! connect link it belongs to: the callback completes only in the browser
 //! bound to that link ([`crate::connect`]). The code is exchanged with the
-//! PKCE verifier and the credential stored before the browser is sent on.
-//! Every failure shows a page (or redirects to `return_to?error=<code>`)
-//! and stores nothing.
+//! PKCE verifier and the credential stored before the browser is sent on
+//! (with `[connect] confirm = true`, stored pending, and the browser sent
+//! to `return_to?connect_code=` for the app to confirm). Every failure
+//! shows a page (or redirects to `return_to?error=<code>`) and stores
+//! nothing. A state presented at another provider's callback is spent and
+//! answered with a page only: nothing about it is trusted, not even where
+//! it would return to.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,9 +105,7 @@ pub async fn start(
     } else {
         body::json_object(body)?
     };
-    if let Some(rt) = &b.return_to {
-        check_return_to(rt)?;
-    }
+    check_return_to_for(app, b.return_to.as_deref())?;
     let link = crate::connect::new_ticket(app);
     let flow = begin(
         app,
@@ -146,6 +148,18 @@ pub fn check_return_to(rt: &str) -> Result<(), ApiError> {
         _ => Err(ApiError::BadRequest(
             "return_to must be an absolute http(s) URL of at most 2048 characters.".into(),
         )),
+    }
+}
+
+/// `return_to` of a new link or flow: checked when given, and required
+/// when the app confirms connections (the code is sent there).
+pub fn check_return_to_for(app: &App, return_to: Option<&str>) -> Result<(), ApiError> {
+    match return_to {
+        Some(rt) => check_return_to(rt),
+        None if app.config.connect.confirm => Err(ApiError::BadRequest(
+            "return_to is required with [connect] confirm = true: sidekey sends the connect_code there for the app to confirm.".into(),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -272,13 +286,22 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
     if st.is_some() {
         let _ = app.store.flush().await;
     }
+    // A state made for another provider: spent above, and nothing of it
+    // is used, not its binding and not its return_to (for a page flow,
+    // the connect link itself).
+    let foreign = st.as_ref().is_some_and(|s| s.provider != provider);
     // The binding is checked once the state is consumed, before anything
     // else: a refused callback can never be retried with the same state.
     let binding = match &st {
-        Some(s) if s.provider == provider => {
-            crate::connect::callback_binding(app, req.headers(), s).await
-        }
+        Some(s) if !foreign => crate::connect::callback_binding(app, req.headers(), s).await,
         _ => Binding::Unbound,
+    };
+    // Where the app hears the outcome: a confirmation code needs it.
+    let app_return = match &binding {
+        _ if foreign => None,
+        Binding::Page { return_to, .. } => return_to.clone(),
+        Binding::Refused => None,
+        _ => st.as_ref().and_then(|s| s.return_to.clone()),
     };
     let outcome = match &binding {
         Binding::Refused => Err(Failure {
@@ -287,7 +310,15 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
             title: "This sign-in was started in another browser",
             detail: "For your safety, a sign-in completes only in the browser that opened the connect link. Nothing was connected. If you started it yourself, go back to that browser and press Connect again.".into(),
         }),
-        _ => complete(app, provider, &display, st.as_ref(), code, error).await,
+        _ => {
+            let flow = Callback {
+                provider,
+                display: &display,
+                st: st.as_ref(),
+                can_return: app_return.is_some(),
+            };
+            complete(app, flow, code, error).await
+        }
     };
     let (status, user) = match &outcome {
         Ok(_) => (StatusCode::SEE_OTHER, st.as_ref().map(|s| s.user.clone())),
@@ -309,23 +340,24 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         conversation_id: None,
         error: outcome.as_ref().err().map(|f| f.code.to_owned()),
     });
-    if let Binding::Page(page) = &binding {
+    if let (Ok(Done::Pending(code)), Some(rt)) = (&outcome, &app_return) {
+        // The app confirms (or not) for the user it has logged in.
+        return crate::connect::redirect(app, &crate::connect::confirm::with_code(rt, code));
+    }
+    if let Binding::Page { page, .. } = &binding {
         // Back to the connect page, which puts the outcome into words.
         let p: String = url::form_urlencoded::byte_serialize(provider.as_bytes()).collect();
         return crate::connect::redirect(
             app,
             &match &outcome {
-                Ok(()) => format!("{page}?connected={p}"),
+                Ok(_) => format!("{page}?connected={p}"),
                 Err(f) => format!("{page}?error={}&provider={p}", f.code),
             },
         );
     }
-    let return_to = match binding {
-        Binding::Refused => None,
-        _ => st.as_ref().and_then(|s| s.return_to.clone()),
-    };
+    let return_to = app_return;
     match outcome {
-        Ok(()) => match return_to {
+        Ok(_) => match return_to {
             Some(rt) => crate::connect::redirect(app, &rt),
             None => page(
                 app,
@@ -347,14 +379,36 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
     }
 }
 
+/// The callback being completed.
+struct Callback<'a> {
+    provider: &'a str,
+    display: &'a str,
+    st: Option<&'a OAuthState>,
+    /// Whether the browser can be sent back to the app (with a
+    /// confirmation code, when the app confirms connections).
+    can_return: bool,
+}
+
+/// What a completed callback stored.
+enum Done {
+    /// The credential, active.
+    Stored,
+    /// The credential, pending the app's confirm with this code.
+    Pending(String),
+}
+
 async fn complete(
     app: &Arc<App>,
-    provider: &str,
-    display: &str,
-    st: Option<&OAuthState>,
+    flow: Callback<'_>,
     code: Option<Secret>,
     error: Option<String>,
-) -> Result<(), Failure> {
+) -> Result<Done, Failure> {
+    let Callback {
+        provider,
+        display,
+        st,
+        can_return,
+    } = flow;
     let invalid = |detail: &str| Failure {
         code: "invalid_state",
         status: StatusCode::BAD_REQUEST,
@@ -413,6 +467,17 @@ async fn complete(
         .get(provider)
         .cloned()
         .ok_or_else(|| invalid("Unknown service."))?;
+    let confirm = app.config.connect.confirm;
+    if confirm && !can_return {
+        // A link made before confirmation was switched on, without a
+        // return_to: the code would have nowhere to go.
+        return Err(Failure {
+            code: "confirm_unavailable",
+            status: StatusCode::BAD_REQUEST,
+            title: "Connecting did not work",
+            detail: "This sign-in has no way back to the app, which must confirm new connections. Nothing was connected. Please start connecting again from the app.".into(),
+        });
+    }
     let grant = call_token_endpoint(
         &app.client,
         &p,
@@ -448,6 +513,25 @@ async fn complete(
         updated_at: now,
         ..Default::default()
     };
+    let store_failed = || Failure {
+        code: "store_failed",
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        title: "Connecting did not work",
+        detail: "sidekey could not save the connection. Please try again from the app.".into(),
+    };
+    if confirm {
+        // Not among the credentials: whatever the user had stays in use.
+        return match crate::connect::confirm::store_pending(app, &st.user, provider, cred).await {
+            Ok(code) => {
+                tracing::info!(provider, user = %st.user, "account connected through OAuth, waiting for the app's confirmation");
+                Ok(Done::Pending(code))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store the pending credential");
+                Err(store_failed())
+            }
+        };
+    }
     let stored = app
         .store
         .put_credential(&owner, provider, &mut cred)
@@ -459,16 +543,11 @@ async fn complete(
     };
     if let Err(e) = flushed {
         tracing::error!(error = %e, "cannot store the new credential");
-        return Err(Failure {
-            code: "store_failed",
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            title: "Connecting did not work",
-            detail: "sidekey could not save the connection. Please try again from the app.".into(),
-        });
+        return Err(store_failed());
     }
     app.refresher.reset(&owner, provider).await;
     tracing::info!(provider, user = %st.user, "account connected through OAuth");
-    Ok(())
+    Ok(Done::Stored)
 }
 
 /// `title` and `detail` are HTML (already escaped).

@@ -1,200 +1,16 @@
-//! The hosted connect page and browser-bound OAuth, over HTTP (issue 14):
-//! admin links, page headers and cookie, ticket expiry and reuse, CSRF,
-//! disconnect, callbacks refused in another browser, and the admin
-//! `oauth/start` connect_url. tests/connect_browser.rs drives the same flow
-//! in a real Chromium.
+//! The hosted connect page and browser-bound OAuth, over HTTP: admin
+//! links, the first view and its Continue claim (prefetches burn nothing),
+//! page headers and cookie, ticket expiry and reuse, CSRF, disconnect,
+//! callbacks refused in another browser, and the admin `oauth/start`
+//! connect_url. tests/connect_confirm.rs covers `[connect] confirm`;
+//! tests/connect_browser.rs drives the flow in a real Chromium.
 
 mod support;
 
 use http::Method;
-use serde_json::{Value, json};
-use support::token::TokenServer;
-use support::upstream::Upstream;
-use support::{InProcess, Options, Resp, query_param};
-
-const RETURN_TO: &str = "https://app.example/settings";
-
-struct Fx {
-    sk: InProcess,
-    tok: TokenServer,
-    _up: Upstream,
-    public: String,
-}
-
-async fn start(tune: impl FnOnce(Options) -> Options) -> Fx {
-    let up = Upstream::start().await;
-    let tok = TokenServer::start().await;
-    // Named in advance, so `public_url` can name the real listener and the
-    // redirects sidekey answers can be followed.
-    let port = support::ports::listen_port();
-    let public = format!("https://localhost:{port}");
-    let providers = format!(
-        "[providers.custom]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
-         authorize_url = \"https://auth.example.com/authorize\"\n\
-         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
-         display_name = \"Acme Calendar\"\ndescription = \"Reads and books <meetings> for you\"\n\
-         [providers.other]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
-         authorize_url = \"https://login.other.example/oauth\"\n\
-         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
-         [providers.plain]\nbase_url = \"{up}\"\n\
-         [connect]\napp_name = \"Acme\"\naccent_color = \"#0f766e\"\n\
-         logo_url = \"https://cdn.acme.example/logo.svg\"\n",
-        up = up.url,
-        tok = tok.url
-    );
-    let opts = Options::with_providers(&providers)
-        .server(&format!("listen = \"127.0.0.1:{port}\""))
-        .server(&format!("public_url = \"{public}\""));
-    let sk = InProcess::start(tune(opts)).await;
-    Fx {
-        sk,
-        tok,
-        _up: up,
-        public,
-    }
-}
-
-impl Fx {
-    async fn link(&self, user: &str, body: Value) -> Resp {
-        self.sk
-            .admin(
-                Method::POST,
-                &format!("/v1/users/{user}/connect"),
-                Some(body),
-            )
-            .await
-    }
-
-    /// A connect link's path (`/connect/<ticket>`).
-    async fn link_path(&self, user: &str, body: Value) -> String {
-        let r = self.link(user, body).await;
-        assert_eq!(r.status, 201, "{}", r.text());
-        let url = r.json()["connect_url"].as_str().unwrap().to_owned();
-        url.strip_prefix(&self.public).unwrap().to_owned()
-    }
-
-    /// GET on the agent listener, as a browser with (or without) a cookie.
-    async fn get(&self, path: &str, cookie: Option<&str>) -> Resp {
-        let c = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
-        let mut h = vec![];
-        if let Some(c) = &c {
-            h.push(("cookie", c.as_str()));
-        }
-        self.sk.agent(Method::GET, path, &h, "").await
-    }
-
-    async fn post_form(&self, path: &str, cookie: Option<&str>, form: &[(&str, &str)]) -> Resp {
-        let body: String = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(form)
-            .finish();
-        let c = cookie.map(|c| format!("__Host-sidekey-connect={c}"));
-        let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
-        if let Some(c) = &c {
-            h.push(("cookie", c.as_str()));
-        }
-        self.sk.agent(Method::POST, path, &h, body).await
-    }
-
-    /// Tells the fake token endpoint to accept `code` for the flow behind
-    /// `authorize_url` (its PKCE challenge and redirect URI).
-    fn expect_code(&self, authorize_url: &str, code: &str) {
-        self.tok.register_code(
-            code,
-            &query_param(authorize_url, "code_challenge").unwrap(),
-            &query_param(authorize_url, "redirect_uri").unwrap(),
-        );
-    }
-
-    async fn cred_status(&self, user: &str, provider: &str) -> u16 {
-        self.sk
-            .admin(
-                Method::GET,
-                &format!("/v1/users/{user}/credentials/{provider}"),
-                None,
-            )
-            .await
-            .status
-            .as_u16()
-    }
-}
-
-fn header(r: &Resp, name: &str) -> String {
-    r.headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned()
-}
-
-/// The binding cookie's value from Set-Cookie, after checking its attributes.
-fn binding_cookie(r: &Resp) -> String {
-    let sc = header(r, "set-cookie");
-    assert!(sc.starts_with("__Host-sidekey-connect="), "{sc:?}");
-    let attrs: Vec<String> = sc
-        .split(';')
-        .skip(1)
-        .map(|a| a.trim().to_ascii_lowercase())
-        .collect();
-    for want in ["secure", "httponly", "samesite=lax", "path=/"] {
-        assert!(attrs.iter().any(|a| a == want), "{want} missing: {sc}");
-    }
-    assert!(
-        !attrs.iter().any(|a| a.starts_with("domain")),
-        "__Host- cookies carry no Domain: {sc}"
-    );
-    let v = sc["__Host-sidekey-connect=".len()..]
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    assert!(v.len() >= 43, "cookie value of >= 256 bits: {v}");
-    v
-}
-
-fn no_cookie(r: &Resp) {
-    assert!(
-        r.headers.get("set-cookie").is_none(),
-        "no cookie expected: {:?}",
-        r.headers.get("set-cookie")
-    );
-}
-
-fn assert_html(r: &Resp, status: u16) {
-    assert_eq!(r.status, status, "{}", r.text());
-    assert_eq!(header(r, "content-type"), "text/html; charset=utf-8");
-}
-
-/// The security headers every connect answer carries.
-fn assert_hardened(r: &Resp) {
-    let csp = header(r, "content-security-policy");
-    for part in [
-        "default-src 'none'",
-        "script-src 'none'",
-        "style-src 'self'",
-        "frame-ancestors 'none'",
-        "base-uri 'none'",
-    ] {
-        assert!(csp.contains(part), "CSP lacks {part}: {csp}");
-    }
-    assert!(!csp.contains("unsafe-inline"), "{csp}");
-    assert_eq!(header(r, "x-frame-options"), "DENY");
-    assert_eq!(header(r, "referrer-policy"), "no-referrer");
-    assert_eq!(header(r, "x-content-type-options"), "nosniff");
-    assert_eq!(header(r, "cache-control"), "no-store");
-    assert!(
-        header(r, "strict-transport-security").starts_with("max-age="),
-        "HSTS under TLS"
-    );
-}
-
-fn csrf_of(html: &str) -> String {
-    let at = html.find("name=\"csrf\" value=\"").expect("csrf field") + 19;
-    html[at..at + html[at..].find('"').unwrap()].to_owned()
-}
-
-fn location(r: &Resp) -> String {
-    header(r, "location")
-}
+use serde_json::json;
+use support::connect::*;
+use support::{Options, query_param};
 
 #[tokio::test]
 async fn admin_link_defaults_and_validation() {
@@ -287,8 +103,7 @@ async fn page_headers_cookie_statuses_and_no_secret() {
             json!({"return_to": RETURN_TO, "user_label": "<b>alice</b> in Acme"}),
         )
         .await;
-    let r = fx.get(&path, None).await;
-    assert_html(&r, 200);
+    let (cookie, r) = fx.claim(&path, None).await;
     assert_hardened(&r);
     let csp = header(&r, "content-security-policy");
     assert!(
@@ -299,7 +114,6 @@ async fn page_headers_cookie_statuses_and_no_secret() {
         csp.contains("form-action 'self' https://auth.example.com https://login.other.example"),
         "{csp}"
     );
-    let cookie = binding_cookie(&r);
     let html = r.text();
     for want in [
         "Connect your accounts",
@@ -347,7 +161,7 @@ async fn page_headers_cookie_statuses_and_no_secret() {
     // The same browser may come back; any other browser may not.
     let again = fx.get(&path, Some(&cookie)).await;
     assert_html(&again, 200);
-    assert_eq!(binding_cookie(&again), cookie);
+    no_cookie(&again);
     let other = fx.get(&path, None).await;
     assert_html(&other, 403);
     assert_hardened(&other);
@@ -376,8 +190,7 @@ async fn unknown_and_expired_tickets_set_no_cookie() {
         assert!(!r.text().contains("<script>"));
     }
     let path = fx.link_path("alice", json!({"ttl_secs": 60})).await;
-    let opened = fx.get(&path, None).await;
-    let cookie = binding_cookie(&opened);
+    let (cookie, opened) = fx.claim(&path, None).await;
     let csrf = csrf_of(&opened.text());
     fx.sk.clock.advance(61);
     for c in [None, Some(cookie.as_str())] {
@@ -413,8 +226,7 @@ async fn disconnect_needs_the_binding_and_a_csrf_token() {
         )
         .await;
     let path = fx.link_path("carol", json!({})).await;
-    let r = fx.get(&path, None).await;
-    let cookie = binding_cookie(&r);
+    let (cookie, r) = fx.claim(&path, None).await;
     let csrf = csrf_of(&r.text());
     assert!(
         r.text().contains(&format!("action=\"{path}/disconnect\"")),
@@ -423,9 +235,12 @@ async fn disconnect_needs_the_binding_and_a_csrf_token() {
     // A second link for the same user, opened by the same browser: its
     // token does not work on the first.
     let path2 = fx.link_path("carol", json!({})).await;
-    let csrf2 = csrf_of(&fx.get(&path2, Some(&cookie)).await.text());
+    let csrf2 = csrf_of(&fx.claim(&path2, Some(&cookie)).await.1.text());
     assert_ne!(csrf, csrf2);
-    let other_cookie = binding_cookie(&fx.get(&fx.link_path("eve", json!({})).await, None).await);
+    let other_cookie = fx
+        .claim(&fx.link_path("eve", json!({})).await, None)
+        .await
+        .0;
 
     let disconnect = format!("{path}/disconnect");
     let wrong = "x".repeat(43);
@@ -514,8 +329,7 @@ async fn callback_completes_only_in_the_bound_browser() {
             json!({"providers": ["custom"], "return_to": RETURN_TO}),
         )
         .await;
-    let r = fx.get(&path, None).await;
-    let cookie = binding_cookie(&r);
+    let (cookie, r) = fx.claim(&path, None).await;
     let csrf = csrf_of(&r.text());
     let start = || async {
         let r = fx
@@ -682,6 +496,10 @@ async fn admin_start_connect_url_binds_the_browser() {
     // Through connect_url: binding cookie, then 303 to the provider.
     let (authorize, state, connect_url) = start("frank").await;
     let path = connect_url.strip_prefix(&fx.public).unwrap().to_owned();
+    // A HEAD (a link checker) binds nothing, even here.
+    let r = fx.call(Method::HEAD, &path, None).await;
+    assert_eq!(r.status, 200);
+    no_cookie(&r);
     let r = fx.get(&path, None).await;
     assert_eq!(r.status, 303, "{}", r.text());
     assert_eq!(location(&r), authorize);
@@ -729,8 +547,7 @@ async fn bind_browser_false_lets_the_bare_url_complete_but_not_page_flows() {
 
     // A flow started from the page is always bound.
     let path = fx.link_path("hugo", json!({})).await;
-    let r = fx.get(&path, None).await;
-    let cookie = binding_cookie(&r);
+    let (cookie, r) = fx.claim(&path, None).await;
     let r = fx
         .post_form(
             &format!("{path}/connect"),
@@ -749,4 +566,229 @@ async fn bind_browser_false_lets_the_bare_url_complete_but_not_page_flows() {
         .await;
     assert_html(&r, 403);
     assert_eq!(fx.cred_status("hugo", "custom").await, 404);
+}
+
+#[tokio::test]
+async fn prefetch_burns_nothing() {
+    let fx = start(|o| o).await;
+    let path = fx
+        .link_path(
+            "ivan",
+            json!({"providers": ["custom", "other"], "user_label": "ivan@acme.example"}),
+        )
+        .await;
+    // A mail scanner, a chat preview and a link checker look first.
+    let mut csrf = None;
+    for _ in 0..3 {
+        let r = fx.get(&path, None).await;
+        assert_html(&r, 200);
+        assert_hardened(&r);
+        no_cookie(&r);
+        let html = r.text();
+        for want in [
+            "Connect accounts for ivan@acme.example",
+            "Acme Calendar and Other",
+            "Continue",
+            &format!("action=\"{path}/claim\""),
+        ] {
+            assert!(html.contains(want), "first view lacks {want:?}:\n{html}");
+        }
+        assert!(!html.contains("Disconnect"), "no page yet: {html}");
+        // The same token each time: it depends on the link alone.
+        let c = csrf_of(&html);
+        assert_eq!(csrf.get_or_insert(c.clone()), &c);
+    }
+    let r = fx.call(Method::HEAD, &path, None).await;
+    assert_eq!(r.status, 200);
+    no_cookie(&r);
+    // The real browser still claims it, and then it is its own.
+    let (cookie, page) = fx.claim(&path, None).await;
+    assert!(
+        page.text().contains("Status: </span>Not connected"),
+        "{}",
+        page.text()
+    );
+    assert!(page.text().contains("ivan@acme.example"));
+    let r = fx.get(&path, None).await;
+    assert_html(&r, 403);
+    no_cookie(&r);
+    assert!(r.text().contains("already used"));
+    assert_html(&fx.get(&path, Some(&cookie)).await, 200);
+
+    // Without a label the first view and the page name the user id.
+    let path = fx.link_path("user-42", json!({})).await;
+    let r = fx.get(&path, None).await;
+    assert!(
+        r.text().contains("Connect accounts for user-42"),
+        "{}",
+        r.text()
+    );
+    let (_, page) = fx.claim(&path, None).await;
+    assert!(
+        page.text()
+            .contains("Connecting accounts for <strong>user-42</strong>"),
+        "{}",
+        page.text()
+    );
+}
+
+#[tokio::test]
+async fn claim_needs_the_links_csrf_token_and_this_site() {
+    let fx = start(|o| o).await;
+    let path = fx.link_path("judy", json!({})).await;
+    let csrf = csrf_of(&fx.get(&path, None).await.text());
+    let other_path = fx.link_path("judy", json!({})).await;
+    let other_csrf = csrf_of(&fx.get(&other_path, None).await.text());
+    assert_ne!(csrf, other_csrf, "bound to the ticket");
+    let claim = format!("{path}/claim");
+    let wrong = "x".repeat(43);
+    for (why, form, headers) in [
+        ("no token", vec![], vec![]),
+        ("wrong token", vec![("csrf", wrong.as_str())], vec![]),
+        (
+            "another link's token",
+            vec![("csrf", other_csrf.as_str())],
+            vec![],
+        ),
+        (
+            "sent from another site",
+            vec![("csrf", csrf.as_str())],
+            vec![("sec-fetch-site", "cross-site")],
+        ),
+        (
+            "another origin",
+            vec![("csrf", csrf.as_str())],
+            vec![("origin", "https://evil.example")],
+        ),
+    ] {
+        let r = fx.post_form_with(&claim, None, &form, &headers).await;
+        assert_html(&r, 403);
+        assert_hardened(&r);
+        no_cookie(&r);
+        assert!(r.text().contains("This form has expired"), "{why}");
+    }
+    let r = fx.get(&claim, None).await;
+    assert_eq!(r.status, 405, "a GET never claims");
+    no_cookie(&r);
+    // Nothing was claimed by any of them.
+    let (cookie, _) = fx.claim(&path, None).await;
+    // A second browser with the right token is too late.
+    let r = fx.post_form(&claim, None, &[("csrf", &csrf)]).await;
+    assert_html(&r, 403);
+    no_cookie(&r);
+    assert!(r.text().contains("already used"));
+    let r = fx
+        .post_form(&claim, Some(&"B".repeat(43)), &[("csrf", &csrf)])
+        .await;
+    assert_html(&r, 403);
+    no_cookie(&r);
+    // The owner pressing Continue again (Back button) just returns.
+    let r = fx
+        .post_form(&claim, Some(&cookie), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(binding_cookie(&r), cookie);
+    // Unknown and expired links are refused without a cookie.
+    let r = fx
+        .post_form(
+            &format!("/connect/{}/claim", "Q".repeat(43)),
+            None,
+            &[("csrf", &csrf)],
+        )
+        .await;
+    assert_html(&r, 404);
+    no_cookie(&r);
+    fx.sk.clock.advance(601);
+    let r = fx
+        .post_form(
+            &format!("{other_path}/claim"),
+            None,
+            &[("csrf", &other_csrf)],
+        )
+        .await;
+    assert_html(&r, 410);
+    no_cookie(&r);
+}
+
+#[tokio::test]
+async fn state_at_another_providers_callback_is_refused_without_redirect() {
+    let fx = start(|o| o).await;
+    // An oauth/start flow: not sent to its return_to.
+    let r = fx
+        .sk
+        .admin(
+            Method::POST,
+            "/v1/users/tom/oauth/custom/start",
+            Some(json!({"return_to": RETURN_TO})),
+        )
+        .await;
+    let v = r.json();
+    let bound = fx
+        .get(
+            v["connect_url"]
+                .as_str()
+                .unwrap()
+                .strip_prefix(&fx.public)
+                .unwrap(),
+            None,
+        )
+        .await;
+    let cookie = binding_cookie(&bound);
+    let state = v["state"].as_str().unwrap();
+    let r = fx
+        .get(
+            &format!("/oauth/other/callback?code=x&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_html(&r, 400);
+    assert!(r.headers.get("location").is_none(), "no redirect");
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=x&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_html(&r, 400);
+    assert_eq!(fx.tok.calls(), 0);
+    assert_eq!(fx.cred_status("tom", "custom").await, 404);
+
+    // A page flow: its state's return_to is the connect link itself,
+    // which must not be handed to whoever holds the state.
+    let path = fx
+        .link_path(
+            "tom",
+            json!({"providers": ["custom"], "return_to": RETURN_TO}),
+        )
+        .await;
+    let (cookie, page) = fx.claim(&path, None).await;
+    let url = fx.connect(&path, &cookie, &page, "code-tom").await;
+    let state = query_param(&url, "state").unwrap();
+    for c in [Some(cookie.as_str()), None] {
+        let r = fx
+            .get(
+                &format!("/oauth/other/callback?code=code-tom&state={state}"),
+                c,
+            )
+            .await;
+        assert_html(&r, 400);
+        assert_hardened(&r);
+        assert!(r.headers.get("location").is_none(), "no redirect");
+        assert!(
+            !r.text().contains(path.trim_start_matches("/connect/")),
+            "the ticket is not shown"
+        );
+    }
+    assert_eq!(fx.tok.calls(), 0, "no code exchange");
+    // The state was spent at the wrong callback.
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=code-tom&state={state}"),
+            Some(&cookie),
+        )
+        .await;
+    assert_html(&r, 400);
+    assert!(r.text().contains("not valid"), "{}", r.text());
+    assert_eq!(fx.tok.calls(), 0);
+    assert_eq!(fx.cred_status("tom", "custom").await, 404);
 }

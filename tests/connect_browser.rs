@@ -1,7 +1,9 @@
 //! The connect page in a real browser (headless Chromium over WebDriver):
-//! open a connect link, Connect, approve at a fake provider, land back on
-//! "Connected", Disconnect; the same callback URL opened in a second
-//! browser profile is refused and stores nothing.
+//! prefetches burn nothing, open a connect link, Continue, Connect,
+//! approve at a fake provider, land back on "Connected", Disconnect; the
+//! same callback URL opened in a second browser profile is refused and
+//! stores nothing. With `[connect] confirm = true`, a link forwarded to
+//! someone else stores nothing for the forwarder unless the app confirms.
 //!
 //! Screenshots go to `target/connect-screenshots/`, or to `docs/img/` with
 //! `SIDEKEY_SCREENSHOTS=docs` (how the docs' images are made). Without
@@ -137,6 +139,10 @@ impl FakeProvider {
                     cb = e(cb.as_str()),
                 ))
             }
+            // The main app's return_to: where a confirmation code arrives.
+            (Method::GET, "/app") => {
+                html("<!doctype html><title>App</title><h1>Back in the app</h1>".into())
+            }
             (Method::POST, "/approve") => Response::builder()
                 .status(302)
                 .header("location", q(&body, "callback"))
@@ -168,11 +174,15 @@ fn shot_path(name: &str) -> PathBuf {
     }
 }
 
-#[tokio::test]
-async fn connect_page_in_a_real_browser() {
-    if !available_or_fail("connect_page_in_a_real_browser") {
-        return;
-    }
+/// sidekey with three providers on the fake provider, and the fake.
+struct Setup {
+    sk: InProcess,
+    tok: TokenServer,
+    fake: FakeProvider,
+    _up: Upstream,
+}
+
+async fn setup(connect_extra: &str) -> Setup {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
     let provider_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -205,7 +215,7 @@ async fn connect_page_in_a_real_browser() {
         ),
         provider("notion", "Notion", "Finds and updates your notes."),
         format!(
-            "[connect]\napp_name = \"Acme Assistant\"\naccent_color = \"#4338ca\"\nlogo_url = \"{fake_origin}/logo.svg\"\n"
+            "[connect]\napp_name = \"Acme Assistant\"\naccent_color = \"#4338ca\"\nlogo_url = \"{fake_origin}/logo.svg\"\n{connect_extra}\n"
         ),
     ]
     .concat();
@@ -217,6 +227,29 @@ async fn connect_page_in_a_real_browser() {
     .await;
     let fake = FakeProvider::serve(provider_listener, sk.dir.path().join("certs"), tok.clone());
     assert_eq!(fake.origin, fake_origin);
+    Setup {
+        sk,
+        tok,
+        fake,
+        _up: up,
+    }
+}
+
+/// The binding cookie as the browser stored it, if any.
+async fn binding_cookie(b: &support::webdriver::Browser<'_>) -> Option<serde_json::Value> {
+    b.cookies()
+        .await
+        .into_iter()
+        .find(|c| c["name"] == "__Host-sidekey-connect")
+}
+
+#[tokio::test]
+async fn connect_page_in_a_real_browser() {
+    if !available_or_fail("connect_page_in_a_real_browser") {
+        return;
+    }
+    let Setup { sk, tok, fake, .. } = setup("").await;
+    let fake_origin = fake.origin.clone();
     sk.put_credential(
         "maya",
         "slack",
@@ -252,10 +285,40 @@ async fn connect_page_in_a_real_browser() {
         }
     };
 
+    // A mail scanner and a link checker look at the link first.
+    let path = url::Url::parse(&connect_url).unwrap().path().to_owned();
+    for m in [Method::GET, Method::GET, Method::GET, Method::HEAD] {
+        let r = sk.agent(m, &path, &[], "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(
+            r.headers.get("set-cookie").is_none(),
+            "a look sets no cookie"
+        );
+    }
+
     let driver = Driver::start().await;
     let b1 = driver.browser().await;
     b1.goto(&connect_url).await;
+    // The first view: whose accounts, and Continue; no cookie yet.
     let text = b1.text().await;
+    for want in [
+        "Connect accounts for maya@acme.example in Acme",
+        "Continue only if that is you",
+        "Continue",
+    ] {
+        assert!(text.contains(want), "first view lacks {want:?}:\n{text}");
+    }
+    assert!(
+        binding_cookie(&b1).await.is_none(),
+        "no cookie before Continue"
+    );
+    b1.screenshot(&shot_path("connect-continue.png")).await;
+    b1.click("form[action$=\"/claim\"] button").await;
+    let text = b1
+        .wait_text("the page after Continue", |t| {
+            t.contains("Connect your accounts")
+        })
+        .await;
     for want in [
         "Connect your accounts",
         "maya@acme.example in Acme",
@@ -279,11 +342,9 @@ async fn connect_page_in_a_real_browser() {
         assert!(!source.contains(secret), "secret on the page");
     }
     // The binding cookie as the browser stored it.
-    let cookies = b1.cookies().await;
-    let c = cookies
-        .iter()
-        .find(|c| c["name"] == "__Host-sidekey-connect")
-        .unwrap_or_else(|| panic!("binding cookie set: {cookies:?}"));
+    let c = binding_cookie(&b1)
+        .await
+        .expect("the binding cookie is set by Continue");
     assert_eq!(c["httpOnly"], true);
     assert_eq!(c["secure"], true);
     assert_eq!(c["sameSite"], "Lax");
@@ -363,4 +424,88 @@ async fn connect_page_in_a_real_browser() {
     assert_eq!(cred("google").await, 404);
     b2.close().await;
     b1.close().await;
+}
+
+#[tokio::test]
+async fn forwarded_link_with_confirm_in_a_real_browser() {
+    if !available_or_fail("forwarded_link_with_confirm_in_a_real_browser") {
+        return;
+    }
+    let Setup { sk, fake, .. } = setup("confirm = true").await;
+    let app_page = format!("{}/app", fake.origin);
+    // The app makes a link for mallory; she forwards it, unopened, to vera.
+    let r = sk
+        .admin(
+            Method::POST,
+            "/v1/users/mallory/connect",
+            Some(json!({"providers": ["google"], "return_to": app_page, "user_label": "mallory@acme.example"})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let connect_url = r.json()["connect_url"].as_str().unwrap().to_owned();
+
+    let driver = Driver::start().await;
+    let vera = driver.browser().await;
+    vera.goto(&connect_url).await;
+    let text = vera.text().await;
+    assert!(
+        text.contains("Connect accounts for mallory@acme.example"),
+        "the page says whose accounts: {text}"
+    );
+    vera.click("form[action$=\"/claim\"] button").await;
+    vera.wait_text("the page after Continue", |t| {
+        t.contains("Connect your accounts")
+    })
+    .await;
+    vera.click("#provider-google button[value=connect]").await;
+    vera.wait_url("the provider's authorize page", |u| {
+        u.starts_with(&fake.origin)
+    })
+    .await;
+    vera.click("#approve").await;
+    let back = vera
+        .wait_url("the app with a connect_code", |u| {
+            u.contains("connect_code=")
+        })
+        .await;
+    assert!(
+        back.starts_with(&format!("{app_page}?connect_code=")),
+        "{back}"
+    );
+    let code = url::Url::parse(&back)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "connect_code")
+        .map(|(_, v)| v.into_owned())
+        .unwrap();
+    assert!(vera.text().await.contains("Back in the app"));
+    let status = |user: &'static str| {
+        let sk = &sk;
+        async move {
+            sk.admin(
+                Method::GET,
+                &format!("/v1/users/{user}/credentials/google"),
+                None,
+            )
+            .await
+            .status
+            .as_u16()
+        }
+    };
+    assert_eq!(status("mallory").await, 404, "nothing stored for mallory");
+    // The app has vera logged in, not mallory: its confirm is refused, and
+    // the code is spent for mallory too.
+    for user in ["vera", "mallory"] {
+        let r = sk
+            .admin(
+                Method::POST,
+                &format!("/v1/users/{user}/connect/confirm"),
+                Some(json!({ "code": code })),
+            )
+            .await;
+        assert_eq!(r.status, 404, "{user}: {}", r.text());
+    }
+    assert_eq!(status("mallory").await, 404);
+    assert_eq!(status("vera").await, 404);
+    vera.close().await;
 }

@@ -165,9 +165,7 @@ impl StoreDown {
             .await;
         assert_eq!(r.status, 201, "{}", r.text());
         let path = path_of(r.json()["connect_url"].as_str().unwrap());
-        let r = sk.agent(Method::GET, &path, &[], "").await;
-        assert_eq!(r.status, 200, "{}", r.text());
-        let link = (path, cookie_of(&r), csrf_of(&r.text()));
+        let link = claimed(&sk, &path).await;
         let r = sk
             .admin(
                 Method::POST,
@@ -236,6 +234,26 @@ async fn form(sk: &InProcess, path: &str, cookie: Option<&str>, form: &[(&str, &
         h.push(("cookie", c.as_str()));
     }
     sk.agent(Method::POST, path, &h, body).await
+}
+
+/// A link's path claimed by a new browser (first view, Continue, page):
+/// (path, cookie, the page's CSRF token).
+async fn claimed(sk: &InProcess, path: &str) -> (String, String, String) {
+    let r = sk.agent(Method::GET, path, &[], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = form(
+        sk,
+        &format!("{path}/claim"),
+        None,
+        &[("csrf", &csrf_of(&r.text()))],
+    )
+    .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let cookie = cookie_of(&r);
+    let c = format!("__Host-sidekey-connect={cookie}");
+    let r = sk.agent(Method::GET, path, &[("cookie", &c)], "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    (path.to_owned(), cookie, csrf_of(&r.text()))
 }
 
 /// The path of an absolute URL sidekey answered (`connect_url`).
@@ -317,10 +335,64 @@ impl Ctx {
     /// A link for `custom` opened by a new browser: (path, cookie, csrf).
     async fn opened_link(&self) -> (String, String, String) {
         let path = self.link(json!({"providers": ["custom"]})).await;
+        claimed(&self.sk, &path).await
+    }
+
+    /// An unclaimed link for `custom` and its first view's CSRF token.
+    async fn unclaimed_link(&self) -> (String, String) {
+        let path = self.link(json!({"providers": ["custom"]})).await;
         let r = self.agent(Method::GET, &path, &[], "").await;
         assert_eq!(r.status, 200, "{}", r.text());
-        let cookie = cookie_of(&r);
-        (path, cookie, csrf_of(&r.text()))
+        let csrf = csrf_of(&r.text());
+        (path, csrf)
+    }
+
+    /// A connection made on a sidekey with `[connect] confirm = true`,
+    /// waiting for the app: that sidekey, and the code.
+    async fn pending_connection(&self) -> (InProcess, String) {
+        let sk = InProcess::start(Options::with_providers(&format!(
+            "[providers.custom]\nbase_url = \"{u}\"\ntoken_url = \"{t}\"\n\
+                 authorize_url = \"{u}/authorize\"\nclient_id = \"test-client\"\n\
+                 client_secret = \"test-client-secret\"\n[connect]\nconfirm = true\n",
+            u = self.up.url,
+            t = self.tokens.url,
+        )))
+        .await;
+        let r = sk
+            .admin(
+                Method::POST,
+                "/v1/users/alice/oauth/custom/start",
+                Some(json!({"return_to": "https://app.example/settings"})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let (challenge, redirect_uri) = pkce_challenge_from(v["authorize_url"].as_str().unwrap());
+        self.tokens
+            .register_code("code-oa-confirm", &challenge, &redirect_uri);
+        let r = sk
+            .agent(
+                Method::GET,
+                &path_of(v["connect_url"].as_str().unwrap()),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        let cookie = format!("__Host-sidekey-connect={}", cookie_of(&r));
+        let state = v["state"].as_str().unwrap();
+        let r = sk
+            .agent(
+                Method::GET,
+                &format!("/oauth/custom/callback?code=code-oa-confirm&state={state}"),
+                &[("cookie", &cookie)],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        let to = r.headers["location"].to_str().unwrap().to_owned();
+        let code = support::query_param(&to, "connect_code").expect("connect_code");
+        (sk, code)
     }
 
     /// A link of `ttl_secs = 60`, then the clock moved past its expiry.
@@ -510,6 +582,24 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         ("/v1/users/{user}/connect", "POST", 503) => {
             let pg = &c.pg;
             pg.timed(path, pg.sk.admin(m, "/v1/users/alice/connect", Some(json!({}))))
+                .await
+        }
+        ("/v1/users/{user}/connect/confirm", "POST", 200) => {
+            let (sk, code) = c.pending_connection().await;
+            sk.admin(m, "/v1/users/alice/connect/confirm", Some(json!({ "code": code })))
+                .await
+        }
+        ("/v1/users/{user}/connect/confirm", "POST", 400) => {
+            c.admin(m, "/v1/users/alice/connect/confirm", json!({})).await
+        }
+        ("/v1/users/{user}/connect/confirm", "POST", 404) => {
+            c.admin(m, "/v1/users/alice/connect/confirm", json!({"code": NO_SUCH_TICKET}))
+                .await
+        }
+        ("/v1/users/{user}/connect/confirm", "POST", 503) => {
+            let pg = &c.pg;
+            let body = json!({"code": NO_SUCH_TICKET});
+            pg.timed(path, pg.sk.admin(m, "/v1/users/alice/connect/confirm", Some(body)))
                 .await
         }
         ("/v1/users/{user}/connect", "POST", 404) => {
@@ -745,6 +835,35 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             let path = c.expired_link().await;
             c.agent(m, &path, &[], "").await
         }
+        ("/connect/{ticket}/claim", "POST", _) => match status {
+            303 => {
+                let (p, csrf) = c.unclaimed_link().await;
+                c.form(&format!("{p}/claim"), None, &[("csrf", &csrf)]).await
+            }
+            400 => {
+                let (p, _) = c.unclaimed_link().await;
+                let big = "x".repeat(9 * 1024);
+                c.form(&format!("{p}/claim"), None, &[("csrf", &big)]).await
+            }
+            403 => {
+                let (p, _) = c.unclaimed_link().await;
+                c.form(&format!("{p}/claim"), None, &[("csrf", "forged")]).await
+            }
+            404 => {
+                c.form(&format!("/connect/{NO_SUCH_TICKET}/claim"), None, &[("csrf", "x")])
+                    .await
+            }
+            410 => {
+                let p = c.expired_link().await;
+                c.form(&format!("{p}/claim"), None, &[("csrf", "x")]).await
+            }
+            503 => {
+                let pg = &c.pg;
+                let p = format!("{}/claim", pg.link.0);
+                pg.timed(path, form(&pg.sk, &p, None, &[("csrf", "x")])).await
+            }
+            _ => return None,
+        },
         ("/connect/{ticket}/connect" | "/connect/{ticket}/disconnect", "POST", _) => {
             let action = path.rsplit('/').next().unwrap();
             match status {

@@ -1,19 +1,26 @@
 //! The hosted connect page and the browser binding of OAuth flows.
 //!
 //! The main app asks for a connect link (admin `POST /v1/users/{u}/connect`)
-//! and sends the user's browser to `<public_url>/connect/<ticket>`. The
-//! first browser to open it owns it: it gets a `__Host-` cookie whose hash
-//! is recorded in the ticket, and any other browser is shown "this link was
-//! already used". Connect starts an authorization-code flow whose state
-//! names the ticket; the callback completes only in the browser holding the
-//! cookie for that ticket (RFC 9700 §4.7.1). Without it a forwarded
-//! authorize URL would let a victim's account be stored under the
-//! forwarder's user.
+//! and sends the user's browser to `<public_url>/connect/<ticket>`. No GET
+//! changes anything: the first view says whose accounts are being
+//! connected and offers "Continue", a form POST that claims the link for
+//! this browser (so a mail scanner's prefetch burns nothing). The claiming
+//! browser gets a `__Host-` cookie whose hash is recorded in the ticket, and
+//! any other browser is shown "this link was already used". Connect starts
+//! an authorization-code flow whose state names the ticket; the callback
+//! completes only in the browser holding the cookie for that ticket
+//! (RFC 9700 §4.7.1). Without it a forwarded authorize URL would let a
+//! victim's account be stored under the forwarder's user. A link forwarded
+//! before anyone opened it is closed by [`confirm`]: with `[connect]
+//! confirm = true` the new credential waits until the app, which knows who
+//! is logged in, confirms it for its user.
 //!
 //! The page is server-rendered HTML and one stylesheet: no script at all,
 //! so the CSP forbids every script and inline style. Actions are form POSTs
-//! carrying a CSRF token derived from the browser's cookie and the ticket.
+//! carrying a CSRF token: derived from the browser's cookie and the ticket
+//! on the page, from the ticket under a server key on the first view.
 
+pub mod confirm;
 mod page;
 
 use std::sync::Arc;
@@ -150,9 +157,7 @@ pub async fn create_link(
             uniq
         }
     };
-    if let Some(rt) = &b.return_to {
-        crate::oauth::check_return_to(rt)?;
-    }
+    crate::oauth::check_return_to_for(app, b.return_to.as_deref())?;
     let ttl = b.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
     if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&ttl) {
         return Err(ApiError::BadRequest(format!(
@@ -203,9 +208,12 @@ pub enum Binding {
     /// No browser binding applies (`[oauth] bind_browser = false` and the
     /// flow was not started from the page): complete as before.
     Unbound,
-    /// Bound and started from the connect page at this URL: complete, then
-    /// go back there.
-    Page(String),
+    /// Bound and started from the connect page at `page`: complete, then
+    /// go back there (or, awaiting confirmation, to the link's `return_to`).
+    Page {
+        page: String,
+        return_to: Option<String>,
+    },
     /// Bound, started by admin `oauth/start` through its `connect_url`.
     Start,
     /// This browser does not hold the binding: refuse, store nothing.
@@ -235,14 +243,21 @@ pub async fn callback_binding(app: &App, headers: &HeaderMap, st: &OAuthState) -
     if !from_page && !app.config.oauth.bind_browser {
         return Binding::Unbound;
     }
-    let holds = match (browser_cookie(headers), &t.browser) {
+    match (holds(headers, &t), from_page, &st.return_to) {
+        (false, ..) => Binding::Refused,
+        (true, true, Some(page)) => Binding::Page {
+            page: page.clone(),
+            return_to: t.return_to,
+        },
+        _ => Binding::Start,
+    }
+}
+
+/// Whether this request carries the cookie of the browser that claimed `t`.
+fn holds(headers: &HeaderMap, t: &ConnectTicket) -> bool {
+    match (browser_cookie(headers), &t.browser) {
         (Some(c), Some(b)) => bool::from(browser_hash(&c).as_bytes().ct_eq(b.as_bytes())),
         _ => false,
-    };
-    match (holds, from_page, &st.return_to) {
-        (false, ..) => Binding::Refused,
-        (true, true, Some(page)) => Binding::Page(page.clone()),
-        _ => Binding::Start,
     }
 }
 
@@ -250,12 +265,24 @@ pub async fn callback_binding(app: &App, headers: &HeaderMap, st: &OAuthState) -
 
 /// Everything under `/connect/` on the agent listener.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    let mut resp = route(app, req).await;
+    if head {
+        // The answer a GET would get, without its body (which HTTP/2 would
+        // otherwise send, breaking the stream).
+        *resp.body_mut() = body::empty();
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
+    resp
+}
+
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let rest = path.trim_start_matches("/connect/");
     if rest == CSS_PATH.trim_start_matches("/connect/") {
         return match *req.method() {
             Method::GET | Method::HEAD => stylesheet(app),
-            _ => method_not_allowed(app),
+            _ => method_not_allowed(app, "GET, HEAD"),
         };
     }
     let (ticket, action) = match rest.split_once('/') {
@@ -267,25 +294,130 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
     let ticket = ticket.to_owned();
     match (req.method().clone(), action) {
-        (Method::GET, None) => open(app, req, &ticket).await,
+        (Method::GET | Method::HEAD, None) => open(app, req, &ticket).await,
+        (Method::POST, Some("claim")) => claim(app, req, &ticket).await,
         (Method::POST, Some(a @ ("connect" | "disconnect"))) => {
             let a = a.to_owned();
             act(app, req, &ticket, &a).await
         }
-        (_, None | Some("connect" | "disconnect")) => method_not_allowed(app),
+        (_, None) => method_not_allowed(app, "GET, HEAD"),
+        (_, Some("claim" | "connect" | "disconnect")) => method_not_allowed(app, "POST"),
         _ => unknown_link(app),
     }
 }
 
-/// `GET /connect/<ticket>`: claim the link for this browser, then show the
-/// page (or, for an `oauth/start` link, go to the provider).
+/// `GET /connect/<ticket>`. Changes nothing, except that an `oauth/start`
+/// link is claimed by its first GET (the app redirects the browser there
+/// at once; it is never mailed): an unclaimed page link shows "Continue",
+/// a claimed one shows the page to its browser and "already used" to any
+/// other.
 async fn open(app: &Arc<App>, req: Request<Incoming>, ticket: &str) -> Response<Body> {
     let id = app.store.connect_ticket_id(ticket);
     let now = app.clock.now();
-    let cookie = browser_cookie(req.headers()).unwrap_or_else(|| random_b64(SECRET_BYTES));
+    let t = match app.store.connect_ticket(&id).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return unknown_link(app),
+        Err(e) => return internal(app, e),
+    };
+    if t.expires_at <= now {
+        return expired_link(app);
+    }
+    if t.browser.is_none() {
+        if t.authorize_url.is_some() && req.method() == Method::GET {
+            let cookie = browser_cookie(req.headers());
+            return bind(app, ticket, &id, cookie, "GET", now).await;
+        }
+        return first_view(app, ticket, &id, &t);
+    }
+    if !holds(req.headers(), &t) {
+        return already_used(app);
+    }
+    match &t.authorize_url {
+        Some(url) => redirect(app, url),
+        None => {
+            let Some(cookie) = browser_cookie(req.headers()) else {
+                return already_used(app);
+            };
+            let notice = notice_from_query(app, &t, req.uri().query());
+            render(app, ticket, &id, &cookie, &t, notice).await
+        }
+    }
+}
+
+/// The first view of an unclaimed link: whose accounts, and "Continue".
+/// No cookie: a browser (or a prefetcher) that only looks claims nothing.
+fn first_view(app: &App, ticket: &str, id: &str, t: &ConnectTicket) -> Response<Body> {
+    let displays: Vec<&str> = t
+        .providers
+        .iter()
+        .filter_map(|n| app.providers.get(n).map(|p| p.display.as_str()))
+        .collect();
+    let html = page::claim_page(
+        &app.config.connect,
+        &page::ClaimView {
+            ticket,
+            csrf: &app.store.claim_csrf(id),
+            who: t.user_label.as_deref().unwrap_or(&t.user),
+            providers: &displays,
+            minutes_left: (t.expires_at - app.clock.now() + 59) / 60,
+        },
+    );
+    harden(app, body::html(StatusCode::OK, html))
+}
+
+/// `POST /connect/<ticket>/claim`, the first view's "Continue": claims the
+/// link for this browser and sets its cookie.
+async fn claim(app: &Arc<App>, req: Request<Incoming>, ticket: &str) -> Response<Body> {
+    let (parts, incoming) = req.into_parts();
+    let form = match read_form(app, &parts.headers, incoming).await {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
+    let id = app.store.connect_ticket_id(ticket);
+    let now = app.clock.now();
+    let t = match app.store.connect_ticket(&id).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return unknown_link(app),
+        Err(e) => return internal(app, e),
+    };
+    if t.expires_at <= now {
+        return expired_link(app);
+    }
+    let expected = app.store.claim_csrf(&id);
+    let csrf_ok = form
+        .csrf
+        .as_ref()
+        .is_some_and(|c| bool::from(c.as_bytes().ct_eq(expected.as_bytes())));
+    if !csrf_ok || cross_site(app, &parts.headers) {
+        return form_expired(app);
+    }
+    bind(
+        app,
+        ticket,
+        &id,
+        browser_cookie(&parts.headers),
+        "POST",
+        now,
+    )
+    .await
+}
+
+/// Claims the link for the browser with `cookie` (a fresh one when it has
+/// none), then sends it on: to the page, or to the provider for an
+/// `oauth/start` link.
+async fn bind(
+    app: &Arc<App>,
+    ticket: &str,
+    id: &str,
+    cookie: Option<String>,
+    method: &'static str,
+    now: i64,
+) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let cookie = cookie.unwrap_or_else(|| random_b64(SECRET_BYTES));
     let claim = app
         .store
-        .claim_connect_ticket(&id, &browser_hash(&cookie), now)
+        .claim_connect_ticket(id, &browser_hash(&cookie), now)
         .await;
     let t = match claim {
         Ok(TicketClaim::Claimed(t)) => {
@@ -300,15 +432,31 @@ async fn open(app: &Arc<App>, req: Request<Incoming>, ticket: &str) -> Response<
         Ok(TicketClaim::Unknown) => return unknown_link(app),
         Err(e) => return internal(app, e),
     };
-    let mut resp = match &t.authorize_url {
-        Some(url) => redirect(app, url),
-        None => {
-            let notice = notice_from_query(app, &t, req.uri().query());
-            render(app, ticket, &id, &cookie, &t, notice).await
-        }
-    };
+    let to = t
+        .authorize_url
+        .clone()
+        .unwrap_or_else(|| page_url(app, ticket));
+    let mut resp = redirect(app, &to);
     set_cookie(&mut resp, &cookie);
+    audit(app, &t.user, None, method, "claim", &resp, started);
     resp
+}
+
+/// Whether the browser says this form was sent from another site. The
+/// page's own forms come `same-origin` (its `no-referrer` policy makes
+/// browsers send `Origin: null` on them, which is allowed).
+fn cross_site(app: &App, headers: &HeaderMap) -> bool {
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
+    if site.is_some_and(|s| !matches!(s, "same-origin" | "none")) {
+        return true;
+    }
+    let ours = url::Url::parse(&app.config.server.public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|o| o != "null" && o != ours)
 }
 
 async fn render(
@@ -354,7 +502,7 @@ async fn render(
         &page::PageView {
             ticket,
             csrf: &csrf,
-            user_label: t.user_label.as_deref(),
+            who: t.user_label.as_deref().unwrap_or(&t.user),
             return_to: t.return_to.as_deref(),
             minutes_left: (t.expires_at - now + 59) / 60,
             notice,
@@ -419,12 +567,14 @@ struct ActionForm {
     provider: Option<String>,
 }
 
-/// `POST /connect/<ticket>/{connect,disconnect}` from the page's forms.
-async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str) -> Response<Body> {
-    let started = std::time::Instant::now();
-    let (parts, incoming) = req.into_parts();
+/// A page form's fields, or the page that says it could not be read.
+async fn read_form(
+    app: &App,
+    headers: &HeaderMap,
+    incoming: Incoming,
+) -> Result<ActionForm, Response<Body>> {
     let bytes: Bytes = match body::read_limited(
-        &parts.headers,
+        headers,
         incoming,
         MAX_FORM_BYTES,
         Duration::from_secs(30),
@@ -433,12 +583,12 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
     {
         Ok(b) => b,
         Err(_) => {
-            return message(
+            return Err(message(
                 app,
                 StatusCode::BAD_REQUEST,
                 "That did not work",
                 "The form could not be read. Go back and try again.",
-            );
+            ));
         }
     };
     let mut form = ActionForm::default();
@@ -449,6 +599,17 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
             _ => {}
         }
     }
+    Ok(form)
+}
+
+/// `POST /connect/<ticket>/{connect,disconnect}` from the page's forms.
+async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let (parts, incoming) = req.into_parts();
+    let form = match read_form(app, &parts.headers, incoming).await {
+        Ok(f) => f,
+        Err(resp) => return resp,
+    };
     let id = app.store.connect_ticket_id(ticket);
     let t = match app.store.connect_ticket(&id).await {
         Ok(Some(t)) => t,
@@ -458,11 +619,7 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
     if t.expires_at <= app.clock.now() {
         return expired_link(app);
     }
-    let Some(cookie) = browser_cookie(&parts.headers).filter(|c| {
-        t.browser
-            .as_ref()
-            .is_some_and(|b| bool::from(browser_hash(c).as_bytes().ct_eq(b.as_bytes())))
-    }) else {
+    let Some(cookie) = browser_cookie(&parts.headers).filter(|_| holds(&parts.headers, &t)) else {
         return already_used(app);
     };
     let expected = csrf_token(&cookie, &id);
@@ -471,12 +628,7 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
         .as_ref()
         .is_some_and(|c| bool::from(c.as_bytes().ct_eq(expected.as_bytes())));
     if !csrf_ok {
-        return message(
-            app,
-            StatusCode::FORBIDDEN,
-            "This form has expired",
-            "The request did not come from this page as sidekey served it. Reload the connect page and try again.",
-        );
+        return form_expired(app);
     }
     let Some(name) = form.provider.filter(|p| t.providers.contains(p)) else {
         return message(
@@ -546,12 +698,25 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
             }
         }
     };
+    audit(app, &t.user, Some(name), "POST", action, &resp, started);
+    resp
+}
+
+fn audit(
+    app: &App,
+    user: &str,
+    provider: Option<String>,
+    method: &'static str,
+    action: &str,
+    resp: &Response<Body>,
+    started: std::time::Instant,
+) {
     app.audit.record(AuditRecord {
         time: app.clock.now_millis(),
         kind: "connect".into(),
-        user: Some(t.user.clone()),
-        provider: Some(name),
-        method: "POST".into(),
+        user: Some(user.to_owned()),
+        provider,
+        method: method.into(),
         // Never the ticket: it is a bearer secret.
         path: format!("/connect/{{ticket}}/{action}"),
         status: resp.status().as_u16(),
@@ -560,7 +725,6 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
         conversation_id: None,
         error: None,
     });
-    resp
 }
 
 // ----- pieces ------------------------------------------------------------------
@@ -692,6 +856,15 @@ fn message(app: &App, status: StatusCode, title: &str, detail: &str) -> Response
     message_page(app, status, title, &html_escape(detail))
 }
 
+fn form_expired(app: &App) -> Response<Body> {
+    message(
+        app,
+        StatusCode::FORBIDDEN,
+        "This form has expired",
+        "The request did not come from this page as sidekey served it. Reload the connect page and try again.",
+    )
+}
+
 fn already_used(app: &App) -> Response<Body> {
     message(
         app,
@@ -719,7 +892,7 @@ fn unknown_link(app: &App) -> Response<Body> {
     )
 }
 
-fn method_not_allowed(app: &App) -> Response<Body> {
+fn method_not_allowed(app: &App, allow: &'static str) -> Response<Body> {
     let mut r = message(
         app,
         StatusCode::METHOD_NOT_ALLOWED,
@@ -727,7 +900,7 @@ fn method_not_allowed(app: &App) -> Response<Body> {
         "Open the connect link itself and use its buttons.",
     );
     r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     r
 }
 

@@ -43,7 +43,8 @@ pub struct Notice {
 pub struct PageView<'a> {
     pub ticket: &'a str,
     pub csrf: &'a str,
-    pub user_label: Option<&'a str>,
+    /// Whose accounts: the link's `user_label`, else the user id.
+    pub who: &'a str,
     pub return_to: Option<&'a str>,
     pub minutes_left: i64,
     pub notice: Option<Notice>,
@@ -93,16 +94,10 @@ pub fn connect_page(c: &ConnectConfig, v: &PageView<'_>) -> String {
     let app = html_escape(app_name(c));
     let mut m = String::with_capacity(4096);
     m.push_str("<h1>Connect your accounts</h1>\n");
-    match v.user_label {
-        Some(l) => m.push_str(&format!(
-            "<p class=\"lead\">Connecting accounts for <strong>{}</strong>. {app} uses them on your behalf; it never sees your passwords.</p>\n",
-            html_escape(l)
-        )),
-        None => m.push_str(&format!(
-            "<p class=\"lead\">{} uses these accounts on your behalf; it never sees your passwords.</p>\n",
-            capitalised(&app)
-        )),
-    }
+    m.push_str(&format!(
+        "<p class=\"lead\">Connecting accounts for <strong>{}</strong>. {app} uses them on your behalf; it never sees your passwords.</p>\n",
+        html_escape(v.who)
+    ));
     if let Some(n) = &v.notice {
         let (class, role) = if n.ok {
             ("ok", "status")
@@ -167,10 +162,65 @@ pub fn connect_page(c: &ConnectConfig, v: &PageView<'_>) -> String {
     }
     let mins = v.minutes_left.max(1);
     m.push_str(&format!(
-        "<p class=\"fine\">This link works only in this browser and for about {mins} more minute{}. Never forward it: whoever opens it first can connect accounts here.</p>",
-        if mins == 1 { "" } else { "s" }
+        "<p class=\"fine\">This link works only in this browser and for about {}. Never forward it.</p>",
+        minutes(mins)
     ));
     layout(c, &format!("Connect your accounts — {}", app_name(c)), &m)
+}
+
+/// The first view of an unclaimed link.
+pub struct ClaimView<'a> {
+    pub ticket: &'a str,
+    pub csrf: &'a str,
+    pub who: &'a str,
+    /// Display names of the link's providers.
+    pub providers: &'a [&'a str],
+    pub minutes_left: i64,
+}
+
+/// Names whose accounts the link connects before anything happens, so
+/// that someone who was sent another person's link can see it and stop.
+pub fn claim_page(c: &ConnectConfig, v: &ClaimView<'_>) -> String {
+    let app = html_escape(app_name(c));
+    let who = html_escape(v.who);
+    let services = match v.providers {
+        [] => "accounts".to_owned(),
+        [one] => html_escape(one),
+        [init @ .., last] => format!(
+            "{} and {}",
+            init.iter()
+                .map(|p| html_escape(p))
+                .collect::<Vec<_>>()
+                .join(", "),
+            html_escape(last)
+        ),
+    };
+    let mut m = String::with_capacity(2048);
+    m.push_str(&format!(
+        "<h1>Connect accounts for {who}</h1>\n\
+<p class=\"lead\">{} asks you to connect {services} for <strong>{who}</strong>. Continue only if that is you.</p>\n",
+        capitalised(&app)
+    ));
+    m.push_str(&format!(
+        "<form method=\"post\" action=\"/connect/{}/claim\">\
+<input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+<button type=\"submit\" class=\"primary\">Continue</button></form>\n",
+        html_escape(v.ticket),
+        html_escape(v.csrf)
+    ));
+    m.push_str(&format!(
+        "<p class=\"fine\">If someone else sent you this link, do not continue: close this page. The link works in the first browser that continues, for about {}.</p>",
+        minutes(v.minutes_left.max(1))
+    ));
+    layout(
+        c,
+        &format!("Connect accounts for {} — {}", v.who, app_name(c)),
+        &m,
+    )
+}
+
+fn minutes(n: i64) -> String {
+    format!("{n} more minute{}", if n == 1 { "" } else { "s" })
 }
 
 fn capitalised(s: &str) -> String {

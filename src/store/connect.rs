@@ -23,13 +23,31 @@
 //!   AND browser IS NULL AND expires_at > $3`, then read the row.)
 //! - `gc_connect_tickets(before) -> usize` — deletes tickets that expired
 //!   before `before` (and any that no longer open).
+//! - `claim_csrf(id) -> String` — the CSRF token of a link's "Continue"
+//!   form, for a browser that has no cookie yet: a keyed hash of the ticket
+//!   id, so only sidekey (any replica) can make it.
+//!
+//! Pending credentials (`[connect] confirm = true`): a completed callback
+//! stores the new credential here instead of among the credentials, under
+//! a keyed hash of a one-time code that goes to the app; the app's confirm
+//! moves it into place.
+//!
+//! - `connect_code_id(code) -> String` — the record key for a raw code.
+//! - `put_pending_credential(id, &PendingCredential)` — insert. Not yet
+//!   durable: the caller flushes.
+//! - `take_pending_credential(id) -> Option<PendingCredential>` — removes and
+//!   returns it: each code is usable once across every replica (the removal
+//!   decides, as for OAuth states); a record that no longer opens reads as
+//!   `None`.
+//! - `gc_pending_credentials(before) -> usize` — deletes those that expired
+//!   before `before`.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::{Backend, Store, StoreError, Tree};
+use super::{Backend, Credential, Store, StoreError, Tree};
 
 /// One connect link.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -57,6 +75,18 @@ pub struct ConnectTicket {
     pub authorize_url: Option<String>,
 }
 
+/// A credential from a completed callback, waiting for the app's
+/// confirmation; invisible to the proxy and the admin API until then.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PendingCredential {
+    pub user: String,
+    pub provider: String,
+    pub credential: Credential,
+    pub created_at: i64,
+    /// Unix seconds; the code confirms nothing after this.
+    pub expires_at: i64,
+}
+
 /// What a claim did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TicketClaim {
@@ -74,10 +104,7 @@ impl Store {
     /// The record key for a raw ticket: a keyed hash, so the store (or a
     /// stolen disk or dump) never holds a usable link.
     pub fn connect_ticket_id(&self, ticket: &str) -> String {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.index_key).expect("any key size");
-        mac.update(b"connect-ticket\0");
-        mac.update(ticket.as_bytes());
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+        self.keyed_b64(b"connect-ticket\0", ticket)
     }
 
     pub async fn put_connect_ticket(&self, id: &str, t: &ConnectTicket) -> Result<(), StoreError> {
@@ -92,7 +119,7 @@ impl Store {
     }
 
     /// Binds the ticket to `browser`, atomically (in the database, for
-    /// every replica): of two concurrent first opens exactly one wins.
+    /// every replica): of two concurrent first claims exactly one wins.
     pub async fn claim_connect_ticket(
         &self,
         id: &str,
@@ -121,6 +148,55 @@ impl Store {
                 return Ok(TicketClaim::Claimed(rec));
             }
         }
+    }
+
+    /// The CSRF token of the "Continue" form that claims link `id`: the
+    /// browser has no cookie yet, so the token is derived from what only
+    /// the store holds.
+    pub fn claim_csrf(&self, id: &str) -> String {
+        self.keyed_b64(b"connect-claim-csrf\0", id)
+    }
+
+    /// The record key for a raw confirmation code (a bearer secret).
+    pub fn connect_code_id(&self, code: &str) -> String {
+        self.keyed_b64(b"connect-code\0", code)
+    }
+
+    fn keyed_b64(&self, domain: &[u8], value: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.index_key).expect("any key size");
+        mac.update(domain);
+        mac.update(value.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    pub async fn put_pending_credential(
+        &self,
+        id: &str,
+        p: &PendingCredential,
+    ) -> Result<(), StoreError> {
+        self.put_as(Tree::PendingConnect, id.as_bytes(), p).await
+    }
+
+    /// Removes and returns a pending credential: of two confirms with the
+    /// same code, on any replicas, exactly one gets it.
+    pub async fn take_pending_credential(
+        &self,
+        id: &str,
+    ) -> Result<Option<PendingCredential>, StoreError> {
+        let k = id.as_bytes();
+        let Some(raw) = on_backend!(self, b => b.remove(Tree::PendingConnect, k).await)? else {
+            return Ok(None);
+        };
+        Ok(self
+            .decode::<PendingCredential>(Tree::PendingConnect, k, &raw)
+            .ok()
+            .map(|(p, _)| p))
+    }
+
+    /// Deletes pending credentials that expired before `before`.
+    pub async fn gc_pending_credentials(&self, before: i64) -> Result<usize, StoreError> {
+        self.gc_expired::<PendingCredential>(Tree::PendingConnect, before, |p| p.expires_at)
+            .await
     }
 
     /// Deletes tickets that expired before `before`; returns how many.
@@ -186,5 +262,52 @@ mod tests {
         assert_eq!(s.gc_connect_tickets(200).await.unwrap(), 1);
         assert!(s.connect_ticket(&id).await.unwrap().is_none());
         assert!(s.connect_ticket(&id2).await.unwrap().is_some());
+        assert_ne!(s.claim_csrf(&id), s.claim_csrf(&id2));
+        assert_eq!(s.claim_csrf(&id), s.claim_csrf(&id));
+    }
+
+    #[tokio::test]
+    async fn pending_credentials_are_taken_once_and_gc_drops_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(
+            &dir.path().join("db"),
+            KeyRing::new(MasterKey::from_bytes(&[2; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let pending = |exp| PendingCredential {
+            user: "u".into(),
+            provider: "g".into(),
+            credential: Credential {
+                access_token: Some("at-pending-SECRET".into()),
+                ..Default::default()
+            },
+            created_at: 0,
+            expires_at: exp,
+        };
+        let a = s.connect_code_id("code-a");
+        let b = s.connect_code_id("code-b");
+        assert_ne!(a, b);
+        assert!(!a.contains("code-a"));
+        s.put_pending_credential(&a, &pending(100)).await.unwrap();
+        s.put_pending_credential(&b, &pending(300)).await.unwrap();
+        let got = s.take_pending_credential(&a).await.unwrap().unwrap();
+        assert_eq!(got.user, "u");
+        assert_eq!(
+            got.credential.access_token.as_ref().map(|t| t.expose()),
+            Some("at-pending-SECRET")
+        );
+        assert!(s.take_pending_credential(&a).await.unwrap().is_none());
+        s.put_pending_credential(&a, &pending(100)).await.unwrap();
+        assert_eq!(s.gc_pending_credentials(200).await.unwrap(), 1);
+        assert!(s.take_pending_credential(&a).await.unwrap().is_none());
+        assert!(s.take_pending_credential(&b).await.unwrap().is_some());
+        // Nothing pending is a credential.
+        assert!(
+            s.list_credentials(&super::super::Owner::User("u".into()))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -32,7 +32,7 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use cache::Cache;
-pub use connect::{ConnectTicket, TicketClaim};
+pub use connect::{ConnectTicket, PendingCredential, TicketClaim};
 
 /// Decrypted credentials by record key.
 pub type CredentialCache = Cache<Credential>;
@@ -277,10 +277,13 @@ pub enum Tree {
     SessionExpiry = 9,
     /// Connect-page tickets, by keyed hash.
     Tickets = 10,
+    /// Credentials waiting for the app's confirmation (`[connect] confirm`),
+    /// by keyed hash of their one-time code.
+    PendingConnect = 11,
 }
 
 impl Tree {
-    pub const ALL: [Tree; 11] = [
+    pub const ALL: [Tree; 12] = [
         Tree::Credentials,
         Tree::Sessions,
         Tree::Users,
@@ -292,6 +295,7 @@ impl Tree {
         Tree::UserSessions,
         Tree::SessionExpiry,
         Tree::Tickets,
+        Tree::PendingConnect,
     ];
 
     /// The sled tree name, and the prefix of every record's AAD.
@@ -308,6 +312,7 @@ impl Tree {
             Tree::UserSessions => "user_sessions",
             Tree::SessionExpiry => "session_expiry",
             Tree::Tickets => "connect_tickets",
+            Tree::PendingConnect => "connect_pending",
         }
     }
 
@@ -1583,11 +1588,15 @@ impl Store {
         for t in Tree::ALL {
             if matches!(
                 t,
-                Tree::Meta | Tree::Phones | Tree::OAuthStates | Tree::Tickets
+                Tree::Meta
+                    | Tree::Phones
+                    | Tree::OAuthStates
+                    | Tree::Tickets
+                    | Tree::PendingConnect
             ) && !self.same_index_key(from)
             {
                 // Keyed by the source's index hash: re-keyed below (phones)
-                // or short-lived and left behind (states, tickets).
+                // or short-lived and left behind (states, tickets, codes).
                 continue;
             }
             if t == Tree::Meta {

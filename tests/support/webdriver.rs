@@ -79,6 +79,20 @@ impl Driver {
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Value {
+        match self.try_call(method.clone(), path, body).await {
+            Ok(v) => v,
+            Err(e) => panic!("WebDriver {method} {path}: {e}"),
+        }
+    }
+
+    /// `call` that reports a WebDriver error instead of failing the test
+    /// (a page that is being replaced has stale elements).
+    async fn try_call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let r = send(
             &self.client,
             method.clone(),
@@ -88,12 +102,10 @@ impl Driver {
         )
         .await;
         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        assert!(
-            r.status.is_success(),
-            "WebDriver {method} {path}: {} {v}",
-            r.status
-        );
-        v["value"].clone()
+        if !r.status.is_success() {
+            return Err(format!("{} {v}", r.status));
+        }
+        Ok(v["value"].clone())
     }
 
     /// A new browser with a fresh profile (its own cookie jar), phone-sized.
@@ -214,6 +226,24 @@ impl Browser<'_> {
             .to_owned()
     }
 
+    /// The page's text, or `None` while the page is being replaced.
+    async fn try_text(&self) -> Option<String> {
+        let path = format!("/session/{}", self.id);
+        let find = json!({"using": "css selector", "value": "body"});
+        let e = self
+            .driver
+            .try_call(Method::POST, &format!("{path}/element"), Some(find))
+            .await
+            .ok()?;
+        let e = e[ELEMENT].as_str()?.to_owned();
+        let t = self
+            .driver
+            .try_call(Method::GET, &format!("{path}/element/{e}/text"), None)
+            .await
+            .ok()?;
+        t.as_str().map(str::to_owned)
+    }
+
     pub async fn source(&self) -> String {
         self.call(Method::GET, "/source", None)
             .await
@@ -240,6 +270,23 @@ impl Browser<'_> {
                 return u;
             }
             assert!(Instant::now() < deadline, "waited for {what}; at {u}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the page's text satisfies `pred` (a form's answer may
+    /// still be loading).
+    pub async fn wait_text(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let t = self.try_text().await.unwrap_or_default();
+            if pred(&t) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {what}; page says {t}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
