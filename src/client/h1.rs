@@ -8,15 +8,38 @@
 //! largest cost left on the proxy path that nginx does not pay (see
 //! docs/performance.md). Here, as in nginx and pingora, the request's own
 //! task writes the request, reads the answer's head, and the response body
-//! reads the upstream socket when the agent's connection polls it. A
-//! connection whose answer has been read to its end goes straight back to
-//! the worker's pool.
+//! reads the upstream socket when the agent's connection polls it.
 //!
 //! The exchange is deliberately small: requests have a buffered body and a
 //! `Content-Length`; answers are framed by RFC 9112 §6.3 (no body for HEAD,
 //! 1xx, 204 and 304; chunked; `Content-Length`; or until close). Interim
 //! 1xx answers are skipped; trailers are read and dropped (nginx drops them
-//! too). Anything malformed fails the exchange rather than guessing.
+//! too). Anything malformed fails the exchange rather than guessing, and
+//! an answer carries exactly one `Content-Length` (equal repeats merged,
+//! different ones refused).
+//!
+//! One pooled connection serves many users in turn, so no byte of one
+//! exchange may ever reach another. A connection goes back to the pool only
+//! when the exchange is provably in sync, which means all of:
+//!
+//! - the request had no body. An upstream that answers before reading a
+//!   body and then reads that body as a request of its own is
+//!   indistinguishable, from this side, from one that read it first: on
+//!   loopback or a fast link the whole request is written before the
+//!   upstream has looked at it, and an answer to a request smuggled in the
+//!   body can be held back by Nagle's algorithm until the next user's
+//!   request is on the wire. Nothing but not reusing the connection rules
+//!   that out (RFC 9112 §9.6's early answer is the case a write notices);
+//! - the request was written whole before any answer began;
+//! - the answer had a body framed by `Content-Length` or chunked encoding,
+//!   and no `Transfer-Encoding` next to a `Content-Length`: an answer with
+//!   no body (to HEAD, 204, 304) is where upstreams put bytes nobody
+//!   framed, so such a connection is not reused at all, and neither is one
+//!   that sent an interim (1xx) answer, which sidekey never asks for;
+//! - the body ended exactly at its framing: nothing read past it, and
+//!   nothing the runtime has seen arrive when the connection is checked in;
+//! - at checkout, the kernel has nothing to read on the socket (one
+//!   non-blocking peek).
 
 use std::fmt;
 use std::io;
@@ -105,6 +128,10 @@ pub(crate) struct Conn {
     /// The `Host` header's value: a connection serves one origin, so it is
     /// worked out once, not parsed out of each request's URI.
     host: Box<[u8]>,
+    /// Whether the exchange under way can still leave the connection
+    /// reusable: not after a request body, a request an answer cut short,
+    /// or an interim answer (see the module's rule).
+    in_sync: bool,
 }
 
 impl Conn {
@@ -115,17 +142,45 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             host: host_value(target).into_boxed_slice(),
+            in_sync: true,
         }
+    }
+
+    /// Whether the connection can go back to the pool after an answer that
+    /// ended at its framing: nothing read past it, and nothing that the
+    /// runtime has seen arrive since. This look costs no system call; the
+    /// checkout asks the kernel ([`Conn::idle_and_open`]).
+    fn quiet(&mut self) -> bool {
+        self.buf.is_empty() && self.poll_nothing()
     }
 
     /// Whether an idle connection can take a request: the upstream has
     /// neither closed it nor sent anything unasked. hyper's connection task
     /// noticed a close by always reading; an idle connection here has no
-    /// task, so checkout looks once, without waiting.
+    /// task, so checkout looks once, without waiting, and asks the kernel
+    /// too: the runtime learns of bytes that arrived only when it next
+    /// polls for events, which a busy worker may not have done yet.
     pub(crate) fn idle_and_open(&mut self) -> bool {
-        if !self.buf.is_empty() {
+        if !self.quiet() {
             return false;
         }
+        let tcp = match &self.io {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        // WouldBlock: nothing to read and still open. For TLS the look
+        // above has let rustls take what it could (a session ticket); a
+        // record still waiting in the kernel is something unasked too.
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// Polls the socket once without waiting: whether it had nothing to
+    /// give (neither bytes nor a close).
+    fn poll_nothing(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut probe = [0u8; 1];
         let mut rb = ReadBuf::new(&mut probe);
@@ -200,7 +255,9 @@ impl std::error::Error for ExchangeError {
 
 /// Writes the request in origin-form with `Host` (unless the caller set
 /// one), `credential` after the caller's headers (replacing any of the
-/// same name), and a `Content-Length` for any body.
+/// same name), and a `Content-Length` for any body. Stops early, without
+/// an error, when the upstream's final answer begins first; the
+/// connection then ends with this exchange.
 pub(crate) async fn write_request(
     conn: &mut Conn,
     method: &Method,
@@ -208,7 +265,10 @@ pub(crate) async fn write_request(
     headers: Headers<'_>,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
-) -> io::Result<Sent> {
+) -> io::Result<()> {
+    // A body is where a request smuggled for the upstream would ride
+    // (see the module's rule): the connection ends with this exchange.
+    conn.in_sync = body.is_empty();
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     encode_head(
@@ -226,21 +286,13 @@ pub(crate) async fn write_request(
         conn.out = out;
     }
     if !written? {
-        return Ok(Sent::Cut);
+        // The answer began before the rest was sent: the upstream's idea
+        // of where a next request would start is unknown.
+        conn.in_sync = false;
+        return Ok(());
     }
     // Plain TCP: nothing buffered. TLS: pushes the records out.
-    conn.io.flush().await?;
-    Ok(Sent::Whole)
-}
-
-/// How much of a request went out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Sent {
-    Whole,
-    /// The answer began before the rest was sent: the upstream's idea of
-    /// where a next request would start is unknown, so the connection is
-    /// not reused ([`Head::close_after`]).
-    Cut,
+    conn.io.flush().await
 }
 
 /// Writes `data` unless the upstream's final answer starts arriving
@@ -266,7 +318,9 @@ async fn write_unless_answered(conn: &mut Conn, data: &[u8]) -> io::Result<bool>
                                 "the upstream closed the connection during the request",
                             )));
                         }
-                        Poll::Ready(Ok(_)) if final_answer_started(&mut conn.buf) => {
+                        Poll::Ready(Ok(_))
+                            if final_answer_started(&mut conn.buf, &mut conn.in_sync) =>
+                        {
                             return Poll::Ready(Ok(false));
                         }
                         Poll::Ready(Ok(_)) => {}
@@ -281,11 +335,12 @@ async fn write_unless_answered(conn: &mut Conn, data: &[u8]) -> io::Result<bool>
     .await
 }
 
-/// Drops complete interim (1xx) heads off the front of `buf`, and says
-/// whether what is left begins a final answer (or something that is not
-/// an HTTP/1 answer at all, which `read_head` then reports). Too few bytes
-/// to tell, or an interim head still arriving: not yet.
-fn final_answer_started(buf: &mut BytesMut) -> bool {
+/// Drops complete interim (1xx) heads off the front of `buf` (clearing
+/// `in_sync`), and says whether what is left begins a final answer (or
+/// something that is not an HTTP/1 answer at all, which `read_head` then
+/// reports). Too few bytes to tell, or an interim head still arriving: not
+/// yet.
+fn final_answer_started(buf: &mut BytesMut, in_sync: &mut bool) -> bool {
     loop {
         let Some(line) = buf.get(..10) else {
             return false;
@@ -301,6 +356,7 @@ fn final_answer_started(buf: &mut BytesMut) -> bool {
         match buf.windows(4).position(|w| w == b"\r\n\r\n") {
             Some(end) => {
                 let _ = buf.split_to(end + 4);
+                *in_sync = false;
             }
             None => return false,
         }
@@ -435,29 +491,17 @@ enum Framing {
 pub(crate) struct Head {
     pub(crate) parts: http::response::Parts,
     framing: Framing,
+    /// Whether the connection may serve another request once the body has
+    /// ended exactly at its framing (the module's rule).
     keep_alive: bool,
-}
-
-impl Head {
-    /// The connection is closed after this answer, whatever it says.
-    pub(crate) fn close_after(&mut self) {
-        self.keep_alive = false;
-    }
 }
 
 /// Reads the answer's head (skipping interim 1xx answers).
 pub(crate) async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, ExchangeError> {
     let mut read_any = false;
     loop {
-        if !conn.buf.is_empty() {
-            match parse_head(&mut conn.buf, method)? {
-                Some(Parsed::Interim) => continue,
-                Some(Parsed::Final(head)) => return Ok(head),
-                None if conn.buf.len() >= MAX_HEAD => {
-                    return Err(ExchangeError::Parse("the answer's head is too large"));
-                }
-                None => {}
-            }
+        if let Some(head) = take_head(&mut conn.buf, method, &mut conn.in_sync)? {
+            return Ok(head);
         }
         match conn.fill().await {
             Ok(0) => {
@@ -475,6 +519,30 @@ pub(crate) async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, 
             }
         }
     }
+}
+
+/// Takes the final answer's head off the front of `buf`, dropping interim
+/// answers before it (which clear `in_sync`); `None` while more bytes are
+/// needed. The head is not reusable unless the exchange is still in sync.
+fn take_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    in_sync: &mut bool,
+) -> Result<Option<Head>, ExchangeError> {
+    while !buf.is_empty() {
+        match parse_head(buf, method)? {
+            Some(Parsed::Interim) => *in_sync = false,
+            Some(Parsed::Final(mut head)) => {
+                head.keep_alive &= *in_sync;
+                return Ok(Some(head));
+            }
+            None if buf.len() >= MAX_HEAD => {
+                return Err(ExchangeError::Parse("the answer's head is too large"));
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 enum Parsed {
@@ -500,6 +568,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
         }
         Err(_) => return Err(ExchangeError::Parse("malformed status line or header")),
     };
+    // However the head arrived: one read or many (a partial head this
+    // large is refused by `take_head`).
+    if len > MAX_HEAD {
+        return Err(ExchangeError::Parse("the answer's head is too large"));
+    }
     let code = res.code.unwrap_or(0);
     let version = match res.version {
         Some(0) => Version::HTTP_10,
@@ -539,15 +612,26 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
             .map_err(|_| ExchangeError::Parse("invalid header value"))?;
         headers.append(name, value);
     }
-    let framing = framing(method, status, &headers)?;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let length = content_length(&mut headers)?;
+    let chunked_or_coded = headers.contains_key(header::TRANSFER_ENCODING);
+    let framing = framing(method, status, &headers, length);
+    if chunked_or_coded {
         // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); a
         // length passed on next to a decoded body would misframe the
         // answer to the agent.
         headers.remove(header::CONTENT_LENGTH);
     }
+    // No body: where an upstream puts bytes nobody framed (a body for a
+    // HEAD, after a 204 or 304). Both framings: the upstream and sidekey
+    // may disagree on where the answer ends (RFC 9112 §6.3 calls it an
+    // error). Either way the connection ends with this answer.
+    let bodyless = *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
     let keep_alive = version == Version::HTTP_11
         && framing != Framing::UntilClose
+        && !bodyless
+        && !(chunked_or_coded && length.is_some())
         && !connection_close(&headers);
     let mut resp = http::Response::new(());
     *resp.status_mut() = status;
@@ -561,34 +645,21 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, Exc
     })))
 }
 
-/// RFC 9112 §6.3, for a client.
-fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing, ExchangeError> {
-    if *method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Length(0));
-    }
-    if h.contains_key(header::TRANSFER_ENCODING) {
-        let last = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            // Any other final coding: the body ends when the connection does.
-            _ => Framing::UntilClose,
-        });
-    }
+/// The answer's `Content-Length`, if it has one. Repeats of one value (two
+/// headers, or a list `5, 5`) are one length, and the header is left with
+/// that one value so the agent gets exactly one; different values are no
+/// answer at all (RFC 9112 §6.3).
+fn content_length(h: &mut HeaderMap) -> Result<Option<u64>, ExchangeError> {
     let mut length: Option<u64> = None;
+    let mut values = 0;
+    let mut listed = false;
     for v in h.get_all(header::CONTENT_LENGTH) {
+        values += 1;
         let v = v
             .to_str()
             .map_err(|_| ExchangeError::Parse("invalid content-length"))?;
         for part in v.split(',') {
+            listed |= part.len() != v.len();
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(ExchangeError::Parse("invalid content-length"));
@@ -604,10 +675,38 @@ fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing
             }
         }
     }
-    Ok(match length {
+    if let (Some(n), true) = (length, values > 1 || listed) {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    Ok(length)
+}
+
+/// RFC 9112 §6.3, for a client.
+fn framing(method: &Method, status: StatusCode, h: &HeaderMap, length: Option<u64>) -> Framing {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Framing::Length(0);
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        let last = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|c| !c.is_empty());
+        return match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            // Any other final coding: the body ends when the connection does.
+            _ => Framing::UntilClose,
+        };
+    }
+    match length {
         Some(n) => Framing::Length(n),
         None => Framing::UntilClose,
-    })
+    }
 }
 
 fn connection_close(h: &HeaderMap) -> bool {
@@ -649,6 +748,10 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BodyErr
                     }
                     return Ok(Step::NeedMore);
                 };
+                // Refused however the line arrived, in one read or many.
+                if nl > MAX_CHUNK_LINE {
+                    return Err(BodyError::Chunked("chunk-size line too long"));
+                }
                 let line = buf.split_to(nl + 1);
                 let line = line.strip_suffix(b"\n").unwrap_or(&line);
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -738,8 +841,9 @@ pub(crate) enum BodyError {
 pub(crate) type Checkin = fn(&Uri, Conn);
 
 /// An answer's body, read from the upstream connection as the agent's
-/// connection polls it. At its end the connection goes back to the pool;
-/// dropped before its end, the connection is closed.
+/// connection polls it. At its end the connection goes back to the pool if
+/// the exchange left it in sync; dropped before its end, the connection is
+/// closed.
 pub struct Body {
     state: BodyState,
     conn: Option<Conn>,
@@ -757,35 +861,75 @@ enum BodyState {
     Done,
 }
 
-impl Body {
-    /// The body for `head` on `conn`. An answer already read whole (no
-    /// body, or a short one that came with its head) needs the connection
-    /// no more: it goes back to the pool at once, before the agent's
-    /// connection has polled anything.
-    pub(crate) fn new(head: &Head, mut conn: Conn, target: Uri, checkin: Checkin) -> Body {
-        let state = match head.framing {
-            Framing::Length(n) if conn.buf.len() as u64 >= n => {
-                let data = conn.buf.split_to(n as usize).freeze();
-                // Bytes past the body were never asked for: not reusable.
-                if head.keep_alive && conn.buf.is_empty() {
-                    checkin(&target, conn);
-                }
-                return Body {
-                    state: if data.is_empty() {
-                        BodyState::Done
-                    } else {
-                        BodyState::Buffered(data)
-                    },
-                    conn: None,
-                    keep_alive: false,
-                    target,
-                    checkin,
-                };
+impl BodyState {
+    /// How to read `head`'s body, given what `buf` already holds after the
+    /// head: a body already there whole is taken off `buf` at once.
+    fn for_head(head: &Head, buf: &mut BytesMut) -> BodyState {
+        match head.framing {
+            Framing::Length(0) => BodyState::Done,
+            Framing::Length(n) if buf.len() as u64 >= n => {
+                BodyState::Buffered(buf.split_to(n as usize).freeze())
             }
             Framing::Length(n) => BodyState::Length(n),
             Framing::Chunked => BodyState::Chunked(Chunk::Size),
             Framing::UntilClose => BodyState::UntilClose,
-        };
+        }
+    }
+
+    /// The next step of a body still on the connection, from what `buf`
+    /// holds.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BodyError> {
+        match self {
+            BodyState::Buffered(_) | BodyState::Done => Ok(Step::End),
+            BodyState::Length(left) => {
+                if buf.is_empty() {
+                    Ok(Step::NeedMore)
+                } else {
+                    let take = (*left).min(buf.len() as u64) as usize;
+                    *left -= take as u64;
+                    Ok(Step::Data(buf.split_to(take).freeze()))
+                }
+            }
+            BodyState::Chunked(chunk) => decode_chunked(chunk, buf),
+            BodyState::UntilClose => {
+                if buf.is_empty() {
+                    Ok(Step::NeedMore)
+                } else {
+                    Ok(Step::Data(buf.split().freeze()))
+                }
+            }
+        }
+    }
+
+    /// What the upstream closing the connection means here: the end of an
+    /// until-close body, anything else broken off.
+    fn at_close(&self) -> Result<(), BodyError> {
+        match self {
+            BodyState::UntilClose => Ok(()),
+            _ => Err(BodyError::Incomplete),
+        }
+    }
+}
+
+impl Body {
+    /// The body for `head` on `conn`. An answer already read whole (no
+    /// body, or a short one that came with its head) needs the connection
+    /// no more: it goes back to the pool at once (if in sync and nothing
+    /// followed), before the agent's connection has polled anything.
+    pub(crate) fn new(head: &Head, mut conn: Conn, target: Uri, checkin: Checkin) -> Body {
+        let state = BodyState::for_head(head, &mut conn.buf);
+        if matches!(state, BodyState::Buffered(_) | BodyState::Done) {
+            if head.keep_alive && conn.quiet() {
+                checkin(&target, conn);
+            }
+            return Body {
+                state,
+                conn: None,
+                keep_alive: false,
+                target,
+                checkin,
+            };
+        }
         Body {
             state,
             conn: Some(conn),
@@ -802,8 +946,8 @@ impl Body {
 
     fn finish(&mut self) {
         self.state = BodyState::Done;
-        if let Some(conn) = self.conn.take() {
-            if self.keep_alive && conn.buf.is_empty() {
+        if let Some(mut conn) = self.conn.take() {
+            if self.keep_alive && conn.quiet() {
                 (self.checkin)(&self.target, conn);
             }
         }
@@ -834,27 +978,7 @@ impl http_body::Body for Body {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            let step = match &mut this.state {
-                BodyState::Buffered(_) | BodyState::Done => Ok(Step::End),
-                BodyState::Length(left) => {
-                    if conn.buf.is_empty() {
-                        Ok(Step::NeedMore)
-                    } else {
-                        let take = (*left).min(conn.buf.len() as u64) as usize;
-                        *left -= take as u64;
-                        Ok(Step::Data(conn.buf.split_to(take).freeze()))
-                    }
-                }
-                BodyState::Chunked(chunk) => decode_chunked(chunk, &mut conn.buf),
-                BodyState::UntilClose => {
-                    if conn.buf.is_empty() {
-                        Ok(Step::NeedMore)
-                    } else {
-                        Ok(Step::Data(conn.buf.split().freeze()))
-                    }
-                }
-            };
-            match step {
+            match this.state.step(&mut conn.buf) {
                 Err(e) => return this.fail(e),
                 Ok(Step::End) => {
                     this.finish();
@@ -871,12 +995,14 @@ impl http_body::Body for Body {
                 Ok(Step::NeedMore) => {}
             }
             match ready!(conn.poll_fill(cx)) {
-                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
-                    this.conn = None;
-                    this.state = BodyState::Done;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => return this.fail(BodyError::Incomplete),
+                Ok(0) => match this.state.at_close() {
+                    Ok(()) => {
+                        this.conn = None;
+                        this.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return this.fail(e),
+                },
                 Ok(_) => {}
                 Err(e) => return this.fail(BodyError::Io(e)),
             }
@@ -895,6 +1021,99 @@ impl http_body::Body for Body {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// One answer read from a byte stream by the exchange's own parser and
+/// body decoder, without a socket: what the fuzz target
+/// (`fuzz/fuzz_targets/h1_framing.rs`) checks. Not an API.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReadAnswer {
+    pub status: u16,
+    /// The headers passed on to the agent, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    /// The body ended at its framing (or, until close, at the close).
+    pub ended: bool,
+    /// Whether the connection would go back to the pool (before the
+    /// socket checks, which need a socket).
+    pub reusable: bool,
+    /// Bytes read past the answer's end.
+    pub leftover: usize,
+    /// An interim (1xx) answer came first.
+    pub interim: bool,
+}
+
+/// Reads one answer to a `method` request (with a body or not) from
+/// `pieces`, fed one at a time as reads would deliver them; `closed`: the
+/// upstream closed the connection after the last piece. Drives the same
+/// functions as an exchange on a socket. Not an API.
+#[doc(hidden)]
+pub fn read_answer(
+    method: &str,
+    request_had_body: bool,
+    pieces: &[&[u8]],
+    closed: bool,
+) -> Result<ReadAnswer, String> {
+    let method = Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::new();
+    let mut pieces = pieces.iter();
+    let mut in_sync = true;
+    let head = loop {
+        if let Some(h) = take_head(&mut buf, &method, &mut in_sync).map_err(|e| e.to_string())? {
+            break h;
+        }
+        match pieces.next() {
+            Some(p) => buf.extend_from_slice(p),
+            None => return Err("the upstream closed before the answer's head".into()),
+        }
+    };
+    let mut state = BodyState::for_head(&head, &mut buf);
+    let mut body = Vec::new();
+    let ended = loop {
+        if let BodyState::Buffered(d) = &state {
+            body.extend_from_slice(d);
+            state = BodyState::Done;
+        }
+        if matches!(state, BodyState::Done) {
+            break true;
+        }
+        match state.step(&mut buf).map_err(|e| e.to_string())? {
+            Step::End => break true,
+            Step::Data(d) => {
+                body.extend_from_slice(&d);
+                if matches!(state, BodyState::Length(0)) {
+                    break true;
+                }
+            }
+            Step::NeedMore => match pieces.next() {
+                Some(p) => buf.extend_from_slice(p),
+                None if closed => {
+                    state.at_close().map_err(|e| e.to_string())?;
+                    break true;
+                }
+                None => break false,
+            },
+        }
+    };
+    let mut leftover = buf.len();
+    for p in pieces {
+        leftover += p.len();
+    }
+    Ok(ReadAnswer {
+        status: head.parts.status.as_u16(),
+        headers: head
+            .parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect(),
+        body,
+        ended,
+        reusable: head.keep_alive && !request_had_body && ended && leftover == 0,
+        leftover,
+        interim: !in_sync,
+    })
 }
 
 #[cfg(test)]
@@ -918,13 +1137,7 @@ mod tests {
 
     fn head_of(raw: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
         let mut buf = BytesMut::from(raw);
-        loop {
-            match parse_head(&mut buf, method)? {
-                Some(Parsed::Interim) => continue,
-                Some(Parsed::Final(h)) => return Ok(Some(h)),
-                None => return Ok(None),
-            }
-        }
+        take_head(&mut buf, method, &mut true)
     }
 
     fn decode_all(raw: &[u8], split: usize) -> Result<(Vec<u8>, bool), BodyError> {
@@ -1043,6 +1256,7 @@ mod tests {
         .unwrap();
         assert_eq!(h.parts.status, StatusCode::NO_CONTENT);
         assert_eq!(h.framing, Framing::Length(0));
+        assert!(!h.keep_alive);
 
         let h = head_of(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
@@ -1052,6 +1266,7 @@ mod tests {
         .unwrap();
         assert_eq!(h.framing, Framing::Chunked);
         assert!(!h.parts.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!h.keep_alive, "both framings: the connection ends");
 
         // No length: until close, and the connection is not reused.
         let h = head_of(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
@@ -1092,14 +1307,29 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
-        // Repeated equal lengths are one length.
-        let h = head_of(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.framing, Framing::Length(3));
+        // Repeated equal lengths are one length, passed on as one value.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            let h = head_of(raw, &Method::GET).unwrap().unwrap();
+            assert_eq!(h.framing, Framing::Length(3));
+            let cl: Vec<_> = h
+                .parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .collect();
+            assert_eq!(cl, ["3"]);
+        }
+        // Conflicting lengths are refused on bodyless answers too.
+        assert!(
+            head_of(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                &Method::HEAD
+            )
+            .is_err()
+        );
         let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
             many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
@@ -1149,8 +1379,10 @@ mod tests {
     #[test]
     fn interim_answers_are_skipped_while_a_request_is_written() {
         let mut b = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 41"[..]);
-        assert!(final_answer_started(&mut b));
+        let mut in_sync = true;
+        assert!(final_answer_started(&mut b, &mut in_sync));
         assert_eq!(&b[..], b"HTTP/1.1 41");
+        assert!(!in_sync, "an interim answer ends the connection's reuse");
         // Only interim heads, or too little to tell: not yet.
         for partial in [
             &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
@@ -1158,12 +1390,12 @@ mod tests {
             b"HTTP/1.1 ",
         ] {
             let mut b = BytesMut::from(partial);
-            assert!(!final_answer_started(&mut b), "{partial:?}");
+            assert!(!final_answer_started(&mut b, &mut true), "{partial:?}");
         }
         // 101 and anything that is not HTTP/1 are left for read_head to refuse.
         for odd in [&b"HTTP/1.1 101 Switching\r\n\r\n"[..], b"garbage, not HTTP"] {
             let mut b = BytesMut::from(odd);
-            assert!(final_answer_started(&mut b), "{odd:?}");
+            assert!(final_answer_started(&mut b, &mut true), "{odd:?}");
             assert_eq!(&b[..], odd);
         }
     }
@@ -1206,5 +1438,71 @@ mod tests {
             let v = host_value(&uri.parse().unwrap());
             assert_eq!(std::str::from_utf8(&v).unwrap(), host, "{uri}");
         }
+    }
+
+    fn read(method: &str, body: bool, raw: &[u8]) -> ReadAnswer {
+        read_answer(method, body, &[raw], false).unwrap()
+    }
+
+    #[test]
+    fn only_a_bodiless_request_with_a_framed_answer_ending_exactly_is_reusable() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        assert!(read("GET", false, ok).reusable);
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        assert!(read("GET", false, chunked).reusable);
+        // A request body could have carried a request of its own.
+        assert!(!read("POST", true, ok).reusable);
+        // Bytes past the answer.
+        let mut past = ok.to_vec();
+        past.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        let r = read("GET", false, &past);
+        assert!(!r.reusable);
+        assert_eq!(r.leftover, 17);
+        // No body: HEAD, 204, 304.
+        assert!(
+            !read(
+                "HEAD",
+                false,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"
+            )
+            .reusable
+        );
+        assert!(!read("GET", false, b"HTTP/1.1 204 No Content\r\n\r\n").reusable);
+        assert!(!read("GET", false, b"HTTP/1.1 304 Not Modified\r\n\r\n").reusable);
+        // An interim answer first.
+        let mut interim = b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n".to_vec();
+        interim.extend_from_slice(ok);
+        let r = read("GET", false, &interim);
+        assert!(r.interim && !r.reusable);
+        assert_eq!(r.body, b"ok");
+        // Both framings.
+        let both = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n2\r\nok\r\n0\r\n\r\n";
+        let r = read("GET", false, both);
+        assert_eq!((r.body.as_slice(), r.reusable), (&b"ok"[..], false));
+        // Not ended yet, or ended by the close.
+        let r = read_answer("GET", false, &[&ok[..ok.len() - 1]], false).unwrap();
+        assert!(!r.ended && !r.reusable);
+        assert!(read_answer("GET", false, &[&ok[..ok.len() - 1]], true).is_err());
+        let r = read_answer("GET", false, &[b"HTTP/1.1 200 OK\r\n\r\nuntil close"], true).unwrap();
+        assert!(r.ended && !r.reusable);
+        assert_eq!(r.body, b"until close");
+    }
+
+    #[test]
+    fn limits_hold_however_the_bytes_arrive() {
+        // A chunk-size line over the limit, in one read and byte by byte.
+        let mut raw = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1;".to_vec();
+        raw.extend(std::iter::repeat_n(b'x', MAX_CHUNK_LINE));
+        raw.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+        assert!(read_answer("GET", false, &[&raw], false).is_err());
+        let bytes: Vec<&[u8]> = raw.chunks(1).collect();
+        assert!(read_answer("GET", false, &bytes, false).is_err());
+        // A head over the limit, whole or in pieces.
+        let mut head = b"HTTP/1.1 200 OK\r\nx-big: ".to_vec();
+        head.extend(std::iter::repeat_n(b'a', MAX_HEAD));
+        head.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+        assert!(read_answer("GET", false, &[&head], false).is_err());
+        let pieces: Vec<&[u8]> = head.chunks(4096).collect();
+        assert!(read_answer("GET", false, &pieces, false).is_err());
     }
 }
