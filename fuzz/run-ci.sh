@@ -22,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")" || exit 1
 
 secs=${1:-${FUZZ_SECONDS:-20}}
-targets=${FUZZ_TARGETS:-"jwt_verify path_check webhook_signature"}
+targets=${FUZZ_TARGETS:-"jwt_verify path_check webhook_signature h1_framing"}
 started=$(date +%s)
 
 skip() {

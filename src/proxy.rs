@@ -798,7 +798,10 @@ async fn send(
     app.metrics
         .upstream_latency(&p.metric_label, started.elapsed().as_secs_f64());
     let (mut parts, incoming) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    if filter_answer_headers(&mut parts.headers).is_err() {
+        tracing::warn!(provider = %p.name, "upstream answer with conflicting Content-Length values refused");
+        return Err(ApiError::UpstreamUnreachable(p.label()));
+    }
     // A body that came whole with the head cannot stall: no idle timer.
     let body = if incoming.is_read() {
         incoming.boxed_unsync()
@@ -824,8 +827,48 @@ fn inject_error(p: &Provider, e: InjectError) -> ApiError {
     }
 }
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most responses name nothing in `Connection`: no list to build then.
+/// The upstream's headers as the agent may get them: no hop-by-hop
+/// headers (nor those its `Connection` names), no `X-Sidekey-*` (only
+/// sidekey speaks for sidekey), no `Set-Cookie` or
+/// `Strict-Transport-Security` (they would apply to sidekey's origin), and
+/// at most one `Content-Length`. `Err` for lengths that disagree: the
+/// answer's end is unknown. hyper's parsers already refuse those and
+/// sidekey's own exchange merges equal repeats; this holds it for every
+/// client.
+fn filter_answer_headers(h: &mut HeaderMap) -> Result<(), ()> {
+    // One pass by name over every header; nothing is built or removed
+    // unless something has to go (this runs on every response).
+    let mut strip = false;
+    let mut lengths = 0;
+    let mut listed = false;
+    for (n, v) in h.iter() {
+        match n.as_str() {
+            crate::hop_by_hop_names!() | "set-cookie" | "strict-transport-security" => {
+                strip = true;
+            }
+            "content-length" => {
+                lengths += 1;
+                listed |= v.as_bytes().contains(&b',');
+            }
+            n => strip |= n.starts_with("x-sidekey-"),
+        }
+    }
+    if lengths > 1 || listed {
+        let mut one: Option<u64> = None;
+        for v in h.get_all(header::CONTENT_LENGTH) {
+            for part in v.to_str().map_err(|_| ())?.split(',') {
+                let n: u64 = part.trim().parse().map_err(|_| ())?;
+                if one.is_some_and(|m| m != n) {
+                    return Err(());
+                }
+                one = Some(n);
+            }
+        }
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(one.ok_or(())?));
+    }
+    if !strip {
+        return Ok(());
+    }
     if h.contains_key(header::CONNECTION) {
         let listed: Vec<HeaderName> = h
             .get_all(header::CONNECTION)
@@ -833,30 +876,27 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+            // The framing header stays: it is sidekey's to decide.
+            .filter(|n| *n != header::CONTENT_LENGTH)
             .collect();
         for n in listed {
             h.remove(n);
         }
     }
-    // Checked by name in one pass rather than parsed and looked up one by
-    // one (this runs on every response).
-    let hop = h
+    let gone: Vec<HeaderName> = h
         .keys()
-        .any(|n| crate::providers::is_hop_by_hop(n) && n != header::PROXY_AUTHORIZATION);
-    if hop {
-        for n in [
-            header::CONNECTION,
-            HeaderName::from_static("keep-alive"),
-            header::PROXY_AUTHENTICATE,
-            HeaderName::from_static("proxy-connection"),
-            header::TE,
-            header::TRAILER,
-            header::TRANSFER_ENCODING,
-            header::UPGRADE,
-        ] {
-            h.remove(n);
-        }
+        .filter(|n| {
+            matches!(
+                n.as_str(),
+                crate::hop_by_hop_names!() | "set-cookie" | "strict-transport-security"
+            ) || n.as_str().starts_with("x-sidekey-")
+        })
+        .cloned()
+        .collect();
+    for n in gone {
+        h.remove(n);
     }
+    Ok(())
 }
 
 enum Checked {
@@ -883,24 +923,34 @@ async fn check_rejected(app: &Arc<App>, p: &Provider, resp: Response<Body>) -> C
     }
     let (parts, body) = resp.into_parts();
     let timeout = Duration::from_secs(app.config.server.upstream_timeout_secs);
-    let (prefix, rest) = peek(body, 1 << 20, timeout).await;
-    let rejected = rest.is_none()
-        && serde_json::from_slice::<Value>(&prefix)
-            .ok()
-            .is_some_and(|v| {
-                v.get("ok") == Some(&Value::Bool(false))
-                    && v.get("error")
-                        .and_then(Value::as_str)
-                        .is_some_and(|e| p.conventions.ok_false_auth_errors.contains(&e))
-            });
-    let body = match rest {
-        None => body::full(prefix),
-        Some(rest) => {
+    let (body, rejected) = match peek(body, 1 << 20, timeout).await {
+        Peeked::Whole(whole) => {
+            let rejected = serde_json::from_slice::<Value>(&whole)
+                .ok()
+                .is_some_and(|v| {
+                    v.get("ok") == Some(&Value::Bool(false))
+                        && v.get("error")
+                            .and_then(Value::as_str)
+                            .is_some_and(|e| p.conventions.ok_false_auth_errors.contains(&e))
+                });
+            (body::full(whole), rejected)
+        }
+        Peeked::Longer(prefix, rest) => {
             let head =
                 futures_util::stream::once(async move { Ok(http_body::Frame::data(prefix)) });
-            let tail = BodyStream::new(rest);
             use futures_util::StreamExt;
-            StreamBody::new(head.chain(tail)).boxed_unsync()
+            let body = StreamBody::new(head.chain(BodyStream::new(rest))).boxed_unsync();
+            (body, false)
+        }
+        // What was read, then the same failure a streamed body would
+        // have ended with: the agent's response breaks off (connection or
+        // stream reset), never a complete shorter answer.
+        Peeked::Broken(prefix, error) => {
+            let frames = [Ok(http_body::Frame::data(prefix)), Err(error)];
+            (
+                StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync(),
+                false,
+            )
         }
     };
     let resp = Response::from_parts(parts, body);
@@ -911,9 +961,19 @@ async fn check_rejected(app: &Arc<App>, p: &Provider, resp: Response<Body>) -> C
     }
 }
 
-/// Reads up to `limit` bytes. Returns the bytes, and the unread remainder if
-/// the body was longer (so it can still be streamed on).
-async fn peek(mut body: Body, limit: usize, timeout: Duration) -> (Bytes, Option<Body>) {
+/// The start of an upstream body, read to be inspected.
+enum Peeked {
+    /// The whole body.
+    Whole(Bytes),
+    /// More than the limit: what was read, and the rest still unread.
+    Longer(Bytes, Body),
+    /// The body broke off (an error, or a stall longer than the upstream
+    /// timeout) after what was read.
+    Broken(Bytes, crate::body::BoxError),
+}
+
+/// Reads up to `limit` bytes of `body`, each frame within `timeout`.
+async fn peek(mut body: Body, limit: usize, timeout: Duration) -> Peeked {
     let mut buf = BytesMut::new();
     loop {
         match tokio::time::timeout(timeout, body.frame()).await {
@@ -921,13 +981,15 @@ async fn peek(mut body: Body, limit: usize, timeout: Duration) -> (Bytes, Option
                 if let Ok(d) = f.into_data() {
                     buf.extend_from_slice(&d);
                     if buf.len() > limit {
-                        return (buf.freeze(), Some(body));
+                        return Peeked::Longer(buf.freeze(), body);
                     }
                 }
             }
-            // End of body, an error, or a stall: what was read is what the
-            // client gets (an error mid-body would have aborted it anyway).
-            _ => return (buf.freeze(), None),
+            Ok(None) => return Peeked::Whole(buf.freeze()),
+            Ok(Some(Err(e))) => return Peeked::Broken(buf.freeze(), e),
+            Err(_) => {
+                return Peeked::Broken(buf.freeze(), Box::new(crate::client::BodyStalled));
+            }
         }
     }
 }

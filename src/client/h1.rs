@@ -8,24 +8,47 @@
 //! largest cost left on the proxy path that nginx does not pay (see
 //! docs/performance.md). Here, as in nginx and pingora, the request's own
 //! task writes the request, reads the answer's head, and the response body
-//! reads the upstream socket when the agent's connection polls it. A
-//! connection whose answer has been read to its end goes straight back to
-//! the worker's pool.
+//! reads the upstream socket when the agent's connection polls it.
 //!
 //! The exchange is deliberately small: requests have a buffered body and a
 //! `Content-Length`; answers are framed by RFC 9112 §6.3 (no body for HEAD,
 //! 1xx, 204 and 304; chunked; `Content-Length`; or until close). Interim
 //! 1xx answers are skipped; trailers are read and dropped (nginx drops them
-//! too). Anything malformed fails the exchange rather than guessing.
+//! too). Anything malformed fails the exchange rather than guessing, and
+//! an answer carries exactly one `Content-Length` (equal repeats merged,
+//! different ones refused).
+//!
+//! One pooled connection serves many users in turn, so no byte of one
+//! exchange may ever reach another. A connection goes back to the pool only
+//! when the exchange is provably in sync, which means all of:
+//!
+//! - the request had no body. An upstream that answers before reading a
+//!   body and then reads that body as a request of its own is
+//!   indistinguishable, from this side, from one that read it first: on
+//!   loopback or a fast link the whole request is written before the
+//!   upstream has looked at it, and an answer to a request smuggled in the
+//!   body can be held back by Nagle's algorithm until the next user's
+//!   request is on the wire. Nothing but not reusing the connection rules
+//!   that out (RFC 9112 §9.6's early answer is the case a write notices);
+//! - the request was written whole before any answer began;
+//! - the answer had a body framed by `Content-Length` or chunked encoding,
+//!   and no `Transfer-Encoding` next to a `Content-Length`: an answer with
+//!   no body (to HEAD, 204, 304) is where upstreams put bytes nobody
+//!   framed, so such a connection is not reused at all, and neither is one
+//!   that sent an interim (1xx) answer, which sidekey never asks for;
+//! - the body ended exactly at its framing: nothing read past it, and
+//!   nothing the runtime has seen arrive when the connection is checked in;
+//! - at checkout, the kernel has nothing to read on the socket (one
+//!   non-blocking peek).
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Uri, Version};
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Uri};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -33,6 +56,10 @@ use tokio_rustls::client::TlsStream;
 
 use super::Headers;
 use crate::body::BoxError;
+
+mod framing;
+use framing::{BodyError, BodyState, Head, Step, take_head};
+pub use framing::{ReadAnswer, read_answer};
 
 /// An answer's head (status line and headers) may be at most this large;
 /// hyper's client allowed the same (its `max_buf_size`).
@@ -105,6 +132,10 @@ pub(crate) struct Conn {
     /// The `Host` header's value: a connection serves one origin, so it is
     /// worked out once, not parsed out of each request's URI.
     host: Box<[u8]>,
+    /// Whether the exchange under way can still leave the connection
+    /// reusable: not after a request body, a request an answer cut short,
+    /// or an interim answer (see the module's rule).
+    in_sync: bool,
 }
 
 impl Conn {
@@ -115,17 +146,45 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             host: host_value(target).into_boxed_slice(),
+            in_sync: true,
         }
+    }
+
+    /// Whether the connection can go back to the pool after an answer that
+    /// ended at its framing: nothing read past it, and nothing that the
+    /// runtime has seen arrive since. This look costs no system call; the
+    /// checkout asks the kernel ([`Conn::idle_and_open`]).
+    fn quiet(&mut self) -> bool {
+        self.buf.is_empty() && self.poll_nothing()
     }
 
     /// Whether an idle connection can take a request: the upstream has
     /// neither closed it nor sent anything unasked. hyper's connection task
     /// noticed a close by always reading; an idle connection here has no
-    /// task, so checkout looks once, without waiting.
+    /// task, so checkout looks once, without waiting, and asks the kernel
+    /// too: the runtime learns of bytes that arrived only when it next
+    /// polls for events, which a busy worker may not have done yet.
     pub(crate) fn idle_and_open(&mut self) -> bool {
-        if !self.buf.is_empty() {
+        if !self.quiet() {
             return false;
         }
+        let tcp = match &self.io {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        // WouldBlock: nothing to read and still open. For TLS the look
+        // above has let rustls take what it could (a session ticket); a
+        // record still waiting in the kernel is something unasked too.
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut probe),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// Polls the socket once without waiting: whether it had nothing to
+    /// give (neither bytes nor a close).
+    fn poll_nothing(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut probe = [0u8; 1];
         let mut rb = ReadBuf::new(&mut probe);
@@ -200,7 +259,9 @@ impl std::error::Error for ExchangeError {
 
 /// Writes the request in origin-form with `Host` (unless the caller set
 /// one), `credential` after the caller's headers (replacing any of the
-/// same name), and a `Content-Length` for any body.
+/// same name), and a `Content-Length` for any body. Stops early, without
+/// an error, when the upstream's final answer begins first; the
+/// connection then ends with this exchange.
 pub(crate) async fn write_request(
     conn: &mut Conn,
     method: &Method,
@@ -208,7 +269,10 @@ pub(crate) async fn write_request(
     headers: Headers<'_>,
     credential: Option<&(HeaderName, HeaderValue)>,
     body: &Bytes,
-) -> io::Result<Sent> {
+) -> io::Result<()> {
+    // A body is where a request smuggled for the upstream would ride
+    // (see the module's rule): the connection ends with this exchange.
+    conn.in_sync = body.is_empty();
     let mut out = std::mem::take(&mut conn.out);
     out.clear();
     encode_head(
@@ -226,21 +290,13 @@ pub(crate) async fn write_request(
         conn.out = out;
     }
     if !written? {
-        return Ok(Sent::Cut);
+        // The answer began before the rest was sent: the upstream's idea
+        // of where a next request would start is unknown.
+        conn.in_sync = false;
+        return Ok(());
     }
     // Plain TCP: nothing buffered. TLS: pushes the records out.
-    conn.io.flush().await?;
-    Ok(Sent::Whole)
-}
-
-/// How much of a request went out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Sent {
-    Whole,
-    /// The answer began before the rest was sent: the upstream's idea of
-    /// where a next request would start is unknown, so the connection is
-    /// not reused ([`Head::close_after`]).
-    Cut,
+    conn.io.flush().await
 }
 
 /// Writes `data` unless the upstream's final answer starts arriving
@@ -266,7 +322,9 @@ async fn write_unless_answered(conn: &mut Conn, data: &[u8]) -> io::Result<bool>
                                 "the upstream closed the connection during the request",
                             )));
                         }
-                        Poll::Ready(Ok(_)) if final_answer_started(&mut conn.buf) => {
+                        Poll::Ready(Ok(_))
+                            if final_answer_started(&mut conn.buf, &mut conn.in_sync) =>
+                        {
                             return Poll::Ready(Ok(false));
                         }
                         Poll::Ready(Ok(_)) => {}
@@ -281,11 +339,12 @@ async fn write_unless_answered(conn: &mut Conn, data: &[u8]) -> io::Result<bool>
     .await
 }
 
-/// Drops complete interim (1xx) heads off the front of `buf`, and says
-/// whether what is left begins a final answer (or something that is not
-/// an HTTP/1 answer at all, which `read_head` then reports). Too few bytes
-/// to tell, or an interim head still arriving: not yet.
-fn final_answer_started(buf: &mut BytesMut) -> bool {
+/// Drops complete interim (1xx) heads off the front of `buf` (clearing
+/// `in_sync`), and says whether what is left begins a final answer (or
+/// something that is not an HTTP/1 answer at all, which `read_head` then
+/// reports). Too few bytes to tell, or an interim head still arriving: not
+/// yet.
+fn final_answer_started(buf: &mut BytesMut, in_sync: &mut bool) -> bool {
     loop {
         let Some(line) = buf.get(..10) else {
             return false;
@@ -301,6 +360,7 @@ fn final_answer_started(buf: &mut BytesMut) -> bool {
         match buf.windows(4).position(|w| w == b"\r\n\r\n") {
             Some(end) => {
                 let _ = buf.split_to(end + 4);
+                *in_sync = false;
             }
             None => return false,
         }
@@ -423,41 +483,12 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// How the answer's body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    Length(u64),
-    Chunked,
-    UntilClose,
-}
-
-/// The answer's head, and how to read its body.
-pub(crate) struct Head {
-    pub(crate) parts: http::response::Parts,
-    framing: Framing,
-    keep_alive: bool,
-}
-
-impl Head {
-    /// The connection is closed after this answer, whatever it says.
-    pub(crate) fn close_after(&mut self) {
-        self.keep_alive = false;
-    }
-}
-
 /// Reads the answer's head (skipping interim 1xx answers).
 pub(crate) async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, ExchangeError> {
     let mut read_any = false;
     loop {
-        if !conn.buf.is_empty() {
-            match parse_head(&mut conn.buf, method)? {
-                Some(Parsed::Interim) => continue,
-                Some(Parsed::Final(head)) => return Ok(head),
-                None if conn.buf.len() >= MAX_HEAD => {
-                    return Err(ExchangeError::Parse("the answer's head is too large"));
-                }
-                None => {}
-            }
+        if let Some(head) = take_head(&mut conn.buf, method, &mut conn.in_sync)? {
+            return Ok(head);
         }
         match conn.fill().await {
             Ok(0) => {
@@ -477,269 +508,13 @@ pub(crate) async fn read_head(conn: &mut Conn, method: &Method) -> Result<Head, 
     }
 }
 
-enum Parsed {
-    Interim,
-    Final(Head),
-}
-
-/// Parses a complete head off the front of `buf`; `None` when more bytes
-/// are needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, ExchangeError> {
-    // Uninitialised slots: zeroing 100 of them (3.2 KiB) for every answer
-    // cost more than parsing a typical head.
-    let mut slots =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default()
-        .parse_response_with_uninit_headers(&mut res, buf, &mut slots);
-    let len = match parsed {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(ExchangeError::Parse("too many headers"));
-        }
-        Err(_) => return Err(ExchangeError::Parse("malformed status line or header")),
-    };
-    let code = res.code.unwrap_or(0);
-    let version = match res.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    // Header positions in `buf`, so the values can share the head's bytes
-    // once it is split off (no copy per header, no list on the heap).
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = res.headers.len();
-    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-        // A head is at most MAX_HEAD (256 KiB) plus one read: offsets fit.
-        let name = (h.name.as_ptr() as usize - base) as u32;
-        let value = (h.value.as_ptr() as usize - base) as u32;
-        *span = (
-            name,
-            name + h.name.len() as u32,
-            value,
-            value + h.value.len() as u32,
-        );
-    }
-    let head = buf.split_to(len).freeze();
-    if (100..200).contains(&code) {
-        if code == 101 {
-            return Err(ExchangeError::Parse("unexpected protocol switch"));
-        }
-        return Ok(Some(Parsed::Interim));
-    }
-    let status =
-        StatusCode::from_u16(code).map_err(|_| ExchangeError::Parse("invalid status code"))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(n0, n1, v0, v1) in &spans[..count] {
-        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
-        let name = HeaderName::from_bytes(&head[n0..n1])
-            .map_err(|_| ExchangeError::Parse("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-            .map_err(|_| ExchangeError::Parse("invalid header value"))?;
-        headers.append(name, value);
-    }
-    let framing = framing(method, status, &headers)?;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3); a
-        // length passed on next to a decoded body would misframe the
-        // answer to the agent.
-        headers.remove(header::CONTENT_LENGTH);
-    }
-    let keep_alive = version == Version::HTTP_11
-        && framing != Framing::UntilClose
-        && !connection_close(&headers);
-    let mut resp = http::Response::new(());
-    *resp.status_mut() = status;
-    *resp.version_mut() = version;
-    *resp.headers_mut() = headers;
-    let (parts, ()) = resp.into_parts();
-    Ok(Some(Parsed::Final(Head {
-        parts,
-        framing,
-        keep_alive,
-    })))
-}
-
-/// RFC 9112 §6.3, for a client.
-fn framing(method: &Method, status: StatusCode, h: &HeaderMap) -> Result<Framing, ExchangeError> {
-    if *method == Method::HEAD
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Length(0));
-    }
-    if h.contains_key(header::TRANSFER_ENCODING) {
-        let last = h
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            // Any other final coding: the body ends when the connection does.
-            _ => Framing::UntilClose,
-        });
-    }
-    let mut length: Option<u64> = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        let v = v
-            .to_str()
-            .map_err(|_| ExchangeError::Parse("invalid content-length"))?;
-        for part in v.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(ExchangeError::Parse("invalid content-length"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| ExchangeError::Parse("invalid content-length"))?;
-            match length {
-                Some(m) if m != n => {
-                    return Err(ExchangeError::Parse("conflicting content-length values"));
-                }
-                _ => length = Some(n),
-            }
-        }
-    }
-    Ok(match length {
-        Some(n) => Framing::Length(n),
-        None => Framing::UntilClose,
-    })
-}
-
-fn connection_close(h: &HeaderMap) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
-}
-
-/// Where the chunked decoder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, this many bytes to go.
-    Data(u64),
-    /// After a chunk's data: its CRLF.
-    DataEnd,
-    /// After the last chunk: trailer lines (dropped), this many bytes so far.
-    Trailers(usize),
-}
-
-/// What the next step of reading a body produced.
-enum Step {
-    Data(Bytes),
-    NeedMore,
-    End,
-}
-
-/// Decodes what `buf` holds of a chunked body.
-fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<Step, BodyError> {
-    loop {
-        match *state {
-            Chunk::Size => {
-                let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-                    if buf.len() > MAX_CHUNK_LINE {
-                        return Err(BodyError::Chunked("chunk-size line too long"));
-                    }
-                    return Ok(Step::NeedMore);
-                };
-                let line = buf.split_to(nl + 1);
-                let line = line.strip_suffix(b"\n").unwrap_or(&line);
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                let size = line.split(|&b| b == b';').next().unwrap_or_default();
-                let size = size.trim_ascii();
-                if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
-                    return Err(BodyError::Chunked("invalid chunk size"));
-                }
-                let n = size
-                    .iter()
-                    .fold(0u64, |acc, &b| (acc << 4) | u64::from(hex(b)));
-                *state = if n == 0 {
-                    Chunk::Trailers(0)
-                } else {
-                    Chunk::Data(n)
-                };
-            }
-            Chunk::Data(left) => {
-                if buf.is_empty() {
-                    return Ok(Step::NeedMore);
-                }
-                let take = left.min(buf.len() as u64) as usize;
-                let data = buf.split_to(take).freeze();
-                *state = if take as u64 == left {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(left - take as u64)
-                };
-                return Ok(Step::Data(data));
-            }
-            Chunk::DataEnd => match buf.first() {
-                None => return Ok(Step::NeedMore),
-                Some(b'\n') => {
-                    buf.advance(1);
-                    *state = Chunk::Size;
-                }
-                Some(b'\r') => match buf.get(1) {
-                    None => return Ok(Step::NeedMore),
-                    Some(b'\n') => {
-                        buf.advance(2);
-                        *state = Chunk::Size;
-                    }
-                    Some(_) => return Err(BodyError::Chunked("chunk data not followed by CRLF")),
-                },
-                Some(_) => return Err(BodyError::Chunked("chunk data not followed by CRLF")),
-            },
-            Chunk::Trailers(seen) => {
-                let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
-                    if seen + buf.len() > MAX_TRAILERS {
-                        return Err(BodyError::Chunked("trailers too large"));
-                    }
-                    return Ok(Step::NeedMore);
-                };
-                let line = buf.split_to(nl + 1);
-                if line.as_ref() == b"\r\n" || line.as_ref() == b"\n" {
-                    return Ok(Step::End);
-                }
-                if seen + line.len() > MAX_TRAILERS {
-                    return Err(BodyError::Chunked("trailers too large"));
-                }
-                *state = Chunk::Trailers(seen + line.len());
-            }
-        }
-    }
-}
-
-fn hex(b: u8) -> u8 {
-    match b {
-        b'0'..=b'9' => b - b'0',
-        b'a'..=b'f' => b - b'a' + 10,
-        _ => b - b'A' + 10,
-    }
-}
-
-/// Why a body read from the upstream ended early.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum BodyError {
-    #[error("the upstream closed the connection before the body was complete")]
-    Incomplete,
-    #[error("reading the upstream body failed")]
-    Io(#[source] io::Error),
-    #[error("invalid chunked body from the upstream: {0}")]
-    Chunked(&'static str),
-}
-
 /// Hands a connection whose answer was read to its end back to the pool.
 pub(crate) type Checkin = fn(&Uri, Conn);
 
 /// An answer's body, read from the upstream connection as the agent's
-/// connection polls it. At its end the connection goes back to the pool;
-/// dropped before its end, the connection is closed.
+/// connection polls it. At its end the connection goes back to the pool if
+/// the exchange left it in sync; dropped before its end, the connection is
+/// closed.
 pub struct Body {
     state: BodyState,
     conn: Option<Conn>,
@@ -748,44 +523,25 @@ pub struct Body {
     checkin: Checkin,
 }
 
-enum BodyState {
-    /// The whole body, read with the head.
-    Buffered(Bytes),
-    Length(u64),
-    Chunked(Chunk),
-    UntilClose,
-    Done,
-}
-
 impl Body {
     /// The body for `head` on `conn`. An answer already read whole (no
     /// body, or a short one that came with its head) needs the connection
-    /// no more: it goes back to the pool at once, before the agent's
-    /// connection has polled anything.
+    /// no more: it goes back to the pool at once (if in sync and nothing
+    /// followed), before the agent's connection has polled anything.
     pub(crate) fn new(head: &Head, mut conn: Conn, target: Uri, checkin: Checkin) -> Body {
-        let state = match head.framing {
-            Framing::Length(n) if conn.buf.len() as u64 >= n => {
-                let data = conn.buf.split_to(n as usize).freeze();
-                // Bytes past the body were never asked for: not reusable.
-                if head.keep_alive && conn.buf.is_empty() {
-                    checkin(&target, conn);
-                }
-                return Body {
-                    state: if data.is_empty() {
-                        BodyState::Done
-                    } else {
-                        BodyState::Buffered(data)
-                    },
-                    conn: None,
-                    keep_alive: false,
-                    target,
-                    checkin,
-                };
+        let state = BodyState::for_head(head, &mut conn.buf);
+        if matches!(state, BodyState::Buffered(_) | BodyState::Done) {
+            if head.keep_alive && conn.quiet() {
+                checkin(&target, conn);
             }
-            Framing::Length(n) => BodyState::Length(n),
-            Framing::Chunked => BodyState::Chunked(Chunk::Size),
-            Framing::UntilClose => BodyState::UntilClose,
-        };
+            return Body {
+                state,
+                conn: None,
+                keep_alive: false,
+                target,
+                checkin,
+            };
+        }
         Body {
             state,
             conn: Some(conn),
@@ -802,8 +558,8 @@ impl Body {
 
     fn finish(&mut self) {
         self.state = BodyState::Done;
-        if let Some(conn) = self.conn.take() {
-            if self.keep_alive && conn.buf.is_empty() {
+        if let Some(mut conn) = self.conn.take() {
+            if self.keep_alive && conn.quiet() {
                 (self.checkin)(&self.target, conn);
             }
         }
@@ -834,27 +590,7 @@ impl http_body::Body for Body {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            let step = match &mut this.state {
-                BodyState::Buffered(_) | BodyState::Done => Ok(Step::End),
-                BodyState::Length(left) => {
-                    if conn.buf.is_empty() {
-                        Ok(Step::NeedMore)
-                    } else {
-                        let take = (*left).min(conn.buf.len() as u64) as usize;
-                        *left -= take as u64;
-                        Ok(Step::Data(conn.buf.split_to(take).freeze()))
-                    }
-                }
-                BodyState::Chunked(chunk) => decode_chunked(chunk, &mut conn.buf),
-                BodyState::UntilClose => {
-                    if conn.buf.is_empty() {
-                        Ok(Step::NeedMore)
-                    } else {
-                        Ok(Step::Data(conn.buf.split().freeze()))
-                    }
-                }
-            };
-            match step {
+            match this.state.step(&mut conn.buf) {
                 Err(e) => return this.fail(e),
                 Ok(Step::End) => {
                     this.finish();
@@ -871,12 +607,14 @@ impl http_body::Body for Body {
                 Ok(Step::NeedMore) => {}
             }
             match ready!(conn.poll_fill(cx)) {
-                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
-                    this.conn = None;
-                    this.state = BodyState::Done;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => return this.fail(BodyError::Incomplete),
+                Ok(0) => match this.state.at_close() {
+                    Ok(()) => {
+                        this.conn = None;
+                        this.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return this.fail(e),
+                },
                 Ok(_) => {}
                 Err(e) => return this.fail(BodyError::Io(e)),
             }
@@ -898,313 +636,4 @@ impl http_body::Body for Body {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn encode(method: &Method, target: &Uri, headers: &HeaderMap, body: &Bytes) -> Vec<u8> {
-        let mut out = Vec::new();
-        let host = host_value(target);
-        encode_head(
-            &mut out,
-            method,
-            target,
-            &host,
-            Headers::all(headers),
-            None,
-            body,
-        );
-        out
-    }
-
-    fn head_of(raw: &[u8], method: &Method) -> Result<Option<Head>, ExchangeError> {
-        let mut buf = BytesMut::from(raw);
-        loop {
-            match parse_head(&mut buf, method)? {
-                Some(Parsed::Interim) => continue,
-                Some(Parsed::Final(h)) => return Ok(Some(h)),
-                None => return Ok(None),
-            }
-        }
-    }
-
-    fn decode_all(raw: &[u8], split: usize) -> Result<(Vec<u8>, bool), BodyError> {
-        // Fed in pieces of `split` bytes, as reads would deliver them.
-        let mut state = Chunk::Size;
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        for piece in raw.chunks(split.max(1)) {
-            buf.extend_from_slice(piece);
-            loop {
-                match decode_chunked(&mut state, &mut buf)? {
-                    Step::Data(d) => out.extend_from_slice(&d),
-                    Step::NeedMore => break,
-                    Step::End => return Ok((out, true)),
-                }
-            }
-        }
-        Ok((out, false))
-    }
-
-    #[test]
-    fn requests_are_origin_form_with_host_and_length() {
-        let target: Uri = "http://127.0.0.1:8080/api/items?limit=10".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert("accept", HeaderValue::from_static("application/json"));
-        let head = encode(&Method::GET, &target, &h, &Bytes::new());
-        assert_eq!(
-            String::from_utf8(head).unwrap(),
-            "GET /api/items?limit=10 HTTP/1.1\r\nhost: 127.0.0.1:8080\r\naccept: application/json\r\n\r\n"
-        );
-
-        let target: Uri = "https://slack.com".parse().unwrap();
-        let body = Bytes::from_static(b"{\"a\":1}");
-        let head = encode(&Method::POST, &target, &HeaderMap::new(), &body);
-        assert_eq!(
-            String::from_utf8(head).unwrap(),
-            "POST / HTTP/1.1\r\nhost: slack.com\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
-        );
-        // An empty POST still says so; an empty GET does not.
-        let head = encode(&Method::POST, &target, &HeaderMap::new(), &Bytes::new());
-        assert!(
-            String::from_utf8(head)
-                .unwrap()
-                .contains("content-length: 0\r\n")
-        );
-    }
-
-    #[test]
-    fn the_credential_goes_last_and_replaces_a_header_of_its_name() {
-        let target: Uri = "http://127.0.0.1:8080/x".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert("x-api-key", HeaderValue::from_static("from-the-client"));
-        h.insert("accept", HeaderValue::from_static("*/*"));
-        let cred = (
-            HeaderName::from_static("x-api-key"),
-            HeaderValue::from_static("injected"),
-        );
-        let mut out = Vec::new();
-        encode_head(
-            &mut out,
-            &Method::GET,
-            &target,
-            &host_value(&target),
-            Headers::all(&h),
-            Some(&cred),
-            &Bytes::new(),
-        );
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "GET /x HTTP/1.1\r\nhost: 127.0.0.1:8080\r\naccept: */*\r\nx-api-key: injected\r\n\r\n"
-        );
-    }
-
-    #[test]
-    fn an_explicit_host_header_is_kept_and_large_bodies_go_separately() {
-        let target: Uri = "https://api.example.com:8443/x".parse().unwrap();
-        let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("override"));
-        let body = Bytes::from(vec![b'x'; COALESCE_BODY + 1]);
-        let head = String::from_utf8(encode(&Method::PUT, &target, &h, &body)).unwrap();
-        assert_eq!(
-            head,
-            format!(
-                "PUT /x HTTP/1.1\r\nhost: override\r\ncontent-length: {}\r\n\r\n",
-                COALESCE_BODY + 1
-            )
-        );
-    }
-
-    #[test]
-    fn heads_are_parsed_with_their_framing() {
-        let h = head_of(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.parts.status, StatusCode::OK);
-        assert_eq!(h.parts.headers["content-type"], "application/json");
-        assert_eq!(h.framing, Framing::Length(11));
-        assert!(h.keep_alive);
-
-        // Incomplete: more bytes needed.
-        assert!(
-            head_of(b"HTTP/1.1 200 OK\r\nContent-Le", &Method::GET)
-                .unwrap()
-                .is_none()
-        );
-
-        // Interim answers are skipped.
-        let h = head_of(
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
-            &Method::POST,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.parts.status, StatusCode::NO_CONTENT);
-        assert_eq!(h.framing, Framing::Length(0));
-
-        let h = head_of(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 5\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.framing, Framing::Chunked);
-        assert!(!h.parts.headers.contains_key(header::CONTENT_LENGTH));
-
-        // No length: until close, and the connection is not reused.
-        let h = head_of(b"HTTP/1.1 200 OK\r\n\r\n", &Method::GET)
-            .unwrap()
-            .unwrap();
-        assert_eq!(h.framing, Framing::UntilClose);
-        assert!(!h.keep_alive);
-
-        // HEAD answers have no body whatever they declare.
-        let h = head_of(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n",
-            &Method::HEAD,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.framing, Framing::Length(0));
-
-        for raw in [
-            &b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 1\r\n\r\n",
-        ] {
-            assert!(!head_of(raw, &Method::GET).unwrap().unwrap().keep_alive);
-        }
-    }
-
-    #[test]
-    fn bad_heads_are_refused() {
-        for raw in [
-            &b"garbage\r\n\r\n"[..],
-            b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
-        ] {
-            assert!(
-                head_of(raw, &Method::GET).is_err(),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
-        }
-        // Repeated equal lengths are one length.
-        let h = head_of(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
-            &Method::GET,
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(h.framing, Framing::Length(3));
-        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
-        for i in 0..=MAX_HEADERS {
-            many.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
-        }
-        many.extend_from_slice(b"\r\n");
-        assert!(head_of(&many, &Method::GET).is_err());
-    }
-
-    #[test]
-    fn chunked_bodies_decode_however_they_are_split() {
-        let raw =
-            b"5;ext=1\r\nhello\r\n7\r\n, world\r\nA \r\n0123456789\r\n0\r\nx-trailer: t\r\n\r\n";
-        for split in [1, 2, 3, 7, 64, raw.len()] {
-            let (out, ended) = decode_all(raw, split).unwrap();
-            assert_eq!(out, b"hello, world0123456789", "split {split}");
-            assert!(ended, "split {split}");
-        }
-        // Bare LF line ends are accepted.
-        let (out, ended) = decode_all(b"3\nabc\n0\n\n", 2).unwrap();
-        assert_eq!((out.as_slice(), ended), (&b"abc"[..], true));
-        // Not yet ended.
-        let (out, ended) = decode_all(b"3\r\nabc\r\n", 4).unwrap();
-        assert_eq!((out.as_slice(), ended), (&b"abc"[..], false));
-    }
-
-    #[test]
-    fn bad_chunked_bodies_are_errors() {
-        for raw in [
-            &b"zz\r\n"[..],
-            b"\r\n",
-            b"11111111111111111\r\n",
-            b"3\r\nabcX\r\n",
-        ] {
-            assert!(
-                decode_all(raw, raw.len()).is_err(),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
-        }
-        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
-        assert!(decode_all(&long, long.len()).is_err());
-        let mut trailers = b"0\r\n".to_vec();
-        trailers.extend(std::iter::repeat_n(b'x', MAX_TRAILERS + 1));
-        assert!(decode_all(&trailers, trailers.len()).is_err());
-    }
-
-    #[test]
-    fn interim_answers_are_skipped_while_a_request_is_written() {
-        let mut b = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 41"[..]);
-        assert!(final_answer_started(&mut b));
-        assert_eq!(&b[..], b"HTTP/1.1 41");
-        // Only interim heads, or too little to tell: not yet.
-        for partial in [
-            &b"HTTP/1.1 100 Continue\r\n\r\n"[..],
-            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n",
-            b"HTTP/1.1 ",
-        ] {
-            let mut b = BytesMut::from(partial);
-            assert!(!final_answer_started(&mut b), "{partial:?}");
-        }
-        // 101 and anything that is not HTTP/1 are left for read_head to refuse.
-        for odd in [&b"HTTP/1.1 101 Switching\r\n\r\n"[..], b"garbage, not HTTP"] {
-            let mut b = BytesMut::from(odd);
-            assert!(final_answer_started(&mut b), "{odd:?}");
-            assert_eq!(&b[..], odd);
-        }
-    }
-
-    #[test]
-    fn retries_only_what_is_safe() {
-        let gone = || ExchangeError::Read {
-            error: io::ErrorKind::UnexpectedEof.into(),
-            nothing_read: true,
-        };
-        assert!(gone().retryable(&Method::GET));
-        assert!(gone().retryable(&Method::PUT));
-        assert!(!gone().retryable(&Method::POST));
-        assert!(ExchangeError::Write(io::ErrorKind::BrokenPipe.into()).retryable(&Method::POST));
-        let partial = ExchangeError::Read {
-            error: io::ErrorKind::UnexpectedEof.into(),
-            nothing_read: false,
-        };
-        assert!(!partial.retryable(&Method::GET));
-        assert!(!ExchangeError::Parse("x").retryable(&Method::GET));
-    }
-
-    #[test]
-    fn default_ports_are_left_out_of_host() {
-        let target: Uri = "https://api.example.com:8443/x".parse().unwrap();
-        assert_eq!(non_default_port(&target), Some(8443));
-        assert_eq!(non_default_port(&"https://a:443/".parse().unwrap()), None);
-        assert_eq!(non_default_port(&"http://a:80/".parse().unwrap()), None);
-        assert_eq!(
-            non_default_port(&"http://a:443/".parse().unwrap()),
-            Some(443)
-        );
-        for (uri, host) in [
-            ("https://api.example.com:8443/x", "api.example.com:8443"),
-            ("https://api.example.com:443/x", "api.example.com"),
-            ("http://[::1]:8080/", "[::1]:8080"),
-            ("http://[::1]:80/", "[::1]"),
-            ("http://a/", "a"),
-        ] {
-            let v = host_value(&uri.parse().unwrap());
-            assert_eq!(std::str::from_utf8(&v).unwrap(), host, "{uri}");
-        }
-    }
-}
+mod tests;

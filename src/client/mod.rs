@@ -203,13 +203,21 @@ pub async fn request(
     if pool::installed() {
         Ok(pool::send(out).await?)
     } else {
-        let req = owned_request(
+        let mut req = owned_request(
             out.method,
             &out.uri,
             out.headers,
             out.credential.as_ref(),
             &out.body,
         );
+        // The pool's rule (see `h1`): a request with a body, or one whose
+        // answer has none, leaves no connection for the next user. hyper
+        // keeps a connection out of its pool when the request says close
+        // (and drops the header on h2).
+        if !out.body.is_empty() || *out.method == Method::HEAD {
+            req.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let resp = shared.request(req.map(Full::new)).await?;
         Ok(resp.map(UpstreamBody::Hyper))
     }

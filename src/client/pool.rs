@@ -264,12 +264,7 @@ pub async fn send(out: Outbound<'_>) -> Result<Response<UpstreamBody>, SendError
                 .await
                 .map_err(ExchangeError::Write);
                 let head = match sent {
-                    Ok(sent) => h1::read_head(&mut conn, method).await.map(|mut h| {
-                        if sent == h1::Sent::Cut {
-                            h.close_after();
-                        }
-                        h
-                    }),
+                    Ok(()) => h1::read_head(&mut conn, method).await,
                     Err(e) => Err(e),
                 };
                 match head {
