@@ -937,7 +937,9 @@ fn normalise(path: &str) -> String {
 #[test]
 fn documented_routes_are_all_described() {
     let doc = spec();
-    let operations = ["get", "put", "post", "delete", "patch", "head", "options", "trace"];
+    let operations = [
+        "get", "put", "post", "delete", "patch", "head", "options", "trace",
+    ];
     let mut described = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         // A path item also holds `parameters`, `servers`, …: only operations count.
@@ -949,7 +951,8 @@ fn documented_routes_are_all_described() {
     }
     let mut in_api_md = BTreeSet::new();
     for (file, min) in [("docs/api.md", 30), ("README.md", 6)] {
-        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let text =
+            std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let mut routes = 0;
         for line in text.lines().filter(|l| l.starts_with("| ")) {
             let Some(cell) = line.split(" | ").next() else {
@@ -983,7 +986,10 @@ fn documented_routes_are_all_described() {
                 }
             }
         }
-        assert!(routes >= min, "only {routes} routes found in {file}'s tables");
+        assert!(
+            routes >= min,
+            "only {routes} routes found in {file}'s tables"
+        );
     }
     let missing: Vec<&String> = described.difference(&in_api_md).collect();
     assert!(
