@@ -9,7 +9,8 @@
 //! operations:
 //! - [`sled_backend`]: embedded, one process, nothing to run (the default);
 //! - [`postgres`]: several processes on one database, with cache eviction
-//!   by LISTEN/NOTIFY and refresh claims on the database clock.
+//!   by LISTEN/NOTIFY (a heartbeat tells when it may be stalled) and
+//!   refresh claims leased on the database clock, with fenced writes.
 //!
 //! Keys are plain (user ids, provider names, session ids, conversation ids);
 //! values are ciphertext. Phone numbers are indexed by a keyed hash so a
@@ -347,6 +348,17 @@ pub struct Claim {
     pub fence: i64,
 }
 
+/// What a write made under a claim did (see [`Store::commit_refresh`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    Written,
+    /// The record is not the one the holder read: someone wrote it since.
+    Moved,
+    /// The claim is someone else's now (this holder's lease lapsed and was
+    /// taken over): nothing was written.
+    Lost,
+}
+
 #[derive(Debug)]
 pub enum ClaimOutcome {
     Granted(Claim),
@@ -369,6 +381,9 @@ pub struct Caches {
     /// Session records by id: every proxied call reads one. Invalidated by
     /// every session write, so revocation is still immediate.
     pub sessions: Cache<SessionRecord>,
+    /// Whether the caches may answer: always on sled; on PostgreSQL only
+    /// while the change listener is connected and its heartbeat on time.
+    /// One atomic load on every cached read.
     live: AtomicBool,
     /// Woken by every change another replica announces (refresh waiters).
     pub changed: tokio::sync::Notify,
@@ -1501,6 +1516,88 @@ impl Store {
 
     pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
         on_backend!(self, b => b.clear_backoff(key).await)
+    }
+
+    /// Extends a held claim's lease to `lease` from now. `false`: it is
+    /// someone else's now.
+    pub async fn renew_claim(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.renew(claim, lease).await)
+    }
+
+    /// The last check before a refresh token is sent: the claim is still
+    /// ours (its lease is renewed to `lease` from now) and the credential
+    /// still has generation `expected` (`None`: there is none), both in one
+    /// atomic step. Returns the credential as confirmed, or `None` when
+    /// either has moved on: the caller must not send, and reads again.
+    pub async fn confirm_refresh(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        owner: &Owner,
+        provider: &str,
+        expected: Option<u64>,
+    ) -> Result<Option<Option<Credential>>, StoreError> {
+        let key = owner.key(provider);
+        let k = key.as_bytes();
+        let raw = on_backend!(self, b => b.get(Tree::Credentials, k).await)?;
+        let cur = match &raw {
+            Some(r) => Some(self.decode::<Credential>(Tree::Credentials, k, r)?.0),
+            None => None,
+        };
+        if cur.as_ref().map(|c| c.generation) != expected {
+            return Ok(None);
+        }
+        let held = on_backend!(self, b => b
+            .confirm(claim, lease, Tree::Credentials, k, raw.as_deref())
+            .await)?;
+        Ok(held.then_some(cur))
+    }
+
+    /// Writes a refreshed credential only if the stored one still has
+    /// generation `expected` (`None`: there is none) and `claim` is still
+    /// ours, atomically: a holder whose lease lapsed cannot overwrite what
+    /// its successor wrote, nor write after its successor read.
+    pub async fn commit_refresh(
+        &self,
+        claim: &Claim,
+        owner: &Owner,
+        provider: &str,
+        expected: Option<u64>,
+        cred: &mut Credential,
+    ) -> Result<Fenced, StoreError> {
+        let key = owner.key(provider);
+        let k = key.as_bytes();
+        let raw = on_backend!(self, b => b.get(Tree::Credentials, k).await)?;
+        let prev = match &raw {
+            Some(r) => Some(
+                self.decode::<Credential>(Tree::Credentials, k, r)?
+                    .0
+                    .generation,
+            ),
+            None => None,
+        };
+        if prev != expected {
+            return Ok(Fenced::Moved);
+        }
+        cred.generation = cred.generation.max(prev.unwrap_or(0)) + 1;
+        let new = self.seal_json(Tree::Credentials, k, cred);
+        let done = on_backend!(self, b => b
+            .cas_fenced(claim, Tree::Credentials, k, raw.as_deref(), &new)
+            .await)?;
+        self.caches.credentials.invalidate(&key);
+        if done == Fenced::Written {
+            self.caches.changed.notify_waiters();
+        }
+        Ok(done)
+    }
+
+    /// Whether the change listener hears other replicas now (PostgreSQL;
+    /// `None` on sled, which has none).
+    pub fn listener_up(&self) -> Option<bool> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(_) => Some(self.caches.is_live()),
+        }
     }
 
     // ----- operations ------------------------------------------------------

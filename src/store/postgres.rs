@@ -9,11 +9,15 @@
 //! - a trigger that notifies `sidekey` inside every write of a credential,
 //!   session or user, and one dedicated LISTEN connection per process that
 //!   evicts cache entries on those notifications (outside the pool: LISTEN
-//!   does not survive PgBouncer's transaction mode);
+//!   does not survive PgBouncer's transaction mode); the process notifies
+//!   itself on that connection every 250 ms, and while that heartbeat is
+//!   late the caches are bypassed (see [`listen_once`]);
 //! - refresh claims (owner, fencing counter, lease expiry on the database
-//!   clock) and shared back-off in `sidekey_claims`; a claim whose owner's
-//!   LISTEN connection is gone (the process died) is taken over at once,
-//!   one whose owner is unreachable but connected when its lease lapses;
+//!   clock) and shared back-off in `sidekey_claims`. A claim is taken over
+//!   only once its lease has lapsed on the database clock: never because
+//!   its owner's connections went away, which a dropped connection does as
+//!   well as a dead process. Writes made under a claim are fenced: they
+//!   land only while the claim's fence is still the one granted;
 //! - every call bounded by a timeout, and every failure to reach the
 //!   database reported as [`StoreError::Unavailable`].
 
@@ -25,15 +29,20 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Caches, Claim, ClaimOutcome, Op, OpenError, StoreError, Tree};
+use super::{Caches, Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
 use crate::secret::Secret;
 
 /// The schema this build writes; older schemas are upgraded at start.
 pub const SCHEMA_VERSION: i32 = 1;
 /// Advisory lock key for schema changes ("sidekey" as ASCII, truncated).
 const SCHEMA_LOCK: i64 = 0x0073_6964_656b_6579;
-/// How often the LISTEN connection is pinged, and how long a ping may take.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often the listener notifies itself.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
+/// A heartbeat this late means notifications may be stalled: the caches are
+/// bypassed until the next one arrives.
+const HEARTBEAT_LATE: Duration = Duration::from_millis(500);
+/// A heartbeat this late means the connection is given up and replaced.
+const HEARTBEAT_DEAD: Duration = Duration::from_secs(3);
 /// The notification channel.
 pub const CHANNEL: &str = "sidekey";
 
@@ -74,7 +83,8 @@ pub struct PgBackend {
     pool: Pool,
     /// Bound on every database call, pool wait included.
     op_timeout: Duration,
-    /// This process, as recorded in the claims it holds.
+    /// This process, as recorded in the claims it holds and named in its
+    /// connections' `application_name`.
     owner: String,
     caches: Arc<Caches>,
     listener: tokio::task::JoinHandle<()>,
@@ -102,6 +112,9 @@ pub struct PgOptions {
     pub pool_size: usize,
     pub op_timeout: Duration,
 }
+
+/// Pooled connections are named `sidekey <owner>` unless the URL names them.
+const DEFAULT_APPLICATION_NAME: &str = "sidekey";
 
 /// A parsed URL and the TLS it asks for.
 struct Target {
@@ -143,7 +156,7 @@ fn parse_target(opts: &PgOptions) -> Result<Target, OpenError> {
         config.connect_timeout(opts.op_timeout);
     }
     if config.get_application_name().is_none() {
-        config.application_name("sidekey");
+        config.application_name(DEFAULT_APPLICATION_NAME);
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -282,7 +295,20 @@ impl PgBackend {
     /// Connects, applies the schema, and starts the change listener.
     /// Failing to connect or log in here is a configuration problem.
     pub async fn open(opts: PgOptions, caches: Arc<Caches>) -> Result<PgBackend, OpenError> {
-        let target = parse_target(&opts)?;
+        let mut id = [0u8; 6];
+        rand::fill(&mut id);
+        let owner = format!(
+            "{}-{}",
+            std::process::id(),
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let mut target = parse_target(&opts)?;
+        if target.config.get_application_name() == Some(DEFAULT_APPLICATION_NAME) {
+            // Operators find which replica a connection belongs to.
+            target
+                .config
+                .application_name(format!("{DEFAULT_APPLICATION_NAME} {owner}"));
+        }
         let mgr = Manager::from_config(
             target.config.clone(),
             target.tls.clone(),
@@ -312,13 +338,6 @@ impl PgBackend {
             .await
             .map_err(|e| fail(format!("schema setup failed: {e}")))?;
         drop(client);
-        let mut id = [0u8; 6];
-        rand::fill(&mut id);
-        let owner = format!(
-            "{}-{}",
-            std::process::id(),
-            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
         let listener = tokio::spawn(listen_forever(target, caches.clone(), owner.clone()));
         // Ready means hearing other replicas' writes: give the listener its
         // first connection before start-up goes on (it keeps retrying
@@ -726,7 +745,7 @@ impl PgBackend {
         .await?;
         if !self.caches.live.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
-                "the change listener is reconnecting".into(),
+                "the change listener is reconnecting, or its heartbeat is late".into(),
             ));
         }
         Ok(())
@@ -782,7 +801,11 @@ impl PgBackend {
 
     /// Takes the claim unless another process holds an unexpired one or a
     /// back-off is running. Lease expiry is on the database's clock, so
-    /// replicas' clocks do not matter.
+    /// replicas' clocks do not matter. Whether the holder's connections
+    /// are still there is not asked: a connection cut by a pooler, a
+    /// failover or `pg_terminate_backend` looks just like a dead process,
+    /// and taking over from a live holder would send its refresh token a
+    /// second time.
     pub async fn claim(
         &self,
         key: &str,
@@ -797,9 +820,7 @@ impl PgBackend {
                      VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
                      ON CONFLICT (k) DO UPDATE SET owner = EXCLUDED.owner, fence = c.fence + 1, \
                        lease_until = EXCLUDED.lease_until \
-                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp() \
-                            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
-                                           WHERE a.application_name = 'sidekey listener ' || c.owner)) \
+                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp()) \
                        AND (c.backoff_until_ms IS NULL OR c.backoff_until_ms <= $4) \
                      RETURNING fence",
                 )
@@ -833,8 +854,10 @@ impl PgBackend {
         .await
     }
 
-    /// Ends a claim (only if still ours, by fence). `failed`: `Some(true)`
-    /// starts or extends the shared back-off, `Some(false)` clears it.
+    /// Ends a claim (only if still ours, by fence, and not yet ended: a
+    /// release repeated after a lost answer does not count a failure
+    /// twice). `failed`: `Some(true)` starts or extends the shared
+    /// back-off, `Some(false)` clears it.
     pub async fn release(
         &self,
         claim: &Claim,
@@ -844,34 +867,164 @@ impl PgBackend {
         self.timed(async {
             let c = conn!(self);
             let sql = match failed {
+                // The delay after the n-th failure in a row is the n-th of
+                // `backoff_steps` (the last one repeats): the schedule is
+                // `backoff_delay`'s, written once.
                 Some(true) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
                        failures = failures + 1, \
-                       backoff_until_ms = $3::bigint + least(60000, 1000 * (1 << least(failures, 6))) \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                       backoff_until_ms = $3::bigint \
+                         + ($4::bigint[])[least(failures + 1, cardinality($4::bigint[]))] \
+                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 Some(false) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
                        failures = 0, backoff_until_ms = NULL \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 None => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
             };
             let st = c.prepare_cached(sql).await.map_err(pg)?;
             // Only a failure's back-off needs sidekey's clock.
             if failed == Some(true) {
-                c.query(&st, &[&claim.key, &claim.fence, &now_ms]).await
+                let steps = backoff_steps();
+                c.query(&st, &[&claim.key, &claim.fence, &now_ms, &steps])
+                    .await
             } else {
                 c.query(&st, &[&claim.key, &claim.fence]).await
             }
             .map_err(pg)?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Extends a claim's lease to `lease` from now (database clock), if it
+    /// is still ours. `false`: another process holds it now.
+    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "UPDATE sidekey_claims \
+                     SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
+                     WHERE k = $1 AND fence = $2 RETURNING 1",
+                )
+                .await
+                .map_err(pg)?;
+            let lease_ms = lease.as_millis() as f64;
+            let row = c
+                .query_opt(&st, &[&claim.key, &claim.fence, &lease_ms])
+                .await
+                .map_err(pg)?;
+            Ok(row.is_some())
+        })
+        .await
+    }
+
+    /// Renews the claim only if it is still ours and record `(t, k)` still
+    /// holds exactly `expected` (`None`: is absent), in one statement. A
+    /// takeover that raced this one waits on the claim row's lock and then
+    /// finds the lease running, or this one finds the fence moved.
+    pub async fn confirm(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        t: Tree,
+        k: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "UPDATE sidekey_claims \
+                     SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
+                     WHERE k = $1 AND fence = $2 \
+                       AND CASE WHEN $6::bytea IS NULL \
+                         THEN NOT EXISTS (SELECT 1 FROM sidekey_kv WHERE ns = $4 AND k = $5) \
+                         ELSE EXISTS (SELECT 1 FROM sidekey_kv WHERE ns = $4 AND k = $5 AND v = $6) \
+                       END \
+                     RETURNING 1",
+                )
+                .await
+                .map_err(pg)?;
+            let lease_ms = lease.as_millis() as f64;
+            let row = c
+                .query_opt(
+                    &st,
+                    &[&claim.key, &claim.fence, &lease_ms, &t.ns(), &k, &expected],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(row.is_some())
+        })
+        .await
+    }
+
+    /// Compare-and-swap on the sealed bytes of `(t, k)` (`old` `None`:
+    /// insert if absent) that lands only while `claim`'s fence is current.
+    /// The claim row is locked (`FOR SHARE`) until the commit: a replica
+    /// taking the claim over waits for this write and then reads it, or
+    /// has already moved the fence and this write does not happen.
+    pub async fn cas_fenced(
+        &self,
+        claim: &Claim,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<Fenced, StoreError> {
+        self.timed(async {
+            let mut c = conn!(self);
+            let tx = c.transaction().await.map_err(pg)?;
+            let fence = tx
+                .prepare_cached("SELECT fence FROM sidekey_claims WHERE k = $1 FOR SHARE")
+                .await
+                .map_err(pg)?;
+            let held = tx
+                .query_opt(&fence, &[&claim.key])
+                .await
+                .map_err(pg)?
+                .is_some_and(|r| r.get::<_, i64>(0) == claim.fence);
+            if !held {
+                return Ok(Fenced::Lost);
+            }
+            let n = match old {
+                Some(old) => {
+                    let st = tx
+                        .prepare_cached(
+                            "UPDATE sidekey_kv SET v = $4 WHERE ns = $1 AND k = $2 AND v = $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    tx.execute(&st, &[&t.ns(), &k, &old, &new])
+                        .await
+                        .map_err(pg)?
+                }
+                None => {
+                    let st = tx
+                        .prepare_cached(
+                            "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                             ON CONFLICT (ns, k) DO NOTHING",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    tx.execute(&st, &[&t.ns(), &k, &new]).await.map_err(pg)?
+                }
+            };
+            tx.commit().await.map_err(pg)?;
+            Ok(if n == 1 {
+                Fenced::Written
+            } else {
+                Fenced::Moved
+            })
         })
         .await
     }
@@ -895,6 +1048,26 @@ impl PgBackend {
 /// The application name of a process's LISTEN connection.
 fn listener_name(owner: &str) -> String {
     format!("sidekey listener {owner}")
+}
+
+/// The channel a process's heartbeat goes to: its own, so replicas do not
+/// hear each other's.
+fn heartbeat_channel(owner: &str) -> String {
+    format!("sidekey_heartbeat_{}", owner.replace('-', "_"))
+}
+
+/// [`super::backoff_delay`] after 1, 2, … failures, up to the first that
+/// reaches its cap (that one repeats after it).
+fn backoff_steps() -> Vec<i64> {
+    let mut steps = Vec::new();
+    for n in 1u32.. {
+        let d = super::backoff_delay(n);
+        steps.push(d.as_millis() as i64);
+        if d == super::backoff_delay(n + 1) {
+            break;
+        }
+    }
+    steps
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -973,43 +1146,65 @@ async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), String> {
 }
 
 /// Holds one LISTEN connection for the life of the process. While it is
-/// down the caches are bypassed (`live` false); after every (re)connect
-/// they are cleared, since notifications may have been missed.
+/// down, or its heartbeat is late, the caches are bypassed (`live` false);
+/// after every (re)connect they are cleared, since notifications may have
+/// been missed.
 async fn listen_forever(target: Target, caches: Arc<Caches>, owner: String) {
     let mut delay = Duration::from_millis(50);
     loop {
-        match listen_once(&target, &caches, &owner).await {
-            Ok(()) => delay = Duration::from_millis(50),
-            Err(e) => {
-                tracing::warn!(error = %e, "PostgreSQL change listener down; caches bypassed until it reconnects");
-            }
+        let started = tokio::time::Instant::now();
+        if let Err(e) = listen_once(&target, &caches, &owner).await {
+            tracing::warn!(error = %e, "PostgreSQL change listener down; caches bypassed until it reconnects");
         }
         caches.set_live(false);
+        // A connection that served for a while earns a quick reconnect;
+        // one that keeps failing is retried at most once a second.
+        if started.elapsed() > Duration::from_secs(10) {
+            delay = Duration::from_millis(50);
+        }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 
+/// Aborts a task when dropped (the heartbeat sender ends with its listener).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One LISTEN connection, until it fails.
+///
+/// The connection notifies itself on a channel of its own every
+/// [`HEARTBEAT_EVERY`]. That notification comes back through the queue
+/// every other replica's writes go through, in commit order: hearing it
+/// means every notification committed before it was heard too. A
+/// connection can hang without closing (a stopped backend, a partition, a
+/// failover that leaves it open), and would then look connected while
+/// revocations go unheard: once the heartbeat is [`HEARTBEAT_LATE`], the
+/// caches are bypassed, so every use re-reads the store; after
+/// [`HEARTBEAT_DEAD`] the connection is replaced.
 async fn listen_once(target: &Target, caches: &Arc<Caches>, owner: &str) -> Result<(), String> {
     use futures_util::StreamExt;
-    // Named after this process's claim owner: while this connection lives,
-    // the process does, and its refresh claims hold; when the process dies
-    // PostgreSQL drops the connection and other replicas may take over at
-    // once instead of waiting out the lease. Operators (and tests) find it
-    // in pg_stat_activity.
+    // Operators (and tests) find it in pg_stat_activity by this name.
     let mut config = target.config.clone();
     config.application_name(listener_name(owner));
     let (client, mut conn) = config
         .connect(target.tls.clone())
         .await
         .map_err(|e| connect_error(&e))?;
+    let beat = heartbeat_channel(owner);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(m) = stream.next().await {
             match m {
                 Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
+                    let what = (n.channel().to_owned(), n.payload().to_owned());
+                    if tx.send(what).is_err() {
                         break;
                     }
                 }
@@ -1020,39 +1215,69 @@ async fn listen_once(target: &Target, caches: &Arc<Caches>, owner: &str) -> Resu
         Ok(())
     });
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN \"{beat}\""))
         .await
         .map_err(|e| connect_error(&e))?;
     // Anything cached before this point may have missed a notification.
     caches.clear_all();
-    caches.set_live(true);
     tracing::debug!("PostgreSQL change listener connected");
-    // A connection that hangs (partition, failover) would otherwise look
-    // live until TCP gives up, while notifications are lost: ping it.
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    heartbeat.tick().await;
-    loop {
+    let client = Arc::new(client);
+    let _sender = {
+        let client = client.clone();
+        let notify = format!("NOTIFY \"{beat}\"");
+        AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // One beat in flight at a time: on a hung backend this one
+                // waits, and the receiving side notices the silence.
+                let _ = tokio::time::timeout(HEARTBEAT_DEAD, client.batch_execute(&notify)).await;
+            }
+        }))
+    };
+    // Live (caches used) from the first heartbeat on.
+    let mut live = false;
+    let mut last = tokio::time::Instant::now();
+    let result = loop {
+        let due = last + if live { HEARTBEAT_LATE } else { HEARTBEAT_DEAD };
         tokio::select! {
             m = rx.recv() => match m {
-                Some(payload) => caches.on_change(&payload),
-                None => break,
+                Some((channel, _)) if channel == beat => {
+                    last = tokio::time::Instant::now();
+                    if !live {
+                        // Notifications are heard in commit order, so every
+                        // eviction up to this beat has been applied, and
+                        // nothing was cached while bypassed.
+                        live = true;
+                        caches.set_live(true);
+                    }
+                }
+                Some((_, payload)) => caches.on_change(&payload),
+                None => break Err("listener connection closed".to_owned()),
             },
-            _ = heartbeat.tick() => {
-                let ping = tokio::time::timeout(HEARTBEAT, client.simple_query("SELECT 1")).await;
-                if !matches!(ping, Ok(Ok(_))) {
+            _ = tokio::time::sleep_until(due) => {
+                if live {
+                    live = false;
                     caches.set_live(false);
-                    driver.abort();
-                    return Err("listener connection did not answer a heartbeat".into());
+                    tracing::warn!(
+                        late_ms = last.elapsed().as_millis() as u64,
+                        "PostgreSQL change listener's heartbeat is late; caches bypassed until it arrives"
+                    );
+                } else {
+                    break Err(format!(
+                        "no heartbeat on the listener connection for {} s",
+                        HEARTBEAT_DEAD.as_secs()
+                    ));
                 }
             }
         }
-    }
+    };
     caches.set_live(false);
-    drop(client);
+    driver.abort();
     match driver.await {
-        Ok(Ok(())) => Err("listener connection closed".into()),
         Ok(Err(e)) => Err(e),
-        Err(e) => Err(e.to_string()),
+        _ => result,
     }
 }
 
