@@ -11,7 +11,7 @@
 //!   evicts cache entries on those notifications (outside the pool: LISTEN
 //!   does not survive PgBouncer's transaction mode); the process notifies
 //!   itself on that connection every 250 ms, and while that heartbeat is
-//!   late the caches are bypassed (see [`listen_once`]);
+//!   late the caches are bypassed (see [`listener`]);
 //! - refresh claims (owner, fencing counter, lease expiry on the database
 //!   clock) and shared back-off in `sidekey_claims`. A claim is taken over
 //!   only once its lease has lapsed on the database clock: never because
@@ -26,23 +26,20 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::config::SslMode;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{Caches, Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
 use crate::secret::Secret;
+
+mod listener;
+mod target;
+
+use listener::{listen_forever, listener_name};
+use target::{DEFAULT_APPLICATION_NAME, parse_target};
 
 /// The schema this build writes; older schemas are upgraded at start.
 pub const SCHEMA_VERSION: i32 = 1;
 /// Advisory lock key for schema changes ("sidekey" as ASCII, truncated).
 const SCHEMA_LOCK: i64 = 0x0073_6964_656b_6579;
-/// How often the listener notifies itself.
-const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
-/// A heartbeat this late means notifications may be stalled: the caches are
-/// bypassed until the next one arrives.
-const HEARTBEAT_LATE: Duration = Duration::from_millis(500);
-/// A heartbeat this late means the connection is given up and replaced.
-const HEARTBEAT_DEAD: Duration = Duration::from_secs(3);
 /// The notification channel.
 pub const CHANNEL: &str = "sidekey";
 
@@ -111,169 +108,6 @@ pub struct PgOptions {
     pub url: Secret,
     pub pool_size: usize,
     pub op_timeout: Duration,
-}
-
-/// Pooled connections are named `sidekey <owner>` unless the URL names them.
-const DEFAULT_APPLICATION_NAME: &str = "sidekey";
-
-/// A parsed URL and the TLS it asks for.
-struct Target {
-    config: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-}
-
-fn parse_target(opts: &PgOptions) -> Result<Target, OpenError> {
-    let bad = |why: String| OpenError::Other(format!("{}: {why}", opts.setting));
-    let (url, sslmode, rootcert) = split_tls_params(opts.url.expose());
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| bad(format!("not a valid PostgreSQL URL ({e})")))?;
-    let verify = match sslmode.as_deref() {
-        None | Some("prefer") => {
-            config.ssl_mode(SslMode::Prefer);
-            false
-        }
-        Some("disable") | Some("allow") => {
-            config.ssl_mode(SslMode::Disable);
-            false
-        }
-        Some("require") => {
-            config.ssl_mode(SslMode::Require);
-            // libpq verifies a `require` connection when a root cert is given.
-            rootcert.is_some()
-        }
-        Some("verify-ca") | Some("verify-full") => {
-            config.ssl_mode(SslMode::Require);
-            true
-        }
-        Some(other) => {
-            return Err(bad(format!(
-                "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-            )));
-        }
-    };
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(opts.op_timeout);
-    }
-    if config.get_application_name().is_none() {
-        config.application_name(DEFAULT_APPLICATION_NAME);
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(format!("TLS setup: {e}")))?;
-    let tls = if verify {
-        let mut roots = rustls::RootCertStore::empty();
-        match &rootcert {
-            Some(path) => {
-                for c in crate::bootstrap::load_roots(&std::path::PathBuf::from(path))
-                    .map_err(|e| bad(format!("sslrootcert: {e}")))?
-                {
-                    roots.add(c).map_err(|e| bad(format!("sslrootcert: {e}")))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        // libpq's prefer/require encrypt without checking the certificate;
-        // verify-full is what checks it.
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
-    };
-    Ok(Target {
-        config,
-        tls: MakeRustlsConnect::new(tls),
-    })
-}
-
-/// Removes `sslmode` and `sslrootcert` (tokio-postgres knows only some
-/// modes and no root-cert parameter), returning them.
-fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
-    let mut sslmode = None;
-    let mut rootcert = None;
-    if url.contains("://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return (url.to_owned(), None, None);
-        };
-        let mut kept = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*k {
-                "sslmode" => sslmode = Some(v.into_owned()),
-                "sslrootcert" => rootcert = Some(v.into_owned()),
-                _ => {
-                    kept.append_pair(&k, &v);
-                }
-            }
-        }
-        let kept = kept.finish();
-        let url = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{kept}")
-        };
-        (url, sslmode, rootcert)
-    } else {
-        let mut parts = Vec::new();
-        for p in url.split_whitespace() {
-            match p.split_once('=') {
-                Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
-                Some(("sslrootcert", v)) => rootcert = Some(v.to_owned()),
-                _ => parts.push(p),
-            }
-        }
-        (parts.join(" "), sslmode, rootcert)
-    }
-}
-
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -1045,17 +879,6 @@ impl PgBackend {
     }
 }
 
-/// The application name of a process's LISTEN connection.
-fn listener_name(owner: &str) -> String {
-    format!("sidekey listener {owner}")
-}
-
-/// The channel a process's heartbeat goes to: its own, so replicas do not
-/// hear each other's.
-fn heartbeat_channel(owner: &str) -> String {
-    format!("sidekey_heartbeat_{}", owner.replace('-', "_"))
-}
-
 /// [`super::backoff_delay`] after 1, 2, … failures, up to the first that
 /// reaches its cap (that one repeats after it).
 fn backoff_steps() -> Vec<i64> {
@@ -1145,186 +968,9 @@ async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), String> {
     tx.commit().await.map_err(|e| connect_error(&e))
 }
 
-/// Holds one LISTEN connection for the life of the process. While it is
-/// down, or its heartbeat is late, the caches are bypassed (`live` false);
-/// after every (re)connect they are cleared, since notifications may have
-/// been missed.
-async fn listen_forever(target: Target, caches: Arc<Caches>, owner: String) {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let started = tokio::time::Instant::now();
-        if let Err(e) = listen_once(&target, &caches, &owner).await {
-            tracing::warn!(error = %e, "PostgreSQL change listener down; caches bypassed until it reconnects");
-        }
-        caches.set_live(false);
-        // A connection that served for a while earns a quick reconnect;
-        // one that keeps failing is retried at most once a second.
-        if started.elapsed() > Duration::from_secs(10) {
-            delay = Duration::from_millis(50);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
-    }
-}
-
-/// Aborts a task when dropped (the heartbeat sender ends with its listener).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// One LISTEN connection, until it fails.
-///
-/// The connection notifies itself on a channel of its own every
-/// [`HEARTBEAT_EVERY`]. That notification comes back through the queue
-/// every other replica's writes go through, in commit order: hearing it
-/// means every notification committed before it was heard too. A
-/// connection can hang without closing (a stopped backend, a partition, a
-/// failover that leaves it open), and would then look connected while
-/// revocations go unheard: once the heartbeat is [`HEARTBEAT_LATE`], the
-/// caches are bypassed, so every use re-reads the store; after
-/// [`HEARTBEAT_DEAD`] the connection is replaced.
-async fn listen_once(target: &Target, caches: &Arc<Caches>, owner: &str) -> Result<(), String> {
-    use futures_util::StreamExt;
-    // Operators (and tests) find it in pg_stat_activity by this name.
-    let mut config = target.config.clone();
-    config.application_name(listener_name(owner));
-    let (client, mut conn) = config
-        .connect(target.tls.clone())
-        .await
-        .map_err(|e| connect_error(&e))?;
-    let beat = heartbeat_channel(owner);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = stream.next().await {
-            match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    let what = (n.channel().to_owned(), n.payload().to_owned());
-                    if tx.send(what).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return Err(connect_error(&e)),
-            }
-        }
-        Ok(())
-    });
-    client
-        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN \"{beat}\""))
-        .await
-        .map_err(|e| connect_error(&e))?;
-    // Anything cached before this point may have missed a notification.
-    caches.clear_all();
-    tracing::debug!("PostgreSQL change listener connected");
-    let client = Arc::new(client);
-    let _sender = {
-        let client = client.clone();
-        let notify = format!("NOTIFY \"{beat}\"");
-        AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                // One beat in flight at a time: on a hung backend this one
-                // waits, and the receiving side notices the silence.
-                let _ = tokio::time::timeout(HEARTBEAT_DEAD, client.batch_execute(&notify)).await;
-            }
-        }))
-    };
-    // Live (caches used) from the first heartbeat on.
-    let mut live = false;
-    let mut last = tokio::time::Instant::now();
-    let result = loop {
-        let due = last + if live { HEARTBEAT_LATE } else { HEARTBEAT_DEAD };
-        tokio::select! {
-            m = rx.recv() => match m {
-                Some((channel, _)) if channel == beat => {
-                    last = tokio::time::Instant::now();
-                    if !live {
-                        // Notifications are heard in commit order, so every
-                        // eviction up to this beat has been applied, and
-                        // nothing was cached while bypassed.
-                        live = true;
-                        caches.set_live(true);
-                    }
-                }
-                Some((_, payload)) => caches.on_change(&payload),
-                None => break Err("listener connection closed".to_owned()),
-            },
-            _ = tokio::time::sleep_until(due) => {
-                if live {
-                    live = false;
-                    caches.set_live(false);
-                    tracing::warn!(
-                        late_ms = last.elapsed().as_millis() as u64,
-                        "PostgreSQL change listener's heartbeat is late; caches bypassed until it arrives"
-                    );
-                } else {
-                    break Err(format!(
-                        "no heartbeat on the listener connection for {} s",
-                        HEARTBEAT_DEAD.as_secs()
-                    ));
-                }
-            }
-        }
-    };
-    caches.set_live(false);
-    driver.abort();
-    match driver.await {
-        Ok(Err(e)) => Err(e),
-        _ => result,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tls_params_are_split_from_urls() {
-        let (u, m, r) = split_tls_params(
-            "postgresql://u@db/sk?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x",
-        );
-        assert_eq!(u, "postgresql://u@db/sk?application_name=x");
-        assert_eq!(m.as_deref(), Some("verify-full"));
-        assert_eq!(r.as_deref(), Some("/ca.pem"));
-        let (u, m, _) = split_tls_params("postgresql://postgres@/sk?host=/run/postgresql");
-        assert_eq!(u, "postgresql://postgres@/sk?host=%2Frun%2Fpostgresql");
-        assert!(m.is_none());
-        let (u, m, _) = split_tls_params("host=/tmp dbname=sk sslmode=disable");
-        assert_eq!(u, "host=/tmp dbname=sk");
-        assert_eq!(m.as_deref(), Some("disable"));
-    }
-
-    #[test]
-    fn unix_socket_urls_parse() {
-        let opts = PgOptions {
-            setting: "store.postgres_url".into(),
-            url: Secret::new("postgresql://postgres@/sk?host=/run/postgresql&sslmode=disable"),
-            pool_size: 4,
-            op_timeout: Duration::from_secs(1),
-        };
-        let t = parse_target(&opts).unwrap();
-        assert!(matches!(
-            t.config.get_hosts()[0],
-            tokio_postgres::config::Host::Unix(_)
-        ));
-        assert_eq!(t.config.get_dbname(), Some("sk"));
-        let bad = PgOptions {
-            url: Secret::new("postgresql://x/y?sslmode=sometimes"),
-            ..opts
-        };
-        let err = parse_target(&bad).err().unwrap().to_string();
-        assert!(
-            err.starts_with("store.postgres_url: sslmode=sometimes"),
-            "{err}"
-        );
-    }
 
     #[test]
     fn prefix_end_is_the_next_key() {

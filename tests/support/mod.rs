@@ -3,6 +3,7 @@
 //! generated certificate, and fake upstreams and token endpoints.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod pg;
 pub mod pg_server;
 pub mod ports;
