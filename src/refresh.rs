@@ -34,7 +34,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::providers::{ClientAuth, Grant, Provider};
 use crate::secret::{Secret, scrub};
-use crate::store::{Claim, ClaimOutcome, Credential, Fenced, Owner, Store, StoreError};
+use crate::store::{Claim, ClaimOutcome, Confirmed, Credential, Fenced, Owner, Store, StoreError};
 
 /// What a token endpoint granted.
 #[derive(Debug)]
@@ -647,8 +647,8 @@ impl RefreshCoordinator {
                     })
                     .await;
                     match confirmed {
-                        Ok(Some(now_cur)) => {
-                            return self.refresh_claimed(p, owner, now_cur, &claim).await;
+                        Ok(Some(base)) => {
+                            return self.refresh_claimed(p, owner, base, &claim).await;
                         }
                         Ok(None) => {
                             self.release_claim(&claim, None).await;
@@ -685,17 +685,18 @@ impl RefreshCoordinator {
         }
     }
 
-    /// Holding the claim (confirmed for `cur`): one token call, then a
-    /// compare-and-swap on the generation this call started from and on
-    /// the claim's fence, then the claim is released.
+    /// Holding the claim (confirmed for `base`): one token call, then a
+    /// compare-and-swap on the record this call started from and on the
+    /// claim's fence, then the claim is released.
     async fn refresh_claimed(
         &self,
         p: &Provider,
         owner: &Owner,
-        cur: Option<Credential>,
+        base: Confirmed,
         claim: &Claim,
     ) -> Result<Arc<Credential>, ApiError> {
-        let grant = match (&cur, p.grant) {
+        let cur = &base.credential;
+        let grant = match (cur, p.grant) {
             (_, Grant::ClientCredentials) => {
                 let scope = p.scopes.join(&p.scope_separator);
                 let mut params = vec![("grant_type", "client_credentials")];
@@ -749,8 +750,7 @@ impl RefreshCoordinator {
                 // without the claim. A credential replaced (or deleted)
                 // while the token endpoint answered wins: it is not
                 // overwritten by a token from the old grant.
-                let expected = cur.as_ref().map(|c| c.generation);
-                let done = self.commit(claim, p, owner, expected, &mut next).await?;
+                let done = self.commit(claim, p, owner, &base, &mut next).await?;
                 if done == Fenced::Lost {
                     return Err(self.lost(p, owner));
                 }
@@ -774,12 +774,11 @@ impl RefreshCoordinator {
             }
             Err(TokenError::Refused(code)) => {
                 let mut marked = false;
-                if let Some(mut c) = cur {
-                    let gen_used = c.generation;
+                if let Some(mut c) = cur.clone() {
                     c.reauth_required = true;
                     c.reauth_reason = Some(code.clone());
                     c.updated_at = now;
-                    let done = self.commit(claim, p, owner, Some(gen_used), &mut c).await?;
+                    let done = self.commit(claim, p, owner, &base, &mut c).await?;
                     if done == Fenced::Lost {
                         return Err(self.lost(p, owner));
                     }
@@ -860,7 +859,7 @@ impl RefreshCoordinator {
         claim: &Claim,
         p: &Provider,
         owner: &Owner,
-        expected: Option<u64>,
+        base: &Confirmed,
         cred: &mut Credential,
     ) -> Result<Fenced, ApiError> {
         let deadline = tokio::time::Instant::now() + LEASE_MARGIN;
@@ -869,7 +868,7 @@ impl RefreshCoordinator {
             cred.generation = generation;
             match self
                 .store
-                .commit_refresh(claim, owner, &p.name, expected, cred)
+                .commit_refresh(claim, owner, &p.name, base, cred)
                 .await
             {
                 Err(e)

@@ -803,10 +803,12 @@ impl PgBackend {
     }
 
     /// Compare-and-swap on the sealed bytes of `(t, k)` (`old` `None`:
-    /// insert if absent) that lands only while `claim`'s fence is current.
-    /// The claim row is locked (`FOR SHARE`) until the commit: a replica
-    /// taking the claim over waits for this write and then reads it, or
-    /// has already moved the fence and this write does not happen.
+    /// insert if absent) that lands only while `claim`'s fence is current,
+    /// in one statement (it is what stands between a provider's answer and
+    /// its commit). The claim row is locked (`FOR SHARE`) until that
+    /// statement commits: a replica taking the claim over waits for this
+    /// write and then reads it, or has already moved the fence and this
+    /// write does not happen.
     pub async fn cas_fenced(
         &self,
         claim: &Claim,
@@ -816,48 +818,54 @@ impl PgBackend {
         new: &[u8],
     ) -> Result<Fenced, StoreError> {
         self.timed(async {
-            let mut c = conn!(self);
-            let tx = c.transaction().await.map_err(pg)?;
-            let fence = tx
-                .prepare_cached("SELECT fence FROM sidekey_claims WHERE k = $1 FOR SHARE")
-                .await
-                .map_err(pg)?;
-            let held = tx
-                .query_opt(&fence, &[&claim.key])
-                .await
-                .map_err(pg)?
-                .is_some_and(|r| r.get::<_, i64>(0) == claim.fence);
-            if !held {
-                return Ok(Fenced::Lost);
-            }
-            let n = match old {
+            let c = conn!(self);
+            let rows = match old {
                 Some(old) => {
-                    let st = tx
+                    let st = c
                         .prepare_cached(
-                            "UPDATE sidekey_kv SET v = $4 WHERE ns = $1 AND k = $2 AND v = $3",
+                            "WITH f AS (SELECT fence FROM sidekey_claims WHERE k = $5 FOR SHARE) \
+                             UPDATE sidekey_kv SET v = $4 \
+                             WHERE ns = $1 AND k = $2 AND v = $3 AND $6 = (SELECT fence FROM f) \
+                             RETURNING 1",
                         )
                         .await
                         .map_err(pg)?;
-                    tx.execute(&st, &[&t.ns(), &k, &old, &new])
+                    c.query(&st, &[&t.ns(), &k, &old, &new, &claim.key, &claim.fence])
                         .await
                         .map_err(pg)?
                 }
                 None => {
-                    let st = tx
+                    let st = c
                         .prepare_cached(
-                            "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
-                             ON CONFLICT (ns, k) DO NOTHING",
+                            "WITH f AS (SELECT fence FROM sidekey_claims WHERE k = $4 FOR SHARE) \
+                             INSERT INTO sidekey_kv (ns, k, v) \
+                             SELECT $1, $2, $3 WHERE $5 = (SELECT fence FROM f) \
+                             ON CONFLICT (ns, k) DO NOTHING RETURNING 1",
                         )
                         .await
                         .map_err(pg)?;
-                    tx.execute(&st, &[&t.ns(), &k, &new]).await.map_err(pg)?
+                    c.query(&st, &[&t.ns(), &k, &new, &claim.key, &claim.fence])
+                        .await
+                        .map_err(pg)?
                 }
             };
-            tx.commit().await.map_err(pg)?;
-            Ok(if n == 1 {
-                Fenced::Written
-            } else {
+            if !rows.is_empty() {
+                return Ok(Fenced::Written);
+            }
+            // Nothing written: say why (only on this rare path).
+            let st = c
+                .prepare_cached("SELECT fence FROM sidekey_claims WHERE k = $1")
+                .await
+                .map_err(pg)?;
+            let fence: Option<i64> = c
+                .query_opt(&st, &[&claim.key])
+                .await
+                .map_err(pg)?
+                .map(|r| r.get(0));
+            Ok(if fence == Some(claim.fence) {
                 Fenced::Moved
+            } else {
+                Fenced::Lost
             })
         })
         .await
