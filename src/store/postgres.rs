@@ -11,7 +11,7 @@
 //!   evicts cache entries on those notifications (outside the pool: LISTEN
 //!   does not survive PgBouncer's transaction mode); the process notifies
 //!   itself on that connection every 250 ms, and while that heartbeat is
-//!   late the caches are bypassed (see [`listener`]);
+//!   late the caches are bypassed (module `listener`);
 //! - refresh claims (owner, fencing counter, lease expiry on the database
 //!   clock) and shared back-off in `sidekey_claims`. A claim is taken over
 //!   only once its lease has lapsed on the database clock: never because
