@@ -186,6 +186,7 @@ pub async fn metrics(app: &Arc<App>) -> Response<Body> {
         credentials: app.store.credential_count().await,
         store_bytes: app.store.size_on_disk().await,
         audit: app.audit.backlog(),
+        listener_up: app.store.listener_up(),
     });
     body::text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text)
 }

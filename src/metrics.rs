@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::{
@@ -11,7 +11,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
@@ -286,6 +286,31 @@ impl EncodeMetric for UpstreamLatency {
     }
 }
 
+/// `sidekey_store_listener_up`: 1 while the PostgreSQL change listener's
+/// heartbeat arrives on time, 0 while it is late or reconnecting (the
+/// caches are bypassed then). Not exported on sled, which has no listener:
+/// an alert on 0 must not fire there.
+#[derive(Debug, Clone)]
+struct ListenerUp(Arc<AtomicI64>);
+
+impl ListenerUp {
+    const NONE: i64 = -1;
+}
+
+impl EncodeMetric for ListenerUp {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        ConstGauge::new(self.0.load(Ordering::Relaxed)).encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == Self::NONE
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     per_thread: Arc<PerThread>,
@@ -304,6 +329,7 @@ pub struct Metrics {
     /// Requests answered `store_unavailable` (the Postgres backend could not
     /// be reached); alerting needs it even while it stays at 0.
     store_unavailable: Counter,
+    listener_up: ListenerUp,
     connections_refused: Family<ReasonLabels, Counter>,
     none: Label,
 }
@@ -315,6 +341,9 @@ pub struct Sampled {
     pub credentials: usize,
     pub store_bytes: u64,
     pub audit: crate::audit::Backlog,
+    /// Whether the store's change listener hears other replicas (`None`:
+    /// the store has no listener).
+    pub listener_up: Option<bool>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -421,6 +450,12 @@ impl Metrics {
             "Requests answered store_unavailable because the credential store could not be reached",
             store_unavailable.clone(),
         );
+        let listener_up = ListenerUp(Arc::new(AtomicI64::new(ListenerUp::NONE)));
+        registry.register(
+            "store_listener_up",
+            "1 while the PostgreSQL change listener hears its own heartbeat on time, 0 while it is late or reconnecting (caches bypassed: every use reads the database)",
+            listener_up.clone(),
+        );
         let connections_refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "connections_refused",
@@ -444,6 +479,7 @@ impl Metrics {
             connections,
             worker_connections,
             store_unavailable,
+            listener_up,
             none: Label::new("-"),
         }
     }
@@ -534,6 +570,8 @@ impl Metrics {
         self.credentials.set(s.credentials as i64);
         self.store_bytes.set(s.store_bytes as i64);
         self.audit_pending.set(s.audit.pending as i64);
+        let up = s.listener_up.map_or(ListenerUp::NONE, i64::from);
+        self.listener_up.0.store(up, Ordering::Relaxed);
         // The writer counts its drops itself; the counter catches up.
         let seen = self.audit_dropped.get();
         self.audit_dropped
@@ -646,6 +684,7 @@ mod tests {
             credentials: 4,
             store_bytes: 1000,
             audit: audit(17, dropped),
+            listener_up: None,
         };
         // A later scrape's count of drops replaces the earlier one, not adds.
         m.render(sampled(2));
@@ -660,5 +699,17 @@ mod tests {
         assert!(t.contains("sidekey_audit_dropped_records_total 5\n"), "{t}");
         assert!(t.contains("sidekey_upstream_latency_seconds_bucket"), "{t}");
         assert!(t.ends_with("# EOF\n"));
+        assert!(!t.contains("listener_up"), "no listener, no metric: {t}");
+        let t = m.render(Sampled {
+            listener_up: Some(false),
+            ..sampled(5)
+        });
+        assert!(t.contains("# TYPE sidekey_store_listener_up gauge"), "{t}");
+        assert!(t.contains("\nsidekey_store_listener_up 0\n"), "{t}");
+        let t = m.render(Sampled {
+            listener_up: Some(true),
+            ..sampled(5)
+        });
+        assert!(t.contains("\nsidekey_store_listener_up 1\n"), "{t}");
     }
 }

@@ -10,7 +10,13 @@
 //!   marks the credential `reauth_required`, and nothing calls the token
 //!   endpoint for it again until it is replaced;
 //! - transient failures leave the credential untouched and back off
-//!   (1 s, 2 s, 4 s … 60 s) so a broken provider is not hammered.
+//!   (1 s, 2 s, 4 s … 60 s) so a broken provider is not hammered;
+//! - across replicas, a refresh token is sent by one holder of a leased,
+//!   fenced claim, which confirms just before sending that it still holds
+//!   the claim and that the credential is the one it read, renews the
+//!   lease while the call runs, and stores the result only if its fence
+//!   still holds. A replica takes over only once the lease has lapsed, and
+//!   then reads the credential again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +34,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::providers::{ClientAuth, Grant, Provider};
 use crate::secret::{Secret, scrub};
-use crate::store::{Claim, ClaimOutcome, Credential, Owner, Store};
+use crate::store::{Claim, ClaimOutcome, Confirmed, Credential, Fenced, Owner, Store, StoreError};
 
 /// What a token endpoint granted.
 #[derive(Debug)]
@@ -278,7 +284,17 @@ pub enum Forced {
 
 /// How much longer than one token call a refresh claim lasts: the bound
 /// after which another replica takes over from one that died mid-refresh.
+/// A holder renews its lease to this length before it sends the refresh
+/// token and every [`RENEW_EVERY`] while the call runs, so a holder that
+/// is alive but cut off from the database still has its call end (under
+/// its own deadline) before anyone else may send the same token.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How often a holder renews its lease while its token call runs.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Between two attempts at a claim step whose database connection failed.
+const STEP_RETRY: Duration = Duration::from_millis(25);
+/// How long a claim step (confirming, releasing) is tried again.
+const STEP_PATIENCE: Duration = Duration::from_secs(1);
 /// How often a replica waiting on another's refresh looks again, when no
 /// change notification wakes it first.
 const WAIT_POLL: Duration = Duration::from_millis(100);
@@ -618,26 +634,33 @@ impl RefreshCoordinator {
                 .map_err(ApiError::from)?
             {
                 ClaimOutcome::Granted(claim) => {
-                    // Read again under the claim: another replica may have
-                    // refreshed between our read and our claim (its claim
-                    // released just before ours was granted). Its token is
-                    // then the one to use, and ours would be a second call
-                    // with a refresh token it already spent.
-                    let now_cur = match self.store.credential_uncached(owner, &p.name).await {
-                        Ok(c) => c,
+                    // Confirm under the claim that the credential is still
+                    // the one read: another replica may have refreshed
+                    // between our read and our claim (its claim released,
+                    // or its lease lapsed, just before ours was granted).
+                    // Its token is then the one to use, and ours would be a
+                    // second call with a refresh token it already spent.
+                    let before = cur.as_ref().map(|c| c.generation);
+                    let confirmed = step(STEP_PATIENCE, || {
+                        self.store
+                            .confirm_refresh(&claim, self.lease(), owner, &p.name, before)
+                    })
+                    .await;
+                    match confirmed {
+                        Ok(Some(base)) => {
+                            return self.refresh_claimed(p, owner, base, &claim).await;
+                        }
+                        Ok(None) => {
+                            self.release_claim(&claim, None).await;
+                            // (No credential before: any one now is newer.)
+                            seen = Some(before.unwrap_or(u64::MAX));
+                            continue;
+                        }
                         Err(e) => {
                             self.release_claim(&claim, None).await;
                             return Err(ApiError::from(e));
                         }
-                    };
-                    let before = cur.as_ref().map(|c| c.generation);
-                    if now_cur.as_ref().map(|c| c.generation) != before {
-                        self.release_claim(&claim, None).await;
-                        // (No credential before: any one now is newer.)
-                        seen = Some(before.unwrap_or(u64::MAX));
-                        continue;
                     }
-                    return self.refresh_claimed(p, owner, now_cur, &claim).await;
                 }
                 ClaimOutcome::BackingOff(_) => {
                     self.metrics.refresh(&p.name, "backoff");
@@ -662,16 +685,18 @@ impl RefreshCoordinator {
         }
     }
 
-    /// Holding the claim: one token call, then a compare-and-swap on the
-    /// generation this call started from, then the claim is released.
+    /// Holding the claim (confirmed for `base`): one token call, then a
+    /// compare-and-swap on the record this call started from and on the
+    /// claim's fence, then the claim is released.
     async fn refresh_claimed(
         &self,
         p: &Provider,
         owner: &Owner,
-        cur: Option<Credential>,
+        base: Confirmed,
         claim: &Claim,
     ) -> Result<Arc<Credential>, ApiError> {
-        let grant = match (&cur, p.grant) {
+        let cur = &base.credential;
+        let grant = match (cur, p.grant) {
             (_, Grant::ClientCredentials) => {
                 let scope = p.scopes.join(&p.scope_separator);
                 let mut params = vec![("grant_type", "client_credentials")];
@@ -679,7 +704,7 @@ impl RefreshCoordinator {
                     params.push(("scope", scope.as_str()));
                 }
                 self.metrics.token_call(&p.name);
-                self.token_call(p, &params).await
+                self.token_call_renewing(claim, p, &params).await
             }
             (Some(c), _) => {
                 let Some(rt) = &c.refresh_token else {
@@ -687,7 +712,8 @@ impl RefreshCoordinator {
                     return Err(ApiError::ReauthRequired(p.label()));
                 };
                 self.metrics.token_call(&p.name);
-                self.token_call(
+                self.token_call_renewing(
+                    claim,
                     p,
                     &[
                         ("grant_type", "refresh_token"),
@@ -724,25 +750,15 @@ impl RefreshCoordinator {
                 // without the claim. A credential replaced (or deleted)
                 // while the token endpoint answered wins: it is not
                 // overwritten by a token from the old grant.
-                let written = match &cur {
-                    Some(c) => self
-                        .store
-                        .replace_credential_if(owner, &p.name, c.generation, &mut next)
-                        .await
-                        .map_err(ApiError::from)?,
-                    None => {
-                        self.store
-                            .put_credential(owner, &p.name, &mut next)
-                            .await
-                            .map_err(ApiError::from)?;
-                        true
-                    }
-                };
+                let done = self.commit(claim, p, owner, &base, &mut next).await?;
+                if done == Fenced::Lost {
+                    return Err(self.lost(p, owner));
+                }
                 // Durable before use: if the provider rotated the refresh
                 // token, the old one is already dead.
                 self.store.flush().await.map_err(ApiError::from)?;
                 self.release_claim(claim, Some(false)).await;
-                if !written {
+                if done == Fenced::Moved {
                     return self.latest(p, owner).await;
                 }
                 self.mark_fetched(&owner.key(&p.name), now, &next);
@@ -758,16 +774,15 @@ impl RefreshCoordinator {
             }
             Err(TokenError::Refused(code)) => {
                 let mut marked = false;
-                if let Some(mut c) = cur {
-                    let gen_used = c.generation;
+                if let Some(mut c) = cur.clone() {
                     c.reauth_required = true;
                     c.reauth_reason = Some(code.clone());
                     c.updated_at = now;
-                    marked = self
-                        .store
-                        .replace_credential_if(owner, &p.name, gen_used, &mut c)
-                        .await
-                        .map_err(ApiError::from)?;
+                    let done = self.commit(claim, p, owner, &base, &mut c).await?;
+                    if done == Fenced::Lost {
+                        return Err(self.lost(p, owner));
+                    }
+                    marked = done == Fenced::Written;
                     self.store.flush().await.map_err(ApiError::from)?;
                 }
                 self.release_claim(claim, None).await;
@@ -795,6 +810,90 @@ impl RefreshCoordinator {
                 Err(ApiError::RefreshFailed(p.label()))
             }
         }
+    }
+
+    /// The token call, with the claim's lease renewed every
+    /// [`RENEW_EVERY`] while it runs (the call's own deadline bounds both).
+    /// A renewal that fails is tried again at the next tick: the lease
+    /// confirmed before the call already outlasts the call.
+    async fn token_call_renewing(
+        &self,
+        claim: &Claim,
+        p: &Provider,
+        params: &[(&str, &str)],
+    ) -> Result<TokenGrant, TokenError> {
+        let renew = async {
+            let start = tokio::time::Instant::now() + RENEW_EVERY;
+            let mut tick = tokio::time::interval_at(start, RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match self.store.renew_claim(claim, self.lease()).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            provider = %p.name,
+                            "refresh claim taken over while its token call ran; its answer will not be stored"
+                        );
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "refresh claim not renewed; trying again")
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            r = self.token_call(p, params) => r,
+            _ = renew => unreachable!("the renewal loop never ends"),
+        }
+    }
+
+    /// Stores a refresh's result under the claim; a failed connection is
+    /// tried again while the lease surely runs (renewed at most
+    /// [`RENEW_EVERY`] ago, for longer than [`LEASE_MARGIN`]). An attempt
+    /// whose answer was lost but which landed is found as `Moved`, and
+    /// [`RefreshCoordinator::latest`] then reads what it wrote.
+    async fn commit(
+        &self,
+        claim: &Claim,
+        p: &Provider,
+        owner: &Owner,
+        base: &Confirmed,
+        cred: &mut Credential,
+    ) -> Result<Fenced, ApiError> {
+        let deadline = tokio::time::Instant::now() + LEASE_MARGIN;
+        let generation = cred.generation;
+        loop {
+            cred.generation = generation;
+            match self
+                .store
+                .commit_refresh(claim, owner, &p.name, base, cred)
+                .await
+            {
+                Err(e)
+                    if e.is_unavailable()
+                        && tokio::time::Instant::now() + STEP_RETRY < deadline =>
+                {
+                    tracing::debug!(error = %e, "refresh result not stored yet; trying again");
+                    tokio::time::sleep(STEP_RETRY).await;
+                }
+                r => return r.map_err(ApiError::from),
+            }
+        }
+    }
+
+    /// The claim lapsed and was taken over while this holder's call ran
+    /// (it could not renew for a whole lease): the other holder's result is
+    /// the one that counts.
+    fn lost(&self, p: &Provider, owner: &Owner) -> ApiError {
+        self.metrics.refresh(&p.name, "failed");
+        tracing::warn!(
+            provider = %p.name,
+            owner = %owner.describe(),
+            "refresh claim lapsed during the token call and was taken over; this result was not stored"
+        );
+        ApiError::RefreshFailed(p.label())
     }
 
     /// One token call under one deadline (headers and body together), so
@@ -834,11 +933,8 @@ impl RefreshCoordinator {
 
     /// Releases a claim; a failure here only means the lease lapses.
     async fn release_claim(&self, claim: &Claim, failed: Option<bool>) {
-        if let Err(e) = self
-            .store
-            .release(claim, failed, self.clock.now_millis())
-            .await
-        {
+        let now_ms = self.clock.now_millis();
+        if let Err(e) = step(STEP_PATIENCE, || self.store.release(claim, failed, now_ms)).await {
             tracing::debug!(error = %e, "refresh claim not released; its lease will lapse");
         }
     }
@@ -847,6 +943,27 @@ impl RefreshCoordinator {
     pub async fn reset(&self, owner: &Owner, provider: &str) {
         if let Err(e) = self.store.clear_backoff(&claim_key(owner, provider)).await {
             tracing::debug!(error = %e, "refresh back-off not cleared");
+        }
+    }
+}
+
+/// Runs a claim step again while its database connection fails, for up to
+/// `patience`: a connection cut under it (a pooler or failover,
+/// `pg_terminate_backend`) is replaced by the next attempt. The steps given
+/// are safe to repeat: each is fenced, and one whose answer was lost finds
+/// its own work done.
+async fn step<T, F>(patience: Duration, mut attempt: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() + STEP_RETRY < deadline => {
+                tracing::debug!(error = %e, "refresh claim step failed; trying again");
+                tokio::time::sleep(STEP_RETRY).await;
+            }
+            r => return r,
         }
     }
 }

@@ -9,7 +9,8 @@
 //! operations:
 //! - [`sled_backend`]: embedded, one process, nothing to run (the default);
 //! - [`postgres`]: several processes on one database, with cache eviction
-//!   by LISTEN/NOTIFY and refresh claims on the database clock.
+//!   by LISTEN/NOTIFY (a heartbeat tells when it may be stalled) and
+//!   refresh claims leased on the database clock, with fenced writes.
 //!
 //! Keys are plain (user ids, provider names, session ids, conversation ids);
 //! values are ciphertext. Phone numbers are indexed by a keyed hash so a
@@ -352,6 +353,23 @@ pub struct Claim {
     pub fence: i64,
 }
 
+/// What a write made under a claim did (see [`Store::commit_refresh`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fenced {
+    Written,
+    /// The record is not the one the holder read: someone wrote it since.
+    Moved,
+    /// The claim is someone else's now (this holder's lease lapsed and was
+    /// taken over): nothing was written.
+    Lost,
+}
+
+/// A credential as confirmed under a refresh claim: what the refresh
+/// sends from, and whose generation its result replaces.
+pub struct Confirmed {
+    pub credential: Option<Credential>,
+}
+
 #[derive(Debug)]
 pub enum ClaimOutcome {
     Granted(Claim),
@@ -374,6 +392,9 @@ pub struct Caches {
     /// Session records by id: every proxied call reads one. Invalidated by
     /// every session write, so revocation is still immediate.
     pub sessions: Cache<SessionRecord>,
+    /// Whether the caches may answer: always on sled; on PostgreSQL only
+    /// while the change listener is connected and its heartbeat on time.
+    /// One atomic load on every cached read.
     live: AtomicBool,
     /// Woken by every change another replica announces (refresh waiters).
     pub changed: tokio::sync::Notify,
@@ -1508,6 +1529,98 @@ impl Store {
         on_backend!(self, b => b.clear_backoff(key).await)
     }
 
+    /// Extends a held claim's lease to `lease` from now. `false`: it is
+    /// someone else's now.
+    pub async fn renew_claim(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        on_backend!(self, b => b.renew(claim, lease).await)
+    }
+
+    /// The last check before a refresh token is sent: the claim is still
+    /// ours (its lease is renewed to `lease` from now) and the credential
+    /// still has generation `expected` (`None`: there is none), both in one
+    /// atomic step. Returns the credential as confirmed, or `None` when
+    /// either has moved on: the caller must not send, and reads again.
+    pub async fn confirm_refresh(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        owner: &Owner,
+        provider: &str,
+        expected: Option<u64>,
+    ) -> Result<Option<Confirmed>, StoreError> {
+        let key = owner.key(provider);
+        let k = key.as_bytes();
+        let raw = on_backend!(self, b => b.get(Tree::Credentials, k).await)?;
+        let credential = match &raw {
+            Some(r) => Some(self.decode::<Credential>(Tree::Credentials, k, r)?.0),
+            None => None,
+        };
+        if credential.as_ref().map(|c| c.generation) != expected {
+            return Ok(None);
+        }
+        let held = on_backend!(self, b => b
+            .confirm(claim, lease, Tree::Credentials, k, raw.as_deref())
+            .await)?;
+        Ok(held.then_some(Confirmed { credential }))
+    }
+
+    /// Writes a refreshed credential in place of the one confirmed before
+    /// the call (`base`), only if the stored one still has its generation
+    /// and `claim` is still ours: a holder whose lease lapsed can neither
+    /// overwrite what its successor wrote nor write after its successor
+    /// read. The generation is compared, not the bytes: a record re-sealed
+    /// under a new master key meanwhile (lazy rotation, by any reader) is
+    /// the same credential. One read, then one fenced compare-and-swap.
+    pub async fn commit_refresh(
+        &self,
+        claim: &Claim,
+        owner: &Owner,
+        provider: &str,
+        base: &Confirmed,
+        cred: &mut Credential,
+    ) -> Result<Fenced, StoreError> {
+        let key = owner.key(provider);
+        let k = key.as_bytes();
+        let expected = base.credential.as_ref().map(|c| c.generation);
+        let generation = cred.generation;
+        loop {
+            let raw = on_backend!(self, b => b.get(Tree::Credentials, k).await)?;
+            let prev = match &raw {
+                Some(r) => Some(
+                    self.decode::<Credential>(Tree::Credentials, k, r)?
+                        .0
+                        .generation,
+                ),
+                None => None,
+            };
+            if prev != expected {
+                return Ok(Fenced::Moved);
+            }
+            cred.generation = generation.max(prev.unwrap_or(0)) + 1;
+            let new = self.seal_json(Tree::Credentials, k, cred);
+            let done = on_backend!(self, b => b
+                .cas_fenced(claim, Tree::Credentials, k, raw.as_deref(), &new)
+                .await)?;
+            self.caches.credentials.invalidate(&key);
+            match done {
+                // Only the bytes moved (a re-seal): read again.
+                Fenced::Moved => continue,
+                Fenced::Written => self.caches.changed.notify_waiters(),
+                Fenced::Lost => {}
+            }
+            return Ok(done);
+        }
+    }
+
+    /// Whether the change listener hears other replicas now (PostgreSQL;
+    /// `None` on sled, which has none).
+    pub fn listener_up(&self) -> Option<bool> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(_) => Some(self.caches.is_live()),
+        }
+    }
+
     // ----- operations ------------------------------------------------------
 
     /// Re-seals every record under `new_keys`' current key, in pages, then
@@ -1872,6 +1985,127 @@ mod tests {
         assert_eq!(c.access_token.as_ref().unwrap().expose(), "b");
         assert!(s.delete_credential(&o, "g").await.unwrap());
         assert!(s.credential(&o, "g").await.unwrap().is_none());
+    }
+
+    /// The rules a refresh holder relies on, on the backend-independent
+    /// front (sled here; tests/replica_faults.rs runs them on PostgreSQL).
+    #[tokio::test]
+    async fn refresh_claims_confirm_and_fence_their_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db"), ring(1), StoreOptions::default()).unwrap();
+        let o = Owner::User("u".into());
+        s.put_credential(&o, "g", &mut cred("a")).await.unwrap();
+        let granted = |c| match c {
+            ClaimOutcome::Granted(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let long = Duration::from_secs(60);
+        // A lease that lapses at once: the next claim takes over.
+        let first = granted(s.claim("k", Duration::ZERO, 0).await.unwrap());
+        let second = granted(s.claim("k", long, 0).await.unwrap());
+        assert!(matches!(
+            s.claim("k", long, 0).await.unwrap(),
+            ClaimOutcome::Held
+        ));
+        // The overtaken holder may not send, nor store anything.
+        assert!(
+            s.confirm_refresh(&first, long, &o, "g", Some(1))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let base = s
+            .confirm_refresh(&second, long, &o, "g", Some(1))
+            .await
+            .unwrap()
+            .expect("the current holder confirms");
+        let mut late = cred("from-the-overtaken-holder");
+        assert_eq!(
+            s.commit_refresh(&first, &o, "g", &base, &mut late)
+                .await
+                .unwrap(),
+            Fenced::Lost
+        );
+        let mut fresh = cred("b");
+        assert_eq!(
+            s.commit_refresh(&second, &o, "g", &base, &mut fresh)
+                .await
+                .unwrap(),
+            Fenced::Written
+        );
+        let c = s.credential_uncached(&o, "g").await.unwrap().unwrap();
+        assert_eq!((c.generation, c.access_token.unwrap().expose()), (2, "b"));
+        // A credential written since the holder read it: not confirmed,
+        // and a result from the old one is not stored over it.
+        s.release(&second, Some(false), 0).await.unwrap();
+        let third = granted(s.claim("k", long, 0).await.unwrap());
+        let stale = s
+            .confirm_refresh(&third, long, &o, "g", Some(2))
+            .await
+            .unwrap()
+            .unwrap();
+        s.put_credential(&o, "g", &mut cred("admin")).await.unwrap();
+        assert!(
+            s.confirm_refresh(&third, long, &o, "g", Some(2))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            s.commit_refresh(&third, &o, "g", &stale, &mut cred("c"))
+                .await
+                .unwrap(),
+            Fenced::Moved
+        );
+    }
+
+    /// A credential re-sealed under a new master key between the holder's
+    /// confirmation and its commit (any reader re-seals, lazily) is the
+    /// same credential: the refreshed token is stored.
+    #[tokio::test]
+    async fn a_refresh_result_is_stored_over_a_lazily_resealed_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("db");
+        let o = Owner::User("u".into());
+        {
+            let s = Store::open(&p, ring(2), StoreOptions::default()).unwrap();
+            s.put_credential(&o, "g", &mut cred("old")).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let rot = KeyRing::new(
+            MasterKey::from_bytes(&[3; 32]),
+            vec![MasterKey::from_bytes(&[2; 32])],
+        );
+        let s = Store::open(&p, rot, StoreOptions::default()).unwrap();
+        let long = Duration::from_secs(60);
+        let ClaimOutcome::Granted(claim) = s.claim("k", long, 0).await.unwrap() else {
+            panic!("not granted")
+        };
+        let base = s
+            .confirm_refresh(&claim, long, &o, "g", Some(1))
+            .await
+            .unwrap()
+            .unwrap();
+        let raw = |s: &Store| match &s.backend {
+            Backend::Sled(b) => futures_util::FutureExt::now_or_never(
+                b.get(Tree::Credentials, o.key("g").as_bytes()),
+            )
+            .unwrap()
+            .unwrap(),
+            Backend::Postgres(_) => unreachable!(),
+        };
+        let before = raw(&s);
+        // Another caller reads it while the token call runs: re-sealed.
+        s.credential_uncached(&o, "g").await.unwrap().unwrap();
+        assert_ne!(raw(&s), before, "the read re-sealed the record");
+        assert_eq!(
+            s.commit_refresh(&claim, &o, "g", &base, &mut cred("new"))
+                .await
+                .unwrap(),
+            Fenced::Written
+        );
+        let c = s.credential_uncached(&o, "g").await.unwrap().unwrap();
+        assert_eq!(c.access_token.unwrap().expose(), "new");
     }
 
     #[tokio::test]

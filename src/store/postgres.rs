@@ -9,11 +9,15 @@
 //! - a trigger that notifies `sidekey` inside every write of a credential,
 //!   session or user, and one dedicated LISTEN connection per process that
 //!   evicts cache entries on those notifications (outside the pool: LISTEN
-//!   does not survive PgBouncer's transaction mode);
+//!   does not survive PgBouncer's transaction mode); the process notifies
+//!   itself on that connection every 250 ms, and while that heartbeat is
+//!   late the caches are bypassed (module `listener`);
 //! - refresh claims (owner, fencing counter, lease expiry on the database
-//!   clock) and shared back-off in `sidekey_claims`; a claim whose owner's
-//!   LISTEN connection is gone (the process died) is taken over at once,
-//!   one whose owner is unreachable but connected when its lease lapses;
+//!   clock) and shared back-off in `sidekey_claims`. A claim is taken over
+//!   only once its lease has lapsed on the database clock: never because
+//!   its owner's connections went away, which a dropped connection does as
+//!   well as a dead process. Writes made under a claim are fenced: they
+//!   land only while the claim's fence is still the one granted;
 //! - every call bounded by a timeout, and every failure to reach the
 //!   database reported as [`StoreError::Unavailable`].
 
@@ -22,18 +26,20 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::config::SslMode;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Caches, Claim, ClaimOutcome, Op, OpenError, StoreError, Tree};
+use super::{Caches, Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
 use crate::secret::Secret;
+
+mod listener;
+mod target;
+
+use listener::{listen_forever, listener_name};
+use target::{DEFAULT_APPLICATION_NAME, parse_target};
 
 /// The schema this build writes; older schemas are upgraded at start.
 pub const SCHEMA_VERSION: i32 = 1;
 /// Advisory lock key for schema changes ("sidekey" as ASCII, truncated).
 const SCHEMA_LOCK: i64 = 0x0073_6964_656b_6579;
-/// How often the LISTEN connection is pinged, and how long a ping may take.
-const HEARTBEAT: Duration = Duration::from_secs(5);
 /// The notification channel.
 pub const CHANNEL: &str = "sidekey";
 
@@ -74,7 +80,8 @@ pub struct PgBackend {
     pool: Pool,
     /// Bound on every database call, pool wait included.
     op_timeout: Duration,
-    /// This process, as recorded in the claims it holds.
+    /// This process, as recorded in the claims it holds and named in its
+    /// connections' `application_name`.
     owner: String,
     caches: Arc<Caches>,
     listener: tokio::task::JoinHandle<()>,
@@ -103,166 +110,6 @@ pub struct PgOptions {
     pub op_timeout: Duration,
 }
 
-/// A parsed URL and the TLS it asks for.
-struct Target {
-    config: tokio_postgres::Config,
-    tls: MakeRustlsConnect,
-}
-
-fn parse_target(opts: &PgOptions) -> Result<Target, OpenError> {
-    let bad = |why: String| OpenError::Other(format!("{}: {why}", opts.setting));
-    let (url, sslmode, rootcert) = split_tls_params(opts.url.expose());
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| bad(format!("not a valid PostgreSQL URL ({e})")))?;
-    let verify = match sslmode.as_deref() {
-        None | Some("prefer") => {
-            config.ssl_mode(SslMode::Prefer);
-            false
-        }
-        Some("disable") | Some("allow") => {
-            config.ssl_mode(SslMode::Disable);
-            false
-        }
-        Some("require") => {
-            config.ssl_mode(SslMode::Require);
-            // libpq verifies a `require` connection when a root cert is given.
-            rootcert.is_some()
-        }
-        Some("verify-ca") | Some("verify-full") => {
-            config.ssl_mode(SslMode::Require);
-            true
-        }
-        Some(other) => {
-            return Err(bad(format!(
-                "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-            )));
-        }
-    };
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(opts.op_timeout);
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("sidekey");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(format!("TLS setup: {e}")))?;
-    let tls = if verify {
-        let mut roots = rustls::RootCertStore::empty();
-        match &rootcert {
-            Some(path) => {
-                for c in crate::bootstrap::load_roots(&std::path::PathBuf::from(path))
-                    .map_err(|e| bad(format!("sslrootcert: {e}")))?
-                {
-                    roots.add(c).map_err(|e| bad(format!("sslrootcert: {e}")))?;
-                }
-            }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        // libpq's prefer/require encrypt without checking the certificate;
-        // verify-full is what checks it.
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
-    };
-    Ok(Target {
-        config,
-        tls: MakeRustlsConnect::new(tls),
-    })
-}
-
-/// Removes `sslmode` and `sslrootcert` (tokio-postgres knows only some
-/// modes and no root-cert parameter), returning them.
-fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
-    let mut sslmode = None;
-    let mut rootcert = None;
-    if url.contains("://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return (url.to_owned(), None, None);
-        };
-        let mut kept = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*k {
-                "sslmode" => sslmode = Some(v.into_owned()),
-                "sslrootcert" => rootcert = Some(v.into_owned()),
-                _ => {
-                    kept.append_pair(&k, &v);
-                }
-            }
-        }
-        let kept = kept.finish();
-        let url = if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{kept}")
-        };
-        (url, sslmode, rootcert)
-    } else {
-        let mut parts = Vec::new();
-        for p in url.split_whitespace() {
-            match p.split_once('=') {
-                Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
-                Some(("sslrootcert", v)) => rootcert = Some(v.to_owned()),
-                _ => parts.push(p),
-            }
-        }
-        (parts.join(" "), sslmode, rootcert)
-    }
-}
-
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{what}: {e}"))
 }
@@ -282,7 +129,20 @@ impl PgBackend {
     /// Connects, applies the schema, and starts the change listener.
     /// Failing to connect or log in here is a configuration problem.
     pub async fn open(opts: PgOptions, caches: Arc<Caches>) -> Result<PgBackend, OpenError> {
-        let target = parse_target(&opts)?;
+        let mut id = [0u8; 6];
+        rand::fill(&mut id);
+        let owner = format!(
+            "{}-{}",
+            std::process::id(),
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let mut target = parse_target(&opts)?;
+        if target.config.get_application_name() == Some(DEFAULT_APPLICATION_NAME) {
+            // Operators find which replica a connection belongs to.
+            target
+                .config
+                .application_name(format!("{DEFAULT_APPLICATION_NAME} {owner}"));
+        }
         let mgr = Manager::from_config(
             target.config.clone(),
             target.tls.clone(),
@@ -312,13 +172,6 @@ impl PgBackend {
             .await
             .map_err(|e| fail(format!("schema setup failed: {e}")))?;
         drop(client);
-        let mut id = [0u8; 6];
-        rand::fill(&mut id);
-        let owner = format!(
-            "{}-{}",
-            std::process::id(),
-            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
         let listener = tokio::spawn(listen_forever(target, caches.clone(), owner.clone()));
         // Ready means hearing other replicas' writes: give the listener its
         // first connection before start-up goes on (it keeps retrying
@@ -726,7 +579,7 @@ impl PgBackend {
         .await?;
         if !self.caches.live.load(Ordering::Acquire) {
             return Err(StoreError::Unavailable(
-                "the change listener is reconnecting".into(),
+                "the change listener is reconnecting, or its heartbeat is late".into(),
             ));
         }
         Ok(())
@@ -782,7 +635,11 @@ impl PgBackend {
 
     /// Takes the claim unless another process holds an unexpired one or a
     /// back-off is running. Lease expiry is on the database's clock, so
-    /// replicas' clocks do not matter.
+    /// replicas' clocks do not matter. Whether the holder's connections
+    /// are still there is not asked: a connection cut by a pooler, a
+    /// failover or `pg_terminate_backend` looks just like a dead process,
+    /// and taking over from a live holder would send its refresh token a
+    /// second time.
     pub async fn claim(
         &self,
         key: &str,
@@ -797,9 +654,7 @@ impl PgBackend {
                      VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
                      ON CONFLICT (k) DO UPDATE SET owner = EXCLUDED.owner, fence = c.fence + 1, \
                        lease_until = EXCLUDED.lease_until \
-                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp() \
-                            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a \
-                                           WHERE a.application_name = 'sidekey listener ' || c.owner)) \
+                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp()) \
                        AND (c.backoff_until_ms IS NULL OR c.backoff_until_ms <= $4) \
                      RETURNING fence",
                 )
@@ -833,8 +688,10 @@ impl PgBackend {
         .await
     }
 
-    /// Ends a claim (only if still ours, by fence). `failed`: `Some(true)`
-    /// starts or extends the shared back-off, `Some(false)` clears it.
+    /// Ends a claim (only if still ours, by fence, and not yet ended: a
+    /// release repeated after a lost answer does not count a failure
+    /// twice). `failed`: `Some(true)` starts or extends the shared
+    /// back-off, `Some(false)` clears it.
     pub async fn release(
         &self,
         claim: &Claim,
@@ -844,34 +701,172 @@ impl PgBackend {
         self.timed(async {
             let c = conn!(self);
             let sql = match failed {
+                // The delay after the n-th failure in a row is the n-th of
+                // `backoff_steps` (the last one repeats): the schedule is
+                // `backoff_delay`'s, written once.
                 Some(true) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
                        failures = failures + 1, \
-                       backoff_until_ms = $3::bigint + least(60000, 1000 * (1 << least(failures, 6))) \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                       backoff_until_ms = $3::bigint \
+                         + ($4::bigint[])[least(failures + 1, cardinality($4::bigint[]))] \
+                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 Some(false) => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
                        failures = 0, backoff_until_ms = NULL \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
                 None => {
                     "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL \
-                     WHERE k = $1 AND fence = $2 RETURNING k) \
+                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
                      SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
                 }
             };
             let st = c.prepare_cached(sql).await.map_err(pg)?;
             // Only a failure's back-off needs sidekey's clock.
             if failed == Some(true) {
-                c.query(&st, &[&claim.key, &claim.fence, &now_ms]).await
+                let steps = backoff_steps();
+                c.query(&st, &[&claim.key, &claim.fence, &now_ms, &steps])
+                    .await
             } else {
                 c.query(&st, &[&claim.key, &claim.fence]).await
             }
             .map_err(pg)?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Extends a claim's lease to `lease` from now (database clock), if it
+    /// is still ours. `false`: another process holds it now.
+    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "UPDATE sidekey_claims \
+                     SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
+                     WHERE k = $1 AND fence = $2 RETURNING 1",
+                )
+                .await
+                .map_err(pg)?;
+            let lease_ms = lease.as_millis() as f64;
+            let row = c
+                .query_opt(&st, &[&claim.key, &claim.fence, &lease_ms])
+                .await
+                .map_err(pg)?;
+            Ok(row.is_some())
+        })
+        .await
+    }
+
+    /// Renews the claim only if it is still ours and record `(t, k)` still
+    /// holds exactly `expected` (`None`: is absent), in one statement. A
+    /// takeover that raced this one waits on the claim row's lock and then
+    /// finds the lease running, or this one finds the fence moved.
+    pub async fn confirm(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        t: Tree,
+        k: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "UPDATE sidekey_claims \
+                     SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
+                     WHERE k = $1 AND fence = $2 \
+                       AND CASE WHEN $6::bytea IS NULL \
+                         THEN NOT EXISTS (SELECT 1 FROM sidekey_kv WHERE ns = $4 AND k = $5) \
+                         ELSE EXISTS (SELECT 1 FROM sidekey_kv WHERE ns = $4 AND k = $5 AND v = $6) \
+                       END \
+                     RETURNING 1",
+                )
+                .await
+                .map_err(pg)?;
+            let lease_ms = lease.as_millis() as f64;
+            let row = c
+                .query_opt(
+                    &st,
+                    &[&claim.key, &claim.fence, &lease_ms, &t.ns(), &k, &expected],
+                )
+                .await
+                .map_err(pg)?;
+            Ok(row.is_some())
+        })
+        .await
+    }
+
+    /// Compare-and-swap on the sealed bytes of `(t, k)` (`old` `None`:
+    /// insert if absent) that lands only while `claim`'s fence is current,
+    /// in one statement (it is what stands between a provider's answer and
+    /// its commit). The claim row is locked (`FOR SHARE`) until that
+    /// statement commits: a replica taking the claim over waits for this
+    /// write and then reads it, or has already moved the fence and this
+    /// write does not happen.
+    pub async fn cas_fenced(
+        &self,
+        claim: &Claim,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<Fenced, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let rows = match old {
+                Some(old) => {
+                    let st = c
+                        .prepare_cached(
+                            "WITH f AS (SELECT fence FROM sidekey_claims WHERE k = $5 FOR SHARE) \
+                             UPDATE sidekey_kv SET v = $4 \
+                             WHERE ns = $1 AND k = $2 AND v = $3 AND $6 = (SELECT fence FROM f) \
+                             RETURNING 1",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &k, &old, &new, &claim.key, &claim.fence])
+                        .await
+                        .map_err(pg)?
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(
+                            "WITH f AS (SELECT fence FROM sidekey_claims WHERE k = $4 FOR SHARE) \
+                             INSERT INTO sidekey_kv (ns, k, v) \
+                             SELECT $1, $2, $3 WHERE $5 = (SELECT fence FROM f) \
+                             ON CONFLICT (ns, k) DO NOTHING RETURNING 1",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &k, &new, &claim.key, &claim.fence])
+                        .await
+                        .map_err(pg)?
+                }
+            };
+            if !rows.is_empty() {
+                return Ok(Fenced::Written);
+            }
+            // Nothing written: say why (only on this rare path).
+            let st = c
+                .prepare_cached("SELECT fence FROM sidekey_claims WHERE k = $1")
+                .await
+                .map_err(pg)?;
+            let fence: Option<i64> = c
+                .query_opt(&st, &[&claim.key])
+                .await
+                .map_err(pg)?
+                .map(|r| r.get(0));
+            Ok(if fence == Some(claim.fence) {
+                Fenced::Moved
+            } else {
+                Fenced::Lost
+            })
         })
         .await
     }
@@ -892,9 +887,18 @@ impl PgBackend {
     }
 }
 
-/// The application name of a process's LISTEN connection.
-fn listener_name(owner: &str) -> String {
-    format!("sidekey listener {owner}")
+/// [`super::backoff_delay`] after 1, 2, … failures, up to the first that
+/// reaches its cap (that one repeats after it).
+fn backoff_steps() -> Vec<i64> {
+    let mut steps = Vec::new();
+    for n in 1u32.. {
+        let d = super::backoff_delay(n);
+        steps.push(d.as_millis() as i64);
+        if d == super::backoff_delay(n + 1) {
+            break;
+        }
+    }
+    steps
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
@@ -972,134 +976,9 @@ async fn migrate(c: &mut deadpool_postgres::Object) -> Result<(), String> {
     tx.commit().await.map_err(|e| connect_error(&e))
 }
 
-/// Holds one LISTEN connection for the life of the process. While it is
-/// down the caches are bypassed (`live` false); after every (re)connect
-/// they are cleared, since notifications may have been missed.
-async fn listen_forever(target: Target, caches: Arc<Caches>, owner: String) {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match listen_once(&target, &caches, &owner).await {
-            Ok(()) => delay = Duration::from_millis(50),
-            Err(e) => {
-                tracing::warn!(error = %e, "PostgreSQL change listener down; caches bypassed until it reconnects");
-            }
-        }
-        caches.set_live(false);
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
-    }
-}
-
-async fn listen_once(target: &Target, caches: &Arc<Caches>, owner: &str) -> Result<(), String> {
-    use futures_util::StreamExt;
-    // Named after this process's claim owner: while this connection lives,
-    // the process does, and its refresh claims hold; when the process dies
-    // PostgreSQL drops the connection and other replicas may take over at
-    // once instead of waiting out the lease. Operators (and tests) find it
-    // in pg_stat_activity.
-    let mut config = target.config.clone();
-    config.application_name(listener_name(owner));
-    let (client, mut conn) = config
-        .connect(target.tls.clone())
-        .await
-        .map_err(|e| connect_error(&e))?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let driver = tokio::spawn(async move {
-        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = stream.next().await {
-            match m {
-                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_owned()).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => return Err(connect_error(&e)),
-            }
-        }
-        Ok(())
-    });
-    client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
-        .await
-        .map_err(|e| connect_error(&e))?;
-    // Anything cached before this point may have missed a notification.
-    caches.clear_all();
-    caches.set_live(true);
-    tracing::debug!("PostgreSQL change listener connected");
-    // A connection that hangs (partition, failover) would otherwise look
-    // live until TCP gives up, while notifications are lost: ping it.
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    heartbeat.tick().await;
-    loop {
-        tokio::select! {
-            m = rx.recv() => match m {
-                Some(payload) => caches.on_change(&payload),
-                None => break,
-            },
-            _ = heartbeat.tick() => {
-                let ping = tokio::time::timeout(HEARTBEAT, client.simple_query("SELECT 1")).await;
-                if !matches!(ping, Ok(Ok(_))) {
-                    caches.set_live(false);
-                    driver.abort();
-                    return Err("listener connection did not answer a heartbeat".into());
-                }
-            }
-        }
-    }
-    caches.set_live(false);
-    drop(client);
-    match driver.await {
-        Ok(Ok(())) => Err("listener connection closed".into()),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tls_params_are_split_from_urls() {
-        let (u, m, r) = split_tls_params(
-            "postgresql://u@db/sk?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x",
-        );
-        assert_eq!(u, "postgresql://u@db/sk?application_name=x");
-        assert_eq!(m.as_deref(), Some("verify-full"));
-        assert_eq!(r.as_deref(), Some("/ca.pem"));
-        let (u, m, _) = split_tls_params("postgresql://postgres@/sk?host=/run/postgresql");
-        assert_eq!(u, "postgresql://postgres@/sk?host=%2Frun%2Fpostgresql");
-        assert!(m.is_none());
-        let (u, m, _) = split_tls_params("host=/tmp dbname=sk sslmode=disable");
-        assert_eq!(u, "host=/tmp dbname=sk");
-        assert_eq!(m.as_deref(), Some("disable"));
-    }
-
-    #[test]
-    fn unix_socket_urls_parse() {
-        let opts = PgOptions {
-            setting: "store.postgres_url".into(),
-            url: Secret::new("postgresql://postgres@/sk?host=/run/postgresql&sslmode=disable"),
-            pool_size: 4,
-            op_timeout: Duration::from_secs(1),
-        };
-        let t = parse_target(&opts).unwrap();
-        assert!(matches!(
-            t.config.get_hosts()[0],
-            tokio_postgres::config::Host::Unix(_)
-        ));
-        assert_eq!(t.config.get_dbname(), Some("sk"));
-        let bad = PgOptions {
-            url: Secret::new("postgresql://x/y?sslmode=sometimes"),
-            ..opts
-        };
-        let err = parse_target(&bad).err().unwrap().to_string();
-        assert!(
-            err.starts_with("store.postgres_url: sslmode=sometimes"),
-            "{err}"
-        );
-    }
 
     #[test]
     fn prefix_end_is_the_next_key() {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Claim, ClaimOutcome, Op, OpenError, StoreError, Tree};
+use super::{Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
 
 /// Re-seals the kept part of an audit batch: `(key, sealed, excess)` →
 /// the new `(key, sealed)`, or `None` when nothing is kept.
@@ -358,6 +358,60 @@ impl SledBackend {
             None => {}
         }
         Ok(())
+    }
+
+    /// Extends a claim's lease, if it is still ours.
+    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(match m.get_mut(&claim.key) {
+            Some(s) if s.fence == claim.fence => {
+                s.lease_until = Some(Instant::now() + lease);
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Renews the claim if it is still ours and `(t, k)` still holds
+    /// `expected` (`None`: is absent).
+    pub async fn confirm(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        t: Tree,
+        k: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = m.get_mut(&claim.key).filter(|s| s.fence == claim.fence) else {
+            return Ok(false);
+        };
+        if self.t(t).get(k)?.as_deref() != expected {
+            return Ok(false);
+        }
+        s.lease_until = Some(Instant::now() + lease);
+        Ok(true)
+    }
+
+    /// Compare-and-swap that lands only while `claim`'s fence is current
+    /// (checked and written under the claims lock, which every takeover
+    /// takes too).
+    pub async fn cas_fenced(
+        &self,
+        claim: &Claim,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<Fenced, StoreError> {
+        let m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        if m.get(&claim.key).is_none_or(|s| s.fence != claim.fence) {
+            return Ok(Fenced::Lost);
+        }
+        Ok(match self.t(t).compare_and_swap(k, old, Some(new))? {
+            Ok(()) => Fenced::Written,
+            Err(_) => Fenced::Moved,
+        })
     }
 
     /// Forgets a claim key's back-off (the credential was replaced).

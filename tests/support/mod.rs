@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod connect;
+pub mod cluster;
 pub mod pg;
 pub mod pg_server;
 pub mod ports;

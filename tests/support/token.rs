@@ -1,6 +1,10 @@
 //! A fake OAuth token endpoint: counts calls, issues and rotates tokens
 //! (refresh tokens are single-use when rotating, as at real providers),
-//! verifies PKCE, and can be told to fail.
+//! verifies PKCE, and can be told to fail. With theft detection on it
+//! behaves like providers that treat a reused refresh token as stolen
+//! (RFC 9700 §4.14.2): the whole chain of tokens issued from it is revoked
+//! and the user is logged out. Hooks let a test act at the moment a call
+//! arrives and the moment its answer leaves.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -52,6 +56,34 @@ pub struct State {
     pub slack: bool,
     pub client_id: String,
     pub client_secret: String,
+    /// Presentations of each refresh token, counted as calls arrive.
+    pub presented: HashMap<String, usize>,
+    /// Revoke a refresh token's whole chain when it is presented twice.
+    pub theft_detection: bool,
+    /// Chains revoked for reuse (by the chain's first refresh token).
+    pub revoked_chains: HashSet<String>,
+    /// Refresh token → the first refresh token of its chain.
+    chain_of: HashMap<String, String>,
+    /// Access token → its chain.
+    access_chain: HashMap<String, String>,
+    hook: Option<tokio::sync::mpsc::UnboundedSender<Hook>>,
+}
+
+/// Where a refresh call is when the hook runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Point {
+    /// Received and counted, before any `Mode::Slow` delay.
+    Arrived,
+    /// The answer is about to be written.
+    Answering,
+}
+
+/// A refresh call paused at `point`: it goes on once `go` is sent (or
+/// dropped).
+pub struct Hook {
+    pub point: Point,
+    pub refresh_token: String,
+    pub go: tokio::sync::oneshot::Sender<()>,
 }
 
 #[derive(Clone)]
@@ -81,6 +113,12 @@ impl TokenServer {
             slack: false,
             client_id: "test-client".into(),
             client_secret: "test-client-secret".into(),
+            presented: HashMap::new(),
+            theft_detection: false,
+            revoked_chains: HashSet::new(),
+            chain_of: HashMap::new(),
+            access_chain: HashMap::new(),
+            hook: None,
         }));
         let st = state.clone();
         tokio::spawn(async move {
@@ -133,6 +171,48 @@ impl TokenServer {
     /// Registers a refresh token the fake will accept (once, if rotating).
     pub fn issue_refresh(&self, rt: &str) {
         self.state.lock().unwrap().valid_refresh.insert(rt.into());
+    }
+
+    /// Treat a refresh token presented twice as stolen: revoke its chain.
+    pub fn set_theft_detection(&self, on: bool) {
+        self.state.lock().unwrap().theft_detection = on;
+    }
+
+    /// How many times `rt` was presented.
+    pub fn presented(&self, rt: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .presented
+            .get(rt)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Refresh tokens presented more than once, with their counts.
+    pub fn reused(&self) -> Vec<(String, usize)> {
+        let st = self.state.lock().unwrap();
+        let mut v: Vec<_> = st
+            .presented
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(k, n)| (k.clone(), *n))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Chains revoked for reuse: users the provider logged out.
+    pub fn revoked_chains(&self) -> usize {
+        self.state.lock().unwrap().revoked_chains.len()
+    }
+
+    /// Every refresh call from now on pauses at each [`Point`] until the
+    /// test lets it go.
+    pub fn hooks(&self) -> tokio::sync::mpsc::UnboundedReceiver<Hook> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.state.lock().unwrap().hook = Some(tx);
+        rx
     }
 
     /// Registers an access token the fake upstream should accept.
@@ -228,20 +308,89 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
-    let mode = {
+    let presented = form
+        .get("refresh_token")
+        .filter(|_| form.get("grant_type").map(String::as_str) == Some("refresh_token"))
+        .cloned();
+    let (mode, hook) = {
         let mut st = state.lock().unwrap();
         st.calls += 1;
         st.last_form = form.clone();
         st.last_basic = basic.clone();
         st.grants
             .push(form.get("grant_type").cloned().unwrap_or_default());
-        st.mode.clone()
+        if let Some(rt) = &presented {
+            let n = st.presented.entry(rt.clone()).or_default();
+            *n += 1;
+            if *n > 1 && st.theft_detection {
+                // Reuse: the provider cannot tell the thief from the user,
+                // so every token of the chain dies.
+                let chain = st.chain_of.get(rt).cloned().unwrap_or_else(|| rt.clone());
+                revoke_chain(&mut st, &chain);
+            }
+        }
+        (st.mode.clone(), st.hook.clone())
     };
+    let pause = |point: Point| {
+        let hook = hook.clone();
+        let rt = presented.clone();
+        async move {
+            if let (Some(h), Some(rt)) = (hook, rt) {
+                let (go, wait) = tokio::sync::oneshot::channel();
+                if h.send(Hook {
+                    point,
+                    refresh_token: rt,
+                    go,
+                })
+                .is_ok()
+                {
+                    let _ = wait.await;
+                }
+            }
+        }
+    };
+    pause(Point::Arrived).await;
     match &mode {
         Mode::Slow(d) => tokio::time::sleep(*d).await,
         Mode::ServerError => return reply(500, json!({"error": "server_error"})),
         _ => {}
     }
+    let answer = answer(&state, mode, &form, &basic);
+    pause(Point::Answering).await;
+    answer
+}
+
+/// Every token of the chain that started with refresh token `chain` stops
+/// working.
+fn revoke_chain(st: &mut State, chain: &str) {
+    st.revoked_chains.insert(chain.to_owned());
+    let dead: Vec<String> = st
+        .chain_of
+        .iter()
+        .filter(|(_, c)| c.as_str() == chain)
+        .map(|(rt, _)| rt.clone())
+        .chain([chain.to_owned()])
+        .collect();
+    for rt in dead {
+        st.valid_refresh.remove(&rt);
+    }
+    let dead: Vec<String> = st
+        .access_chain
+        .iter()
+        .filter(|(_, c)| c.as_str() == chain)
+        .map(|(at, _)| at.clone())
+        .collect();
+    for at in dead {
+        st.valid_access.remove(&at);
+    }
+}
+
+fn answer(
+    state: &Mutex<State>,
+    mode: Mode,
+    form: &HashMap<String, String>,
+    basic: &Option<(String, String)>,
+) -> Response<Full<Bytes>> {
     let mut st = state.lock().unwrap();
     if let Mode::Error(code) = &mode {
         return error(&st, code, 400);
@@ -267,9 +416,11 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
     }
     let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
     let mut issue_refresh = st.rotate;
+    let mut chain = None;
     match grant {
         "refresh_token" => {
             let rt = form.get("refresh_token").cloned().unwrap_or_default();
+            chain = Some(st.chain_of.get(&rt).cloned().unwrap_or_else(|| rt.clone()));
             if !st.valid_refresh.contains(&rt) {
                 let code = if st.slack {
                     "invalid_refresh_token"
@@ -304,10 +455,16 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
     let n = st.counter;
     let at = format!("at-{n}-{}", st.client_id);
     st.valid_access.insert(at.clone());
+    if let Some(c) = &chain {
+        st.access_chain.insert(at.clone(), c.clone());
+    }
     let mut v = json!({"access_token": at, "token_type": "Bearer", "expires_in": st.expires_in, "scope": "read write"});
     if issue_refresh {
         let rt = format!("rt-{n}-{}", st.client_id);
         st.valid_refresh.insert(rt.clone());
+        if let Some(c) = &chain {
+            st.chain_of.insert(rt.clone(), c.clone());
+        }
         v["refresh_token"] = json!(rt);
     }
     if let Some(at) = st.expires_at {
