@@ -3,8 +3,8 @@
 //! generated certificate, and fake upstreams and token endpoints.
 #![allow(dead_code)]
 
-pub mod connect;
 pub mod cluster;
+pub mod connect;
 pub mod pg;
 pub mod pg_server;
 pub mod ports;
