@@ -5,14 +5,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::app::App;
-use crate::bootstrap;
-use crate::clock::Clock;
-use crate::config::{Config, StoreBackend};
-use crate::error::Fatal;
-use crate::providers::Providers;
-use crate::server::{self, Listeners};
-use crate::store::{KeyRing, MasterKey, OpenError, Store, StoreOptions};
+use sidekey_base::clock::Clock;
+use sidekey_base::config::{Config, StoreBackend};
+use sidekey_base::errors::Fatal;
+use sidekey_creds::bootstrap;
+use sidekey_creds::providers::Providers;
+use sidekey_edge::app::App;
+use sidekey_edge::server::{self, Listeners};
+use sidekey_vault::{KeyRing, MasterKey, OpenError, Store, StoreOptions};
 
 /// The config file with its providers resolved too: the problems of both
 /// are reported together.
@@ -22,7 +22,7 @@ fn load_config(path: &Path) -> Result<Config, Fatal> {
             if let Err(mut e) = Providers::from_config(&cfg) {
                 problems.append(&mut e);
             }
-            crate::config::without_problems((cfg, problems))
+            sidekey_base::config::without_problems((cfg, problems))
         })
         .map_err(|problems| Fatal::new(problems.join("\n")))
 }
@@ -74,8 +74,8 @@ pub fn serve(path: &Path) -> Result<(), Fatal> {
         let tls = loaded.tls.clone();
         let admin_token_at = cfg.admin.token.describe();
         let store_at = match cfg.store.backend {
-            crate::config::StoreBackend::Sled => cfg.store.path.display().to_string(),
-            crate::config::StoreBackend::Postgres => "postgres".to_owned(),
+            sidekey_base::config::StoreBackend::Sled => cfg.store.path.display().to_string(),
+            sidekey_base::config::StoreBackend::Postgres => "postgres".to_owned(),
         };
         let providers: Vec<String> = cfg.providers.keys().cloned().collect();
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -151,11 +151,11 @@ fn open_store_offline(rt: &tokio::runtime::Runtime, cfg: &Config) -> Result<Stor
             other => Fatal::new(other.message()),
         });
     }
-    rt.block_on(crate::app::open_store(cfg, keys))
+    rt.block_on(sidekey_edge::app::open_store(cfg, keys))
 }
 
 fn current_keys(cfg: &Config) -> Result<KeyRing, Fatal> {
-    if cfg.store.backend == StoreBackend::Sled && !crate::store::exists(&cfg.store.path) {
+    if cfg.store.backend == StoreBackend::Sled && !sidekey_vault::exists(&cfg.store.path) {
         return Err(Fatal::new(format!(
             "store.path: there is no store at {}",
             cfg.store.path.display()
@@ -176,7 +176,7 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
             new_key_file.display()
         ))
     })?;
-    let new_text = crate::secret::Secret::new(new_text);
+    let new_text = sidekey_base::secret::Secret::new(new_text);
     let new_key = MasterKey::parse(&new_text)
         .map_err(|e| Fatal::new(format!("--new-key-file: {} {e}", new_key_file.display())))?;
     let keys = current_keys(&cfg)?;
@@ -238,14 +238,20 @@ pub fn rotate_key(path: &Path, new_key_file: &Path) -> Result<(), Fatal> {
 }
 
 /// Whether the key in `text` alone opens the configured store.
-fn opens_with(rt: &tokio::runtime::Runtime, cfg: &Config, text: &crate::secret::Secret) -> bool {
+fn opens_with(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    text: &sidekey_base::secret::Secret,
+) -> bool {
     let Ok(key) = MasterKey::parse(text) else {
         return false;
     };
     let ring = KeyRing::new(key, vec![]);
     match cfg.store.backend {
-        StoreBackend::Sled => crate::store::check_key(&cfg.store.path, &ring).unwrap_or(false),
-        StoreBackend::Postgres => rt.block_on(crate::app::open_store(cfg, ring)).is_ok(),
+        StoreBackend::Sled => sidekey_vault::check_key(&cfg.store.path, &ring).unwrap_or(false),
+        StoreBackend::Postgres => rt
+            .block_on(sidekey_edge::app::open_store(cfg, ring))
+            .is_ok(),
     }
 }
 
@@ -253,7 +259,7 @@ fn opens_with(rt: &tokio::runtime::Runtime, cfg: &Config, text: &crate::secret::
 /// store (same master key) into the configured store. Safe to re-run.
 pub fn migrate_store(path: &Path, from: &Path) -> Result<(), Fatal> {
     let cfg = load_config(path)?;
-    if !crate::store::exists(from) {
+    if !sidekey_vault::exists(from) {
         return Err(Fatal::new(format!(
             "--from: there is no sled store at {}",
             from.display()
@@ -342,7 +348,7 @@ fn backup_online(cfg: &Config, out: &Path) -> Result<(), Fatal> {
     let addr = cfg.admin.listen;
     let rt = runtime()?;
     rt.block_on(async move {
-        let client = crate::client::build(std::time::Duration::from_secs(5), vec![]);
+        let client = sidekey_creds::client::build(std::time::Duration::from_secs(5), vec![]);
         let body = serde_json::json!({"out": out.to_string_lossy()});
         let req = http::Request::builder()
             .method("POST")
@@ -354,7 +360,7 @@ fn backup_online(cfg: &Config, out: &Path) -> Result<(), Fatal> {
         let resp = client.request(req).await.map_err(|e| {
             Fatal::new(format!(
                 "the store is in use but the admin API at http://{addr} did not answer ({}); is sidekey running with this config?",
-                crate::refresh::error_chain(&e)
+                sidekey_base::errors::error_chain(&e)
             ))
         })?;
         let status = resp.status();
@@ -381,7 +387,7 @@ fn config_and_providers(path: &Path) -> Result<(Config, Providers), Fatal> {
 /// `sidekey elevenlabs tools`
 pub fn elevenlabs_tools(path: &Path) -> Result<(), Fatal> {
     let (cfg, p) = config_and_providers(path)?;
-    let tools = crate::elevenlabs::tools(&cfg, &p);
+    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p);
     println!(
         "{}",
         serde_json::to_string_pretty(&tools).unwrap_or_default()
@@ -403,7 +409,7 @@ pub fn elevenlabs_rewrite(path: &Path, input: &mut dyn Read) -> Result<(), Fatal
             e.column()
         ))
     })?;
-    let out = crate::elevenlabs::rewrite_tool(&cfg, &p, &v).map_err(Fatal::new)?;
+    let out = sidekey_edge::elevenlabs::rewrite_tool(&cfg, &p, &v).map_err(Fatal::new)?;
     println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     Ok(())
 }
@@ -426,11 +432,11 @@ pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal>
     if url::Url::parse(&base).is_err() {
         return Err(Fatal::new(format!("--api-base {base:?} is not a URL")));
     }
-    let tools = crate::elevenlabs::tools(&cfg, &p);
+    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p);
     let rt = runtime()?;
     let lines = rt.block_on(async {
-        let client = crate::client::build(std::time::Duration::from_secs(10), vec![]);
-        crate::elevenlabs::push_tools(&client, &base, key.trim(), &tools).await
+        let client = sidekey_creds::client::build(std::time::Duration::from_secs(10), vec![]);
+        sidekey_edge::elevenlabs::push_tools(&client, &base, key.trim(), &tools).await
     });
     match lines {
         Ok(lines) => {

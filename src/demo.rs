@@ -25,7 +25,7 @@ pub fn listen_from_config(path: &std::path::Path) -> Result<SocketAddr, String> 
     if !path.exists() {
         return Ok(default());
     }
-    let cfg = crate::config::Config::load(path).map_err(|p| p.join("\n"))?;
+    let cfg = sidekey_base::config::Config::load(path).map_err(|p| p.join("\n"))?;
     let Some(base) = cfg.providers.get("demo").and_then(|p| p.base_url.clone()) else {
         return Ok(default());
     };

@@ -1,7 +1,7 @@
 //! Several sidekey processes on one PostgreSQL (CONTRACT section 5): real
 //! binaries, a real throwaway cluster (tests/support/pg.rs), fake upstream
 //! and token endpoint. Each test prints the figures it measured.
-mod support;
+use sidekey_testkit as support;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! connect_url. tests/connect_confirm.rs covers `[connect] confirm`;
 //! tests/connect_browser.rs drives the flow in a real Chromium.
 
-mod support;
+use sidekey_testkit as support;
 
 use http::Method;
 use serde_json::json;

@@ -9,7 +9,7 @@
 //! `SIDEKEY_SCREENSHOTS=docs` (how the docs' images are made). Without
 //! Chromium the test fails under `CI=true` and skips loudly otherwise.
 
-mod support;
+use sidekey_testkit as support;
 
 use std::convert::Infallible;
 use std::path::PathBuf;

@@ -6,7 +6,7 @@
 //! and store nothing; a pending credential is invisible and never replaces
 //! the active one.
 
-mod support;
+use sidekey_testkit as support;
 
 use http::Method;
 use serde_json::{Value, json};

@@ -10,7 +10,7 @@
 //!   flush (the provider rotated X→Y, sidekey still holds X). Those windows
 //!   are detected, counted and reported; they may only ever be one rotation
 //!   behind, and they must be rare compared with the refreshes done.
-mod support;
+use sidekey_testkit as support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! exports (read from a running server's /metrics), and `promtool check
 //! rules` accepts the rules (promtool: Debian's `prometheus` package; CI
 //! installs it, and the test fails under CI=true without it).
-mod support;
+use sidekey_testkit as support;
 
 use std::collections::BTreeSet;
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! variables, conversation binding, the conversation-init and post-call
 //! webhooks, generated tool definitions, `rewrite-tool` and `push-tools`
 //! (against a fake ElevenLabs API written here).
-mod support;
+use sidekey_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;

@@ -10,7 +10,7 @@
 //! and never a silently truncated "complete" answer. After every fault the
 //! process still answers `/healthz` on both listeners and the next request
 //! to the same provider succeeds, so the connection pool recovered.
-mod support;
+use sidekey_testkit as support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,7 @@
 //! on ephemeral ports, fake upstreams, and only what a user can see —
 //! statuses, `X-Sidekey-Error` + JSON error codes, what the upstream
 //! received, files on disk, exit codes and log lines.
-mod support;
+use sidekey_testkit as support;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read};

@@ -1,7 +1,7 @@
 //! Hardening from the outside review (issue 12) and session errors that say
 //! why (issue 13 item 7, contract section 7). Each test names the item it
 //! proves; each fails without its fix.
-mod support;
+use sidekey_testkit as support;
 
 use std::io::Read;
 use std::path::Path;

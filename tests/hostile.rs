@@ -17,7 +17,7 @@
 //!
 //! The last tests cover slow clients, the connection cap and HTTP/2 abuse
 //! (rapid resets, CONTINUATION floods, oversized header lists).
-mod support;
+use sidekey_testkit as support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;

@@ -12,7 +12,7 @@
 //! answer with the token it saw in the request it answers, so each user
 //! checks that an answer is their own.
 
-mod support;
+use sidekey_testkit as support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

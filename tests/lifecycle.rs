@@ -7,7 +7,7 @@
 //! counts calls, rotates single-use refresh tokens and verifies PKCE); the
 //! fake upstream accepts only access tokens that fake issued, so a request
 //! that reached it with a stale token is visible as a 401 there.
-mod support;
+use sidekey_testkit as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -11,7 +11,7 @@
 //! `x-sidekey-pending` (defined by the contract, served by a later build)
 //! must still answer 404/405 here: once they are served, the mark has to go
 //! and a scenario be added.
-mod support;
+use sidekey_testkit as support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Operations: master-key rotation (offline and lazy), session signing key
 //! rotation, backups, rate limits, metrics, the audit log and log formats,
 //! all against the real binary.
-mod support;
+use sidekey_testkit as support;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};

@@ -4,7 +4,7 @@
 //! session is revoked elsewhere. Real binaries on a throwaway PostgreSQL
 //! (tests/support/pg.rs), a fake token endpoint that logs users out when a
 //! refresh token is reused (tests/support/token.rs).
-mod support;
+use sidekey_testkit as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! then every token, refresh token, client secret, session token, OAuth
 //! code, password and key is looked for in the log, in every response
 //! (header and body), in the audit log and in the raw store files.
-mod support;
+use sidekey_testkit as support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,5 +1,5 @@
 //! Smoke: the shipped harness starts the real binary and proxies one call.
-mod support;
+use sidekey_testkit as support;
 
 use http::Method;
 use serde_json::json;

@@ -3,7 +3,7 @@
 //! 413 answers clients can read, ALPN fallback, wrong-listener mistakes and
 //! a prompt shutdown (issues 12 and 13).
 
-mod support;
+use sidekey_testkit as support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

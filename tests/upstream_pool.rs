@@ -4,7 +4,7 @@
 //! HTTP/1.1 by ALPN with the configured private CA, and HTTP/1 requests
 //! carry the upstream's `Host`.
 
-mod support;
+use sidekey_testkit as support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

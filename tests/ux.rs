@@ -1,7 +1,7 @@
 //! What a new user and the main app's developer read: error messages that
 //! say why and where to fix it, the admin user list, and the ElevenLabs
 //! commands refusing answers that are not ElevenLabs'.
-mod support;
+use sidekey_testkit as support;
 
 use std::path::Path;
 

@@ -46,9 +46,7 @@ fn blocks(markdown: &str, heading: &str) -> Vec<(String, String)> {
     out
 }
 
-#[path = "support/ports.rs"]
-mod ports;
-use ports::listen_port;
+use sidekey_testkit::ports::listen_port;
 
 /// Every `"key": value` pair with a literal value (string, number, bool,
 /// null) in an expected-output comment; `…` stands for "anything" and

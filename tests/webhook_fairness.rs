@@ -3,7 +3,7 @@
 //! bodies, a minimum transfer rate), and both ElevenLabs webhooks decide on
 //! their headers before reading a byte of the body. Black-box, against the
 //! real binary; the slow senders are real slow senders, so real time.
-mod support;
+use sidekey_testkit as support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,0 +1,1038 @@
+//! Keeping access tokens usable: refresh before expiry, after a 401, or on
+//! demand, with exactly one token-endpoint call per credential at a time.
+//!
+//! Rules that keep users logged in:
+//! - single flight: callers needing the same credential refreshed queue on
+//!   one lock; whoever gets it second sees the new generation and uses it;
+//! - a rotated refresh token is written and flushed before anyone uses the
+//!   new access token;
+//! - a refused refresh token (`invalid_grant` or the preset's equivalent)
+//!   marks the credential `reauth_required`, and nothing calls the token
+//!   endpoint for it again until it is replaced;
+//! - transient failures leave the credential untouched and back off
+//!   (1 s, 2 s, 4 s … 60 s) so a broken provider is not hammered;
+//! - across replicas, a refresh token is sent by one holder of a leased,
+//!   fenced claim, which confirms just before sending that it still holds
+//!   the claim and that the credential is the one it read, renews the
+//!   lease while the call runs, and stores the result only if its fence
+//!   still holds. A replica takes over only once the lease has lapsed, and
+//!   then reads the credential again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::client::HttpClient;
+use crate::providers::ProviderLabel;
+use crate::providers::{ClientAuth, Grant, Provider};
+use sidekey_base::clock::Clock;
+use sidekey_base::errors::error_chain;
+use sidekey_base::metrics::Metrics;
+use sidekey_base::secret::{Secret, scrub};
+use sidekey_vault::{Claim, ClaimOutcome, Confirmed, Credential, Fenced, Owner, Store, StoreError};
+
+/// What a token endpoint granted.
+#[derive(Debug)]
+pub struct TokenGrant {
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    /// Unix seconds (see `token_response::parse`).
+    pub expires_at: Option<i64>,
+    pub scopes: Option<Vec<String>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The grant (refresh token, code) is dead: the user must reconnect.
+    #[error("token endpoint refused the grant: {0}")]
+    Refused(String),
+    /// The provider rejected our client id/secret: an operator problem.
+    #[error(
+        "token endpoint rejected the client credentials ({0}); check client_id and client_secret"
+    )]
+    BadClient(String),
+    /// Timeout, connection failure, 5xx, or an unreadable answer.
+    #[error("token endpoint failed: {0}")]
+    Transient(String),
+    /// The endpoint granted a token sidekey must not use (not a bearer token).
+    #[error("token endpoint granted an unusable token: {0}")]
+    Unusable(String),
+}
+
+/// Calls a provider's token endpoint with `params` (plus client auth).
+/// `now` (unix seconds) turns a relative `expires_in` into `expires_at`.
+pub async fn call_token_endpoint(
+    client: &HttpClient,
+    provider: &Provider,
+    params: &[(&str, &str)],
+    timeout: Duration,
+    now: i64,
+) -> Result<TokenGrant, TokenError> {
+    let url = provider
+        .token_url
+        .as_ref()
+        .ok_or_else(|| TokenError::Transient("provider has no token_url".into()))?;
+    let req = token_request(provider, url, params)?;
+    let secret = provider.client_secret.as_ref();
+    let secrets: Vec<&Secret> = secret.into_iter().collect();
+    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => return Err(TokenError::Transient("timed out".into())),
+        Ok(Err(e)) => {
+            return Err(TokenError::Transient(scrub(&error_chain(&e), &secrets)));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    let is_form = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let collected =
+        tokio::time::timeout(timeout, Limited::new(resp.into_body(), 1 << 20).collect()).await;
+    let bytes = match collected {
+        Err(_) => return Err(TokenError::Transient("timed out reading the answer".into())),
+        Ok(Err(_)) => {
+            return Err(TokenError::Transient(
+                "answer unreadable or over 1 MiB".into(),
+            ));
+        }
+        Ok(Ok(c)) => Zeroizing::new(c.to_bytes().to_vec()),
+    };
+    let json: Value = if is_form {
+        let map: serde_json::Map<String, Value> = url::form_urlencoded::parse(&bytes)
+            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+            .collect();
+        Value::Object(map)
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    let error = json
+        .get("error")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .or_else(|| {
+            // Slack: 200 {"ok": false, "error": "..."}
+            (json.get("ok") == Some(&Value::Bool(false))).then(|| "unknown_error".to_owned())
+        });
+    if status.is_server_error() {
+        return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
+    }
+    if let Some(err) = error {
+        let err = sanitize_code(&err);
+        if provider.conventions.reauth_errors.contains(&err) {
+            return Err(TokenError::Refused(err));
+        }
+        if matches!(
+            err.as_str(),
+            "invalid_client" | "unauthorized_client" | "bad_client_secret" | "invalid_client_id"
+        ) {
+            return Err(TokenError::BadClient(err));
+        }
+        return Err(TokenError::Transient(format!(
+            "HTTP {} error {err}",
+            status.as_u16()
+        )));
+    }
+    if !status.is_success() {
+        return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
+    }
+    parse_grant(&json, provider, now)
+}
+
+/// The token request: form body plus client authentication. Built in a
+/// plain function so nothing here is held across an await.
+fn token_request(
+    provider: &Provider,
+    url: &url::Url,
+    params: &[(&str, &str)],
+) -> Result<Request<Full<Bytes>>, TokenError> {
+    let client_id = provider.client_id.as_deref().unwrap_or("");
+    let secret = provider.client_secret.as_ref();
+    let mut form = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        form.append_pair(k, v);
+    }
+    for (k, v) in &provider.token_params {
+        form.append_pair(k, v);
+    }
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url.as_str())
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("sidekey/", env!("CARGO_PKG_VERSION")),
+        );
+    match provider.client_auth {
+        ClientAuth::Body => {
+            if !client_id.is_empty() {
+                form.append_pair("client_id", client_id);
+            }
+            if let Some(s) = secret {
+                form.append_pair("client_secret", s.expose());
+            }
+        }
+        ClientAuth::Basic => {
+            use base64::Engine;
+            // RFC 6749 §2.3.1: form-encode each part before joining, but
+            // with a space as %20, not `+`: servers that decode with plain
+            // percent-decoding (Authlib's `unquote`) read `+` as a plus,
+            // while every form decoder also reads %20 as a space.
+            let enc =
+                |s: &str| percent_encoding::utf8_percent_encode(s, BASIC_CREDENTIAL).to_string();
+            let raw = Zeroizing::new(format!(
+                "{}:{}",
+                enc(client_id),
+                enc(secret.map(|s| s.expose()).unwrap_or(""))
+            ));
+            let b64 =
+                Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(raw.as_bytes()));
+            let mut v =
+                http::HeaderValue::try_from(format!("Basic {}", b64.as_str())).map_err(|_| {
+                    TokenError::BadClient("client id or secret not valid in a header".into())
+                })?;
+            v.set_sensitive(true);
+            req = req.header(header::AUTHORIZATION, v);
+        }
+    }
+    let body = Zeroizing::new(form.finish());
+    req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .map_err(|_| TokenError::Transient("cannot build token request".into()))
+}
+
+/// What `application/x-www-form-urlencoded` leaves as is (`*-._` and
+/// alphanumerics); everything else, space included, becomes `%XX`.
+const BASIC_CREDENTIAL: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'*')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_');
+
+/// Error codes are quoted in logs; keep them to a harmless alphabet.
+fn sanitize_code(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || *c == '.')
+        .take(64)
+        .collect()
+}
+
+fn parse_grant(json: &Value, provider: &Provider, now: i64) -> Result<TokenGrant, TokenError> {
+    // Slack puts a user token under `authed_user`; use it when the app asked
+    // only for user scopes, or when there is no top-level token.
+    let nested = json
+        .get("authed_user")
+        .filter(|v| v.get("access_token").is_some());
+    let src = match nested {
+        Some(n)
+            if provider.conventions.nested_user_token
+                && (json.get("access_token").is_none()
+                    || (provider.scopes.is_empty() && !provider.user_scopes.is_empty())) =>
+        {
+            n
+        }
+        _ => json,
+    };
+    let obj = src
+        .as_object()
+        .ok_or_else(|| TokenError::Transient("answer is not a JSON object".into()))?;
+    let r = crate::token_response::parse(obj, now).map_err(|e| match e {
+        // The provider issued a token sidekey cannot use: retrying will not
+        // help, and the operator must hear why.
+        e @ crate::token_response::TokenResponseError::UnsupportedTokenType(_) => {
+            TokenError::Unusable(e.to_string())
+        }
+        e => TokenError::Transient(format!("unreadable answer: {e}")),
+    })?;
+    let access = r
+        .access_token
+        .ok_or_else(|| TokenError::Transient("answer has no access_token".into()))?;
+    Ok(TokenGrant {
+        access_token: access,
+        refresh_token: r.refresh_token,
+        expires_at: r.expires_at,
+        scopes: r.scopes,
+    })
+}
+
+/// Why a usable token could not be had. The edge answers each with its own
+/// code (`reauth_required`, `credential_missing`, `refresh_failed`,
+/// `store_unavailable`/`internal_error`).
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// The provider refused the refresh token, or none is stored: the user
+    /// must connect again.
+    #[error("reauthorisation required for {}", .0.name)]
+    ReauthRequired(ProviderLabel),
+    #[error("no credential for {}", .0.name)]
+    CredentialMissing(ProviderLabel),
+    /// The token endpoint failed in a way a later attempt may not.
+    #[error("token refresh failed for {}", .0.name)]
+    Failed(ProviderLabel),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Outcome of a forced refresh, for the refresh tool.
+#[derive(Debug)]
+pub enum Forced {
+    /// A new token was fetched (by this call or one it waited for).
+    Refreshed(Arc<Credential>),
+    /// The credential cannot be refreshed but is still usable.
+    Active(Arc<Credential>),
+}
+
+/// How much longer than one token call a refresh claim lasts: the bound
+/// after which another replica takes over from one that died mid-refresh.
+/// A holder renews its lease to this length before it sends the refresh
+/// token and every [`RENEW_EVERY`] while the call runs, so a holder that
+/// is alive but cut off from the database still has its call end (under
+/// its own deadline) before anyone else may send the same token.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// How often a holder renews its lease while its token call runs.
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Between two attempts at a claim step whose database connection failed.
+const STEP_RETRY: Duration = Duration::from_millis(25);
+/// How long a claim step (confirming, releasing) is tried again.
+const STEP_PATIENCE: Duration = Duration::from_secs(1);
+/// How often a replica waiting on another's refresh looks again, when no
+/// change notification wakes it first.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Serialises refreshes per credential: in this process with a lock per
+/// credential (one task per replica goes further), across processes with
+/// a claim in the store (one replica calls the token endpoint). Transient
+/// failures start a back-off that the store shares between replicas.
+pub struct RefreshCoordinator {
+    store: Arc<Store>,
+    client: HttpClient,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    /// One deadline for a whole token call (answer headers and body).
+    timeout: Duration,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last token this process fetched for each credential: for the
+    /// refresh tool's cooldown and the skew cap.
+    fetched: Mutex<HashMap<String, Fetched>>,
+    /// Providers whose skew was capped at half a token's lifetime and
+    /// that were warned about it (once each).
+    skew_warned: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A token fetched from the token endpoint.
+#[derive(Clone, Copy, Debug)]
+struct Fetched {
+    /// Unix seconds.
+    at: i64,
+    /// The credential generation it was stored as; a later write (admin
+    /// PUT, reconnect) makes this entry stale.
+    generation: u64,
+    /// Seconds it was issued for, if it expires.
+    lifetime: Option<i64>,
+}
+
+/// The skew actually used: the provider's `refresh_skew_secs`, but at most
+/// half the lifetime the token was issued with (`issued_lifetime`, known
+/// for tokens sidekey fetched itself; a token stored through the admin API
+/// has only a remaining lifetime). A token living 5 s with a 60 s skew
+/// would otherwise be "due" the moment it arrives, and every call would
+/// refresh it again. Returns the skew and whether the cap applied.
+pub fn effective_skew(p: &Provider, issued_lifetime: Option<i64>) -> (i64, bool) {
+    match issued_lifetime {
+        Some(l) if p.refresh_skew_secs > l / 2 => (l / 2, true),
+        _ => (p.refresh_skew_secs, false),
+    }
+}
+
+impl RefreshCoordinator {
+    pub fn new(
+        store: Arc<Store>,
+        client: HttpClient,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        timeout: Duration,
+    ) -> Self {
+        RefreshCoordinator {
+            store,
+            client,
+            clock,
+            metrics,
+            timeout,
+            locks: Mutex::new(HashMap::new()),
+            fetched: Mutex::new(HashMap::new()),
+            skew_warned: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// How long a claim lasts: longer than the token call it covers.
+    pub fn lease(&self) -> Duration {
+        self.timeout + LEASE_MARGIN
+    }
+
+    /// What this process fetched as the current generation of `key`.
+    fn fetched(&self, key: &str, c: &Credential) -> Option<Fetched> {
+        self.fetched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+            .filter(|f| f.generation == c.generation)
+    }
+
+    fn needs_refresh(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
+        let Some(e) = c.expires_at else { return false };
+        let now = self.clock.now();
+        // The configured skew is the most any token gets (a short-lived
+        // one's is capped below it): far enough from expiry, nothing else
+        // need be looked up. This is every proxied call's path; the
+        // lookup below takes a lock both workers share.
+        if e.saturating_sub(p.refresh_skew_secs) > now {
+            return false;
+        }
+        let lifetime = self
+            .fetched(&owner.key(&p.name), c)
+            .and_then(|f| f.lifetime);
+        let (skew, capped) = effective_skew(p, lifetime);
+        if capped {
+            let first = self
+                .skew_warned
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.name.clone());
+            if first {
+                tracing::warn!(
+                    provider = %p.name,
+                    refresh_skew_secs = p.refresh_skew_secs,
+                    token_lifetime_secs = lifetime,
+                    "tokens live no longer than refresh_skew_secs; refreshing at half their lifetime instead (lower refresh_skew_secs to silence this)"
+                );
+            }
+        }
+        e.saturating_sub(skew) <= now
+    }
+
+    /// Within the provider's cooldown after a successful refresh that
+    /// produced the credential's current generation?
+    fn cooling_down(&self, p: &Provider, owner: &Owner, c: &Credential) -> bool {
+        let now = self.clock.now();
+        let within = |at: i64| now < at.saturating_add(p.refresh_cooldown_secs);
+        // `refreshed_at` is stored with the credential, so the cooldown
+        // holds across replicas; the local record covers older records.
+        p.refresh_cooldown_secs > 0
+            && (c.refreshed_at.is_some_and(within)
+                || self
+                    .fetched(&owner.key(&p.name), c)
+                    .is_some_and(|f| within(f.at)))
+    }
+
+    fn mark_fetched(&self, key: &str, now: i64, c: &Credential) {
+        let mut m = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        // One entry per credential refreshed by this process; drop old
+        // ones if that ever grows large.
+        if m.len() >= 65_536 {
+            m.retain(|_, f| now.saturating_sub(f.at) < 86_400);
+        }
+        m.insert(
+            key.to_owned(),
+            Fetched {
+                at: now,
+                generation: c.generation,
+                lifetime: c.expires_at.map(|e| e.saturating_sub(now)),
+            },
+        );
+    }
+
+    fn expired(&self, c: &Credential) -> bool {
+        c.expires_at.is_some_and(|e| e <= self.clock.now())
+    }
+
+    fn refreshable(&self, p: &Provider, c: &Credential) -> bool {
+        p.can_refresh() && (c.refresh_token.is_some() || p.grant == Grant::ClientCredentials)
+    }
+
+    /// A credential ready to inject: refreshed first when it expires within
+    /// the provider's skew. `Ok(None)` when the owner has none.
+    pub async fn usable(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+    ) -> Result<Option<Arc<Credential>>, RefreshError> {
+        let cur = self
+            .store
+            .credential(owner, &p.name)
+            .await
+            .map_err(RefreshError::from)?;
+        let Some(c) = cur else {
+            if p.grant == Grant::ClientCredentials {
+                return self.refresh(p, owner, None, false).await.map(Some);
+            }
+            return Ok(None);
+        };
+        if c.reauth_required {
+            return Err(RefreshError::ReauthRequired(p.label()));
+        }
+        if !self.needs_refresh(p, owner, &c) {
+            return Ok(Some(c));
+        }
+        if !self.refreshable(p, &c) {
+            return if self.expired(&c) {
+                Err(RefreshError::ReauthRequired(p.label()))
+            } else {
+                Ok(Some(c))
+            };
+        }
+        match self.refresh(p, owner, Some(c.generation), false).await {
+            Ok(fresh) => Ok(Some(fresh)),
+            // Refreshing early failed, but the token has not expired yet:
+            // use it rather than fail a call that would still succeed.
+            Err(RefreshError::Failed(_)) if !self.expired(&c) => Ok(Some(c)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After the upstream refused the token of generation `seen`: refresh
+    /// unless someone already replaced it. `None` if it cannot be refreshed.
+    pub async fn after_reject(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        seen: u64,
+    ) -> Result<Option<Arc<Credential>>, RefreshError> {
+        let cur = self
+            .store
+            .credential_uncached(owner, &p.name)
+            .await
+            .map_err(RefreshError::from)?;
+        match cur {
+            Some(c) if c.generation != seen && !c.reauth_required => return Ok(Some(Arc::new(c))),
+            Some(c) if !self.refreshable(p, &c) => return Ok(None),
+            None if p.grant != Grant::ClientCredentials => return Ok(None),
+            _ => {}
+        }
+        self.refresh(p, owner, Some(seen), true).await.map(Some)
+    }
+
+    /// The refresh tool: refresh now if the credential can be refreshed.
+    pub async fn force(&self, p: &Provider, owner: &Owner) -> Result<Option<Forced>, RefreshError> {
+        let cur = self
+            .store
+            .credential_uncached(owner, &p.name)
+            .await
+            .map_err(RefreshError::from)?;
+        let c = match cur {
+            None if p.grant == Grant::ClientCredentials => {
+                return self
+                    .refresh(p, owner, None, true)
+                    .await
+                    .map(|c| Some(Forced::Refreshed(c)));
+            }
+            None => return Ok(None),
+            Some(c) => c,
+        };
+        if c.reauth_required {
+            return Err(RefreshError::ReauthRequired(p.label()));
+        }
+        if !self.refreshable(p, &c) {
+            return if self.expired(&c) {
+                Err(RefreshError::ReauthRequired(p.label()))
+            } else {
+                Ok(Some(Forced::Active(Arc::new(c))))
+            };
+        }
+        // The tool is called by an LLM, which may call it in a loop: a
+        // token refreshed moments ago is as good as a new one.
+        if !self.expired(&c) && self.cooling_down(p, owner, &c) {
+            self.metrics.refresh(&p.name, "cooldown");
+            return Ok(Some(Forced::Active(Arc::new(c))));
+        }
+        self.refresh(p, owner, Some(c.generation), true)
+            .await
+            .map(|c| Some(Forced::Refreshed(c)))
+    }
+
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(key.to_owned()).or_default().clone()
+    }
+
+    fn release(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references: the map's and ours. Anyone else waiting holds a
+        // third, and the entry stays for them.
+        if Arc::strong_count(&lock) == 2 {
+            m.remove(key);
+        }
+    }
+
+    /// The single-flight core. `seen` is the generation the caller judged;
+    /// if the stored credential moved on, the caller gets the newer one.
+    ///
+    /// Boxed: a refresh (lock, cluster claim, token endpoint call) is a
+    /// future of kilobytes that `usable`, on every request's path, would
+    /// otherwise carry inline although it runs once per token lifetime.
+    fn refresh<'a>(
+        &'a self,
+        p: &'a Provider,
+        owner: &'a Owner,
+        seen: Option<u64>,
+        force: bool,
+    ) -> futures_util::future::BoxFuture<'a, Result<Arc<Credential>, RefreshError>> {
+        Box::pin(async move {
+            let key = owner.key(&p.name);
+            let lock = self.lock_for(&key);
+            let result = {
+                let _guard = lock.lock().await;
+                self.refresh_locked(p, owner, seen, force).await
+            };
+            self.release(&key, lock);
+            result
+        })
+    }
+
+    /// Under this process's lock: use a newer credential if one appeared,
+    /// otherwise claim the refresh cluster-wide, or wait for the holder.
+    async fn refresh_locked(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        mut seen: Option<u64>,
+        force: bool,
+    ) -> Result<Arc<Credential>, RefreshError> {
+        let claim_key = claim_key(owner, &p.name);
+        // A waiter gives up after a holder's whole lease plus one call.
+        let give_up = tokio::time::Instant::now() + self.lease() + self.timeout;
+        loop {
+            // Registered before the checks, so a change between the check
+            // and the wait still wakes us.
+            let changed = self.store.caches().changed.notified();
+            let cur = self
+                .store
+                .credential_uncached(owner, &p.name)
+                .await
+                .map_err(RefreshError::from)?;
+            if let Some(c) = &cur {
+                if c.reauth_required {
+                    return Err(RefreshError::ReauthRequired(p.label()));
+                }
+                let moved_on = seen.is_some_and(|g| g != c.generation);
+                // Someone refreshed while this caller queued (here or on
+                // another replica): their token is newer than the one
+                // judged, and usable if it has not expired (even when it is
+                // already within the skew, as short-lived tokens are;
+                // refreshing again would make a storm).
+                if (moved_on && !self.expired(c)) || (!force && !self.needs_refresh(p, owner, c)) {
+                    self.metrics.refresh(&p.name, "shared");
+                    return Ok(Arc::new(c.clone()));
+                }
+            } else if p.grant != Grant::ClientCredentials {
+                return Err(RefreshError::CredentialMissing(p.label()));
+            }
+            match self
+                .store
+                .claim(&claim_key, self.lease(), self.clock.now_millis())
+                .await
+                .map_err(RefreshError::from)?
+            {
+                ClaimOutcome::Granted(claim) => {
+                    // Confirm under the claim that the credential is still
+                    // the one read: another replica may have refreshed
+                    // between our read and our claim (its claim released,
+                    // or its lease lapsed, just before ours was granted).
+                    // Its token is then the one to use, and ours would be a
+                    // second call with a refresh token it already spent.
+                    let before = cur.as_ref().map(|c| c.generation);
+                    let confirmed = step(STEP_PATIENCE, || {
+                        self.store
+                            .confirm_refresh(&claim, self.lease(), owner, &p.name, before)
+                    })
+                    .await;
+                    match confirmed {
+                        Ok(Some(base)) => {
+                            return self.refresh_claimed(p, owner, base, &claim).await;
+                        }
+                        Ok(None) => {
+                            self.release_claim(&claim, None).await;
+                            // (No credential before: any one now is newer.)
+                            seen = Some(before.unwrap_or(u64::MAX));
+                            continue;
+                        }
+                        Err(e) => {
+                            self.release_claim(&claim, None).await;
+                            return Err(RefreshError::from(e));
+                        }
+                    }
+                }
+                ClaimOutcome::BackingOff(_) => {
+                    self.metrics.refresh(&p.name, "backoff");
+                    return Err(RefreshError::Failed(p.label()));
+                }
+                ClaimOutcome::Held => {
+                    // Another replica is calling the token endpoint. Its
+                    // write (or its release) notifies; poll in case the
+                    // notification is lost.
+                    if tokio::time::Instant::now() >= give_up {
+                        return Err(RefreshError::Failed(p.label()));
+                    }
+                    if seen.is_none() {
+                        seen = cur.as_ref().map(|c| c.generation);
+                    }
+                    tokio::select! {
+                        _ = changed => {}
+                        _ = tokio::time::sleep(WAIT_POLL) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holding the claim (confirmed for `base`): one token call, then a
+    /// compare-and-swap on the record this call started from and on the
+    /// claim's fence, then the claim is released.
+    async fn refresh_claimed(
+        &self,
+        p: &Provider,
+        owner: &Owner,
+        base: Confirmed,
+        claim: &Claim,
+    ) -> Result<Arc<Credential>, RefreshError> {
+        let cur = &base.credential;
+        let grant = match (cur, p.grant) {
+            (_, Grant::ClientCredentials) => {
+                let scope = p.scopes.join(&p.scope_separator);
+                let mut params = vec![("grant_type", "client_credentials")];
+                if !scope.is_empty() {
+                    params.push(("scope", scope.as_str()));
+                }
+                self.metrics.token_call(&p.name);
+                self.token_call_renewing(claim, p, &params).await
+            }
+            (Some(c), _) => {
+                let Some(rt) = &c.refresh_token else {
+                    self.release_claim(claim, None).await;
+                    return Err(RefreshError::ReauthRequired(p.label()));
+                };
+                self.metrics.token_call(&p.name);
+                self.token_call_renewing(
+                    claim,
+                    p,
+                    &[
+                        ("grant_type", "refresh_token"),
+                        ("refresh_token", rt.expose()),
+                    ],
+                )
+                .await
+            }
+            (None, _) => {
+                self.release_claim(claim, None).await;
+                return Err(RefreshError::CredentialMissing(p.label()));
+            }
+        };
+        let now = self.clock.now();
+        match grant {
+            Ok(g) => {
+                let prev = cur.clone().unwrap_or_default();
+                let rotated = g.refresh_token.is_some();
+                let mut next = Credential {
+                    access_token: Some(g.access_token),
+                    // Keep the old refresh token unless the provider rotated it.
+                    refresh_token: g.refresh_token.or(prev.refresh_token.clone()),
+                    expires_at: g.expires_at,
+                    scopes: g.scopes.unwrap_or(prev.scopes.clone()),
+                    username: prev.username.clone(),
+                    password: prev.password.clone(),
+                    reauth_required: false,
+                    reauth_reason: None,
+                    refreshed_at: Some(now),
+                    updated_at: now,
+                    generation: prev.generation,
+                };
+                // The admin API and the OAuth callback write credentials
+                // without the claim. A credential replaced (or deleted)
+                // while the token endpoint answered wins: it is not
+                // overwritten by a token from the old grant.
+                let done = self.commit(claim, p, owner, &base, &mut next).await?;
+                if done == Fenced::Lost {
+                    return Err(self.lost(p, owner));
+                }
+                // Durable before use: if the provider rotated the refresh
+                // token, the old one is already dead.
+                self.store.flush().await.map_err(RefreshError::from)?;
+                self.release_claim(claim, Some(false)).await;
+                if done == Fenced::Moved {
+                    return self.latest(p, owner).await;
+                }
+                self.mark_fetched(&owner.key(&p.name), now, &next);
+                self.metrics.refresh(&p.name, "refreshed");
+                tracing::info!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    rotated,
+                    expires_at = next.expires_at,
+                    "token refreshed"
+                );
+                Ok(Arc::new(next))
+            }
+            Err(TokenError::Refused(code)) => {
+                let mut marked = false;
+                if let Some(mut c) = cur.clone() {
+                    c.reauth_required = true;
+                    c.reauth_reason = Some(code.clone());
+                    c.updated_at = now;
+                    let done = self.commit(claim, p, owner, &base, &mut c).await?;
+                    if done == Fenced::Lost {
+                        return Err(self.lost(p, owner));
+                    }
+                    marked = done == Fenced::Written;
+                    self.store.flush().await.map_err(RefreshError::from)?;
+                }
+                self.release_claim(claim, None).await;
+                if !marked {
+                    return self.latest(p, owner).await;
+                }
+                self.metrics.refresh(&p.name, "reauth_required");
+                tracing::warn!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    error = %code,
+                    "refresh token refused; credential marked reauth_required"
+                );
+                Err(RefreshError::ReauthRequired(p.label()))
+            }
+            Err(e) => {
+                self.release_claim(claim, Some(true)).await;
+                self.metrics.refresh(&p.name, "failed");
+                tracing::warn!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    error = %e,
+                    "token refresh failed; credential left unchanged, back-off started"
+                );
+                Err(RefreshError::Failed(p.label()))
+            }
+        }
+    }
+
+    /// The token call, with the claim's lease renewed every
+    /// [`RENEW_EVERY`] while it runs (the call's own deadline bounds both).
+    /// A renewal that fails is tried again at the next tick: the lease
+    /// confirmed before the call already outlasts the call.
+    async fn token_call_renewing(
+        &self,
+        claim: &Claim,
+        p: &Provider,
+        params: &[(&str, &str)],
+    ) -> Result<TokenGrant, TokenError> {
+        let renew = async {
+            let start = tokio::time::Instant::now() + RENEW_EVERY;
+            let mut tick = tokio::time::interval_at(start, RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match self.store.renew_claim(claim, self.lease()).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            provider = %p.name,
+                            "refresh claim taken over while its token call ran; its answer will not be stored"
+                        );
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "refresh claim not renewed; trying again")
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            r = self.token_call(p, params) => r,
+            _ = renew => unreachable!("the renewal loop never ends"),
+        }
+    }
+
+    /// Stores a refresh's result under the claim; a failed connection is
+    /// tried again while the lease surely runs (renewed at most
+    /// [`RENEW_EVERY`] ago, for longer than [`LEASE_MARGIN`]). An attempt
+    /// whose answer was lost but which landed is found as `Moved`, and
+    /// [`RefreshCoordinator::latest`] then reads what it wrote.
+    async fn commit(
+        &self,
+        claim: &Claim,
+        p: &Provider,
+        owner: &Owner,
+        base: &Confirmed,
+        cred: &mut Credential,
+    ) -> Result<Fenced, RefreshError> {
+        let deadline = tokio::time::Instant::now() + LEASE_MARGIN;
+        let generation = cred.generation;
+        loop {
+            cred.generation = generation;
+            match self
+                .store
+                .commit_refresh(claim, owner, &p.name, base, cred)
+                .await
+            {
+                Err(e)
+                    if e.is_unavailable()
+                        && tokio::time::Instant::now() + STEP_RETRY < deadline =>
+                {
+                    tracing::debug!(error = %e, "refresh result not stored yet; trying again");
+                    tokio::time::sleep(STEP_RETRY).await;
+                }
+                r => return r.map_err(RefreshError::from),
+            }
+        }
+    }
+
+    /// The claim lapsed and was taken over while this holder's call ran
+    /// (it could not renew for a whole lease): the other holder's result is
+    /// the one that counts.
+    fn lost(&self, p: &Provider, owner: &Owner) -> RefreshError {
+        self.metrics.refresh(&p.name, "failed");
+        tracing::warn!(
+            provider = %p.name,
+            owner = %owner.describe(),
+            "refresh claim lapsed during the token call and was taken over; this result was not stored"
+        );
+        RefreshError::Failed(p.label())
+    }
+
+    /// One token call under one deadline (headers and body together), so
+    /// it ends before the claim's lease does.
+    async fn token_call(
+        &self,
+        p: &Provider,
+        params: &[(&str, &str)],
+    ) -> Result<TokenGrant, TokenError> {
+        match tokio::time::timeout(
+            self.timeout,
+            call_token_endpoint(&self.client, p, params, self.timeout, self.clock.now()),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TokenError::Transient("timed out".into())),
+        }
+    }
+
+    /// The credential someone else wrote while our call ran.
+    async fn latest(&self, p: &Provider, owner: &Owner) -> Result<Arc<Credential>, RefreshError> {
+        match self
+            .store
+            .credential_uncached(owner, &p.name)
+            .await
+            .map_err(RefreshError::from)?
+        {
+            Some(c) if c.reauth_required => Err(RefreshError::ReauthRequired(p.label())),
+            Some(c) => {
+                self.metrics.refresh(&p.name, "shared");
+                Ok(Arc::new(c))
+            }
+            None => Err(RefreshError::CredentialMissing(p.label())),
+        }
+    }
+
+    /// Releases a claim; a failure here only means the lease lapses.
+    async fn release_claim(&self, claim: &Claim, failed: Option<bool>) {
+        let now_ms = self.clock.now_millis();
+        if let Err(e) = step(STEP_PATIENCE, || self.store.release(claim, failed, now_ms)).await {
+            tracing::debug!(error = %e, "refresh claim not released; its lease will lapse");
+        }
+    }
+
+    /// Forgets a credential's back-off (it was replaced by the admin API).
+    pub async fn reset(&self, owner: &Owner, provider: &str) {
+        if let Err(e) = self.store.clear_backoff(&claim_key(owner, provider)).await {
+            tracing::debug!(error = %e, "refresh back-off not cleared");
+        }
+    }
+}
+
+/// Runs a claim step again while its database connection fails, for up to
+/// `patience`: a connection cut under it (a pooler or failover,
+/// `pg_terminate_backend`) is replaced by the next attempt. The steps given
+/// are safe to repeat: each is fenced, and one whose answer was lost finds
+/// its own work done.
+async fn step<T, F>(patience: Duration, mut attempt: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match attempt().await {
+            Err(e) if e.is_unavailable() && tokio::time::Instant::now() + STEP_RETRY < deadline => {
+                tracing::debug!(error = %e, "refresh claim step failed; trying again");
+                tokio::time::sleep(STEP_RETRY).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// The claim that serialises refreshes of one credential cluster-wide.
+fn claim_key(owner: &Owner, provider: &str) -> String {
+    format!("refresh:{}", owner.key(provider))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn provider(toml: &str) -> Arc<Provider> {
+        let cfg =
+            sidekey_base::config::Config::parse(toml, Path::new("/x/c.toml"), Path::new("/x"))
+                .unwrap();
+        crate::providers::Providers::from_config(&cfg)
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap()
+            .clone()
+    }
+
+    #[test]
+    fn slack_nested_user_token() {
+        let p = provider("[providers.slack]\npreset = \"slack\"\nuser_scopes = [\"chat:write\"]\n");
+        let json = serde_json::json!({
+            "ok": true,
+            "authed_user": {"id": "U1", "access_token": "xoxp-user", "refresh_token": "xoxe-1", "expires_in": 43200, "scope": "chat:write"}
+        });
+        let g = parse_grant(&json, &p, 1000).unwrap();
+        assert_eq!(g.access_token.expose(), "xoxp-user");
+        assert_eq!(g.refresh_token.unwrap().expose(), "xoxe-1");
+        assert_eq!(g.expires_at, Some(44200));
+    }
+
+    #[test]
+    fn standard_grant() {
+        let p = provider("[providers.g]\npreset = \"google\"\n");
+        let json = serde_json::json!({"access_token": "ya29", "expires_in": "3599", "scope": "a b", "token_type": "Bearer"});
+        let g = parse_grant(&json, &p, 1000).unwrap();
+        assert_eq!(g.access_token.expose(), "ya29");
+        assert!(g.refresh_token.is_none());
+        assert_eq!(g.expires_at, Some(4599));
+        assert_eq!(g.scopes.unwrap(), vec!["a", "b"]);
+        assert!(parse_grant(&serde_json::json!({"token_type": "bearer"}), &p, 0).is_err());
+        assert!(matches!(
+            parse_grant(
+                &serde_json::json!({"access_token": "t", "token_type": "DPoP"}),
+                &p,
+                0
+            ),
+            Err(TokenError::Unusable(_))
+        ));
+    }
+
+    #[test]
+    fn codes_are_sanitized() {
+        assert_eq!(sanitize_code("invalid_grant"), "invalid_grant");
+        assert_eq!(sanitize_code("a\"b<script>"), "abscript");
+    }
+}

@@ -1,0 +1,18 @@
+//! The edge: everything a caller reaches. Listeners, workers and routing
+//! (`server`), the agent path (`proxy`), the main app's API (`admin`), the
+//! OAuth flow and the hosted connect page (`oauth`, `connect`), the
+//! ElevenLabs webhooks and tool definitions (`elevenlabs`). Typed errors of
+//! the lower layers become `ApiError` and HTTP answers here and only here.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod connect;
+pub mod elevenlabs;
+pub mod error;
+pub mod oauth;
+pub mod proxy;
+pub mod request;
+pub mod server;
