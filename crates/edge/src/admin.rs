@@ -127,7 +127,7 @@ async fn dispatch(
         (&M::POST, ["v1", "users", user, "oauth", provider, "start"]) => {
             let user = id(user, "user id")?;
             let provider = id(provider, "provider name")?;
-            let v = crate::oauth::start(app, user, provider, body).await?;
+            let v = crate::connect::start::start(app, user, provider, body).await?;
             Ok(body::json(StatusCode::OK, &v))
         }
         (&M::POST, ["v1", "users", user, "connect"]) => {
@@ -161,15 +161,6 @@ async fn dispatch(
         _ => Err(ApiError::NotFound(
             "There is no such admin endpoint.".into(),
         )),
-    }
-}
-
-/// `unknown_provider` for the main app: lists the configured providers.
-pub fn unknown_provider(app: &App, name: &str) -> ApiError {
-    ApiError::UnknownProviderAdmin {
-        // Names from a session body are not validated ids: bound the echo.
-        name: name.chars().take(128).collect(),
-        configured: app.providers.names().to_vec(),
     }
 }
 
@@ -288,27 +279,7 @@ fn check_secret(s: &Option<Secret>, field: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn credential_metadata(owner: &Owner, provider: &str, c: &Credential, now: i64) -> Value {
-    let mut v = json!({
-        "provider": provider,
-        "status": c.status(now),
-        "expires_at": c.expires_at,
-        "has_refresh_token": c.refresh_token.is_some(),
-        "scopes": c.scopes,
-        "updated_at": c.updated_at,
-    });
-    if c.reauth_required {
-        // The provider's refusal code (e.g. `invalid_grant`): why the user
-        // must reconnect. Never a token.
-        v["reason"] = json!(c.reauth_reason.as_deref().unwrap_or("refresh_refused"));
-    }
-    match owner {
-        Owner::User(u) => v["user"] = json!(u),
-        Owner::Tenant(t) => v["tenant"] = json!(t),
-        Owner::App => {}
-    }
-    v
-}
+pub use crate::views::credential_metadata;
 
 async fn credential_route(
     app: &Arc<App>,
@@ -321,7 +292,7 @@ async fn credential_route(
     let p = app
         .providers
         .get(provider)
-        .ok_or_else(|| unknown_provider(app, provider))?
+        .ok_or_else(|| app.unknown_provider(provider))?
         .clone();
     let now = app.clock.now();
     match *method {
@@ -610,7 +581,7 @@ async fn create_session(app: &Arc<App>, body: &[u8]) -> Result<Response<Body>, A
     let mut uniq: Vec<String> = Vec::new();
     for p in providers {
         if app.providers.get(&p).is_none() {
-            return Err(unknown_provider(app, &p));
+            return Err(app.unknown_provider(&p));
         }
         if !uniq.contains(&p) {
             uniq.push(p);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::error::ApiError;
 use sidekey_base::clock::Clock;
 use sidekey_base::config::Config;
 use sidekey_base::errors::Fatal;
@@ -51,6 +52,15 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 }
 
 impl App {
+    /// `unknown_provider` for the main app: lists the configured providers.
+    pub fn unknown_provider(&self, name: &str) -> ApiError {
+        ApiError::UnknownProviderAdmin {
+            // Names from a session body are not validated ids: bound the echo.
+            name: name.chars().take(128).collect(),
+            configured: self.providers.names().to_vec(),
+        }
+    }
+
     /// Opens the store and wires every component. Must run inside a tokio
     /// runtime (it starts the audit writer and the session GC).
     pub async fn new(config: Config, loaded: Loaded, clock: Clock) -> Result<Arc<App>, Fatal> {
@@ -114,6 +124,9 @@ pub use sidekey_creds::bootstrap::{open_store, store_location};
 
 /// How long after expiry an OAuth state is still kept (see `spawn_gc`).
 const OAUTH_STATE_GC_GRACE_SECS: i64 = 3600;
+/// How long after expiry a connect ticket is kept: a flow started just
+/// before the link expired can still find its binding at the callback.
+const CONNECT_TICKET_GC_GRACE_SECS: i64 = 3600;
 
 /// Removes expired sessions, OAuth states and connect tickets (and, on
 /// PostgreSQL, trims the
@@ -157,7 +170,7 @@ fn spawn_gc(app: &Arc<App>) {
                         .gc_oauth_states(now - OAUTH_STATE_GC_GRACE_SECS)
                         .await?;
                     let t = store
-                        .gc_connect_tickets(now - crate::connect::GC_GRACE_SECS)
+                        .gc_connect_tickets(now - CONNECT_TICKET_GC_GRACE_SECS)
                         .await?
                         + store.gc_pending_credentials(now).await?;
                     store.trim_audit(max_audit).await?;

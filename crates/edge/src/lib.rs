@@ -16,3 +16,4 @@ pub mod oauth;
 pub mod proxy;
 pub mod request;
 pub mod server;
+pub mod views;

@@ -28,7 +28,8 @@ use crate::error::ApiError;
 use sidekey_base::secret::scrub;
 use sidekey_creds::audit::{Caller, ProxyRecord, Refused};
 use sidekey_creds::client::IdleTimeoutBody;
-use sidekey_creds::providers::{Grant, InjectError, Provider, ProxyPath, check_path};
+use sidekey_creds::owners;
+use sidekey_creds::providers::{InjectError, Provider, ProxyPath, check_path};
 use sidekey_creds::refresh::Forced;
 use sidekey_creds::session::SessionFault;
 use sidekey_creds::session::VerifiedSession;
@@ -595,45 +596,22 @@ async fn read_body(app: &Arc<App>, headers: &HeaderMap, body: Incoming) -> Resul
     .await
 }
 
-/// Which owner holds the credential a user would use, without refreshing:
-/// the app (client credentials), the user, or the user's tenant.
+/// Which owner holds the credential a user would use, without refreshing
+/// (the app's token of a client-credentials provider is fetched on demand,
+/// so the app always qualifies).
 async fn owner_with_credential(
     app: &Arc<App>,
     p: &Provider,
     user: &str,
 ) -> Result<Option<Owner>, ApiError> {
-    if p.grant == Grant::ClientCredentials {
-        return Ok(Some(Owner::App));
-    }
-    let own = Owner::User(user.to_owned());
-    if app
-        .store
-        .credential(&own, &p.name)
-        .await
-        .map_err(ApiError::from)?
-        .is_some()
-    {
-        return Ok(Some(own));
-    }
-    if let Some(tenant) = app
-        .store
-        .user(user)
-        .await
-        .map_err(ApiError::from)?
-        .and_then(|u| u.tenant)
-    {
-        let t = Owner::Tenant(tenant);
-        if app
-            .store
-            .credential(&t, &p.name)
-            .await
-            .map_err(ApiError::from)?
-            .is_some()
-        {
-            return Ok(Some(t));
+    let found = owners::first_with(&app.store, p, user, |o| async move {
+        if o == Owner::App {
+            return Ok::<_, ApiError>(Some(()));
         }
-    }
-    Ok(None)
+        Ok(app.store.credential(&o, &p.name).await?.map(|_| ()))
+    })
+    .await?;
+    Ok(found.map(|(o, ())| o))
 }
 
 /// Phase 5: a credential ready to inject, refreshed first if it is due.
@@ -642,29 +620,11 @@ async fn credential_for(
     p: &Provider,
     user: &str,
 ) -> Result<(Owner, Arc<Credential>), ApiError> {
-    if p.grant == Grant::ClientCredentials {
-        let c = app.refresher.usable(p, &Owner::App).await?;
-        return c
-            .map(|c| (Owner::App, c))
-            .ok_or_else(|| ApiError::CredentialMissing(p.label()));
-    }
-    let own = Owner::User(user.to_owned());
-    if let Some(c) = app.refresher.usable(p, &own).await? {
-        return Ok((own, c));
-    }
-    if let Some(tenant) = app
-        .store
-        .user(user)
-        .await
-        .map_err(ApiError::from)?
-        .and_then(|u| u.tenant)
-    {
-        let t = Owner::Tenant(tenant);
-        if let Some(c) = app.refresher.usable(p, &t).await? {
-            return Ok((t, c));
-        }
-    }
-    Err(ApiError::CredentialMissing(p.label()))
+    owners::first_with(&app.store, p, user, |o| async move {
+        Ok::<_, ApiError>(app.refresher.usable(p, &o).await?)
+    })
+    .await?
+    .ok_or_else(|| ApiError::CredentialMissing(p.label()))
 }
 
 /// A request ready to go upstream, minus the credential.

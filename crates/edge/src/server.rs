@@ -876,7 +876,7 @@ async fn route_agent_other(app: &Arc<App>, req: Request<Incoming>) -> Response<B
                 return ApiError::MethodNotAllowed.into_response();
             }
             let provider = provider.to_owned();
-            return crate::oauth::callback(app, req, &provider).await;
+            return crate::connect::callback::callback(app, req, &provider).await;
         }
     }
     let is_post = method == Method::POST;

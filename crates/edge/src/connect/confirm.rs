@@ -129,6 +129,6 @@ pub async fn confirm(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response
     tracing::info!(provider = %p.provider, user, "connection confirmed by the app");
     Ok(body::json(
         StatusCode::OK,
-        &crate::admin::credential_metadata(&owner, &p.provider, &cred, now),
+        &crate::views::credential_metadata(&owner, &p.provider, &cred, now),
     ))
 }

@@ -20,8 +20,10 @@
 //! carrying a CSRF token: derived from the browser's cookie and the ticket
 //! on the page, from the ticket under a server key on the first view.
 
+pub mod callback;
 pub mod confirm;
 mod page;
+pub mod start;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,9 +55,6 @@ const COOKIE_MAX_AGE_SECS: u64 = 86_400;
 pub const MIN_TTL_SECS: u64 = 60;
 pub const MAX_TTL_SECS: u64 = 86_400;
 pub const DEFAULT_TTL_SECS: u64 = 600;
-/// How long after expiry a ticket is kept: a flow started just before the
-/// link expired can still find its binding at the callback.
-pub const GC_GRACE_SECS: i64 = 3600;
 /// Random bytes in a ticket and in a cookie (256 bits; 43 base64url chars).
 const SECRET_BYTES: usize = 32;
 const SECRET_CHARS: usize = 43;
