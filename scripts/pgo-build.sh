@@ -64,7 +64,7 @@ RUSTFLAGS="-Cprofile-generate=$data" \
   cargo build --release --locked --bin sidekey --target-dir "$out/gen"
 
 echo "pgo-build: 2/4 training run (sidekey-bench)" >&2
-cargo build --release --locked --bin sidekey-bench
+cargo build --release --locked -p sidekey-bench
 target/release/sidekey-bench --sidekey "$out/gen/release/sidekey" \
   --levels 1,64 --duration "${PGO_TRAIN_SECS:-4}" >"$out/training.txt"
 if ! ls "$data"/*.profraw >/dev/null 2>&1; then
