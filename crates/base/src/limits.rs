@@ -29,7 +29,7 @@ impl Limiter {
 
     /// Takes one token; on refusal, the seconds until one is available.
     fn take(&self, key: &str, now_ms: i64) -> Result<(), u64> {
-        let mut m = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = crate::sync::lock(&self.buckets);
         if m.len() > 100_000 {
             // Full buckets carry no state worth keeping.
             let (rps, burst) = (self.rps, self.burst);
@@ -113,7 +113,7 @@ impl PendingConns {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, IpEntry>> {
-        self.by_ip.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.by_ip)
     }
 
     /// A ticket for a new connection from `ip`, or `None` when that IP
@@ -290,7 +290,7 @@ impl ByteBudget {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Bytes held right now (for tests and metrics).

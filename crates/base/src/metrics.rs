@@ -1,5 +1,6 @@
 //! Prometheus metrics: what operators graph and alert on.
 
+use crate::sync::lock;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -132,10 +133,6 @@ thread_local! {
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 impl PerThread {
     fn new() -> Arc<PerThread> {

@@ -228,14 +228,14 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
                     }
                     let u = user_id(j * n / k);
                     let tok = admin.session(&u, &["bench"]).await?;
-                    slots.lock().unwrap_or_else(|e| e.into_inner())[j] = Some(tok);
+                    sidekey::sync::lock(&slots)[j] = Some(tok);
                 }
             }));
         }
         for h in hs {
             h.await.map_err(|e| e.to_string())??;
         }
-        let slots = std::mem::take(&mut *slots.lock().unwrap_or_else(|e| e.into_inner()));
+        let slots = std::mem::take(&mut *sidekey::sync::lock(&slots));
         for (j, s) in slots.into_iter().enumerate() {
             sessions[j] =
                 HeaderValue::try_from(s.ok_or("missing session")?).map_err(|e| e.to_string())?;
@@ -484,10 +484,7 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
                     tick.tick().await;
                     let pending = admin.metric("sidekey_audit_pending_records").await;
                     let rss = status_kib(&pid, "VmRSS:");
-                    samples
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((rss, pending.map(|p| p as u64)));
+                    sidekey::sync::lock(&samples).push((rss, pending.map(|p| p as u64)));
                 }
             })
         };
@@ -512,7 +509,7 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
             c.sidekey_hwm_kib as f64 / 1024.0
         ));
         sampler.abort();
-        let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+        let samples = std::mem::take(&mut *sidekey::sync::lock(&samples));
         out.note(&soak_timeline(&samples));
     }
 

@@ -61,7 +61,7 @@ impl Sidekey {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let mut l = l2.lock().unwrap_or_else(|e| e.into_inner());
+                let mut l = sidekey::sync::lock(&l2);
                 if l.len() < 10_000 {
                     l.push(line);
                 }
@@ -85,10 +85,7 @@ impl Sidekey {
     }
 
     pub(crate) fn log_text(&self) -> String {
-        self.logs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
+        sidekey::sync::lock(&self.logs).join("\n")
     }
 
     /// SIGTERM, then wait (SIGKILL after 30 s); how long the exit took.

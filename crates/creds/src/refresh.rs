@@ -378,9 +378,7 @@ impl RefreshCoordinator {
 
     /// What this process fetched as the current generation of `key`.
     fn fetched(&self, key: &str, c: &Credential) -> Option<Fetched> {
-        self.fetched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        sidekey_base::sync::lock(&self.fetched)
             .get(key)
             .copied()
             .filter(|f| f.generation == c.generation)
@@ -401,11 +399,7 @@ impl RefreshCoordinator {
             .and_then(|f| f.lifetime);
         let (skew, capped) = effective_skew(p, lifetime);
         if capped {
-            let first = self
-                .skew_warned
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(p.name.clone());
+            let first = sidekey_base::sync::lock(&self.skew_warned).insert(p.name.clone());
             if first {
                 tracing::warn!(
                     provider = %p.name,
@@ -433,7 +427,7 @@ impl RefreshCoordinator {
     }
 
     fn mark_fetched(&self, key: &str, now: i64, c: &Credential) {
-        let mut m = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.fetched);
         // One entry per credential refreshed by this process; drop old
         // ones if that ever grows large.
         if m.len() >= 65_536 {
@@ -558,12 +552,12 @@ impl RefreshCoordinator {
     }
 
     fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.locks);
         m.entry(key.to_owned()).or_default().clone()
     }
 
     fn release(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut m = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.locks);
         // Two references: the map's and ours. Anyone else waiting holds a
         // third, and the entry stays for them.
         if Arc::strong_count(&lock) == 2 {

@@ -971,7 +971,7 @@ impl ConnState {
             && !resp.headers().contains_key(&crate::error::ERROR_HEADER)
         {
             self.proven.store(true, Ordering::Relaxed);
-            let t = self.ticket.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let t = sidekey_base::sync::lock(&self.ticket).take();
             if let Some(t) = t {
                 t.prove();
             }

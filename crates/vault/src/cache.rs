@@ -6,6 +6,7 @@
 //! from disk before a write cannot put its now-stale copy back. Entries hold
 //! `Arc<V>`: a credential's secrets are zeroized when the last user drops it.
 
+use sidekey_base::sync::lock;
 use std::hash::BuildHasher;
 
 // foldhash, not SipHash: three cache lookups per proxied request hashed
@@ -28,12 +29,6 @@ type Entry<V> = (String, Arc<V>, Instant);
 struct Shard<V> {
     epoch: u64,
     map: HashTable<Entry<V>>,
-}
-
-/// A shard, also after a panic while it was held: its entries are whole
-/// values, so there is nothing half-written to distrust.
-fn lock<V>(m: &Mutex<Shard<V>>) -> std::sync::MutexGuard<'_, Shard<V>> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub struct Cache<V> {

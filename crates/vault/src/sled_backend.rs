@@ -262,7 +262,7 @@ impl SledBackend {
         trim_partial: &TrimPartial<'_>,
     ) -> Result<(), StoreError> {
         let tree = self.t(Tree::Audit);
-        let mut count = self.audit_len.lock().unwrap_or_else(|e| e.into_inner());
+        let mut count = sidekey_base::sync::lock(&self.audit_len);
         let mut len = match *count {
             Some(n) => n,
             None => {
@@ -312,7 +312,7 @@ impl SledBackend {
         lease: Duration,
         now_ms: i64,
     ) -> Result<ClaimOutcome, StoreError> {
-        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.claims);
         let now = Instant::now();
         let s = m.entry(key.to_owned()).or_default();
         if let Some(b) = s.backoff_until_ms.filter(|b| *b > now_ms) {
@@ -337,7 +337,7 @@ impl SledBackend {
         failed: Option<bool>,
         now_ms: i64,
     ) -> Result<(), StoreError> {
-        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.claims);
         let Some(s) = m.get_mut(&claim.key) else {
             return Ok(());
         };
@@ -362,7 +362,7 @@ impl SledBackend {
 
     /// Extends a claim's lease, if it is still ours.
     pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
-        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.claims);
         Ok(match m.get_mut(&claim.key) {
             Some(s) if s.fence == claim.fence => {
                 s.lease_until = Some(Instant::now() + lease);
@@ -382,7 +382,7 @@ impl SledBackend {
         k: &[u8],
         expected: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.claims);
         let Some(s) = m.get_mut(&claim.key).filter(|s| s.fence == claim.fence) else {
             return Ok(false);
         };
@@ -404,7 +404,7 @@ impl SledBackend {
         old: Option<&[u8]>,
         new: &[u8],
     ) -> Result<Fenced, StoreError> {
-        let m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let m = sidekey_base::sync::lock(&self.claims);
         if m.get(&claim.key).is_none_or(|s| s.fence != claim.fence) {
             return Ok(Fenced::Lost);
         }
@@ -416,7 +416,7 @@ impl SledBackend {
 
     /// Forgets a claim key's back-off (the credential was replaced).
     pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
-        let mut m = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = sidekey_base::sync::lock(&self.claims);
         if let Some(s) = m.get_mut(key) {
             s.failures = 0;
             s.backoff_until_ms = None;
