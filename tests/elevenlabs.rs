@@ -1,4 +1,4 @@
-//! Issue 5: everything ElevenLabs sees of sidekey — session dynamic
+//! Everything ElevenLabs sees of sidekey — session dynamic
 //! variables, conversation binding, the conversation-init and post-call
 //! webhooks, generated tool definitions, `rewrite-tool` and `push-tools`
 //! (against a fake ElevenLabs API written here).
@@ -397,7 +397,7 @@ async fn sessions_bind_to_the_first_conversation_id() {
     // The conversation header is sidekey's, never forwarded.
     assert!(up.last().header("x-conversation-id").is_none());
     // A second conversation used it: revoked, so both holders lose it
-    // (issue 12 item 11; contract section 7).
+    // (the error table).
     let r = call_as(&sk, &token, Some("c1"), "/fourth").await;
     r.assert_error(401, "invalid_session");
     assert_eq!(r.json()["error"]["reason"], "revoked");

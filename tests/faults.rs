@@ -1,4 +1,4 @@
-//! Upstream faults (issue 7): what the agent gets when the provider side
+//! Upstream faults: what the agent gets when the provider side
 //! breaks, and that sidekey stays healthy afterwards.
 //!
 //! A raw TCP "provider" answers each request according to a switchable

@@ -1,4 +1,4 @@
-//! Black-box tests of the core gateway (issue 3): the real `sidekey` binary
+//! Black-box tests of the core gateway: the real `sidekey` binary
 //! on ephemeral ports, fake upstreams, and only what a user can see —
 //! statuses, `X-Sidekey-Error` + JSON error codes, what the upstream
 //! received, files on disk, exit codes and log lines.

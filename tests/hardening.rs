@@ -1,5 +1,6 @@
-//! Hardening from the outside review (issue 12) and session errors that say
-//! why (issue 13 item 7, contract section 7). Each test names the item it
+//! Hardening found by an outside review (secrets at start, refresh storms,
+//! token responses from real libraries, webhook order and budgets, session
+//! binding) and session errors that say why. Each test names what it
 //! proves; each fails without its fix.
 use sidekey_testkit as support;
 
@@ -92,7 +93,7 @@ fn run_bounded(
 // Item 1: empty and short secrets fail closed
 
 #[test]
-fn item1_blank_or_short_secrets_are_refused_at_start_and_by_check_config() {
+fn blank_or_short_secrets_are_refused_at_start_and_by_check_config() {
     let dir = tempfile::tempdir().unwrap();
     let text = Options::default().config_text();
     std::fs::write(dir.path().join("config.toml"), &text).unwrap();
@@ -174,7 +175,7 @@ fn item1_blank_or_short_secrets_are_refused_at_start_and_by_check_config() {
 // Item 4: no refresh storm when tokens live shorter than the skew
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item4_short_lived_tokens_do_not_cause_a_refresh_storm() {
+async fn short_lived_tokens_do_not_cause_a_refresh_storm() {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
     require_valid_token(&up, &tok);
@@ -232,7 +233,7 @@ async fn token_endpoint(answer: Value) -> Upstream {
 }
 
 #[tokio::test]
-async fn item5_refresh_reads_float_expiry_list_scopes_and_ignores_extras() {
+async fn refresh_reads_float_expiry_list_scopes_and_ignores_extras() {
     let up = Upstream::start().await;
     let tok = token_endpoint(json!({
         "access_token": "at-float-1", "token_type": "Bearer", "expires_in": 5.0,
@@ -266,7 +267,7 @@ async fn item5_refresh_reads_float_expiry_list_scopes_and_ignores_extras() {
 }
 
 #[tokio::test]
-async fn item5_admin_put_accepts_token_dicts_from_real_libraries() {
+async fn admin_put_accepts_token_dicts_from_real_libraries() {
     let up = Upstream::start().await;
     let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
         "p", &up.url, "",
@@ -328,7 +329,7 @@ async fn item5_admin_put_accepts_token_dicts_from_real_libraries() {
 }
 
 #[tokio::test]
-async fn item5_non_bearer_token_types_are_refused_never_injected() {
+async fn non_bearer_token_types_are_refused_never_injected() {
     let up = Upstream::start().await;
     let tok = token_endpoint(json!({
         "access_token": "at-dpop-bound", "token_type": "DPoP", "expires_in": 3600
@@ -386,7 +387,7 @@ async fn item5_non_bearer_token_types_are_refused_never_injected() {
 // Item 6: client_secret_basic encodes a space as %20
 
 #[tokio::test]
-async fn item6_client_secret_basic_sends_a_space_as_percent_20() {
+async fn client_secret_basic_sends_a_space_as_percent_20() {
     let up = Upstream::start().await;
     let tok = token_endpoint(json!({"access_token": "at-basic", "token_type": "Bearer"})).await;
     let toml = format!(
@@ -419,7 +420,7 @@ async fn item6_client_secret_basic_sends_a_space_as_percent_20() {
 // Item 9: the refresh tool's cooldown
 
 #[tokio::test]
-async fn item9_refresh_tool_within_cooldown_answers_active_without_token_calls() {
+async fn refresh_tool_within_cooldown_answers_active_without_token_calls() {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
     require_valid_token(&up, &tok);
@@ -480,7 +481,7 @@ fn core_limits(pid: u32) -> String {
 }
 
 #[tokio::test]
-async fn item13_core_dumps_are_disabled_unless_switched_on() {
+async fn core_dumps_are_disabled_unless_switched_on() {
     if !Path::new("/proc/self/limits").exists() {
         panic!("this test needs Linux /proc");
     }
@@ -497,7 +498,7 @@ async fn item13_core_dumps_are_disabled_unless_switched_on() {
 }
 
 #[tokio::test]
-async fn item13_log_directives_cannot_lift_the_caps_on_http_and_tls_targets() {
+async fn log_directives_cannot_lift_the_caps_on_http_and_tls_targets() {
     let up = Upstream::start().await;
     let sk = Sidekey::start(
         Options::with_providers(&support::provider_toml("p", &up.url, "")).log(
@@ -528,7 +529,7 @@ async fn item13_log_directives_cannot_lift_the_caps_on_http_and_tls_targets() {
 }
 
 #[tokio::test]
-async fn item13_huge_ttls_and_expiries_saturate_instead_of_wrapping() {
+async fn huge_ttls_and_expiries_saturate_instead_of_wrapping() {
     let up = Upstream::start().await;
     let sk = Sidekey::start(
         Options::with_providers(&support::provider_toml("p", &up.url, ""))
@@ -627,7 +628,7 @@ fn assert_only_injected_key(query: &str) {
 }
 
 #[tokio::test]
-async fn item7_generic_tool_query_is_encoded_and_never_a_500() {
+async fn generic_tool_query_is_encoded_and_never_a_500() {
     let (up, sk, session) = query_provider().await;
     // The reported cases: `#`, space, CR, LF.
     let r = tool_call(
@@ -684,7 +685,7 @@ async fn item7_generic_tool_query_is_encoded_and_never_a_500() {
 }
 
 #[tokio::test]
-async fn item8_every_spelling_of_the_injected_parameter_is_removed() {
+async fn every_spelling_of_the_injected_parameter_is_removed() {
     let (up, sk, session) = query_provider().await;
     let variants = [
         "KEY=evil",
@@ -831,7 +832,7 @@ async fn answer_within(
 }
 
 #[tokio::test]
-async fn item2_post_call_checks_secret_signature_and_timestamp_before_reading() {
+async fn post_call_checks_secret_signature_and_timestamp_before_reading() {
     let sk = InProcess::start(Options::default()).await;
     let now = sk.clock.now();
     let stale = sign(now - 7200, b"{}");
@@ -863,7 +864,7 @@ async fn item2_post_call_checks_secret_signature_and_timestamp_before_reading() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item2_post_call_bodies_share_one_memory_budget_and_audio_still_fits() {
+async fn post_call_bodies_share_one_memory_budget_and_audio_still_fits() {
     const MIB: usize = 1 << 20;
     let up = Upstream::start().await;
     let sk = InProcess::start(
@@ -942,7 +943,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item10_unauthenticated_flood_never_evicts_records_of_proxied_calls() {
+async fn unauthenticated_flood_never_evicts_records_of_proxied_calls() {
     let up = Upstream::start().await;
     let sk = Sidekey::start(Options::with_providers(&format!(
         "{}\n[audit]\nmax_records = 50\n",
@@ -1040,7 +1041,7 @@ async fn call_conv(api: &Api, token: &str, conv: Option<&str>) -> Resp {
 }
 
 #[tokio::test]
-async fn item11_second_conversation_revokes_the_session_audited_and_counted() {
+async fn second_conversation_revokes_the_session_audited_and_counted() {
     let up = Upstream::start().await;
     let sk = Sidekey::start(Options::with_providers(&support::provider_toml(
         "p", &up.url, "",
@@ -1070,7 +1071,7 @@ async fn item11_second_conversation_revokes_the_session_audited_and_counted() {
 }
 
 #[tokio::test]
-async fn item11_unbound_sessions_must_be_bound_within_bind_within_secs() {
+async fn unbound_sessions_must_be_bound_within_bind_within_secs() {
     let up = Upstream::start().await;
     let sk = InProcess::start(
         Options::with_providers(&support::provider_toml("p", &up.url, ""))
@@ -1105,7 +1106,7 @@ async fn item11_unbound_sessions_must_be_bound_within_bind_within_secs() {
 }
 
 #[tokio::test]
-async fn item11_replayed_post_call_does_not_revoke_a_later_session() {
+async fn replayed_post_call_does_not_revoke_a_later_session() {
     let up = Upstream::start().await;
     let sk = InProcess::start(Options::with_providers(&support::provider_toml(
         "p", &up.url, "",
@@ -1154,7 +1155,7 @@ async fn item11_replayed_post_call_does_not_revoke_a_later_session() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 13 item 7 (contract section 7): invalid_session says why
+// invalid_session says why
 
 #[tokio::test]
 async fn session_errors_carry_a_reason_in_the_answer_and_the_access_log() {

@@ -1,4 +1,4 @@
-//! Hostile input against both listeners (issue 7).
+//! Hostile input against both listeners.
 //!
 //! Most of this file is one table of attacks per group: forged and broken
 //! session tokens, path traversal in every encoding, transport-level abuse,
@@ -280,7 +280,7 @@ enum Expect {
     /// A 303 whose Location starts with this.
     Redirect(&'static str),
     /// hyper refused the request before sidekey's code ran: this status,
-    /// in sidekey's JSON error shape all the same (issue 12, item 12).
+    /// in sidekey's JSON error shape all the same.
     Transport(u16),
 }
 

@@ -1,4 +1,4 @@
-//! Token lifecycle (issue 4): refresh before use, single flight, rotation
+//! Token lifecycle: refresh before use, single flight, rotation
 //! durability, 401 → refresh → replay, Slack conventions, dead refresh
 //! tokens, transient failures and backoff, the refresh tool, the OAuth code
 //! flow with PKCE, client credentials and tenant credentials.

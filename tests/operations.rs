@@ -780,7 +780,7 @@ async fn metrics_are_prometheus_text_behind_the_admin_token() {
     let r = sk.admin(Method::GET, "/metrics", None).await;
     assert_eq!(r.status, 200);
     let ct = r.headers["content-type"].to_str().unwrap();
-    // prometheus_client writes OpenMetrics text: say so (issue 12 item 13).
+    // prometheus_client writes OpenMetrics text: say so.
     assert_eq!(
         ct, "application/openmetrics-text; version=1.0.0; charset=utf-8",
         "{ct}"

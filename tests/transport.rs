@@ -111,7 +111,7 @@ async fn ready_with_bearer(opts: Options) -> (InProcess, Upstream, String) {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 12, item 3: idle HTTP/2, pending connections per IP, metrics budget
+// idle HTTP/2, pending connections per IP, metrics budget
 
 #[tokio::test]
 async fn an_http2_connection_without_streams_gets_goaway_after_the_idle_timeout() {
@@ -328,7 +328,7 @@ async fn the_metrics_listener_has_its_own_connection_budget() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 12, item 12: early answers clients can read
+// early answers clients can read
 
 const LIMIT: usize = 1024;
 const UPLOAD: usize = 4 * 1024 * 1024;
@@ -455,7 +455,7 @@ async fn an_oversized_http2_upload_reads_the_413_without_a_cancelled_stream() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 12, item 14: ALPN
+// ALPN
 
 #[tokio::test]
 async fn a_client_offering_only_http10_or_an_unknown_protocol_gets_http11() {
@@ -487,7 +487,7 @@ async fn a_client_offering_only_http10_or_an_unknown_protocol_gets_http11() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 13, item 6: wrong-listener mistakes
+// wrong-listener mistakes
 
 #[tokio::test]
 async fn plain_http_on_the_tls_port_gets_a_plain_400_saying_https() {
@@ -548,7 +548,7 @@ async fn an_admin_route_on_the_agent_port_points_at_the_admin_listener() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 13, item 11: shutdown
+// shutdown
 
 #[tokio::test]
 async fn sigterm_exits_promptly_with_an_http2_client_that_never_answers() {
@@ -571,7 +571,7 @@ async fn sigterm_exits_promptly_with_an_http2_client_that_never_answers() {
 }
 
 // ---------------------------------------------------------------------------
-// Issue 11: the serving model
+// The serving model
 
 #[tokio::test]
 async fn both_serving_models_proxy_h1_and_h2_and_stop_cleanly() {

@@ -865,7 +865,7 @@ async fn route_agent_other(app: &Arc<App>, req: Request<Incoming>) -> Response<B
         let provider = provider.to_owned();
         return crate::proxy::handle_call(app, req, &provider).await;
     }
-    // ---- connect page (issue 14): /connect/<ticket>[/connect|/disconnect], CSS
+    // ---- connect page: /connect/<ticket>[/connect|/disconnect], CSS
     if path.starts_with("/connect/") {
         return crate::connect::handle(app, req).await;
     }
