@@ -49,8 +49,6 @@ locked=()
 # minutes instead of stalling CI); a failing test fails either way.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-targets "${locked[@]}" --profile ci
-  # nextest does not run doctests.
-  cargo test --workspace --doc "${locked[@]}"
 else
   cargo test --workspace --all-targets "${locked[@]}"
 fi
