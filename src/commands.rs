@@ -10,6 +10,7 @@ use sidekey_base::config::{Config, StoreBackend};
 use sidekey_base::errors::Fatal;
 use sidekey_creds::bootstrap;
 use sidekey_creds::providers::Providers;
+use sidekey_creds::tools::Catalogue;
 use sidekey_edge::app::App;
 use sidekey_edge::server::{self, Listeners};
 use sidekey_vault::{KeyRing, MasterKey, OpenError, Store, StoreOptions};
@@ -19,8 +20,13 @@ use sidekey_vault::{KeyRing, MasterKey, OpenError, Store, StoreOptions};
 fn load_config(path: &Path) -> Result<Config, Fatal> {
     Config::read(path)
         .and_then(|(cfg, mut problems)| {
-            if let Err(mut e) = Providers::from_config(&cfg) {
-                problems.append(&mut e);
+            match Providers::from_config(&cfg) {
+                Ok(providers) => {
+                    if let Err(mut e) = Catalogue::from_config(&cfg, &providers) {
+                        problems.append(&mut e);
+                    }
+                }
+                Err(mut e) => problems.append(&mut e),
             }
             sidekey_base::config::without_problems((cfg, problems))
         })
@@ -384,10 +390,14 @@ fn config_and_providers(path: &Path) -> Result<(Config, Providers), Fatal> {
     Ok((cfg, p))
 }
 
+fn catalogue(cfg: &Config, p: &Providers) -> Result<Catalogue, Fatal> {
+    Catalogue::from_config(cfg, p).map_err(|e| Fatal::new(e.join("\n")))
+}
+
 /// `sidekey elevenlabs tools`
 pub fn elevenlabs_tools(path: &Path) -> Result<(), Fatal> {
     let (cfg, p) = config_and_providers(path)?;
-    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p);
+    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p, &catalogue(&cfg, &p)?);
     println!(
         "{}",
         serde_json::to_string_pretty(&tools).unwrap_or_default()
@@ -432,7 +442,7 @@ pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal>
     if url::Url::parse(&base).is_err() {
         return Err(Fatal::new(format!("--api-base {base:?} is not a URL")));
     }
-    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p);
+    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p, &catalogue(&cfg, &p)?);
     let rt = runtime()?;
     let lines = rt.block_on(async {
         let client = sidekey_creds::client::build(std::time::Duration::from_secs(10), vec![]);
@@ -472,4 +482,18 @@ pub async fn start(
     let tls = loaded.tls.clone();
     let app = App::new(cfg, loaded, clock).await?;
     Ok((app, listeners, tls))
+}
+
+/// `sidekey tools`: every operation tool (name, provider, method, path,
+/// parameters) as JSON.
+pub fn tools(path: &Path) -> Result<(), Fatal> {
+    let (cfg, providers) = config_and_providers(path)?;
+    let cat = catalogue(&cfg, &providers)?;
+    let list: Vec<serde_json::Value> = cat.iter().map(|t| t.describe()).collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({ "tools": list }))
+            .map_err(|e| Fatal::new(e.to_string()))?
+    );
+    Ok(())
 }

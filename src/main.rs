@@ -75,6 +75,8 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// List every operation tool (name, provider, method, path, parameters) as JSON.
+    Tools(ConfigArg),
     /// ElevenLabs tool definitions.
     Elevenlabs {
         #[command(subcommand)]
@@ -156,6 +158,7 @@ fn main() -> ExitCode {
         Command::Backup { config, out } => commands::backup(&config.config, &out),
         Command::MigrateStore { config, from } => commands::migrate_store(&config.config, &from),
         Command::EchoUpstream { config, listen } => commands::echo_upstream(&config.config, listen),
+        Command::Tools(c) => commands::tools(&c.config),
         Command::Elevenlabs { command } => match command {
             ElevenLabsCommand::Tools(c) => commands::elevenlabs_tools(&c.config),
             ElevenLabsCommand::RewriteTool(c) => {

@@ -14,6 +14,12 @@ use url::Url;
 
 use crate::secret::Secret;
 
+mod tools;
+pub use tools::{
+    McpServerConfig, ParamConfig, ParamIn, ParamType, RetellConfig, ToolConfig, VapiConfig,
+    parse_pack, placeholders, valid_tool_name,
+};
+
 /// Where a secret comes from: a file, an environment variable, or (discouraged)
 /// inline in the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +126,14 @@ struct RawConfig {
     connect: RawConnect,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    tools: BTreeMap<String, tools::RawTool>,
+    #[serde(default)]
+    mcp_servers: BTreeMap<String, tools::RawMcpServer>,
+    #[serde(default)]
+    vapi: tools::RawVapi,
+    #[serde(default)]
+    retell: tools::RawRetell,
 }
 
 #[derive(Deserialize, Default)]
@@ -283,6 +297,8 @@ pub struct RawProvider {
     pub authorize_params: Option<BTreeMap<String, String>>,
     pub token_params: Option<BTreeMap<String, String>>,
     pub allow_http: Option<bool>,
+    /// The preset's ready tools to enable: `["*"]` or their names.
+    pub tools: Option<Vec<String>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -305,6 +321,12 @@ pub struct Config {
     pub connect: ConnectConfig,
     /// Provider sections as written; `providers::Providers` resolves presets.
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// `[tools.NAME]` as written (a preset's enabled tools are added where
+    /// providers are resolved).
+    pub tools: BTreeMap<String, ToolConfig>,
+    pub mcp_servers: BTreeMap<String, McpServerConfig>,
+    pub vapi: VapiConfig,
+    pub retell: RetellConfig,
     /// Non-fatal remarks (`check-config` prints them, `serve` logs them).
     pub warnings: Vec<String>,
 }
@@ -569,6 +591,8 @@ pub struct ProviderConfig {
     pub authorize_params: BTreeMap<String, String>,
     pub token_params: BTreeMap<String, String>,
     pub allow_http: bool,
+    /// The preset's ready tools to enable (`["*"]` for all).
+    pub tools: Vec<String>,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
@@ -1100,9 +1124,37 @@ impl Config {
                     authorize_params: rp.authorize_params.unwrap_or_default(),
                     token_params: rp.token_params.unwrap_or_default(),
                     allow_http: rp.allow_http.unwrap_or(false),
+                    tools: rp.tools.unwrap_or_default(),
                 },
             );
         }
+        let mut tools = BTreeMap::new();
+        for (name, rt) in raw.tools {
+            let sec = format!("[tools.{name}]");
+            if let Some(t) = tools::check_tool(&sec, &name, rt, p) {
+                if !providers.contains_key(&t.provider) {
+                    p.push(format!(
+                        "{sec} provider: {:?} is not a configured provider",
+                        t.provider
+                    ));
+                }
+                tools.insert(name, t);
+            }
+        }
+        let mut mcp_servers = BTreeMap::new();
+        for (name, rm) in raw.mcp_servers {
+            if let Some(m) = tools::check_mcp_server(&name, rm, p) {
+                if !providers.contains_key(&m.provider) {
+                    p.push(format!(
+                        "[mcp_servers.{name}] provider: {:?} is not a configured provider",
+                        m.provider
+                    ));
+                }
+                mcp_servers.insert(name, m);
+            }
+        }
+        let vapi = VapiConfig::from_raw(dir, raw.vapi, p);
+        let retell = RetellConfig::from_raw(dir, raw.retell, p);
         if let Some(list) = &elevenlabs.init_providers {
             for name in list {
                 if !providers.contains_key(name) {
@@ -1124,6 +1176,10 @@ impl Config {
             oauth,
             connect,
             providers,
+            tools,
+            mcp_servers,
+            vapi,
+            retell,
             warnings: Vec::new(),
         }
     }

@@ -151,6 +151,8 @@ pub struct ProxyRecord {
     pub status: u16,
     pub duration_ms: f64,
     pub error: Option<&'static str>,
+    /// The operation tool this call ran, if it was one.
+    pub tool: Option<Arc<str>>,
 }
 
 enum Entry {
@@ -171,6 +173,7 @@ struct Fields<'a> {
     session_id: Option<&'a str>,
     conversation_id: Option<&'a str>,
     error: Option<&'a str>,
+    tool: Option<&'a str>,
 }
 
 impl Entry {
@@ -188,6 +191,7 @@ impl Entry {
                 session_id: r.session_id.as_deref(),
                 conversation_id: r.conversation_id.as_deref(),
                 error: r.error.as_deref(),
+                tool: r.tool.as_deref(),
             },
             Entry::Proxy(r) => Fields {
                 time: r.time,
@@ -201,6 +205,7 @@ impl Entry {
                 session_id: r.caller.session_id(),
                 conversation_id: r.caller.conversation_id(),
                 error: r.error,
+                tool: r.tool.as_deref(),
             },
         }
     }
@@ -250,6 +255,7 @@ fn write_record(r: &Fields<'_>, out: &mut Vec<u8>) {
     field_opt(out, r.session_id);
     field_opt(out, r.conversation_id);
     field_opt(out, r.error);
+    field_opt(out, r.tool);
     out.push(b']');
 }
 
@@ -335,6 +341,7 @@ fn summary(counts: std::collections::BTreeMap<Refused, u64>) -> Vec<AuditRecord>
                 session_id: None,
                 conversation_id: None,
                 error: Some(format!("{what} x{n}")),
+                tool: None,
             }
         })
         .collect()
@@ -536,6 +543,7 @@ mod tests {
             session_id: opt(&format!("sid-{s}")),
             conversation_id: opt(s),
             error: opt(s),
+            tool: None,
         }
     }
 
@@ -554,6 +562,7 @@ mod tests {
             &r.session_id,
             &r.conversation_id,
             &r.error,
+            &r.tool,
         ))
         .unwrap()
     }
@@ -662,6 +671,7 @@ mod tests {
             status: 200,
             duration_ms: 0.25,
             error,
+            tool: None,
         }
     }
 
@@ -692,6 +702,7 @@ mod tests {
                 session_id: Some("sid-1".into()),
                 conversation_id: conv.map(str::to_owned),
                 error: error.map(str::to_owned),
+                tool: None,
             };
         let written = |r: ProxyRecord| {
             let mut out = Vec::new();

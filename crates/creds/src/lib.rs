@@ -14,3 +14,4 @@ pub mod providers;
 pub mod refresh;
 pub mod session;
 pub mod token_response;
+pub mod tools;

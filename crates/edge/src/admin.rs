@@ -108,7 +108,11 @@ async fn dispatch(
         (&M::GET, ["v1", "audit"]) => audit(app, query).await,
         (&M::GET, ["v1", "elevenlabs", "tools"]) => Ok(body::json(
             StatusCode::OK,
-            &Value::Array(crate::elevenlabs::tools(&app.config, &app.providers)),
+            &Value::Array(crate::elevenlabs::tools(
+                &app.config,
+                &app.providers,
+                &app.tools,
+            )),
         )),
         (_, ["v1", "users", user, "credentials", provider]) => {
             let owner = Owner::User(id(user, "user id")?.to_owned());
@@ -712,6 +716,7 @@ fn audit_write(
         session_id: None,
         conversation_id: None,
         error: None,
+        tool: None,
     });
 }
 

@@ -18,11 +18,14 @@ use sidekey_creds::client::HttpClient;
 use sidekey_creds::providers::Providers;
 use sidekey_creds::refresh::RefreshCoordinator;
 use sidekey_creds::session::SessionAuthority;
+use sidekey_creds::tools::Catalogue;
 use sidekey_vault::Store;
 
 pub struct App {
     pub config: Config,
     pub providers: Providers,
+    /// Every operation tool: `[tools.NAME]` and the presets' enabled ones.
+    pub tools: Catalogue,
     pub store: Arc<Store>,
     pub sessions: SessionAuthority,
     pub refresher: RefreshCoordinator,
@@ -65,6 +68,8 @@ impl App {
     /// runtime (it starts the audit writer and the session GC).
     pub async fn new(config: Config, loaded: Loaded, clock: Clock) -> Result<Arc<App>, Fatal> {
         let providers = Providers::from_config(&config).map_err(|e| Fatal::new(e.join("; ")))?;
+        let tools =
+            Catalogue::from_config(&config, &providers).map_err(|e| Fatal::new(e.join("; ")))?;
         let store = open_store(&config, loaded.keys).await?;
         let store = Arc::new(store);
         let extra_roots = match &config.server.upstream_ca_file {
@@ -106,6 +111,7 @@ impl App {
             ),
             config,
             providers,
+            tools,
             store,
             sessions,
             refresher,

@@ -69,6 +69,11 @@ pub enum ApiError {
     InvalidSignature(&'static str),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An operation tool's arguments; the message names the parameter.
+    #[error("bad arguments: {0}")]
+    BadArguments(String),
+    #[error("unknown tool {0}")]
+    UnknownTool(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -114,6 +119,8 @@ impl ApiError {
             Unauthorized => "unauthorized",
             InvalidSignature(_) => "invalid_signature",
             BadRequest(_) => "bad_request",
+            BadArguments(_) => "bad_arguments",
+            UnknownTool(_) => "unknown_tool",
             NotFound(_) => "not_found",
             MethodNotAllowed => "method_not_allowed",
             Conflict(_) => "conflict",
@@ -131,7 +138,8 @@ impl ApiError {
             InvalidSession(..) | ConversationMismatch | ConversationMissing | Unauthorized
             | InvalidSignature(_) => StatusCode::UNAUTHORIZED,
             ProviderNotAllowed(_) | PathNotAllowed(_) => StatusCode::FORBIDDEN,
-            BadPath(_) | BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadPath(_) | BadRequest(_) | BadArguments(_) => StatusCode::BAD_REQUEST,
+            UnknownTool(_) => StatusCode::NOT_FOUND,
             UnknownProvider(_) | UnknownProviderAdmin { .. } | NotFound(_) => StatusCode::NOT_FOUND,
             CredentialMissing(_) | ReauthRequired(_) => StatusCode::FAILED_DEPENDENCY,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -217,7 +225,8 @@ impl ApiError {
             ),
             Unauthorized => "Missing or wrong credentials for this endpoint.".into(),
             InvalidSignature(_) => "The webhook signature is missing, invalid or too old.".into(),
-            BadRequest(m) => m.clone(),
+            BadRequest(m) | BadArguments(m) => m.clone(),
+            UnknownTool(n) => format!("I don't have a tool called {n}."),
             NotFound(m) => m.clone(),
             MethodNotAllowed => "That method is not allowed on this endpoint.".into(),
             Conflict(m) => m.clone(),

@@ -16,4 +16,5 @@ pub mod oauth;
 pub mod proxy;
 pub mod request;
 pub mod server;
+pub mod tools;
 pub mod views;

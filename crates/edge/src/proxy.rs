@@ -37,7 +37,7 @@ use sidekey_vault::{AuditRecord, Credential, Owner};
 
 /// What one request did, for the audit log, metrics and the access log.
 #[derive(Default)]
-struct Trace {
+pub(crate) struct Trace {
     /// The verified session and the provider, as far as the request got.
     caller: Caller,
     /// The audited path of a route with no provider path.
@@ -50,6 +50,19 @@ struct Trace {
     route: &'static str,
     /// Why a session was refused (`invalid_session` answers only).
     reason: Option<&'static str>,
+    /// The operation tool called, for the audit record.
+    pub(crate) tool: Option<Arc<str>>,
+}
+
+impl Trace {
+    /// A trace for a route other than the proxy's, audited as `path`.
+    pub(crate) fn for_route(route: &'static str, path: String) -> Trace {
+        Trace {
+            route,
+            path,
+            ..Default::default()
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -389,7 +402,7 @@ async fn refresh_providers(
 /// every request.
 static SESSION_HEADER: HeaderName = HeaderName::from_static("x-sidekey-session");
 
-fn session_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn session_token(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers.get(&SESSION_HEADER) {
         return v.to_str().ok().map(str::trim);
     }
@@ -399,35 +412,51 @@ fn session_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Phase 1: the session token, conversation binding and rate limits.
-async fn authenticate(
+pub(crate) async fn authenticate(
     app: &Arc<App>,
     headers: &HeaderMap,
     t: &mut Trace,
 ) -> Result<VerifiedSession, ApiError> {
-    let token =
-        session_token(headers)
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::InvalidSession(
-                SessionFault::Missing,
-                "no session token",
-            ))?;
-    let mut session = app.sessions.verify(token).await?;
-    t.caller.session = Some(session.clone());
-
     let conv_header = &app.config.elevenlabs.conversation_header;
     let conv = match headers.get(conv_header) {
         None => None,
-        Some(v) => {
-            let s = v.to_str().ok().map(str::trim).filter(|s| {
-                !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
-            });
-            Some(s.ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "The {conv_header} header is not a valid conversation id."
-                ))
-            })?)
-        }
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|s| valid_conversation_id(s))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "The {conv_header} header is not a valid conversation id."
+                    ))
+                })?,
+        ),
     };
+    authenticate_token(app, session_token(headers), conv, t).await
+}
+
+/// What a conversation (or call) id may be: printable ASCII, 1-256 bytes.
+pub(crate) fn valid_conversation_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Phase 1 for a token and conversation id that came from anywhere (the
+/// headers, an MCP request, a Vapi or Retell call's variables).
+pub(crate) async fn authenticate_token(
+    app: &Arc<App>,
+    token: Option<&str>,
+    conv: Option<&str>,
+    t: &mut Trace,
+) -> Result<VerifiedSession, ApiError> {
+    let token = token
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::InvalidSession(
+            SessionFault::Missing,
+            "no session token",
+        ))?;
+    let mut session = app.sessions.verify(token).await?;
+    t.caller.session = Some(session.clone());
     // An unbound session is a bearer pass for whichever conversation uses
     // it first: it has to be claimed soon after minting, or never.
     let bind_within = app.config.sessions.bind_within_secs;
@@ -511,6 +540,7 @@ async fn session_conflict(
         session_id: Some(session.sid().to_owned()),
         conversation_id: Some(presented.chars().take(256).collect()),
         error: Some("conversation_mismatch".into()),
+        tool: None,
     });
     ApiError::ConversationMismatch
 }
@@ -527,7 +557,7 @@ fn split_proxy_path(path: &str) -> (&str, &str) {
 
 /// Phase 2: the provider exists and the session may use it. The provider
 /// goes into the trace, or the name asked for when it is refused.
-fn select_provider(
+pub(crate) fn select_provider(
     app: &Arc<App>,
     session: &VerifiedSession,
     name: &str,
@@ -570,7 +600,7 @@ fn allowed_provider(
 
 /// Phase 3: path rules, then the allow list. The checked path goes into
 /// the trace (audited however the request ends) and is lent from there.
-fn check_request<'t>(
+pub(crate) fn check_request<'t>(
     provider: &Provider,
     method: &Method,
     rest: &str,
@@ -586,7 +616,11 @@ fn check_request<'t>(
 }
 
 /// Phase 4: the request body, at most `max_body_bytes`.
-async fn read_body(app: &Arc<App>, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, ApiError> {
     crate::request::read_limited(
         headers,
         body,
@@ -628,16 +662,16 @@ async fn credential_for(
 }
 
 /// A request ready to go upstream, minus the credential.
-struct Outgoing<'a> {
-    method: Method,
-    path: &'a ProxyPath,
-    query: Option<String>,
-    headers: sidekey_creds::client::Headers<'a>,
-    body: Bytes,
+pub(crate) struct Outgoing<'a> {
+    pub(crate) method: Method,
+    pub(crate) path: &'a ProxyPath,
+    pub(crate) query: Option<String>,
+    pub(crate) headers: sidekey_creds::client::Headers<'a>,
+    pub(crate) body: Bytes,
 }
 
 /// Phases 5–7 for one call: credential, send, and one refresh-and-replay.
-async fn call_provider(
+pub(crate) async fn call_provider(
     app: &Arc<App>,
     provider: &Arc<Provider>,
     session: &VerifiedSession,
@@ -958,7 +992,7 @@ async fn peek(mut body: Body, limit: usize, timeout: Duration) -> Peeked {
 // ---------------------------------------------------------------------------
 // Phase 8
 
-fn finish(
+pub(crate) fn finish(
     app: &Arc<App>,
     method: &Method,
     started: Instant,
@@ -1035,6 +1069,7 @@ fn finish(
         status,
         duration_ms: (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
         error: t.error,
+        tool: t.tool,
     });
     resp
 }

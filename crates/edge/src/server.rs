@@ -865,6 +865,13 @@ async fn route_agent_other(app: &Arc<App>, req: Request<Incoming>) -> Response<B
         let provider = provider.to_owned();
         return crate::proxy::handle_call(app, req, &provider).await;
     }
+    if let Some(name) = path.strip_prefix("/v1/tools/") {
+        if method != Method::POST {
+            return ApiError::MethodNotAllowed.into_response();
+        }
+        let name = name.to_owned();
+        return crate::tools::handle(app, req, &name).await;
+    }
     // ---- connect page: /connect/<ticket>[/connect|/disconnect], CSS
     if path.starts_with("/connect/") {
         return crate::connect::handle(app, req).await;

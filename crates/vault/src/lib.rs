@@ -215,6 +215,9 @@ pub struct AuditRecord {
     /// sidekey's error code when it answered with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The operation tool called (`/v1/tools`, MCP, Vapi, Retell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -2209,6 +2212,7 @@ mod tests {
             session_id: None,
             conversation_id: None,
             error: None,
+            tool: None,
         };
         for batch in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] {
             let records: Vec<_> = batch.iter().map(|i| rec(*i)).collect();

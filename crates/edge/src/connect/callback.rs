@@ -114,6 +114,7 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         session_id: None,
         conversation_id: None,
         error: outcome.as_ref().err().map(|f| f.code.to_owned()),
+        tool: None,
     });
     if let (Ok(Done::Pending(code)), Some(rt)) = (&outcome, &app_return) {
         // The app confirms (or not) for the user it has logged in.

@@ -723,6 +723,7 @@ fn audit(
         session_id: None,
         conversation_id: None,
         error: None,
+        tool: None,
     });
 }
 

@@ -82,6 +82,7 @@ pub(super) fn record(
         session_id: None,
         conversation_id: conv,
         error: error.map(str::to_owned),
+        tool: None,
     });
 }
 

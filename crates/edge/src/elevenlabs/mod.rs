@@ -130,7 +130,7 @@ inject = { query = "key" }
     #[test]
     fn generated_tools_use_only_secret_and_system_variables() {
         let (cfg, p) = setup();
-        let tools = tools(&cfg, &p);
+        let tools = tools(&cfg, &p, &sidekey_creds::tools::Catalogue::default());
         assert_eq!(tools.len(), 5);
         let text = serde_json::to_string(&tools).unwrap();
         assert!(!text.contains("{{"));

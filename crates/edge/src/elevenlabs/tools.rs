@@ -2,6 +2,8 @@
 //! they go through sidekey.
 
 use super::*;
+use sidekey_base::config::{ParamConfig, ParamType};
+use sidekey_creds::tools::{Catalogue, Tool};
 
 // ---------------------------------------------------------------------------
 // Tool definitions
@@ -40,8 +42,10 @@ pub(super) fn session_headers(cfg: &Config) -> Value {
     Value::Object(h)
 }
 
-/// The tools to create in ElevenLabs, each the body of `POST /v1/convai/tools`.
-pub fn tools(cfg: &Config, providers: &Providers) -> Vec<Value> {
+/// The tools to create in ElevenLabs, each the body of `POST /v1/convai/tools`:
+/// the refresh tool, one generic tool per provider, and one tool per
+/// operation tool of the catalogue.
+pub fn tools(cfg: &Config, providers: &Providers, catalogue: &Catalogue) -> Vec<Value> {
     let base = &cfg.server.public_url;
     let timeout = cfg.elevenlabs.tool_response_timeout_secs;
     let names: Vec<&String> = providers.names().iter().collect();
@@ -136,7 +140,65 @@ pub fn tools(cfg: &Config, providers: &Providers) -> Vec<Value> {
             }
         }));
     }
+    for t in catalogue.iter() {
+        out.push(operation_tool(cfg, t));
+    }
     out
+}
+
+/// A webhook tool that posts its parameters to `/v1/tools/<name>`.
+fn operation_tool(cfg: &Config, t: &Tool) -> Value {
+    let mut props = serde_json::Map::new();
+    let mut required = Vec::new();
+    for (name, pc) in &t.params {
+        props.insert(name.clone(), elevenlabs_property(name, pc));
+        if pc.required && pc.default.is_none() {
+            required.push(json!(name));
+        }
+    }
+    json!({
+        "tool_config": {
+            "type": "webhook",
+            "name": t.name,
+            "description": format!("{} If it answers with an error message, read that message to the caller.", t.description),
+            "response_timeout_secs": cfg.elevenlabs.tool_response_timeout_secs,
+            "tool_error_handling_mode": "passthrough",
+            "api_schema": {
+                "url": format!("{}/v1/tools/{}", cfg.server.public_url, t.name),
+                "method": "POST",
+                "content_type": "application/json",
+                "request_headers": session_headers(cfg),
+                "request_body_schema": {
+                    "type": "object",
+                    "description": format!("The arguments of {}.", t.name),
+                    "required": required,
+                    "properties": props,
+                }
+            }
+        }
+    })
+}
+
+/// A parameter in ElevenLabs' schema form: every property needs a
+/// description; arrays need `items` and objects `properties`; there is no
+/// `default`, so it is said in the description.
+fn elevenlabs_property(name: &str, pc: &ParamConfig) -> Value {
+    let mut desc = pc.description.clone().unwrap_or_else(|| name.to_owned());
+    if let Some(d) = &pc.default {
+        desc.push_str(&format!(" Default: {d}."));
+    }
+    let mut v = json!({"type": pc.ty.as_str(), "description": desc});
+    if let Some(e) = &pc.enum_values {
+        v["enum"] = json!(e);
+    }
+    match pc.ty {
+        ParamType::Array => {
+            v["items"] = json!({"type": "string", "description": format!("One item of {name}.")})
+        }
+        ParamType::Object => v["properties"] = json!({}),
+        _ => {}
+    }
+    v
 }
 
 // ---------------------------------------------------------------------------
