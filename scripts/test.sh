@@ -21,6 +21,10 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 [ -x /usr/bin/chromedriver ] || need+=(chromium chromium-driver)
 for t in curl jq; do command -v "$t" >/dev/null 2>&1 || need+=("$t"); done
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# - python3 with venv: the MCP Python SDK and the Vapi/Retell SDKs
+#   (tests/python/requirements.txt, in target/py-venv via scripts/py-venv.sh).
+command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null \
+  || need+=(python3 python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" != 0 ] && ! command -v sudo >/dev/null 2>&1; then
     echo "test.sh: missing ${need[*]}; install them (apt-get install ${need[*]}) and run again" >&2
@@ -39,6 +43,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
   if [ "$no_start" = 1 ]; then "${as_root[@]}" rm -f /usr/sbin/policy-rc.d; fi
 fi
+scripts/py-venv.sh >/dev/null
 [ "${1:-}" = "--install-only" ] && exit 0
 
 locked=()

@@ -940,3 +940,40 @@ pub async fn read_request<S: tokio::io::AsyncRead + Unpin>(
     buf.drain(..end + len);
     Some((head, body))
 }
+
+/// The suites' Python interpreter: a venv with tests/python/requirements.txt
+/// (the MCP Python SDK, the Vapi and Retell SDKs), made by
+/// scripts/py-venv.sh on first use.
+pub fn python() -> PathBuf {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new(root.join("scripts/py-venv.sh"))
+            .current_dir(&root)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/py-venv.sh");
+        assert!(
+            out.status.success(),
+            "scripts/py-venv.sh failed: the Python SDKs the suites test against are not installed"
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// Runs a Python script with the suites' interpreter; (exit code, stdout,
+/// stderr).
+pub fn run_python(script: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(python());
+    cmd.arg("-c").arg(script).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run python");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
