@@ -427,6 +427,26 @@ pub fn elevenlabs_rewrite(path: &Path, input: &mut dyn Read) -> Result<(), Fatal
 /// `sidekey elevenlabs push-tools [--api-base URL]`
 pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal> {
     let (cfg, p) = config_and_providers(path)?;
+    let (key, base) = elevenlabs_api(&cfg, api_base)?;
+    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p, &catalogue(&cfg, &p)?);
+    let rt = runtime()?;
+    let lines = rt.block_on(async {
+        let client = sidekey_creds::client::build(std::time::Duration::from_secs(10), vec![]);
+        sidekey_edge::elevenlabs::push_tools(&client, &base, &key, &tools).await
+    });
+    match lines {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            Ok(())
+        }
+        Err(e) => Err(Fatal::new(format!("push-tools: {e}"))),
+    }
+}
+
+/// The ElevenLabs API key (from `[elevenlabs] api_key_env`) and base URL.
+fn elevenlabs_api(cfg: &Config, api_base: Option<&str>) -> Result<(String, String), Fatal> {
     let key_env = cfg.elevenlabs.api_key_env.clone();
     let key = std::env::var(&key_env)
         .ok()
@@ -442,20 +462,36 @@ pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal>
     if url::Url::parse(&base).is_err() {
         return Err(Fatal::new(format!("--api-base {base:?} is not a URL")));
     }
-    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p, &catalogue(&cfg, &p)?);
+    Ok((key.trim().to_owned(), base))
+}
+
+/// `sidekey elevenlabs mcp`: the MCP server record push-mcp sends.
+pub fn elevenlabs_mcp(path: &Path) -> Result<(), Fatal> {
+    let (cfg, _) = config_and_providers(path)?;
+    let record = sidekey_edge::elevenlabs::mcp_server(&cfg);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&record).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `sidekey elevenlabs push-mcp [--api-base URL]`
+pub fn elevenlabs_push_mcp(path: &Path, api_base: Option<&str>) -> Result<(), Fatal> {
+    let (cfg, _) = config_and_providers(path)?;
+    let (key, base) = elevenlabs_api(&cfg, api_base)?;
+    let record = sidekey_edge::elevenlabs::mcp_server(&cfg);
     let rt = runtime()?;
-    let lines = rt.block_on(async {
+    let line = rt.block_on(async {
         let client = sidekey_creds::client::build(std::time::Duration::from_secs(10), vec![]);
-        sidekey_edge::elevenlabs::push_tools(&client, &base, key.trim(), &tools).await
+        sidekey_edge::elevenlabs::push_mcp(&client, &base, &key, &record).await
     });
-    match lines {
-        Ok(lines) => {
-            for l in lines {
-                println!("{l}");
-            }
+    match line {
+        Ok(l) => {
+            println!("{l}");
             Ok(())
         }
-        Err(e) => Err(Fatal::new(format!("push-tools: {e}"))),
+        Err(e) => Err(Fatal::new(format!("push-mcp: {e}"))),
     }
 }
 

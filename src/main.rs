@@ -90,6 +90,16 @@ enum ElevenLabsCommand {
     Tools(ConfigArg),
     /// Read a tool that calls a provider directly on stdin; print it re-pointed at sidekey.
     RewriteTool(ConfigArg),
+    /// Print the MCP server record for sidekey's /v1/mcp (the body push-mcp sends).
+    Mcp(ConfigArg),
+    /// Create or update sidekey's MCP server record in an ElevenLabs workspace (ELEVENLABS_API_KEY).
+    PushMcp {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// ElevenLabs API base URL (regional bases, test servers).
+        #[arg(long)]
+        api_base: Option<String>,
+    },
     /// Create or update the tools in an ElevenLabs workspace (ELEVENLABS_API_KEY).
     PushTools {
         #[command(flatten)]
@@ -163,6 +173,10 @@ fn main() -> ExitCode {
             ElevenLabsCommand::Tools(c) => commands::elevenlabs_tools(&c.config),
             ElevenLabsCommand::RewriteTool(c) => {
                 commands::elevenlabs_rewrite(&c.config, &mut std::io::stdin())
+            }
+            ElevenLabsCommand::Mcp(c) => commands::elevenlabs_mcp(&c.config),
+            ElevenLabsCommand::PushMcp { config, api_base } => {
+                commands::elevenlabs_push_mcp(&config.config, api_base.as_deref())
             }
             ElevenLabsCommand::PushTools { config, api_base } => {
                 commands::elevenlabs_push(&config.config, api_base.as_deref())

@@ -42,6 +42,8 @@ pub struct App {
     pub init_secret: Option<Secret>,
     /// Memory held by post-call bodies being read, all together.
     pub webhook_bodies: sidekey_base::limits::ByteBudget,
+    /// `Mcp-Session-Id`s issued and ended here (they carry no identity).
+    pub mcp_sessions: crate::mcp::McpSessions,
 }
 
 impl std::fmt::Debug for App {
@@ -109,6 +111,7 @@ impl App {
             webhook_bodies: sidekey_base::limits::ByteBudget::new(
                 config.elevenlabs.webhook_memory_budget_bytes,
             ),
+            mcp_sessions: crate::mcp::McpSessions::default(),
             config,
             providers,
             tools,

@@ -12,6 +12,7 @@ pub mod body;
 pub mod connect;
 pub mod elevenlabs;
 pub mod error;
+pub mod mcp;
 pub mod oauth;
 pub mod proxy;
 pub mod request;

@@ -649,7 +649,7 @@ async fn owner_with_credential(
 }
 
 /// Phase 5: a credential ready to inject, refreshed first if it is due.
-async fn credential_for(
+pub(crate) async fn credential_for(
     app: &Arc<App>,
     p: &Provider,
     user: &str,

@@ -865,6 +865,9 @@ async fn route_agent_other(app: &Arc<App>, req: Request<Incoming>) -> Response<B
         let provider = provider.to_owned();
         return crate::proxy::handle_call(app, req, &provider).await;
     }
+    if path == "/v1/mcp" {
+        return crate::mcp::handle(app, req).await;
+    }
     if let Some(name) = path.strip_prefix("/v1/tools/") {
         if method != Method::POST {
             return ApiError::MethodNotAllowed.into_response();

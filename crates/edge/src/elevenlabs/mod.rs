@@ -37,8 +37,8 @@ use init::*;
 
 pub use init::conversation_init;
 pub use post_call::{PendingSignature, parse_signature, post_call, verify_signature};
-pub use push::push_tools;
-pub use tools::{rewrite_tool, tools};
+pub use push::{push_mcp, push_tools};
+pub use tools::{mcp_server, rewrite_tool, tools};
 
 #[cfg(test)]
 mod tests {

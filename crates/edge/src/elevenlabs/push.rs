@@ -141,3 +141,69 @@ pub async fn push_tools(
     }
     Ok(lines)
 }
+
+// ---------------------------------------------------------------------------
+// push-mcp
+
+/// Creates sidekey's MCP server record, or updates the one of the same
+/// name. Returns `created NAME (id)` or `updated NAME (id)`.
+pub async fn push_mcp(
+    client: &HttpClient,
+    api_base: &str,
+    api_key: &str,
+    record: &Value,
+) -> Result<String, String> {
+    let base = api_base.trim_end_matches('/');
+    let url = format!("{base}/v1/convai/mcp-servers");
+    let list = api_call(client, Method::GET, &url, api_key, None).await?;
+    let Some(items) = list.get("mcp_servers").and_then(Value::as_array) else {
+        return Err(format!(
+            "GET {url} did not answer with an MCP server list ({{\"mcp_servers\": [...]}}); is {base} the ElevenLabs API?"
+        ));
+    };
+    let cfg = &record["config"];
+    let name = cfg["name"].as_str().unwrap_or("sidekey");
+    let existing = items.iter().find_map(|m| {
+        (m.get("config")
+            .and_then(|c| c.get("name"))
+            .and_then(Value::as_str)
+            == Some(name))
+        .then(|| m.get("id").and_then(Value::as_str))
+        .flatten()
+    });
+    match existing {
+        Some(id) => {
+            // The update takes the settings flat (no `config` wrapper).
+            let mut update = serde_json::Map::new();
+            for k in [
+                "approval_policy",
+                "request_headers",
+                "response_timeout_secs",
+            ] {
+                if let Some(v) = cfg.get(k) {
+                    update.insert(k.into(), v.clone());
+                }
+            }
+            api_call(
+                client,
+                Method::PATCH,
+                &format!("{url}/{id}"),
+                api_key,
+                Some(&Value::Object(update)),
+            )
+            .await?;
+            Ok(format!("updated {name} ({id})"))
+        }
+        None => {
+            let created = api_call(client, Method::POST, &url, api_key, Some(record)).await?;
+            let id = created
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| {
+                    format!("POST {url} answered without the new server's id; is {base} the ElevenLabs API?")
+                })?;
+            Ok(format!("created {name} ({id})"))
+        }
+    }
+}

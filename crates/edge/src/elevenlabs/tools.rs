@@ -146,6 +146,22 @@ pub fn tools(cfg: &Config, providers: &Providers, catalogue: &Catalogue) -> Vec<
     out
 }
 
+/// The body of `POST /v1/convai/mcp-servers`: sidekey's `/v1/mcp` with
+/// the session and conversation as typed dynamic-variable headers.
+pub fn mcp_server(cfg: &Config) -> Value {
+    json!({
+        "config": {
+            "name": "sidekey",
+            "description": "The caller's own connected accounts, through sidekey.",
+            "url": format!("{}/v1/mcp", cfg.server.public_url),
+            "transport": "STREAMABLE_HTTP",
+            "approval_policy": "auto_approve_all",
+            "request_headers": session_headers(cfg),
+            "response_timeout_secs": cfg.elevenlabs.tool_response_timeout_secs,
+        }
+    })
+}
+
 /// A webhook tool that posts its parameters to `/v1/tools/<name>`.
 fn operation_tool(cfg: &Config, t: &Tool) -> Value {
     let mut props = serde_json::Map::new();
