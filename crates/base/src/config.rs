@@ -235,6 +235,7 @@ struct RawElevenLabs {
     webhook_min_rate_grace_secs: Option<u64>,
     webhook_tolerance_secs: Option<u64>,
     tool_response_timeout_secs: Option<u64>,
+    mcp_approval_policy: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -452,6 +453,8 @@ pub struct ElevenLabsConfig {
     pub webhook_tolerance_secs: i64,
     /// `response_timeout_secs` written into generated tools.
     pub tool_response_timeout_secs: u64,
+    /// The `approval_policy` of the MCP server record push-mcp writes.
+    pub mcp_approval_policy: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -968,6 +971,19 @@ impl Config {
         if Url::parse(&api_base).is_err() {
             p.push(format!("[elevenlabs] api_base = {api_base:?} is not a URL"));
         }
+        let mcp_approval_policy = el
+            .mcp_approval_policy
+            .clone()
+            .unwrap_or_else(|| "auto_approve_all".into());
+        if ![
+            "auto_approve_all",
+            "require_approval_all",
+            "require_approval_per_tool",
+        ]
+        .contains(&mcp_approval_policy.as_str())
+        {
+            p.push(format!("[elevenlabs] mcp_approval_policy: {mcp_approval_policy:?} is not one of auto_approve_all, require_approval_all, require_approval_per_tool"));
+        }
         let tool_timeout = el
             .tool_response_timeout_secs
             .unwrap_or((server.upstream_timeout_secs + 10).clamp(5, 120));
@@ -1028,6 +1044,7 @@ impl Config {
             webhook_tolerance_secs: i64::try_from(el.webhook_tolerance_secs.unwrap_or(1800))
                 .unwrap_or(i64::MAX),
             tool_response_timeout_secs: tool_timeout,
+            mcp_approval_policy,
         };
 
         if budget - reserved < elevenlabs.max_webhook_bytes {

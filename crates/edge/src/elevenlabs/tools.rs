@@ -155,7 +155,7 @@ pub fn mcp_server(cfg: &Config) -> Value {
             "description": "The caller's own connected accounts, through sidekey.",
             "url": format!("{}/v1/mcp", cfg.server.public_url),
             "transport": "STREAMABLE_HTTP",
-            "approval_policy": "auto_approve_all",
+            "approval_policy": cfg.elevenlabs.mcp_approval_policy,
             "request_headers": session_headers(cfg),
             "response_timeout_secs": cfg.elevenlabs.tool_response_timeout_secs,
         }

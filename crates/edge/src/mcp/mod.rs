@@ -81,11 +81,14 @@ async fn post(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 .into_response();
         }
     }
+    let mut version = None;
     if let Some(v) = parts.headers.get(&PROTOCOL_HEADER) {
-        let ok = v
+        version = v
             .to_str()
-            .is_ok_and(|v| PROTOCOL_VERSIONS.contains(&v.trim()));
-        if !ok {
+            .ok()
+            .map(str::trim)
+            .filter(|v| PROTOCOL_VERSIONS.contains(v));
+        if version.is_none() {
             return rpc_http(
                 StatusCode::BAD_REQUEST,
                 error(
@@ -121,6 +124,15 @@ async fn post(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         headers: &parts.headers,
     };
     match msg {
+        // JSON-RPC batches were removed in 2025-06-18.
+        Value::Array(_) if version.is_some_and(|v| v != "2025-03-26") => rpc_http(
+            StatusCode::BAD_REQUEST,
+            error(
+                Value::Null,
+                INVALID_REQUEST,
+                "Invalid Request: batches are not allowed in this protocol version.",
+            ),
+        ),
         Value::Array(batch) if !batch.is_empty() => {
             let mut out = Vec::new();
             let mut issued = None;
@@ -217,7 +229,8 @@ impl Ctx<'_> {
             // Notifications (initialized, cancelled, ...) need no answer.
             return (None, None);
         };
-        if !(id.is_string() || id.is_i64() || id.is_u64()) {
+        // Echoed unchanged; a request id is a string or a number.
+        if !(id.is_string() || id.is_number()) {
             return (
                 Some(error(
                     Value::Null,

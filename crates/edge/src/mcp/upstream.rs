@@ -24,6 +24,10 @@ use sidekey_vault::Credential;
 const CLIENT_VERSION: &str = "2025-06-18";
 /// Largest upstream answer read (a tool listing or a tool result).
 const MAX_ANSWER: usize = 4 << 20;
+/// Most tools taken from one server's listing, and the largest definition
+/// kept: an agent cannot use more, and a listing is kept in the store.
+const MAX_TOOLS: usize = 512;
+const MAX_DEFINITION: usize = 64 << 10;
 
 pub enum CallError {
     /// Not a tool of this server (or filtered out by its `tools` globs).
@@ -83,9 +87,26 @@ fn present(name: &str, server: &McpServerConfig, tools: &Value) -> Vec<Value> {
 /// else the upstream put in its answer.
 fn definitions(tools: &Value) -> Value {
     let list = tools.as_array().cloned().unwrap_or_default();
+    let total = list.len();
+    let kept: Vec<Value> = list
+        .into_iter()
+        .filter(|t| {
+            t.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty() && n.len() <= 128)
+        })
+        .filter(|t| serde_json::to_vec(t).map_or(0, |v| v.len()) <= MAX_DEFINITION)
+        .take(MAX_TOOLS)
+        .collect();
+    if kept.len() < total {
+        tracing::warn!(
+            listed = total,
+            kept = kept.len(),
+            "upstream MCP listing trimmed (nameless, over 64 KiB, or past {MAX_TOOLS} tools)"
+        );
+    }
     Value::Array(
-        list.into_iter()
-            .filter(|t| t.get("name").is_some_and(Value::is_string))
+        kept.into_iter()
             .map(|t| {
                 let mut d = json!({"name": t["name"]});
                 for k in [
