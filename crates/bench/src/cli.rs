@@ -74,6 +74,10 @@ pub(crate) struct Args {
     /// Size of the upstream's response body, bytes.
     #[arg(long, default_value_t = 128)]
     pub(crate) body_bytes: usize,
+    /// Also measure the operation tool `bench_items` (POST /v1/tools/...)
+    /// and its MCP tools/call, side by side with the proxy path.
+    #[arg(long)]
+    pub(crate) tool_paths: bool,
     /// Turn sidekey's audit log off ([audit] enabled = false), to see its cost.
     #[arg(long)]
     pub(crate) no_audit: bool,

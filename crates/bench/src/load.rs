@@ -23,6 +23,11 @@ pub(crate) enum Target {
     Nginx,
     /// Through sidekey.
     Via,
+    /// Through sidekey, as the operation tool `bench_items`
+    /// (`POST /v1/tools/bench_items`).
+    Tool,
+    /// Through sidekey, as that tool's MCP `tools/call`.
+    Mcp,
 }
 
 impl Target {
@@ -31,6 +36,8 @@ impl Target {
             Target::Direct => "direct",
             Target::Nginx => "nginx",
             Target::Via => "sidekey",
+            Target::Tool => "sidekey-tool",
+            Target::Mcp => "sidekey-mcp",
         }
     }
 
@@ -39,14 +46,22 @@ impl Target {
             Target::Direct => ctx.direct_uri.clone(),
             Target::Nginx => ctx.nginx_uri.clone().expect("nginx target without --nginx"),
             Target::Via => ctx.via_uri.clone(),
+            Target::Tool => ctx.tool_uri.clone(),
+            Target::Mcp => ctx.mcp_uri.clone(),
         }
     }
 }
+
+/// The arguments the tool targets send: what `?limit=10` is for the proxy.
+const TOOL_BODY: &[u8] = br#"{"limit": 10}"#;
+const MCP_BODY: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"bench_items","arguments":{"limit":10}}}"#;
 
 pub(crate) struct Ctx {
     pub(crate) client: BenchClient,
     pub(crate) direct_uri: Uri,
     pub(crate) via_uri: Uri,
+    pub(crate) tool_uri: Uri,
+    pub(crate) mcp_uri: Uri,
     /// nginx's `/api/items?limit=10` (it injects the bearer header itself).
     pub(crate) nginx_uri: Option<Uri>,
     /// nginx's master and worker pids.
@@ -90,8 +105,20 @@ pub(crate) async fn one(
     uri: &Uri,
     session: usize,
 ) -> Result<(), String> {
-    let mut req = Request::new(Full::new(Bytes::new()));
+    let body = match target {
+        Target::Tool => Bytes::from_static(TOOL_BODY),
+        Target::Mcp => Bytes::from_static(MCP_BODY),
+        _ => Bytes::new(),
+    };
+    let mut req = Request::new(Full::new(body));
     *req.uri_mut() = uri.clone();
+    if matches!(target, Target::Tool | Target::Mcp) {
+        *req.method_mut() = http::Method::POST;
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
     let h = req.headers_mut();
     h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     h.insert(
@@ -103,7 +130,7 @@ pub(crate) async fn one(
             h.insert(header::AUTHORIZATION, ctx.direct_auth.clone());
         }
         Target::Nginx => {}
-        Target::Via => {
+        Target::Via | Target::Tool | Target::Mcp => {
             h.insert(
                 "x-sidekey-session",
                 ctx.sessions[session % ctx.sessions.len()].clone(),
@@ -123,7 +150,14 @@ pub(crate) async fn one(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     match resp.into_body().collect().await {
-        Ok(_) if status == StatusCode::OK => Ok(()),
+        // A refused MCP call is a 200 whose result says isError.
+        Ok(b) if status == StatusCode::OK => {
+            if target == Target::Mcp && contains(&b.to_bytes(), b"\"isError\":true") {
+                Err("mcp isError".into())
+            } else {
+                Ok(())
+            }
+        }
         Ok(_) => Err(match code {
             Some(c) => format!("{} {c}", status.as_u16()),
             None => status.as_u16().to_string(),
@@ -226,18 +260,20 @@ pub(crate) fn finish_case(
         proxy_cpu_s: match target {
             Target::Direct => 0.0,
             Target::Nginx => b.nginx_cpu - a.nginx_cpu,
-            Target::Via => b.sidekey_cpu - a.sidekey_cpu,
+            Target::Via | Target::Tool | Target::Mcp => b.sidekey_cpu - a.sidekey_cpu,
         },
         proxy_user_s: match target {
             Target::Direct => 0.0,
             Target::Nginx => b.nginx_user - a.nginx_user,
-            Target::Via => b.sidekey_user - a.sidekey_user,
+            Target::Via | Target::Tool | Target::Mcp => b.sidekey_user - a.sidekey_user,
         },
         bench_cpu_s: b.bench_cpu - a.bench_cpu,
         worker_split: match target {
             Target::Direct => None,
             Target::Nginx => worker_split(&a.nginx_workers, &b.nginx_workers),
-            Target::Via => worker_split(&a.sidekey_workers, &b.sidekey_workers),
+            Target::Via | Target::Tool | Target::Mcp => {
+                worker_split(&a.sidekey_workers, &b.sidekey_workers)
+            }
         },
         sidekey_hwm_kib: status_kib(&ctx.sidekey_pid, "VmHWM:"),
         sidekey_rss_kib: status_kib(&ctx.sidekey_pid, "VmRSS:"),
@@ -383,4 +419,8 @@ pub(crate) async fn open_loop(
     c.extra
         .insert("late_starts".into(), json!(late.load(Ordering::Relaxed)));
     c
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }

@@ -329,6 +329,12 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
         )
         .parse()
         .expect("valid uri"),
+        tool_uri: format!("https://127.0.0.1:{}/v1/tools/bench_items", ports.agent)
+            .parse()
+            .expect("valid uri"),
+        mcp_uri: format!("https://127.0.0.1:{}/v1/mcp", ports.agent)
+            .parse()
+            .expect("valid uri"),
         direct_auth: HeaderValue::from_static(direct_auth),
         nginx_uri,
         nginx_pids: nginx.as_ref().map(Nginx::pids).unwrap_or_default(),
@@ -358,6 +364,13 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
             one(&ctx, Target::Nginx, u, 0)
                 .await
                 .map_err(|e| format!("request through nginx failed: {e}"))?;
+        }
+        if args.tool_paths {
+            for t in [Target::Tool, Target::Mcp] {
+                one(&ctx, t, &t.uri(&ctx), 0).await.map_err(|e| {
+                    format!("{} request failed: {e}\n{}", t.uri(&ctx), sk.log_text())
+                })?;
+            }
         }
     }
 
@@ -389,6 +402,12 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
             targets.push(Target::Nginx);
         }
         targets.push(Target::Via);
+        if args.tool_paths {
+            if args.load == Load::Wrk {
+                return Err("--tool-paths needs the built-in load generator (--load builtin): its requests are POSTs with a body".into());
+            }
+            targets.extend([Target::Tool, Target::Mcp]);
+        }
         for round in 0..args.repeat.max(1) {
             if args.repeat > 1 {
                 out.note(&format!(

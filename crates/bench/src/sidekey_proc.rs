@@ -202,6 +202,14 @@ display_name = "Bench"
 base_url = "{up}"
 inject = "bearer"
 
+[tools.bench_items]
+provider = "bench"
+method = "GET"
+path = "/api/items"
+description = "The bench upstream's items."
+[tools.bench_items.params]
+limit = {{ type = "integer", in = "query" }}
+
 [providers.storm]
 display_name = "Storm"
 base_url = "{up}"

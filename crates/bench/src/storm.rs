@@ -73,6 +73,8 @@ pub(crate) async fn storm(
         via_uri: format!("https://127.0.0.1:{agent_port}/v1/proxy/storm/api/items")
             .parse()
             .expect("valid uri"),
+        tool_uri: ctx_uri_placeholder(),
+        mcp_uri: ctx_uri_placeholder(),
         direct_auth: ctx.direct_auth.clone(),
         nginx_uri: None,
         nginx_pids: Vec::new(),
@@ -217,6 +219,8 @@ pub(crate) async fn storm_replicas(
         client: client.clone(),
         direct_uri: ctx.direct_uri.clone(),
         via_uri: ctx.via_uri.clone(),
+        tool_uri: ctx_uri_placeholder(),
+        mcp_uri: ctx_uri_placeholder(),
         direct_auth: ctx.direct_auth.clone(),
         nginx_uri: None,
         nginx_pids: Vec::new(),
@@ -256,6 +260,8 @@ pub(crate) async fn storm_replicas(
         client,
         direct_uri: ctx.direct_uri.clone(),
         via_uri: uris[0].clone(),
+        tool_uri: ctx_uri_placeholder(),
+        mcp_uri: ctx_uri_placeholder(),
         direct_auth: ctx.direct_auth.clone(),
         nginx_uri: None,
         nginx_pids: Vec::new(),
@@ -305,4 +311,9 @@ pub(crate) async fn storm_replicas(
         .insert("token_delay_ms".into(), json!(args.storm_token_delay_ms));
     c.extra.insert("replicas".into(), json!(agent_ports.len()));
     Ok(c)
+}
+
+/// The storms use the proxy path only.
+fn ctx_uri_placeholder() -> http::Uri {
+    http::Uri::from_static("https://127.0.0.1/unused")
 }

@@ -118,6 +118,11 @@ fn run_wrk(
             ));
         }
         Target::Nginx => {}
+        Target::Tool | Target::Mcp => {
+            return Err(
+                "wrk sends GETs without a body; the tool targets run on the built-in load".into(),
+            );
+        }
         Target::Via => {
             // One session: wrk sends the same request bytes each time (no
             // Lua on its hot path); sidekey still runs every session check.
