@@ -731,6 +731,43 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             c.agent(m, "/v1/call/custom", &[], r#"{"method":"GET","path":"/ok"}"#)
                 .await
         }
+        ("/v1/tools/{name}", "POST", 200 | 400 | 403 | 404 | 424) => {
+            c.admin(Method::PUT, "/v1/users/alice/credentials/custom", json!({"access_token": "at-openapi"}))
+                .await;
+            let (user, tool, args) = match status {
+                200 => ("alice", "ctx_tool", json!({"id": "a"})),
+                400 => ("alice", "ctx_tool", json!({})),
+                403 => ("alice", "other_tool", json!({})),
+                404 => ("alice", "no_such_tool", json!({})),
+                _ => ("nocred", "ctx_tool", json!({"id": "a"})),
+            };
+            let t = c.sk.token(user, &["custom"]).await;
+            c.agent(m, &format!("/v1/tools/{tool}"), &[("x-sidekey-session", &t)], &args.to_string())
+                .await
+        }
+        ("/v1/tools/{name}", "POST", 401) => {
+            c.agent(m, "/v1/tools/ctx_tool", &[], r#"{"id":"a"}"#).await
+        }
+        ("/v1/mcp", "POST", 200) => {
+            c.agent(m, "/v1/mcp", &[], r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+                .await
+        }
+        ("/v1/mcp", "POST", 202) => {
+            c.agent(m, "/v1/mcp", &[], r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+                .await
+        }
+        ("/v1/mcp", "POST", 400) => c.agent(m, "/v1/mcp", &[], "{nope").await,
+        ("/v1/mcp", "GET", 405) => c.agent(m, "/v1/mcp", &[], "").await,
+        ("/v1/mcp", "DELETE", 204) => {
+            let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+            let r = c.agent(Method::POST, "/v1/mcp", &[], init).await;
+            let sid = r.headers["mcp-session-id"].to_str().unwrap().to_owned();
+            c.agent(m, "/v1/mcp", &[("mcp-session-id", &sid)], "").await
+        }
+        ("/v1/mcp", "DELETE", 404) => {
+            c.agent(m, "/v1/mcp", &[("mcp-session-id", "never-issued")], "")
+                .await
+        }
         ("/v1/session/refresh", "POST", 200) => {
             let t = c.token(&["custom"]).await;
             c.agent(m, "/v1/session/refresh", &[("x-sidekey-session", &t)], "{}")
@@ -1048,6 +1085,8 @@ async fn openapi_matches_the_running_server() {
          [providers.dead]\nbase_url = \"http://127.0.0.1:1\"\n\n\
          [providers.plain]\nbase_url = \"{u}\"\n\n\
          [providers.noclient]\nbase_url = \"{u}\"\ntoken_url = \"{t}\"\nauthorize_url = \"{authorize}\"\n\n\
+         [tools.ctx_tool]\nprovider = \"custom\"\npath = \"/ok/tool/{{id}}\"\n[tools.ctx_tool.params]\nid = {{ type = \"string\", required = true }}\n\n\
+         [tools.other_tool]\nprovider = \"other\"\npath = \"/ok/other\"\n\n\
          [limits]\nper_session_rps = 0.5\nper_session_burst = 1\n",
         u = up.url,
         t = tokens.url,
