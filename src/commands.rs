@@ -425,10 +425,45 @@ pub fn elevenlabs_rewrite(path: &Path, input: &mut dyn Read) -> Result<(), Fatal
 }
 
 /// `sidekey elevenlabs push-tools [--api-base URL]`
-pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal> {
+pub fn elevenlabs_push(
+    path: &Path,
+    api_base: Option<&str>,
+    allow_unreachable: bool,
+    only: &[String],
+) -> Result<(), Fatal> {
     let (cfg, p) = config_and_providers(path)?;
+    reachable_by_elevenlabs(&cfg, allow_unreachable)?;
+    for name in only {
+        if p.get(name).is_none() {
+            return Err(Fatal::new(format!(
+                "--provider {name:?} is not a configured provider"
+            )));
+        }
+    }
     let (key, base) = elevenlabs_api(&cfg, api_base)?;
-    let tools = sidekey_edge::elevenlabs::tools(&cfg, &p, &catalogue(&cfg, &p)?);
+    let cat = catalogue(&cfg, &p)?;
+    // The shipped demo provider's upstream exists only on this machine:
+    // never pushed unless named.
+    let wanted = |provider: &str| {
+        if only.is_empty() {
+            provider != "demo"
+        } else {
+            only.iter().any(|o| o == provider)
+        }
+    };
+    let tools: Vec<serde_json::Value> = sidekey_edge::elevenlabs::tools(&cfg, &p, &cat)
+        .into_iter()
+        .filter(|t| {
+            let url = t["tool_config"]["api_schema"]["url"].as_str().unwrap_or("");
+            if let Some((_, prov)) = url.rsplit_once("/v1/call/") {
+                return wanted(prov);
+            }
+            if let Some((_, name)) = url.rsplit_once("/v1/tools/") {
+                return cat.get(name).is_none_or(|tool| wanted(&tool.provider));
+            }
+            true
+        })
+        .collect();
     let rt = runtime()?;
     let lines = rt.block_on(async {
         let client = sidekey_creds::client::build(std::time::Duration::from_secs(10), vec![]);
@@ -442,6 +477,69 @@ pub fn elevenlabs_push(path: &Path, api_base: Option<&str>) -> Result<(), Fatal>
             Ok(())
         }
         Err(e) => Err(Fatal::new(format!("push-tools: {e}"))),
+    }
+}
+
+/// ElevenLabs calls tools from its own servers: a `public_url` they cannot
+/// reach makes every pushed tool fail at call time, so it is refused here.
+fn reachable_by_elevenlabs(cfg: &Config, allow: bool) -> Result<(), Fatal> {
+    let public = &cfg.server.public_url;
+    let Some(why) = unreachable_reason(public) else {
+        return Ok(());
+    };
+    if allow {
+        tracing::warn!("[server] public_url {public} {why}; pushing anyway (--allow-unreachable)");
+        return Ok(());
+    }
+    Err(Fatal::new(format!(
+        "[server] public_url {public} {why}, so ElevenLabs cannot reach it; set it to a public https URL (on a laptop, a tunnel: `cloudflared tunnel --url https://localhost:{port}`, see docs/elevenlabs.md), or pass --allow-unreachable",
+        port = match cfg.server.listen.port() {
+            0 => 8443,
+            p => p,
+        }
+    )))
+}
+
+/// Why ElevenLabs' servers could not call `public_url`, if they could not.
+pub fn unreachable_reason(public: &str) -> Option<&'static str> {
+    let Ok(u) = url::Url::parse(public) else {
+        return Some("is not a URL");
+    };
+    if u.scheme() != "https" {
+        return Some("is not https");
+    }
+    match u.host() {
+        None => Some("has no host"),
+        Some(url::Host::Ipv4(ip)) => (ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            || ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+            .then_some("is a loopback, private or link-local address"),
+        Some(url::Host::Ipv6(ip)) => (ip.is_loopback()
+            || ip.is_unspecified()
+            || (ip.segments()[0] & 0xfe00) == 0xfc00
+            || (ip.segments()[0] & 0xffc0) == 0xfe80)
+            .then_some("is a loopback, private or link-local address"),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            let local = d == "localhost"
+                || !d.contains('.')
+                || [
+                    ".localhost",
+                    ".local",
+                    ".internal",
+                    ".lan",
+                    ".home.arpa",
+                    ".test",
+                    ".example",
+                    ".invalid",
+                ]
+                .iter()
+                .any(|s| d.ends_with(s));
+            local.then_some("is a local name")
+        }
     }
 }
 
@@ -477,8 +575,13 @@ pub fn elevenlabs_mcp(path: &Path) -> Result<(), Fatal> {
 }
 
 /// `sidekey elevenlabs push-mcp [--api-base URL]`
-pub fn elevenlabs_push_mcp(path: &Path, api_base: Option<&str>) -> Result<(), Fatal> {
+pub fn elevenlabs_push_mcp(
+    path: &Path,
+    api_base: Option<&str>,
+    allow_unreachable: bool,
+) -> Result<(), Fatal> {
     let (cfg, _) = config_and_providers(path)?;
+    reachable_by_elevenlabs(&cfg, allow_unreachable)?;
     let (key, base) = elevenlabs_api(&cfg, api_base)?;
     let record = sidekey_edge::elevenlabs::mcp_server(&cfg);
     let rt = runtime()?;

@@ -99,6 +99,10 @@ enum ElevenLabsCommand {
         /// ElevenLabs API base URL (regional bases, test servers).
         #[arg(long)]
         api_base: Option<String>,
+        /// Push even though ElevenLabs cannot reach [server] public_url
+        /// (loopback, private, .local, or not https).
+        #[arg(long)]
+        allow_unreachable: bool,
     },
     /// Create or update the tools in an ElevenLabs workspace (ELEVENLABS_API_KEY).
     PushTools {
@@ -107,6 +111,14 @@ enum ElevenLabsCommand {
         /// ElevenLabs API base URL (regional bases, test servers).
         #[arg(long)]
         api_base: Option<String>,
+        /// Push even though ElevenLabs cannot reach [server] public_url
+        /// (loopback, private, .local, or not https).
+        #[arg(long)]
+        allow_unreachable: bool,
+        /// Push only these providers' tools (repeatable); by default every
+        /// provider's but the shipped `demo` one.
+        #[arg(long = "provider", value_name = "NAME")]
+        providers: Vec<String>,
     },
 }
 
@@ -175,12 +187,26 @@ fn main() -> ExitCode {
                 commands::elevenlabs_rewrite(&c.config, &mut std::io::stdin())
             }
             ElevenLabsCommand::Mcp(c) => commands::elevenlabs_mcp(&c.config),
-            ElevenLabsCommand::PushMcp { config, api_base } => {
-                commands::elevenlabs_push_mcp(&config.config, api_base.as_deref())
-            }
-            ElevenLabsCommand::PushTools { config, api_base } => {
-                commands::elevenlabs_push(&config.config, api_base.as_deref())
-            }
+            ElevenLabsCommand::PushMcp {
+                config,
+                api_base,
+                allow_unreachable,
+            } => commands::elevenlabs_push_mcp(
+                &config.config,
+                api_base.as_deref(),
+                allow_unreachable,
+            ),
+            ElevenLabsCommand::PushTools {
+                config,
+                api_base,
+                allow_unreachable,
+                providers,
+            } => commands::elevenlabs_push(
+                &config.config,
+                api_base.as_deref(),
+                allow_unreachable,
+                &providers,
+            ),
         },
     };
     match result {

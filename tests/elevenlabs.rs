@@ -1307,6 +1307,7 @@ async fn push_tools_creates_then_updates_without_duplicates() {
                     &[
                         "elevenlabs",
                         "push-tools",
+                        "--allow-unreachable",
                         "--config",
                         &cfg,
                         "--api-base",
@@ -1410,6 +1411,7 @@ async fn push_tools_creates_then_updates_without_duplicates() {
                 &[
                     "elevenlabs",
                     "push-tools",
+                    "--allow-unreachable",
                     "--config",
                     &cfg,
                     "--api-base",
@@ -1430,4 +1432,93 @@ async fn push_tools_creates_then_updates_without_duplicates() {
     let st = state.lock().unwrap();
     assert_eq!(st.calls.len(), before);
     assert_eq!(st.unauthorised, 0);
+}
+
+#[tokio::test]
+async fn push_refuses_a_public_url_elevenlabs_cannot_reach_and_never_pushes_the_demo() {
+    let state = Arc::new(Mutex::new(FakeEl::default()));
+    let base = start_fake_el(state.clone()).await;
+    let run = |config: PathBuf, dir: PathBuf, args: Vec<String>| {
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut a: Vec<String> = vec!["elevenlabs".into()];
+            a.extend(args);
+            a.extend([
+                "--config".into(),
+                config.to_str().unwrap().into(),
+                "--api-base".into(),
+                base,
+            ]);
+            let a: Vec<&str> = a.iter().map(String::as_str).collect();
+            run_cli(
+                &dir,
+                &a,
+                &[("ELEVENLABS_API_KEY".into(), XI_KEY.into())],
+                None,
+            )
+        })
+    };
+    // The default public_url is https://localhost:<port>.
+    let (dir, config) = cli_config("[providers.demo]\nbase_url = \"http://127.0.0.1:8099\"\n");
+    for cmd in ["push-tools", "push-mcp"] {
+        let (code, out, err) = run(config.clone(), dir.path().into(), vec![cmd.into()])
+            .await
+            .unwrap();
+        assert_eq!(code, 2, "{cmd}: {out}{err}");
+        assert!(
+            err.contains("cannot reach it") && err.contains("--allow-unreachable"),
+            "{err}"
+        );
+        assert!(err.contains("cloudflared"), "the fix in one line: {err}");
+    }
+    assert!(
+        state.lock().unwrap().calls.is_empty(),
+        "ElevenLabs was not called"
+    );
+    for bad in [
+        "http://sidekey.acme-voice.com",
+        "https://127.0.0.1:8443",
+        "https://10.1.2.3",
+        "https://192.168.1.20:8443",
+        "https://169.254.1.1",
+        "https://[::1]:8443",
+        "https://[fd00::1]",
+        "https://box.local",
+        "https://devbox",
+    ] {
+        assert!(
+            sidekey::commands::unreachable_reason(bad).is_some(),
+            "{bad}"
+        );
+    }
+    assert!(sidekey::commands::unreachable_reason("https://sidekey.acme-voice.com").is_none());
+
+    // With a public URL: every tool but the demo provider's is pushed.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = Options::with_providers(
+        "[providers.slack]\npreset = \"slack\"\n\n[providers.demo]\nbase_url = \"http://127.0.0.1:8099\"\n",
+    )
+    .server("public_url = \"https://sidekey.acme-voice.com\"")
+    .config_text();
+    std::fs::write(&config, text).unwrap();
+    let (code, out, err) = run(config.clone(), dir.path().into(), vec!["push-tools".into()])
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("sidekey_demo"), "{out}");
+    assert!(out.contains("sidekey_slack"), "{out}");
+    // Named, it is pushed (and only it).
+    let (code, out, err) = run(
+        config,
+        dir.path().into(),
+        vec!["push-tools".into(), "--provider".into(), "demo".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("sidekey_demo") && !out.contains("sidekey_slack"),
+        "{out}"
+    );
 }

@@ -597,6 +597,7 @@ async fn push_mcp_creates_then_updates_the_elevenlabs_record() {
                 &[
                     "elevenlabs",
                     "push-mcp",
+                    "--allow-unreachable",
                     "--config",
                     &cfg_s,
                     "--api-base",

@@ -305,7 +305,10 @@ async fn users_are_listed_a_page_at_a_time_with_real_update_times() {
 // ElevenLabs commands
 
 fn cli_config(dir: &Path) -> String {
-    let text = Options::with_providers("[providers.slack]\npreset = \"slack\"\n").config_text();
+    // A public URL: push-tools refuses one ElevenLabs cannot reach.
+    let text = Options::with_providers("[providers.slack]\npreset = \"slack\"\n")
+        .server("public_url = \"https://sidekey.acme-voice.com\"")
+        .config_text();
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
     path.to_string_lossy().into_owned()
