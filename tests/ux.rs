@@ -458,3 +458,30 @@ async fn user_pages_match_a_sorted_listing_whatever_the_ids() {
         assert_eq!(seen, all, "limit {limit}");
     }
 }
+
+#[test]
+fn config_mistakes_name_their_table_and_the_key_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisen = \"127.0.0.1:1\"\nmax_body_bytes = \"big\"\n[providers.slack]\nprest = \"slack\"\n[connect]\napp_nme = \"x\"\n",
+    )
+    .unwrap();
+    let (code, _out, err) = run_cli(
+        dir.path(),
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[],
+        None,
+    );
+    assert_eq!(code, 2);
+    for want in [
+        "(line 2) [server]: unknown key `lisen`; did you mean `listen`?",
+        "(line 3) [server] max_body_bytes: invalid type: string, expected a whole number",
+        "(line 5) [providers.slack]: unknown key `prest`; did you mean `preset`?",
+        "(line 7) [connect]: unknown key `app_nme`; did you mean `app_name`?",
+    ] {
+        assert!(err.contains(want), "{want} not in:\n{err}");
+    }
+    assert!(!err.contains("u64"), "{err}");
+}

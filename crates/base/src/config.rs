@@ -1210,7 +1210,7 @@ fn parse_raw(text: &str, path: &Path) -> Result<(RawConfig, Vec<String>), Vec<St
     // The error's own Display quotes the offending line, which could hold an
     // inline secret: report the position and message only.
     let describe = |e: &toml::de::Error, text: &str| {
-        let msg = without_values(e.message().trim());
+        let msg = plain(&without_values(e.message().trim()));
         let Some(span) = e.span() else {
             return format!("{}: {msg}", path.display());
         };
@@ -1224,9 +1224,18 @@ fn parse_raw(text: &str, path: &Path) -> Result<(RawConfig, Vec<String>), Vec<St
             .and_then(|l| l.split_once('='))
             .map(|(k, _)| k.trim())
             .filter(|k| !k.is_empty() && !k.starts_with('[') && !msg.contains(*k));
+        // The table the line is in, as written (`[providers.slack]`).
+        let table = text[..line_start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .and_then(|l| l.split('#').next())
+            .map(|l| format!(" {}", l.trim()))
+            .unwrap_or_default();
         match key {
-            Some(k) => format!("{} (line {line}): {k}: {msg}", path.display()),
-            None => format!("{} (line {line}): {msg}", path.display()),
+            Some(k) => format!("{} (line {line}){table} {k}: {msg}", path.display()),
+            None => format!("{} (line {line}){table}: {msg}", path.display()),
         }
     };
     if let Err(e) = text.parse::<toml::Table>() {
@@ -1274,6 +1283,52 @@ fn line_of(m: &str) -> usize {
 
 /// toml quotes the offending value for type errors; a value may be an
 /// inline secret, so type errors keep only the value's kind.
+/// serde's wording in a user's words: an unknown key with the closest valid
+/// one, and types as words (`an integer`, not `u64`).
+fn plain(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((field, tail)) = rest.split_once('`') {
+            let valid: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            let best = valid
+                .iter()
+                .map(|v| (strsim::damerau_levenshtein(field, v), *v))
+                .min();
+            let limit = if field.len() > 6 { 3 } else { 2 };
+            return match best {
+                Some((d, v)) if d <= limit => {
+                    format!("unknown key `{field}`; did you mean `{v}`?")
+                }
+                _ if valid.is_empty() => format!("unknown key `{field}`"),
+                _ => format!(
+                    "unknown key `{field}`; the keys here are {}",
+                    valid.join(", ")
+                ),
+            };
+        }
+    }
+    let mut out = msg.to_owned();
+    for (rust, words) in [
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u8", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected a list"),
+        ("expected a map", "expected a table"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("invalid type: map", "invalid type: table"),
+    ] {
+        out = out.replace(rust, words);
+    }
+    if let Some(i) = out.find("expected struct ") {
+        out.replace_range(i.., "expected a table");
+    }
+    out
+}
+
 fn without_values(msg: &str) -> String {
     if !(msg.starts_with("invalid type") || msg.starts_with("invalid value")) {
         return msg.to_owned();
