@@ -405,6 +405,28 @@ pub fn elevenlabs_tools(path: &Path) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// `sidekey vapi tools`
+pub fn vapi_tools(path: &Path) -> Result<(), Fatal> {
+    let (cfg, p) = config_and_providers(path)?;
+    let tools = sidekey_edge::vapi::tools(&cfg, &catalogue(&cfg, &p)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&tools).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `sidekey retell tools`
+pub fn retell_tools(path: &Path) -> Result<(), Fatal> {
+    let (cfg, p) = config_and_providers(path)?;
+    let tools = sidekey_edge::retell::tools(&cfg, &catalogue(&cfg, &p)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&tools).unwrap_or_default()
+    );
+    Ok(())
+}
+
 /// `sidekey elevenlabs rewrite-tool < tool.json`
 pub fn elevenlabs_rewrite(path: &Path, input: &mut dyn Read) -> Result<(), Fatal> {
     let (cfg, p) = config_and_providers(path)?;

@@ -82,6 +82,22 @@ enum Command {
         #[command(subcommand)]
         command: ElevenLabsCommand,
     },
+    /// Vapi tool definitions.
+    Vapi {
+        #[command(subcommand)]
+        command: VoiceCommand,
+    },
+    /// Retell tool definitions.
+    Retell {
+        #[command(subcommand)]
+        command: VoiceCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VoiceCommand {
+    /// Print one tool definition per operation tool, as JSON (as admin GET /v1/vapi/tools or /v1/retell/tools).
+    Tools(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -208,6 +224,12 @@ fn main() -> ExitCode {
                 &providers,
             ),
         },
+        Command::Vapi {
+            command: VoiceCommand::Tools(c),
+        } => commands::vapi_tools(&c.config),
+        Command::Retell {
+            command: VoiceCommand::Tools(c),
+        } => commands::retell_tools(&c.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,12 @@ pub struct Loaded {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub webhook_secret: Option<Secret>,
     pub init_secret: Option<Secret>,
+    /// `[vapi] secret_*`: compared with `X-Vapi-Secret` / `Authorization`.
+    pub vapi_secret: Option<Secret>,
+    /// `[vapi] hmac_secret_*`: the key of Vapi's `x-signature`.
+    pub vapi_hmac_secret: Option<Secret>,
+    /// `[retell] api_key_*`: the key of `X-Retell-Signature`.
+    pub retell_api_key: Option<Secret>,
     /// What was generated, for the start-up log.
     pub generated: Vec<String>,
     /// Non-fatal remarks (e.g. a webhook secret not set).
@@ -268,6 +274,29 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
         &mut problems,
     );
 
+    // --- Vapi and Retell (off unless configured: no note when unset) ---
+    let vapi_secret = optional_if_set(
+        &cfg.vapi.secret,
+        "vapi.secret_file / secret_env",
+        "POST /v1/vapi/tools",
+        &mut notes,
+        &mut problems,
+    );
+    let vapi_hmac_secret = optional_if_set(
+        &cfg.vapi.hmac_secret,
+        "vapi.hmac_secret_file / hmac_secret_env",
+        "POST /v1/vapi/tools",
+        &mut notes,
+        &mut problems,
+    );
+    let retell_api_key = optional_if_set(
+        &cfg.retell.api_key,
+        "retell.api_key_file / api_key_env",
+        "the Retell endpoints",
+        &mut notes,
+        &mut problems,
+    );
+
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -286,6 +315,9 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
         tls,
         webhook_secret,
         init_secret,
+        vapi_secret,
+        vapi_hmac_secret,
+        retell_api_key,
         generated,
         notes,
     })
@@ -323,6 +355,21 @@ fn optional(
             None
         }
     }
+}
+
+/// As [`optional`], for front doors that are off unless configured: an
+/// unset source says nothing.
+fn optional_if_set(
+    src: &SecretSource,
+    what: &str,
+    endpoint: &str,
+    notes: &mut Vec<String>,
+    problems: &mut Vec<String>,
+) -> Option<Secret> {
+    if matches!(src, SecretSource::Unset) {
+        return None;
+    }
+    optional(src, what, endpoint, notes, problems)
 }
 
 #[allow(clippy::too_many_arguments)]

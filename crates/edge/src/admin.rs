@@ -114,6 +114,14 @@ async fn dispatch(
                 &app.tools,
             )),
         )),
+        (&M::GET, ["v1", "vapi", "tools"]) => Ok(body::json(
+            StatusCode::OK,
+            &Value::Array(crate::vapi::tools(&app.config, &app.tools)),
+        )),
+        (&M::GET, ["v1", "retell", "tools"]) => Ok(body::json(
+            StatusCode::OK,
+            &Value::Array(crate::retell::tools(&app.config, &app.tools)),
+        )),
         (_, ["v1", "users", user, "credentials", provider]) => {
             let owner = Owner::User(id(user, "user id")?.to_owned());
             credential_route(app, method, owner, provider, body).await
@@ -152,6 +160,8 @@ async fn dispatch(
         | (_, ["v1", "openapi.json"])
         | (_, ["v1", "audit"])
         | (_, ["v1", "elevenlabs", "tools"])
+        | (_, ["v1", "vapi", "tools"])
+        | (_, ["v1", "retell", "tools"])
         | (_, ["v1", "users", _, "credentials"])
         | (_, ["v1", "tenants", _, "credentials"])
         | (_, ["v1", "users", _, "oauth", _, "start"])

@@ -40,6 +40,9 @@ pub struct App {
     pub admin_token_hash: [u8; 32],
     pub webhook_secret: Option<Secret>,
     pub init_secret: Option<Secret>,
+    pub vapi_secret: Option<Secret>,
+    pub vapi_hmac_secret: Option<Secret>,
+    pub retell_api_key: Option<Secret>,
     /// Memory held by post-call bodies being read, all together.
     pub webhook_bodies: sidekey_base::limits::ByteBudget,
     /// `Mcp-Session-Id`s issued and ended here (they carry no identity).
@@ -108,6 +111,9 @@ impl App {
             admin_token_hash: sha256(loaded.admin_token.expose().as_bytes()),
             webhook_secret: loaded.webhook_secret,
             init_secret: loaded.init_secret,
+            vapi_secret: loaded.vapi_secret,
+            vapi_hmac_secret: loaded.vapi_hmac_secret,
+            retell_api_key: loaded.retell_api_key,
             webhook_bodies: sidekey_base::limits::ByteBudget::new(
                 config.elevenlabs.webhook_memory_budget_bytes,
             ),

@@ -875,6 +875,13 @@ async fn route_agent_other(app: &Arc<App>, req: Request<Incoming>) -> Response<B
         let name = name.to_owned();
         return crate::tools::handle(app, req, &name).await;
     }
+    if let Some(name) = path.strip_prefix("/v1/retell/tools/") {
+        if method != Method::POST {
+            return ApiError::MethodNotAllowed.into_response();
+        }
+        let name = name.to_owned();
+        return crate::retell::tool(app, req, &name).await;
+    }
     // ---- connect page: /connect/<ticket>[/connect|/disconnect], CSS
     if path.starts_with("/connect/") {
         return crate::connect::handle(app, req).await;
@@ -896,9 +903,13 @@ async fn route_agent_other(app: &Arc<App>, req: Request<Incoming>) -> Response<B
             crate::elevenlabs::conversation_init(app, req).await
         }
         "/v1/elevenlabs/post-call" if is_post => crate::elevenlabs::post_call(app, req).await,
-        "/v1/session/refresh" | "/v1/elevenlabs/conversation-init" | "/v1/elevenlabs/post-call" => {
-            ApiError::MethodNotAllowed.into_response()
-        }
+        "/v1/vapi/tools" if is_post => crate::vapi::server_message(app, req).await,
+        "/v1/retell/webhook" if is_post => crate::retell::webhook(app, req).await,
+        "/v1/session/refresh"
+        | "/v1/elevenlabs/conversation-init"
+        | "/v1/elevenlabs/post-call"
+        | "/v1/vapi/tools"
+        | "/v1/retell/webhook" => ApiError::MethodNotAllowed.into_response(),
         p if is_admin_path(p) => ApiError::NotFound(
             "This is the agent listener; admin routes (/v1/users, /v1/sessions, /v1/audit, ...) are served on the admin listener ([admin] listen) with the admin token.".into(),
         )

@@ -499,6 +499,7 @@ pub struct RawVapi {
     pub hmac_secret_file: Option<String>,
     pub session_variable: Option<String>,
     pub signature_tolerance_secs: Option<u64>,
+    pub assistant_id: Option<String>,
 }
 
 /// `[vapi]`: how Vapi's server messages are authenticated.
@@ -510,6 +511,9 @@ pub struct VapiConfig {
     pub hmac_secret: SecretSource,
     pub session_variable: String,
     pub tolerance_secs: i64,
+    /// The assistant an `assistant-request` (inbound phone call) answers
+    /// with; unset: only `assistantOverrides` (the number's own assistant).
+    pub assistant_id: Option<String>,
 }
 
 impl VapiConfig {
@@ -541,6 +545,7 @@ impl VapiConfig {
             hmac_secret,
             session_variable,
             tolerance_secs: raw.signature_tolerance_secs.unwrap_or(300) as i64,
+            assistant_id: raw.assistant_id.filter(|a| !a.trim().is_empty()),
         }
     }
 }

@@ -23,13 +23,13 @@ pub(super) struct InitBody {
     conversation_id: Option<String>,
 }
 
-pub(super) async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
     let (parts, body) = req.into_parts();
     crate::request::read_limited(&parts.headers, body, limit, Duration::from_secs(60)).await
 }
 
 /// A webhook answered with an error: counted, audited, answered.
-pub(super) fn refused(
+pub(crate) fn refused(
     app: &App,
     path: &'static str,
     started: Instant,
@@ -61,7 +61,7 @@ pub(super) fn refused(
     e.into_response()
 }
 
-pub(super) fn record(
+pub(crate) fn record(
     app: &App,
     path: &str,
     status: u16,
@@ -84,6 +84,47 @@ pub(super) fn record(
         error: error.map(str::to_owned),
         tool: None,
     });
+}
+
+/// The user whose phone number `caller` is (any common notation), if any.
+pub(crate) async fn user_by_caller(
+    app: &App,
+    caller: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    match caller.and_then(sidekey_base::users::normalize_phone) {
+        Some(phone) => app.store.user_by_phone(&phone).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot look up caller");
+            ApiError::Internal
+        }),
+        None => Ok(None),
+    }
+}
+
+/// A session for a caller's call: the providers of `[elevenlabs]
+/// init_providers` (default: every provider), bound to `conv` when it is
+/// known. Returns the token.
+pub(crate) async fn mint_for_caller(
+    app: &App,
+    user: &str,
+    conv: Option<String>,
+) -> Result<String, ApiError> {
+    let providers = app
+        .config
+        .elevenlabs
+        .init_providers
+        .clone()
+        .unwrap_or_else(|| app.providers.names().to_vec());
+    let minted = app
+        .sessions
+        .mint_answer(
+            &app.config.sessions.dynamic_variable,
+            user,
+            providers,
+            app.config.sessions.ttl_secs,
+            conv,
+        )
+        .await?;
+    Ok(minted["token"].as_str().unwrap_or_default().to_owned())
 }
 
 /// `POST /v1/elevenlabs/conversation-init`: caller id → user → a fresh
@@ -127,39 +168,11 @@ pub async fn conversation_init(app: &Arc<App>, req: Request<Incoming>) -> Respon
         let conv = b
             .conversation_id
             .filter(|c| sidekey_creds::session::valid_conversation_id(c));
-        let user = match b
-            .caller_id
-            .as_deref()
-            .and_then(sidekey_base::users::normalize_phone)
-        {
-            Some(phone) => app.store.user_by_phone(&phone).await.map_err(|e| {
-                tracing::error!(error = %e, "cannot look up caller");
-                ApiError::Internal
-            })?,
-            None => None,
-        };
+        let user = user_by_caller(app, b.caller_id.as_deref()).await?;
         let mut vars = serde_json::Map::new();
         if let Some(user) = &user {
-            let providers = app
-                .config
-                .elevenlabs
-                .init_providers
-                .clone()
-                .unwrap_or_else(|| app.providers.names().to_vec());
-            let minted = app
-                .sessions
-                .mint_answer(
-                    &app.config.sessions.dynamic_variable,
-                    user,
-                    providers,
-                    app.config.sessions.ttl_secs,
-                    conv.clone(),
-                )
-                .await?;
-            vars.insert(
-                app.config.sessions.dynamic_variable.clone(),
-                minted["token"].clone(),
-            );
+            let token = mint_for_caller(app, user, conv.clone()).await?;
+            vars.insert(app.config.sessions.dynamic_variable.clone(), json!(token));
         }
         vars.insert("user_id".into(), json!(user.clone().unwrap_or_default()));
         Ok::<_, ApiError>((user, conv, vars))

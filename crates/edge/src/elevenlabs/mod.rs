@@ -33,9 +33,9 @@ mod post_call;
 mod push;
 mod tools;
 
-use init::*;
-
 pub use init::conversation_init;
+pub(crate) use init::{mint_for_caller, read_limited, record, refused, user_by_caller};
+pub(crate) use post_call::revoke_conversation;
 pub use post_call::{PendingSignature, parse_signature, post_call, verify_signature};
 pub use push::{push_mcp, push_tools};
 pub use tools::{mcp_server, rewrite_tool, tools};

@@ -217,17 +217,7 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
         let mut revoked = 0;
         if REVOKING_EVENTS.contains(&ev.kind.as_str()) {
             if let Some(c) = &conv {
-                let sids = app.store.sessions_for_conversation(c).await.map_err(ApiError::from)?;
-                for sid in sids {
-                    let minted = app.store.session(&sid).await.map_err(ApiError::from)?.map(|r| r.iat);
-                    if minted.is_some_and(|iat| iat > event_time) {
-                        continue;
-                    }
-                    if app.store.revoke_session(&sid).await.map_err(ApiError::from)? {
-                        revoked += 1;
-                    }
-                }
-                app.store.flush().await.map_err(ApiError::from)?;
+                revoked = revoke_conversation(app, c, event_time).await?;
             }
         }
         Ok::<_, PostCallError>((ev.kind, conv, revoked))
@@ -281,6 +271,29 @@ pub async fn post_call(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
             refused(app, path, started, "post_call", "refused", e)
         }
     }
+}
+
+/// Revokes every session bound to `conversation` and minted at or before
+/// `minted_by` (unix seconds): what a call's end ends. Flushed before it
+/// answers; returns how many were revoked (0 on redelivery).
+pub(crate) async fn revoke_conversation(
+    app: &App,
+    conversation: &str,
+    minted_by: i64,
+) -> Result<usize, ApiError> {
+    let mut revoked = 0;
+    let sids = app.store.sessions_for_conversation(conversation).await?;
+    for sid in sids {
+        let minted = app.store.session(&sid).await?.map(|r| r.iat);
+        if minted.is_some_and(|iat| iat > minted_by) {
+            continue;
+        }
+        if app.store.revoke_session(&sid).await? {
+            revoked += 1;
+        }
+    }
+    app.store.flush().await?;
+    Ok(revoked)
 }
 
 /// The longest a post-call body may take, whatever its rate.
