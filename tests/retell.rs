@@ -210,21 +210,25 @@ async fn unsigned_wrongly_signed_and_stale_requests_are_refused() {
     post(&sk, "/v1/retell/webhook", &end, None)
         .await
         .assert_error(401, "invalid_signature");
-    let wrong = sign_all("key_some_other_accounts_api_key", &[body.clone()], None);
+    let wrong = sign_all(
+        "key_some_other_accounts_api_key",
+        std::slice::from_ref(&body),
+        None,
+    );
     post(&sk, path, &body, Some(&wrong[0]))
         .await
         .assert_error(401, "invalid_signature");
     // Ten minutes old.
     let old = sign_all(
         API_KEY,
-        &[body.clone()],
+        std::slice::from_ref(&body),
         Some((support::unix_now() - 600) * 1000),
     );
     post(&sk, path, &body, Some(&old[0]))
         .await
         .assert_error(401, "invalid_signature");
     // Signed for another body.
-    let good = sign_all(API_KEY, &[body.clone()], None);
+    let good = sign_all(API_KEY, std::slice::from_ref(&body), None);
     let tampered = body.replace("\"x\"", "\"y\"");
     post(&sk, path, &tampered, Some(&good[0]))
         .await
