@@ -236,6 +236,15 @@ impl Provider {
         self.credential_from.as_deref().unwrap_or(&self.name)
     }
 
+    /// The base URL as configured: its template (`https://{subdomain}…`)
+    /// when it has placeholders, for descriptions.
+    pub fn base_url_text(&self) -> String {
+        match &self.templates.base_url {
+            Some(t) => t.text.clone(),
+            None => self.base.url.to_string(),
+        }
+    }
+
     pub fn connection_field(&self, name: &str) -> Option<&ConnectionField> {
         self.connection.iter().find(|f| f.name == name)
     }
