@@ -645,6 +645,18 @@ pub async fn start(
     Ok((app, listeners, tls))
 }
 
+/// `sidekey providers`: every resolved provider as JSON, never a secret.
+pub fn providers(path: &Path) -> Result<(), Fatal> {
+    let (_cfg, providers) = config_and_providers(path)?;
+    let list: Vec<serde_json::Value> = providers.iter().map(|p| p.describe()).collect();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({ "providers": list }))
+            .map_err(|e| Fatal::new(e.to_string()))?
+    );
+    Ok(())
+}
+
 /// `sidekey tools`: every operation tool (name, provider, method, path,
 /// parameters) as JSON.
 pub fn tools(path: &Path) -> Result<(), Fatal> {

@@ -77,6 +77,10 @@ enum Command {
     },
     /// List every operation tool (name, provider, method, path, parameters) as JSON.
     Tools(ConfigArg),
+    /// List every configured provider as resolved (preset defaults filled
+    /// in: URLs, injection, scope separator, shared credential,
+    /// per-connection fields) as JSON; never a secret.
+    Providers(ConfigArg),
     /// ElevenLabs tool definitions.
     Elevenlabs {
         #[command(subcommand)]
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
         Command::MigrateStore { config, from } => commands::migrate_store(&config.config, &from),
         Command::EchoUpstream { config, listen } => commands::echo_upstream(&config.config, listen),
         Command::Tools(c) => commands::tools(&c.config),
+        Command::Providers(c) => commands::providers(&c.config),
         Command::Elevenlabs { command } => match command {
             ElevenLabsCommand::Tools(c) => commands::elevenlabs_tools(&c.config),
             ElevenLabsCommand::RewriteTool(c) => {

@@ -300,6 +300,24 @@ pub struct RawProvider {
     pub allow_http: Option<bool>,
     /// The preset's ready tools to enable: `["*"]` or their names.
     pub tools: Option<Vec<String>>,
+    /// Use (and refresh) the credential stored for this other provider.
+    pub credential_from: Option<String>,
+    /// Fixed headers on every proxied call unless the client sent its own.
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Per-connection values for `{field}` placeholders in the URLs.
+    pub connection: Option<BTreeMap<String, ConnectionConfig>>,
+    /// Send an S256 PKCE challenge in the OAuth flow (preset's default).
+    pub pkce: Option<bool>,
+}
+
+/// `[providers.NAME.connection.FIELD]`.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// `user`, `token` or `admin`.
+    pub from: String,
+    /// Matched in full.
+    pub pattern: String,
 }
 
 // ---------------------------------------------------------------------------
@@ -596,6 +614,10 @@ pub struct ProviderConfig {
     pub allow_http: bool,
     /// The preset's ready tools to enable (`["*"]` for all).
     pub tools: Vec<String>,
+    pub credential_from: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub connection: BTreeMap<String, ConnectionConfig>,
+    pub pkce: Option<bool>,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
@@ -1142,8 +1164,26 @@ impl Config {
                     token_params: rp.token_params.unwrap_or_default(),
                     allow_http: rp.allow_http.unwrap_or(false),
                     tools: rp.tools.unwrap_or_default(),
+                    credential_from: rp.credential_from,
+                    headers: rp.headers.unwrap_or_default(),
+                    connection: rp.connection.unwrap_or_default(),
+                    pkce: rp.pkce,
                 },
             );
+        }
+        for (name, pc) in &providers {
+            let Some(from) = &pc.credential_from else {
+                continue;
+            };
+            match providers.get(from) {
+                None => p.push(format!(
+                    "[providers.{name}] credential_from: {from:?} is not a configured provider"
+                )),
+                Some(owner) if owner.credential_from.is_some() => p.push(format!(
+                    "[providers.{name}] credential_from: {from:?} itself uses credential_from; name the provider that holds the credential"
+                )),
+                Some(_) => {}
+            }
         }
         let mut tools = BTreeMap::new();
         for (name, rt) in raw.tools {

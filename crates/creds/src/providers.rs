@@ -9,12 +9,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use base64::Engine;
-use globset::{GlobBuilder, GlobMatcher};
+use globset::GlobMatcher;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use url::Url;
 
-use sidekey_base::config::{Config, ProviderConfig, RawInject, is_loopback_url};
+use sidekey_base::config::Config;
 use sidekey_base::secret::Secret;
 
 /// How the credential is put on the upstream request.
@@ -114,65 +114,31 @@ struct AllowRule {
     glob: GlobMatcher,
 }
 
-/// A preset's defaults; any key set in the provider's section wins.
-struct Preset {
-    display: &'static str,
-    base_url: &'static str,
-    token_url: Option<&'static str>,
-    authorize_url: Option<&'static str>,
-    inject: Injection,
-    authorize_params: &'static [(&'static str, &'static str)],
-    scope_separator: &'static str,
-    ok_false_auth_errors: &'static [&'static str],
-    reauth_errors: &'static [&'static str],
-    nested_user_token: bool,
+mod connection;
+mod describe;
+mod presets;
+mod resolve;
+
+pub use connection::{ConnectionError, ConnectionField, ConnectionFrom, UrlTemplate};
+pub use presets::PRESETS;
+use resolve::{base_of, resolve, url_rules};
+
+/// How a token request's parameters are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenFormat {
+    /// `application/x-www-form-urlencoded` (RFC 6749).
+    Form,
+    /// A JSON object (Notion's documented form).
+    Json,
 }
 
-fn preset(name: &str) -> Option<Preset> {
-    match name {
-        "slack" => Some(Preset {
-            display: "Slack",
-            base_url: "https://slack.com/api",
-            token_url: Some("https://slack.com/api/oauth.v2.access"),
-            authorize_url: Some("https://slack.com/oauth/v2/authorize"),
-            inject: Injection::Bearer,
-            authorize_params: &[],
-            scope_separator: ",",
-            ok_false_auth_errors: &["token_expired", "invalid_auth", "token_revoked"],
-            reauth_errors: &["invalid_refresh_token", "invalid_grant", "token_revoked"],
-            nested_user_token: true,
-        }),
-        "google" => Some(Preset {
-            display: "Google",
-            base_url: "https://www.googleapis.com",
-            token_url: Some("https://oauth2.googleapis.com/token"),
-            authorize_url: Some("https://accounts.google.com/o/oauth2/v2/auth"),
-            inject: Injection::Bearer,
-            authorize_params: &[("access_type", "offline"), ("prompt", "consent")],
-            scope_separator: " ",
-            ok_false_auth_errors: &[],
-            reauth_errors: &["invalid_grant"],
-            nested_user_token: false,
-        }),
-        "telegram" => Some(Preset {
-            display: "Telegram",
-            base_url: "https://api.telegram.org",
-            token_url: None,
-            authorize_url: None,
-            inject: Injection::PathPrefix {
-                template: "/bot{token}".into(),
-            },
-            authorize_params: &[],
-            scope_separator: " ",
-            ok_false_auth_errors: &[],
-            reauth_errors: &["invalid_grant"],
-            nested_user_token: false,
-        }),
-        _ => None,
-    }
+/// The URLs of a provider that carry `{field}` placeholders.
+#[derive(Clone, Debug, Default)]
+pub struct Templates {
+    pub base_url: Option<UrlTemplate>,
+    pub token_url: Option<UrlTemplate>,
+    pub authorize_url: Option<UrlTemplate>,
 }
-
-pub const PRESETS: &[&str] = &["slack", "google", "telegram"];
 
 /// One configured provider, fully resolved.
 #[derive(Debug)]
@@ -213,6 +179,21 @@ pub struct Provider {
     /// Problems that do not stop the server (e.g. a missing client secret
     /// only disables refresh); printed by check-config and logged at start.
     pub notes: Vec<String>,
+    /// Whether the authorize URL carries an S256 code challenge (and the
+    /// code exchange its verifier).
+    pub pkce: bool,
+    pub token_format: TokenFormat,
+    /// Fixed headers sent on every proxied call unless the client sent
+    /// its own (Notion-Version, GitHub's Accept).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The provider whose stored credential (and its refresh) this one
+    /// uses; `None`: its own.
+    pub credential_from: Option<String>,
+    /// Declared per-connection values.
+    pub connection: Vec<ConnectionField>,
+    pub templates: Templates,
+    /// Documented: each refresh answers a new refresh token.
+    pub rotates_refresh_token: bool,
 }
 
 impl Provider {
@@ -249,6 +230,105 @@ impl Provider {
             .any(|r| r.method.as_ref().is_none_or(|m| m == method) && r.glob.is_match(path))
     }
 
+    /// The name the credential is stored under: `credential_from`'s, or
+    /// this provider's own.
+    pub fn credential_name(&self) -> &str {
+        self.credential_from.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The base URL as configured: its template (`https://{subdomain}…`)
+    /// when it has placeholders, for descriptions.
+    pub fn base_url_text(&self) -> String {
+        match &self.templates.base_url {
+            Some(t) => t.text.clone(),
+            None => self.base.url.to_string(),
+        }
+    }
+
+    pub fn connection_field(&self, name: &str) -> Option<&ConnectionField> {
+        self.connection.iter().find(|f| f.name == name)
+    }
+
+    /// Checks values given for a connection (credential PUT, OAuth start):
+    /// each names a declared field and matches its pattern, and every URL
+    /// whose placeholders they fill passes the `base_url` rules.
+    pub fn check_connection(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), ConnectionError> {
+        for (k, v) in values {
+            let f = self
+                .connection_field(k)
+                .ok_or_else(|| ConnectionError::Unknown(k.clone()))?;
+            if !f.matches(v) {
+                return Err(ConnectionError::Bad(k.clone()));
+            }
+        }
+        for t in [
+            &self.templates.base_url,
+            &self.templates.token_url,
+            &self.templates.authorize_url,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            match self.build_url(t, values) {
+                Ok(_) | Err(ConnectionError::Missing(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn build_url(
+        &self,
+        t: &UrlTemplate,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Url, ConnectionError> {
+        t.build(&self.connection, values, |u| {
+            url_rules(u, self.allow_http).is_ok() && u.query().is_none()
+        })
+    }
+
+    /// The upstream location for a credential's connection values.
+    pub fn base_for(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<std::borrow::Cow<'_, BaseUrl>, ConnectionError> {
+        match &self.templates.base_url {
+            None => Ok(std::borrow::Cow::Borrowed(&self.base)),
+            Some(t) => {
+                let u = self.build_url(t, values)?;
+                let field = || ConnectionError::Bad(t.fields().next().unwrap_or_default().into());
+                base_of(u, false)
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(|_| field())
+            }
+        }
+    }
+
+    /// The token endpoint for a connection's values.
+    pub fn token_url_for(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<Url>, ConnectionError> {
+        match &self.templates.token_url {
+            None => Ok(self.token_url.clone()),
+            Some(t) => self.build_url(t, values).map(Some),
+        }
+    }
+
+    /// The authorize endpoint for a connection's values.
+    pub fn authorize_url_for(
+        &self,
+        values: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<Url>, ConnectionError> {
+        match &self.templates.authorize_url {
+            None => Ok(self.authorize_url.clone()),
+            Some(t) => self.build_url(t, values).map(Some),
+        }
+    }
+
     /// The upstream URI for a checked path and the client's query string.
     /// `token` is needed only for query and path-prefix injection.
     pub fn upstream_uri(
@@ -257,9 +337,20 @@ impl Provider {
         query: Option<&str>,
         token: Option<&Secret>,
     ) -> Result<Uri, InjectError> {
+        self.upstream_uri_at(&self.base, path, query, token)
+    }
+
+    /// [`Provider::upstream_uri`] under a given base (a connection's).
+    pub fn upstream_uri_at(
+        &self,
+        base: &BaseUrl,
+        path: &ProxyPath,
+        query: Option<&str>,
+        token: Option<&Secret>,
+    ) -> Result<Uri, InjectError> {
         // The path and query; the origin was parsed at start.
-        let mut s = String::with_capacity(self.base.path.len() + path.raw.len() + 64);
-        s.push_str(&self.base.path);
+        let mut s = String::with_capacity(base.path.len() + path.raw.len() + 64);
+        s.push_str(&base.path);
         if let Injection::PathPrefix { template } = &self.inject {
             let token = token.ok_or(InjectError::MissingToken)?;
             let enc = utf8_percent_encode(token.expose(), SEGMENT).to_string();
@@ -298,8 +389,8 @@ impl Provider {
         let path_and_query =
             http::uri::PathAndQuery::try_from(s).map_err(|_| InjectError::BadUri)?;
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.base.scheme.clone());
-        parts.authority = Some(self.base.authority.clone());
+        parts.scheme = Some(base.scheme.clone());
+        parts.authority = Some(base.authority.clone());
         parts.path_and_query = Some(path_and_query);
         Uri::from_parts(parts).map_err(|_| InjectError::BadUri)
     }
@@ -615,349 +706,18 @@ impl Providers {
         self.names.iter().filter_map(|n| self.map.get(n))
     }
 
+    /// The provider whose stored credential `p` uses (and refreshes):
+    /// its `credential_from`, else itself. Checked at start to exist.
+    pub fn credential_provider(&self, p: &Provider) -> Option<&Arc<Provider>> {
+        self.get(p.credential_name())
+    }
+
     pub fn label(&self, name: &str) -> ProviderLabel {
         match self.get(name) {
             Some(p) => p.label(),
             None => ProviderLabel::unknown(name),
         }
     }
-}
-
-fn parse_url(
-    sec: &str,
-    key: &str,
-    value: &str,
-    allow_http: bool,
-    p: &mut Vec<String>,
-) -> Option<Url> {
-    let u = match Url::parse(value) {
-        Ok(u) => u,
-        Err(e) => {
-            p.push(format!("{sec} {key} = {value:?} is not a URL ({e})"));
-            return None;
-        }
-    };
-    match u.scheme() {
-        "https" => {}
-        "http" if allow_http || is_loopback_url(&u) => {}
-        "http" => {
-            p.push(format!("{sec} {key} = {value:?}: http:// is only allowed for loopback hosts; use https:// or set allow_http = true on this provider"));
-            return None;
-        }
-        other => {
-            p.push(format!(
-                "{sec} {key}: scheme {other:?} is not http or https"
-            ));
-            return None;
-        }
-    }
-    if !u.username().is_empty() || u.password().is_some() {
-        p.push(format!("{sec} {key} must not contain user:password@"));
-    }
-    if u.fragment().is_some() {
-        p.push(format!("{sec} {key} must not contain a #fragment"));
-    }
-    Some(u)
-}
-
-fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<String>> {
-    let sec = format!("[providers.{name}]");
-    let mut p = Vec::new();
-    let mut notes = Vec::new();
-    let preset = match pc.preset.as_deref() {
-        None => None,
-        Some(n) => match preset(n) {
-            Some(ps) => Some(ps),
-            None => {
-                p.push(format!(
-                    "{sec} preset = {n:?} is unknown; presets are {}",
-                    PRESETS.join(", ")
-                ));
-                None
-            }
-        },
-    };
-
-    let base_str = pc
-        .base_url
-        .clone()
-        .or_else(|| preset.as_ref().map(|ps| ps.base_url.to_owned()));
-    let base = match base_str {
-        None => {
-            p.push(format!(
-                "{sec} base_url is required (or a preset: {})",
-                PRESETS.join(", ")
-            ));
-            None
-        }
-        Some(b) => parse_url(&sec, "base_url", &b, pc.allow_http, &mut p).and_then(|u| {
-            if u.query().is_some() {
-                p.push(format!("{sec} base_url must not contain a query string"));
-                return None;
-            }
-            // `host[:port]`, an IPv6 address in brackets.
-            let host = match u.host() {
-                Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
-                _ => u.host_str()?.to_owned(),
-            };
-            let authority = match u.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host,
-            };
-            let origin = format!("{}://{authority}", u.scheme());
-            let path = u.path().trim_end_matches('/').to_owned();
-            let (Ok(scheme), Ok(_)) = (
-                http::uri::Scheme::try_from(u.scheme()),
-                http::uri::Authority::try_from(authority.as_str()),
-            ) else {
-                p.push(format!(
-                    "{sec} base_url has a scheme, host or port sidekey cannot use: {origin}"
-                ));
-                return None;
-            };
-            // Kept for the process, once per configured provider: a
-            // request's URI then takes the authority without a copy or a
-            // shared reference count. Checked above: `from_static` cannot
-            // panic.
-            let leaked: &'static str = Box::leak(authority.into_boxed_str());
-            let authority = http::uri::Authority::from_static(leaked);
-            Some(BaseUrl {
-                url: u,
-                origin,
-                path,
-                scheme,
-                authority,
-            })
-        }),
-    };
-
-    let token_url = pc
-        .token_url
-        .clone()
-        .or_else(|| {
-            preset
-                .as_ref()
-                .and_then(|ps| ps.token_url.map(str::to_owned))
-        })
-        .and_then(|u| parse_url(&sec, "token_url", &u, pc.allow_http, &mut p));
-    let authorize_url = pc
-        .authorize_url
-        .clone()
-        .or_else(|| {
-            preset
-                .as_ref()
-                .and_then(|ps| ps.authorize_url.map(str::to_owned))
-        })
-        .and_then(|u| parse_url(&sec, "authorize_url", &u, pc.allow_http, &mut p));
-
-    let inject = match &pc.raw_inject {
-        None => preset
-            .as_ref()
-            .map(|ps| ps.inject.clone())
-            .unwrap_or(Injection::Bearer),
-        Some(RawInject::Style(s)) => match s.as_str() {
-            "bearer" => Injection::Bearer,
-            "basic" => Injection::Basic,
-            other => {
-                p.push(format!("{sec} inject = {other:?}: use \"bearer\", \"basic\", {{ header = \"X-Api-Key\", value = \"Token {{token}}\" }}, {{ query = \"key\" }} or {{ path_prefix = \"/bot{{token}}\" }}"));
-                Injection::Bearer
-            }
-        },
-        Some(RawInject::Header { header, value }) => {
-            let template = value.clone().unwrap_or_else(|| "{token}".into());
-            if !template.contains("{token}") {
-                p.push(format!("{sec} inject.value must contain {{token}}"));
-            }
-            match HeaderName::from_bytes(header.as_bytes()) {
-                Ok(h) if !is_hop_by_hop(&h) && h != http::header::HOST => {
-                    Injection::Header { name: h, template }
-                }
-                _ => {
-                    p.push(format!(
-                        "{sec} inject.header = {header:?} is not a usable header name"
-                    ));
-                    Injection::Bearer
-                }
-            }
-        }
-        Some(RawInject::Query { query }) => {
-            if query.is_empty() {
-                p.push(format!("{sec} inject.query must name a query parameter"));
-            }
-            Injection::Query {
-                param: query.clone(),
-            }
-        }
-        Some(RawInject::PathPrefix { path_prefix }) => {
-            if !path_prefix.starts_with('/') || !path_prefix.contains("{token}") {
-                p.push(format!("{sec} inject.path_prefix must start with / and contain {{token}}, e.g. \"/bot{{token}}\""));
-            }
-            Injection::PathPrefix {
-                template: path_prefix.trim_end_matches('/').to_owned(),
-            }
-        }
-    };
-
-    let client_auth = match pc.client_auth.as_deref() {
-        None | Some("body") => ClientAuth::Body,
-        Some("basic") => ClientAuth::Basic,
-        Some(o) => {
-            p.push(format!(
-                "{sec} client_auth = {o:?}: use \"body\" or \"basic\""
-            ));
-            ClientAuth::Body
-        }
-    };
-    let grant = match pc.grant.as_deref() {
-        None | Some("authorization_code") | Some("refresh_token") => Grant::AuthorizationCode,
-        Some("client_credentials") => Grant::ClientCredentials,
-        Some(o) => {
-            p.push(format!(
-                "{sec} grant = {o:?}: use \"authorization_code\" (default) or \"client_credentials\""
-            ));
-            Grant::AuthorizationCode
-        }
-    };
-
-    let mut allow = Vec::new();
-    for pat in &pc.allow {
-        let (method, path) = match pat.trim().split_once(char::is_whitespace) {
-            Some((m, rest)) => (Some(m), rest.trim()),
-            None => (None, pat.trim()),
-        };
-        let method = match method {
-            None | Some("*") | Some("ANY") => None,
-            Some(m) => match Method::from_bytes(m.as_bytes()) {
-                Ok(m) => Some(m),
-                Err(_) => {
-                    p.push(format!("{sec} allow {pat:?}: {m:?} is not an HTTP method"));
-                    None
-                }
-            },
-        };
-        if !path.starts_with('/') {
-            p.push(format!(
-                "{sec} allow {pat:?}: the path glob must start with /, e.g. \"GET /calendar/v3/**\""
-            ));
-            continue;
-        }
-        match GlobBuilder::new(path).literal_separator(true).build() {
-            Ok(g) => allow.push(AllowRule {
-                method,
-                glob: g.compile_matcher(),
-            }),
-            Err(e) => p.push(format!("{sec} allow {pat:?}: {e}")),
-        }
-    }
-
-    let client_id = match pc.client_id.load() {
-        // A blank id is no id: the note below says it is not set.
-        Ok(v) => v.map(|s| s.expose().to_owned()).filter(|s| !s.is_empty()),
-        Err(e) => {
-            p.push(format!("{sec} client_id: {e}"));
-            None
-        }
-    };
-    let client_secret = match pc.client_secret.load() {
-        Ok(Some(s)) if s.is_empty() => {
-            p.push(format!(
-                "{sec} client_secret: {} is empty; put the provider's client secret in it, or remove the setting",
-                pc.client_secret.describe()
-            ));
-            None
-        }
-        Ok(v) => v,
-        Err(e) => {
-            p.push(format!("{sec} client_secret: {e}"));
-            None
-        }
-    };
-    if token_url.is_some() || grant == Grant::ClientCredentials {
-        if client_id.is_none() && pc.client_id != sidekey_base::config::SecretSource::Unset {
-            notes.push(format!("{sec} client_id: {} is not set; token refresh and the OAuth flow for this provider will fail until it is", pc.client_id.describe()));
-        }
-        if client_secret.is_none() && pc.client_secret != sidekey_base::config::SecretSource::Unset
-        {
-            notes.push(format!("{sec} client_secret: {} is not set; token refresh and the OAuth flow for this provider will fail until it is", pc.client_secret.describe()));
-        }
-    }
-    if grant == Grant::ClientCredentials && token_url.is_none() {
-        p.push(format!(
-            "{sec} grant = \"client_credentials\" needs token_url"
-        ));
-    }
-
-    let display = pc
-        .display_name
-        .clone()
-        .or_else(|| preset.as_ref().map(|ps| ps.display.to_owned()))
-        .unwrap_or_else(|| display_name(name));
-    let scope_separator = pc
-        .scope_separator
-        .clone()
-        .or_else(|| preset.as_ref().map(|ps| ps.scope_separator.to_owned()))
-        .unwrap_or_else(|| " ".into());
-    let mut authorize_params: Vec<(String, String)> = preset
-        .as_ref()
-        .map(|ps| {
-            ps.authorize_params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    for (k, v) in &pc.authorize_params {
-        authorize_params.retain(|(ek, _)| ek != k);
-        authorize_params.push((k.clone(), v.clone()));
-    }
-    let conventions = match &preset {
-        Some(ps) => Conventions {
-            ok_false_auth_errors: ps.ok_false_auth_errors.to_vec(),
-            reauth_errors: ps.reauth_errors.iter().map(|s| s.to_string()).collect(),
-            nested_user_token: ps.nested_user_token,
-        },
-        None => Conventions {
-            ok_false_auth_errors: vec![],
-            reauth_errors: vec!["invalid_grant".into()],
-            nested_user_token: false,
-        },
-    };
-
-    if !p.is_empty() {
-        return Err(p);
-    }
-    Ok(Provider {
-        name: name.to_owned(),
-        metric_label: sidekey_base::metrics::Label::new(name),
-        display,
-        description: pc.description.clone(),
-        preset: pc.preset.clone(),
-        base: base.expect("checked above"),
-        inject,
-        token_url,
-        authorize_url,
-        client_id,
-        client_secret,
-        client_auth,
-        refresh_skew_secs: i64::try_from(pc.refresh_skew_secs.unwrap_or(60)).unwrap_or(i64::MAX),
-        refresh_cooldown_secs: i64::try_from(pc.refresh_cooldown_secs.unwrap_or(30))
-            .unwrap_or(i64::MAX),
-        allow,
-        allow_patterns: pc.allow.clone(),
-        grant,
-        scopes: pc.scopes.clone().unwrap_or_default(),
-        user_scopes: pc.user_scopes.clone().unwrap_or_default(),
-        scope_separator,
-        authorize_params,
-        token_params: pc
-            .token_params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        conventions,
-        allow_http: pc.allow_http,
-        notes,
-    })
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross a proxy. A pattern,

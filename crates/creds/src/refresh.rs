@@ -18,23 +18,16 @@
 //!   still holds. A replica takes over only once the lease has lapsed, and
 //!   then reads the credential again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, header};
-use http_body_util::{BodyExt, Full, Limited};
-use serde_json::Value;
-use zeroize::Zeroizing;
-
 use crate::client::HttpClient;
 use crate::providers::ProviderLabel;
-use crate::providers::{ClientAuth, Grant, Provider};
+use crate::providers::{ConnectionError, Grant, Provider};
 use sidekey_base::clock::Clock;
-use sidekey_base::errors::error_chain;
 use sidekey_base::metrics::Metrics;
-use sidekey_base::secret::{Secret, scrub};
+use sidekey_base::secret::Secret;
 use sidekey_vault::{Claim, ClaimOutcome, Confirmed, Credential, Fenced, Owner, Store, StoreError};
 
 /// What a token endpoint granted.
@@ -45,10 +38,17 @@ pub struct TokenGrant {
     /// Unix seconds (see `token_response::parse`).
     pub expires_at: Option<i64>,
     pub scopes: Option<Vec<String>>,
+    /// Values of `from = "token"` connection fields the answer carried,
+    /// each checked against its pattern.
+    pub connection: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
+    /// A connection value (in the token URL, or in the answer) is missing
+    /// or not accepted.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
     /// The grant (refresh token, code) is dead: the user must reconnect.
     #[error("token endpoint refused the grant: {0}")]
     Refused(String),
@@ -65,203 +65,6 @@ pub enum TokenError {
     Unusable(String),
 }
 
-/// Calls a provider's token endpoint with `params` (plus client auth).
-/// `now` (unix seconds) turns a relative `expires_in` into `expires_at`.
-pub async fn call_token_endpoint(
-    client: &HttpClient,
-    provider: &Provider,
-    params: &[(&str, &str)],
-    timeout: Duration,
-    now: i64,
-) -> Result<TokenGrant, TokenError> {
-    let url = provider
-        .token_url
-        .as_ref()
-        .ok_or_else(|| TokenError::Transient("provider has no token_url".into()))?;
-    let req = token_request(provider, url, params)?;
-    let secret = provider.client_secret.as_ref();
-    let secrets: Vec<&Secret> = secret.into_iter().collect();
-    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => return Err(TokenError::Transient("timed out".into())),
-        Ok(Err(e)) => {
-            return Err(TokenError::Transient(scrub(&error_chain(&e), &secrets)));
-        }
-        Ok(Ok(r)) => r,
-    };
-    let status = resp.status();
-    let is_form = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-    let collected =
-        tokio::time::timeout(timeout, Limited::new(resp.into_body(), 1 << 20).collect()).await;
-    let bytes = match collected {
-        Err(_) => return Err(TokenError::Transient("timed out reading the answer".into())),
-        Ok(Err(_)) => {
-            return Err(TokenError::Transient(
-                "answer unreadable or over 1 MiB".into(),
-            ));
-        }
-        Ok(Ok(c)) => Zeroizing::new(c.to_bytes().to_vec()),
-    };
-    let json: Value = if is_form {
-        let map: serde_json::Map<String, Value> = url::form_urlencoded::parse(&bytes)
-            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-            .collect();
-        Value::Object(map)
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-    };
-    let error = json
-        .get("error")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .or_else(|| {
-            // Slack: 200 {"ok": false, "error": "..."}
-            (json.get("ok") == Some(&Value::Bool(false))).then(|| "unknown_error".to_owned())
-        });
-    if status.is_server_error() {
-        return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
-    }
-    if let Some(err) = error {
-        let err = sanitize_code(&err);
-        if provider.conventions.reauth_errors.contains(&err) {
-            return Err(TokenError::Refused(err));
-        }
-        if matches!(
-            err.as_str(),
-            "invalid_client" | "unauthorized_client" | "bad_client_secret" | "invalid_client_id"
-        ) {
-            return Err(TokenError::BadClient(err));
-        }
-        return Err(TokenError::Transient(format!(
-            "HTTP {} error {err}",
-            status.as_u16()
-        )));
-    }
-    if !status.is_success() {
-        return Err(TokenError::Transient(format!("HTTP {}", status.as_u16())));
-    }
-    parse_grant(&json, provider, now)
-}
-
-/// The token request: form body plus client authentication. Built in a
-/// plain function so nothing here is held across an await.
-fn token_request(
-    provider: &Provider,
-    url: &url::Url,
-    params: &[(&str, &str)],
-) -> Result<Request<Full<Bytes>>, TokenError> {
-    let client_id = provider.client_id.as_deref().unwrap_or("");
-    let secret = provider.client_secret.as_ref();
-    let mut form = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in params {
-        form.append_pair(k, v);
-    }
-    for (k, v) in &provider.token_params {
-        form.append_pair(k, v);
-    }
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(url.as_str())
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .header(header::ACCEPT, "application/json")
-        .header(
-            header::USER_AGENT,
-            concat!("sidekey/", env!("CARGO_PKG_VERSION")),
-        );
-    match provider.client_auth {
-        ClientAuth::Body => {
-            if !client_id.is_empty() {
-                form.append_pair("client_id", client_id);
-            }
-            if let Some(s) = secret {
-                form.append_pair("client_secret", s.expose());
-            }
-        }
-        ClientAuth::Basic => {
-            use base64::Engine;
-            // RFC 6749 §2.3.1: form-encode each part before joining, but
-            // with a space as %20, not `+`: servers that decode with plain
-            // percent-decoding (Authlib's `unquote`) read `+` as a plus,
-            // while every form decoder also reads %20 as a space.
-            let enc =
-                |s: &str| percent_encoding::utf8_percent_encode(s, BASIC_CREDENTIAL).to_string();
-            let raw = Zeroizing::new(format!(
-                "{}:{}",
-                enc(client_id),
-                enc(secret.map(|s| s.expose()).unwrap_or(""))
-            ));
-            let b64 =
-                Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(raw.as_bytes()));
-            let mut v =
-                http::HeaderValue::try_from(format!("Basic {}", b64.as_str())).map_err(|_| {
-                    TokenError::BadClient("client id or secret not valid in a header".into())
-                })?;
-            v.set_sensitive(true);
-            req = req.header(header::AUTHORIZATION, v);
-        }
-    }
-    let body = Zeroizing::new(form.finish());
-    req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
-        .map_err(|_| TokenError::Transient("cannot build token request".into()))
-}
-
-/// What `application/x-www-form-urlencoded` leaves as is (`*-._` and
-/// alphanumerics); everything else, space included, becomes `%XX`.
-const BASIC_CREDENTIAL: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'*')
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_');
-
-/// Error codes are quoted in logs; keep them to a harmless alphabet.
-fn sanitize_code(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-' || *c == '.')
-        .take(64)
-        .collect()
-}
-
-fn parse_grant(json: &Value, provider: &Provider, now: i64) -> Result<TokenGrant, TokenError> {
-    // Slack puts a user token under `authed_user`; use it when the app asked
-    // only for user scopes, or when there is no top-level token.
-    let nested = json
-        .get("authed_user")
-        .filter(|v| v.get("access_token").is_some());
-    let src = match nested {
-        Some(n)
-            if provider.conventions.nested_user_token
-                && (json.get("access_token").is_none()
-                    || (provider.scopes.is_empty() && !provider.user_scopes.is_empty())) =>
-        {
-            n
-        }
-        _ => json,
-    };
-    let obj = src
-        .as_object()
-        .ok_or_else(|| TokenError::Transient("answer is not a JSON object".into()))?;
-    let r = crate::token_response::parse(obj, now).map_err(|e| match e {
-        // The provider issued a token sidekey cannot use: retrying will not
-        // help, and the operator must hear why.
-        e @ crate::token_response::TokenResponseError::UnsupportedTokenType(_) => {
-            TokenError::Unusable(e.to_string())
-        }
-        e => TokenError::Transient(format!("unreadable answer: {e}")),
-    })?;
-    let access = r
-        .access_token
-        .ok_or_else(|| TokenError::Transient("answer has no access_token".into()))?;
-    Ok(TokenGrant {
-        access_token: access,
-        refresh_token: r.refresh_token,
-        expires_at: r.expires_at,
-        scopes: r.scopes,
-    })
-}
-
 /// Why a usable token could not be had. The edge answers each with its own
 /// code (`reauth_required`, `credential_missing`, `refresh_failed`,
 /// `store_unavailable`/`internal_error`).
@@ -273,6 +76,10 @@ pub enum RefreshError {
     ReauthRequired(ProviderLabel),
     #[error("no credential for {}", .0.name)]
     CredentialMissing(ProviderLabel),
+    /// A token response carried a connection value its pattern refuses
+    /// (nothing was stored).
+    #[error("connection value {} for {} not accepted", .1, .0.name)]
+    BadConnection(ProviderLabel, String),
     /// The token endpoint failed in a way a later attempt may not.
     #[error("token refresh failed for {}", .0.name)]
     Failed(ProviderLabel),
@@ -705,7 +512,9 @@ impl RefreshCoordinator {
                     params.push(("scope", scope.as_str()));
                 }
                 self.metrics.token_call(&p.name);
-                self.token_call_renewing(claim, p, &params).await
+                let none = BTreeMap::new();
+                let values = cur.as_ref().map_or(&none, |c| &c.connection);
+                self.token_call_renewing(claim, p, &params, values).await
             }
             (Some(c), _) => {
                 let Some(rt) = &c.refresh_token else {
@@ -720,6 +529,7 @@ impl RefreshCoordinator {
                         ("grant_type", "refresh_token"),
                         ("refresh_token", rt.expose()),
                     ],
+                    &c.connection,
                 )
                 .await
             }
@@ -746,6 +556,13 @@ impl RefreshCoordinator {
                     refreshed_at: Some(now),
                     updated_at: now,
                     generation: prev.generation,
+                    // A token response's values replace the stored ones
+                    // (Salesforce answers its instance_url on every refresh).
+                    connection: {
+                        let mut m = prev.connection.clone();
+                        m.extend(g.connection);
+                        m
+                    },
                 };
                 // The admin API and the OAuth callback write credentials
                 // without the claim. A credential replaced (or deleted)
@@ -799,6 +616,22 @@ impl RefreshCoordinator {
                 );
                 Err(RefreshError::ReauthRequired(p.label()))
             }
+            Err(TokenError::Connection(e)) => {
+                self.release_claim(claim, Some(true)).await;
+                self.metrics.refresh(&p.name, "failed");
+                tracing::warn!(
+                    provider = %p.name,
+                    owner = %owner.describe(),
+                    error = %e,
+                    "token refresh not usable: connection value; credential left unchanged"
+                );
+                Err(match e {
+                    ConnectionError::Missing(_) => RefreshError::CredentialMissing(p.label()),
+                    ConnectionError::Bad(f) | ConnectionError::Unknown(f) => {
+                        RefreshError::BadConnection(p.label(), f)
+                    }
+                })
+            }
             Err(e) => {
                 self.release_claim(claim, Some(true)).await;
                 self.metrics.refresh(&p.name, "failed");
@@ -822,6 +655,7 @@ impl RefreshCoordinator {
         claim: &Claim,
         p: &Provider,
         params: &[(&str, &str)],
+        connection: &BTreeMap<String, String>,
     ) -> Result<TokenGrant, TokenError> {
         let renew = async {
             let start = tokio::time::Instant::now() + RENEW_EVERY;
@@ -845,7 +679,7 @@ impl RefreshCoordinator {
             }
         };
         tokio::select! {
-            r = self.token_call(p, params) => r,
+            r = self.token_call(p, params, connection) => r,
             _ = renew => unreachable!("the renewal loop never ends"),
         }
     }
@@ -903,10 +737,18 @@ impl RefreshCoordinator {
         &self,
         p: &Provider,
         params: &[(&str, &str)],
+        connection: &BTreeMap<String, String>,
     ) -> Result<TokenGrant, TokenError> {
         match tokio::time::timeout(
             self.timeout,
-            call_token_endpoint(&self.client, p, params, self.timeout, self.clock.now()),
+            call_token_endpoint(
+                &self.client,
+                p,
+                params,
+                connection,
+                self.timeout,
+                self.clock.now(),
+            ),
         )
         .await
         {
@@ -973,6 +815,11 @@ where
 fn claim_key(owner: &Owner, provider: &str) -> String {
     format!("refresh:{}", owner.key(provider))
 }
+
+mod token_call;
+pub use token_call::call_token_endpoint;
+#[cfg(test)]
+use token_call::{parse_grant, sanitize_code};
 
 #[cfg(test)]
 mod tests;

@@ -206,6 +206,11 @@ struct CredentialBody {
     scopes: Option<Vec<String>>,
     username: Option<Secret>,
     password: Option<Secret>,
+    /// Per-connection values (`"connection": {"subdomain": "acme"}`), and
+    /// any top-level string a token response carries for a field.
+    connection: std::collections::BTreeMap<String, String>,
+    /// Top-level strings of the body, for `from = "token"` fields.
+    strings: std::collections::BTreeMap<String, String>,
 }
 
 /// Fields a hand-built body may carry; `token_type` marks a body that is a
@@ -222,6 +227,7 @@ const CREDENTIAL_FIELDS: &[&str] = &[
     "token_type",
     "id_token",
     "refresh_token_expires_in",
+    "connection",
 ];
 
 impl CredentialBody {
@@ -267,11 +273,31 @@ impl CredentialBody {
                 ));
             }
         };
+        let bad_connection = || {
+            ApiError::BadRequest(
+                "connection must be an object of strings, e.g. {\"subdomain\": \"acme\"}.".into(),
+            )
+        };
+        let connection = match map.get("connection") {
+            None | Some(Value::Null) => Default::default(),
+            Some(Value::Object(o)) if o.len() <= 32 => o
+                .iter()
+                .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+                .collect::<Option<_>>()
+                .ok_or_else(bad_connection)?,
+            Some(_) => return Err(bad_connection()),
+        };
+        let strings = map
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+            .collect();
         Ok(CredentialBody {
             token,
             scopes,
             username: secret("username")?,
             password: secret("password")?,
+            connection,
+            strings,
         })
     }
 }
@@ -311,7 +337,26 @@ async fn credential_route(
     let now = app.clock.now();
     match *method {
         Method::PUT => {
-            let b = CredentialBody::parse(body, now)?;
+            let mut b = CredentialBody::parse(body, now)?;
+            if let Some(owner_name) = &p.credential_from {
+                return Err(ApiError::BadRequest(format!(
+                    "{} uses the credential stored for {owner_name} (credential_from); store it there.",
+                    p.display
+                )));
+            }
+            // A token response as the provider sent it names its
+            // `from = "token"` values at the top level (instance_url).
+            for f in &p.connection {
+                if f.from == sidekey_creds::providers::ConnectionFrom::Token
+                    && !b.connection.contains_key(&f.name)
+                {
+                    if let Some(v) = b.strings.get(&f.name) {
+                        b.connection.insert(f.name.clone(), v.clone());
+                    }
+                }
+            }
+            p.check_connection(&b.connection)
+                .map_err(|e| ApiError::connection(&p, e))?;
             if p.grant == sidekey_creds::providers::Grant::ClientCredentials {
                 return Err(ApiError::BadRequest(format!(
                     "{} uses one app-level token (grant = client_credentials); sidekey fetches it itself.",
@@ -353,6 +398,7 @@ async fn credential_route(
                 reauth_required: false,
                 updated_at: now,
                 generation: 0,
+                connection: std::mem::take(&mut b.connection),
             };
             app.store
                 .put_credential(&owner, provider, &mut cred)

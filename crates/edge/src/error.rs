@@ -9,6 +9,7 @@ use http::{HeaderName, HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::body::{self, Body};
+use sidekey_creds::providers::ConnectionError;
 use sidekey_creds::providers::ProviderLabel;
 use sidekey_creds::refresh::RefreshError;
 use sidekey_creds::session::{SessionError, SessionFault};
@@ -69,6 +70,10 @@ pub enum ApiError {
     InvalidSignature(&'static str),
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A per-connection value (`[providers.NAME.connection.FIELD]`) fails
+    /// its pattern or would change the URL's shape; the field is named.
+    #[error("connection value {} for {} not accepted", .1, .0.name)]
+    BadConnectionValue(ProviderLabel, String),
     /// An operation tool's arguments; the message names the parameter.
     #[error("bad arguments: {0}")]
     BadArguments(String),
@@ -119,6 +124,7 @@ impl ApiError {
             Unauthorized => "unauthorized",
             InvalidSignature(_) => "invalid_signature",
             BadRequest(_) => "bad_request",
+            BadConnectionValue(..) => "bad_connection_value",
             BadArguments(_) => "bad_arguments",
             UnknownTool(_) => "unknown_tool",
             NotFound(_) => "not_found",
@@ -138,7 +144,9 @@ impl ApiError {
             InvalidSession(..) | ConversationMismatch | ConversationMissing | Unauthorized
             | InvalidSignature(_) => StatusCode::UNAUTHORIZED,
             ProviderNotAllowed(_) | PathNotAllowed(_) => StatusCode::FORBIDDEN,
-            BadPath(_) | BadRequest(_) | BadArguments(_) => StatusCode::BAD_REQUEST,
+            BadPath(_) | BadRequest(_) | BadArguments(_) | BadConnectionValue(..) => {
+                StatusCode::BAD_REQUEST
+            }
             UnknownTool(_) => StatusCode::NOT_FOUND,
             UnknownProvider(_) | UnknownProviderAdmin { .. } | NotFound(_) => StatusCode::NOT_FOUND,
             CredentialMissing(_) | ReauthRequired(_) => StatusCode::FAILED_DEPENDENCY,
@@ -226,6 +234,10 @@ impl ApiError {
             Unauthorized => "Missing or wrong credentials for this endpoint.".into(),
             InvalidSignature(_) => "The webhook signature is missing, invalid or too old.".into(),
             BadRequest(m) | BadArguments(m) => m.clone(),
+            BadConnectionValue(p, field) => format!(
+                "The {field} given for {} isn't accepted; please check it and try again.",
+                p.display
+            ),
             UnknownTool(n) => format!("I don't have a tool called {n}."),
             NotFound(m) => m.clone(),
             MethodNotAllowed => "That method is not allowed on this endpoint.".into(),
@@ -248,7 +260,8 @@ impl ApiError {
             | ReauthRequired(p)
             | RefreshFailed(p)
             | UpstreamUnreachable(p)
-            | UpstreamTimeout(p) => Some(&p.name),
+            | UpstreamTimeout(p)
+            | BadConnectionValue(p, _) => Some(&p.name),
             UnknownProviderAdmin { name, .. } => Some(name),
             _ => None,
         }
@@ -304,7 +317,25 @@ impl From<RefreshError> for ApiError {
             RefreshError::ReauthRequired(p) => ApiError::ReauthRequired(p),
             RefreshError::CredentialMissing(p) => ApiError::CredentialMissing(p),
             RefreshError::Failed(p) => ApiError::RefreshFailed(p),
+            RefreshError::BadConnection(p, f) => ApiError::BadConnectionValue(p, f),
             RefreshError::Store(e) => ApiError::Store(e),
+        }
+    }
+}
+
+impl ApiError {
+    /// A connection value problem of provider `p`: missing → 424
+    /// `credential_missing`, refused → 400 `bad_connection_value`.
+    pub fn connection(p: &sidekey_creds::providers::Provider, e: ConnectionError) -> ApiError {
+        match e {
+            ConnectionError::Missing(_) => ApiError::CredentialMissing(p.label()),
+            ConnectionError::Bad(f) | ConnectionError::Unknown(f) => ApiError::BadConnectionValue(
+                p.label(),
+                f.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+                    .take(64)
+                    .collect(),
+            ),
         }
     }
 }

@@ -94,8 +94,9 @@ pub async fn begin(
     return_to: Option<String>,
     scopes: Option<Vec<String>>,
     ticket: Option<String>,
+    connection: std::collections::BTreeMap<String, String>,
 ) -> Result<Flow, ApiError> {
-    let (Some(authorize), Some(_)) = (&p.authorize_url, &p.token_url) else {
+    let (Some(_), Some(_)) = (&p.authorize_url, &p.token_url) else {
         let missing = match (&p.authorize_url, &p.token_url) {
             (None, None) => "authorize_url and token_url",
             (None, Some(_)) => "authorize_url",
@@ -109,13 +110,31 @@ pub async fn begin(
     let Some(client_id) = &p.client_id else {
         return Err(ApiError::NotConfigured(client_id_missing(app, p)));
     };
+    p.check_connection(&connection)
+        .map_err(|e| ApiError::connection(p, e))?;
+    let needs = |f: String| {
+        ApiError::BadRequest(format!(
+            "{} needs connection.{f} to be connected (give \"connection\": {{\"{f}\": \"...\"}}).",
+            p.display
+        ))
+    };
+    let endpoint = |r: Result<Option<url::Url>, sidekey_creds::providers::ConnectionError>| match r
+    {
+        Ok(u) => Ok(u),
+        Err(sidekey_creds::providers::ConnectionError::Missing(f)) => Err(needs(f)),
+        Err(e) => Err(ApiError::connection(p, e)),
+    };
+    endpoint(p.token_url_for(&connection))?;
+    let Some(authorize) = endpoint(p.authorize_url_for(&connection))? else {
+        return Err(ApiError::Internal);
+    };
     let state = random_b64(32);
     let verifier = Secret::new(random_b64(32));
     let challenge = pkce_challenge(verifier.expose());
     let redirect = redirect_uri(app, &p.name);
     let scopes = scopes.unwrap_or_else(|| p.scopes.clone());
 
-    let mut url = authorize.clone();
+    let mut url = authorize;
     {
         let mut q = url.query_pairs_mut();
         q.append_pair("client_id", client_id)
@@ -127,9 +146,11 @@ pub async fn begin(
         if !p.user_scopes.is_empty() {
             q.append_pair("user_scope", &p.user_scopes.join(&p.scope_separator));
         }
-        q.append_pair("state", &state)
-            .append_pair("code_challenge", &challenge)
-            .append_pair("code_challenge_method", "S256");
+        q.append_pair("state", &state);
+        if p.pkce {
+            q.append_pair("code_challenge", &challenge)
+                .append_pair("code_challenge_method", "S256");
+        }
         for (k, v) in &p.authorize_params {
             q.append_pair(k, v);
         }
@@ -146,6 +167,7 @@ pub async fn begin(
                 redirect_uri: redirect,
                 expires_at,
                 ticket,
+                connection,
             },
         )
         .await

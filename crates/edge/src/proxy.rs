@@ -352,9 +352,10 @@ async fn refresh_providers(
     let mut out = serde_json::Map::new();
     for name in names {
         let provider = app.providers.get(&name).expect("filtered above").clone();
-        let owner = owner_with_credential(app, &provider, session.user()).await?;
+        let cp = credential_provider(app, &provider)?;
+        let owner = owner_with_credential(app, &cp, session.user()).await?;
         let result = match &owner {
-            Some(o) => app.refresher.force(&provider, o).await,
+            Some(o) => app.refresher.force(&cp, o).await,
             None => Ok(None),
         };
         let entry = match result.map_err(ApiError::from) {
@@ -592,7 +593,10 @@ fn allowed_provider(
         .providers
         .get(name)
         .ok_or_else(|| ApiError::UnknownProvider(label()))?;
-    if !session.providers().iter().any(|p| p == name) {
+    // A session granting a provider grants every provider that uses its
+    // credential (`credential_from`).
+    let granted = |n: &str| session.providers().iter().any(|p| p == n);
+    if !granted(name) && !provider.credential_from.as_deref().is_some_and(granted) {
         return Err(ApiError::ProviderNotAllowed(label()));
     }
     Ok(provider.clone())
@@ -648,14 +652,29 @@ async fn owner_with_credential(
     Ok(found.map(|(o, ())| o))
 }
 
+/// The provider whose credential `p` uses and refreshes (its
+/// `credential_from`, else itself): the store key, the token endpoint and
+/// the client come from it; base URL, allow list and injection from `p`.
+pub(crate) fn credential_provider(app: &App, p: &Provider) -> Result<Arc<Provider>, ApiError> {
+    app.providers
+        .credential_provider(p)
+        .cloned()
+        .ok_or_else(|| {
+            tracing::error!(provider = %p.name, "credential_from names no configured provider");
+            ApiError::Internal
+        })
+}
+
 /// Phase 5: a credential ready to inject, refreshed first if it is due.
 pub(crate) async fn credential_for(
     app: &Arc<App>,
     p: &Provider,
     user: &str,
 ) -> Result<(Owner, Arc<Credential>), ApiError> {
-    owners::first_with(&app.store, p, user, |o| async move {
-        Ok::<_, ApiError>(app.refresher.usable(p, &o).await?)
+    let cp = credential_provider(app, p)?;
+    let cp = &*cp;
+    owners::first_with(&app.store, cp, user, |o| async move {
+        Ok::<_, ApiError>(app.refresher.usable(cp, &o).await?)
     })
     .await?
     .ok_or_else(|| ApiError::CredentialMissing(p.label()))
@@ -682,9 +701,10 @@ pub(crate) async fn call_provider(
     match check_rejected(app, provider, resp).await {
         Checked::Pass(resp) => Ok(resp),
         Checked::Rejected(resp) => {
+            let cp = credential_provider(app, provider)?;
             match app
                 .refresher
-                .after_reject(provider, &owner, cred.generation)
+                .after_reject(&cp, &owner, cred.generation)
                 .await
             {
                 Ok(Some(fresh)) => {
@@ -759,13 +779,23 @@ async fn send(
     out: &Outgoing<'_>,
     cred: &Credential,
 ) -> Result<Response<Body>, ApiError> {
+    // A base with `{field}` placeholders is built from the credential's
+    // connection values; a value still missing means not connected yet.
+    let base = p
+        .base_for(&cred.connection)
+        .map_err(|e| ApiError::connection(p, e))?;
     let uri = p
-        .upstream_uri(out.path, out.query.as_deref(), cred.access_token.as_ref())
+        .upstream_uri_at(
+            &base,
+            out.path,
+            out.query.as_deref(),
+            cred.access_token.as_ref(),
+        )
         .map_err(|e| inject_error(p, e))?;
     let req = sidekey_creds::client::Outbound {
         method: &out.method,
         uri,
-        headers: out.headers,
+        headers: out.headers.with_defaults(&p.headers),
         credential: p.credential_header(cred).map_err(|e| inject_error(p, e))?,
         body: out.body.clone(),
     };

@@ -14,6 +14,8 @@ pub fn credential_metadata(owner: &Owner, provider: &str, c: &Credential, now: i
         "has_refresh_token": c.refresh_token.is_some(),
         "scopes": c.scopes,
         "updated_at": c.updated_at,
+        // Per-connection values (a subdomain, an instance URL): not secrets.
+        "connection": c.connection,
     });
     if c.reauth_required {
         // The provider's refusal code (e.g. `invalid_grant`): why the user

@@ -67,6 +67,13 @@ pub struct State {
     /// Access token → its chain.
     access_chain: HashMap<String, String>,
     hook: Option<tokio::sync::mpsc::UnboundedSender<Hook>>,
+    /// The last request's Content-Type (Notion takes a JSON body).
+    pub last_content_type: Option<String>,
+    /// Extra top-level fields of every successful answer (Salesforce's
+    /// `instance_url`).
+    pub extra_answer: serde_json::Map<String, Value>,
+    /// Never issue a refresh token, not even for a code (GitHub OAuth Apps).
+    pub no_refresh: bool,
 }
 
 /// Where a refresh call is when the hook runs.
@@ -119,6 +126,9 @@ impl TokenServer {
             chain_of: HashMap::new(),
             access_chain: HashMap::new(),
             hook: None,
+            last_content_type: None,
+            extra_answer: serde_json::Map::new(),
+            no_refresh: false,
         }));
         let st = state.clone();
         tokio::spawn(async move {
@@ -247,6 +257,20 @@ impl TokenServer {
 
     /// Every access and refresh token the fake ever issued or accepted, for
     /// secret scans.
+    /// Adds a top-level field to every successful answer.
+    pub fn set_answer_field(&self, k: &str, v: Value) {
+        self.state.lock().unwrap().extra_answer.insert(k.into(), v);
+    }
+
+    /// Never issues a refresh token.
+    pub fn set_no_refresh(&self, on: bool) {
+        self.state.lock().unwrap().no_refresh = on;
+    }
+
+    pub fn last_content_type(&self) -> Option<String> {
+        self.state.lock().unwrap().last_content_type.clone()
+    }
+
     pub fn all_tokens(&self) -> Vec<String> {
         let s = self.state.lock().unwrap();
         s.valid_access
@@ -301,13 +325,27 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
                 (d(a), d(b))
             })
         });
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = req
         .into_body()
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
+    // A JSON object body (Notion) is read as the same parameters.
+    let form: HashMap<String, String> = if content_type.as_deref() == Some("application/json") {
+        serde_json::from_slice::<serde_json::Map<String, Value>>(&body)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k, v.to_owned())))
+            .collect()
+    } else {
+        url::form_urlencoded::parse(&body).into_owned().collect()
+    };
     let presented = form
         .get("refresh_token")
         .filter(|_| form.get("grant_type").map(String::as_str) == Some("refresh_token"))
@@ -317,6 +355,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Fu
         st.calls += 1;
         st.last_form = form.clone();
         st.last_basic = basic.clone();
+        st.last_content_type = content_type.clone();
         st.grants
             .push(form.get("grant_type").cloned().unwrap_or_default());
         if let Some(rt) = &presented {
@@ -459,7 +498,10 @@ fn answer(
         st.access_chain.insert(at.clone(), c.clone());
     }
     let mut v = json!({"access_token": at, "token_type": "Bearer", "expires_in": st.expires_in, "scope": "read write"});
-    if issue_refresh {
+    for (k, x) in st.extra_answer.clone() {
+        v[k] = x;
+    }
+    if issue_refresh && !st.no_refresh {
         let rt = format!("rt-{n}-{}", st.client_id);
         st.valid_refresh.insert(rt.clone());
         if let Some(c) = &chain {

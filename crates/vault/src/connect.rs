@@ -73,6 +73,10 @@ pub struct ConnectTicket {
     /// redirects here instead of showing the page.
     #[serde(default)]
     pub authorize_url: Option<String>,
+    /// Per-connection values for the flows this link starts (each
+    /// provider takes the fields it declares).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub connection: std::collections::BTreeMap<String, String>,
 }
 
 /// A credential from a completed callback, waiting for the app's
@@ -221,6 +225,7 @@ mod tests {
             expires_at: exp,
             browser: None,
             authorize_url: None,
+            connection: Default::default(),
         }
     }
 

@@ -21,6 +21,7 @@ pub mod crypto;
 pub mod postgres;
 pub mod sled_backend;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,6 +78,11 @@ pub struct Credential {
     /// it used has been replaced since.
     #[serde(default)]
     pub generation: u64,
+    /// Per-connection values (`[providers.NAME.connection.FIELD]`): a
+    /// Zendesk subdomain, a Salesforce instance URL. Not secrets, but
+    /// sealed with the rest.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub connection: BTreeMap<String, String>,
 }
 
 impl Credential {
@@ -168,6 +174,9 @@ pub struct OAuthState {
     /// to that ticket.
     #[serde(default)]
     pub ticket: Option<String>,
+    /// Per-connection values the flow was started with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub connection: BTreeMap<String, String>,
 }
 
 /// A request method's name for an audit record; the standard ones without
@@ -2281,6 +2290,7 @@ mod tests {
             redirect_uri: "x".into(),
             expires_at: 10,
             ticket: None,
+            connection: Default::default(),
         };
         s.put_oauth_state("st", &st).await.unwrap();
         assert!(s.take_oauth_state("st").await.unwrap().is_some());

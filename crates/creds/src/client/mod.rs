@@ -134,12 +134,20 @@ pub trait HeaderFilter: Sync {
 pub struct Headers<'a> {
     map: &'a HeaderMap,
     filter: Option<&'a dyn HeaderFilter>,
+    /// Sent when the map (as filtered) has no header of the same name: a
+    /// provider's fixed headers (Notion-Version), which a client may
+    /// override.
+    defaults: &'a [(HeaderName, HeaderValue)],
 }
 
 impl<'a> Headers<'a> {
     /// Every header of `map`.
     pub fn all(map: &'a HeaderMap) -> Self {
-        Headers { map, filter: None }
+        Headers {
+            map,
+            filter: None,
+            defaults: &[],
+        }
     }
 
     /// The headers of `map` that `filter` keeps.
@@ -147,25 +155,40 @@ impl<'a> Headers<'a> {
         Headers {
             map,
             filter: Some(filter),
+            defaults: &[],
         }
+    }
+
+    /// The same headers plus `defaults` where the client sent none.
+    pub fn with_defaults(self, defaults: &'a [(HeaderName, HeaderValue)]) -> Self {
+        Headers { defaults, ..self }
     }
 
     fn keeps(&self, name: &HeaderName) -> bool {
         self.filter.is_none_or(|f| f.keeps(name))
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
-        self.map.iter().filter(|(n, _)| self.keeps(n))
-    }
-
-    pub fn contains_key(&self, name: &HeaderName) -> bool {
+    fn sent(&self, name: &HeaderName) -> bool {
         // The filter first: it refuses `Host` without a hash lookup.
         self.keeps(name) && self.map.contains_key(name)
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> + '_ {
+        self.map.iter().filter(|(n, _)| self.keeps(n)).chain(
+            self.defaults
+                .iter()
+                .filter(|(n, _)| !self.sent(n))
+                .map(|(n, v)| (n, v)),
+        )
+    }
+
+    pub fn contains_key(&self, name: &HeaderName) -> bool {
+        self.sent(name) || self.defaults.iter().any(|(n, _)| n == name)
+    }
+
     /// As a map of their own, for hyper's clients.
     pub fn to_map(&self) -> HeaderMap {
-        if self.filter.is_none() {
+        if self.filter.is_none() && self.defaults.is_empty() {
             return self.map.clone();
         }
         let mut out = HeaderMap::with_capacity(self.map.len());

@@ -254,15 +254,19 @@ async fn complete(
             detail: "This sign-in has no way back to the app, which must confirm new connections. Nothing was connected. Please start connecting again from the app.".into(),
         });
     }
+    let mut params = vec![
+        ("grant_type", "authorization_code"),
+        ("code", code.expose()),
+        ("redirect_uri", st.redirect_uri.as_str()),
+    ];
+    if p.pkce {
+        params.push(("code_verifier", st.verifier.expose()));
+    }
     let grant = call_token_endpoint(
         &app.client,
         &p,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code.expose()),
-            ("redirect_uri", &st.redirect_uri),
-            ("code_verifier", st.verifier.expose()),
-        ],
+        &params,
+        &st.connection,
         Duration::from_secs(app.config.server.upstream_timeout_secs),
         app.clock.now(),
     )
@@ -270,6 +274,16 @@ async fn complete(
     .map_err(|e| {
         tracing::warn!(provider, user = %st.user, error = %e, "authorization code exchange failed");
         let refused = matches!(e, TokenError::Refused(_));
+        if let TokenError::Connection(_) = e {
+            return Failure {
+                code: "bad_connection_value",
+                status: StatusCode::BAD_GATEWAY,
+                title: "Connecting did not work",
+                detail: format!(
+                    "{display} answered with account details sidekey does not accept, so nothing was connected."
+                ),
+            };
+        }
         Failure {
             code: if refused { "exchange_refused" } else { "exchange_failed" },
             status: StatusCode::BAD_GATEWAY,
@@ -287,6 +301,11 @@ async fn complete(
         expires_at: grant.expires_at,
         scopes: grant.scopes.unwrap_or_default(),
         updated_at: now,
+        connection: {
+            let mut m = st.connection.clone();
+            m.extend(grant.connection);
+            m
+        },
         ..Default::default()
     };
     let store_failed = || Failure {

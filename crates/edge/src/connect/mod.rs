@@ -103,6 +103,20 @@ struct LinkBody {
     ttl_secs: Option<u64>,
     #[serde(default)]
     user_label: Option<String>,
+    /// Per-connection values (`from = "user"`), e.g. `{"subdomain": "acme"}`.
+    #[serde(default)]
+    connection: std::collections::BTreeMap<String, String>,
+}
+
+/// The values of `all` that provider `p` declares.
+pub(crate) fn connection_for(
+    p: &sidekey_creds::providers::Provider,
+    all: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    all.iter()
+        .filter(|(k, _)| p.connection_field(k).is_some())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Admin `POST /v1/users/{user}/connect` → 201 `{connect_url, expires_at}`.
@@ -156,6 +170,28 @@ pub async fn create_link(
             uniq
         }
     };
+    // Each value must be a field of some listed provider, and acceptable
+    // to every listed provider that declares it.
+    for k in b.connection.keys() {
+        if !providers
+            .iter()
+            .filter_map(|n| app.providers.get(n))
+            .any(|p| p.connection_field(k).is_some())
+        {
+            let first = app.providers.get(&providers[0]).cloned();
+            return Err(match first {
+                Some(p) => ApiError::connection(
+                    &p,
+                    sidekey_creds::providers::ConnectionError::Unknown(k.clone()),
+                ),
+                None => ApiError::BadRequest("unknown connection field".into()),
+            });
+        }
+    }
+    for p in providers.iter().filter_map(|n| app.providers.get(n)) {
+        p.check_connection(&connection_for(p, &b.connection))
+            .map_err(|e| ApiError::connection(p, e))?;
+    }
     crate::oauth::check_return_to_for(app, b.return_to.as_deref())?;
     let ttl = b.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
     if !(MIN_TTL_SECS..=MAX_TTL_SECS).contains(&ttl) {
@@ -185,6 +221,7 @@ pub async fn create_link(
                 expires_at,
                 browser: None,
                 authorize_url: None,
+                connection: b.connection,
             },
         )
         .await
@@ -649,7 +686,8 @@ async fn act(app: &Arc<App>, req: Request<Incoming>, ticket: &str, action: &str)
     let owner = Owner::User(t.user.clone());
     let resp = match action {
         "connect" => {
-            match crate::oauth::begin(app, &t.user, &p, Some(page), None, Some(id)).await {
+            let values = connection_for(&p, &t.connection);
+            match crate::oauth::begin(app, &t.user, &p, Some(page), None, Some(id), values).await {
                 Ok(flow) => match app.store.flush().await {
                     Ok(()) => redirect(app, &flow.authorize_url),
                     Err(e) => internal(app, e),

@@ -20,6 +20,9 @@ struct StartBody {
     /// Overrides the provider's configured scopes for this authorization.
     #[serde(default)]
     scopes: Option<Vec<String>>,
+    /// Per-connection values (`from = "user"`), e.g. `{"subdomain": "acme"}`.
+    #[serde(default)]
+    connection: std::collections::BTreeMap<String, String>,
 }
 
 /// `POST /v1/users/{user}/oauth/{provider}/start` (admin).
@@ -53,6 +56,7 @@ pub async fn start(
         b.return_to.clone(),
         b.scopes,
         Some(link.id.clone()),
+        b.connection,
     )
     .await?;
     app.store
@@ -67,6 +71,7 @@ pub async fn start(
                 expires_at: flow.expires_at,
                 browser: None,
                 authorize_url: Some(flow.authorize_url.clone()),
+                connection: Default::default(),
             },
         )
         .await

@@ -103,7 +103,7 @@ pub fn tools(cfg: &Config, providers: &Providers, catalogue: &Catalogue) -> Vec<
                 "name": tool_name(&format!("sidekey_{}", p.name)),
                 "description": format!(
                     "Calls the {} API ({}) as the caller, with their connected {} account. Use it for anything the caller asks that needs their {} data or actions.{allowed}{example} If it answers with an error message, read that message to the caller.",
-                    p.display, p.base.url, p.display, p.display
+                    p.display, p.base_url_text(), p.display, p.display
                 ),
                 "response_timeout_secs": timeout,
                 "tool_error_handling_mode": "passthrough",
@@ -124,7 +124,7 @@ pub fn tools(cfg: &Config, providers: &Providers, catalogue: &Catalogue) -> Vec<
                             },
                             "path": {
                                 "type": "string",
-                                "description": format!("API path relative to {}, starting with /.", p.base.url),
+                                "description": format!("API path relative to {}, starting with /.", p.base_url_text()),
                             },
                             "query": {
                                 "type": "string",

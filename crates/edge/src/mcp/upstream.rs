@@ -247,9 +247,10 @@ async fn rpc(
         Ok(r) => Ok(r),
         Err(Failed::Api(e)) => Err(e),
         Err(Failed::Rejected) => {
+            let cp = proxy::credential_provider(app, provider)?;
             let fresh = app
                 .refresher
-                .after_reject(provider, &owner, cred.generation)
+                .after_reject(&cp, &owner, cred.generation)
                 .await?;
             let Some(fresh) = fresh else {
                 return Err(ApiError::ReauthRequired(provider.label()));
