@@ -46,7 +46,7 @@ pub struct App {
     /// Memory held by post-call bodies being read, all together.
     pub webhook_bodies: sidekey_base::limits::ByteBudget,
     /// `Mcp-Session-Id`s issued and ended here (they carry no identity).
-    pub mcp_sessions: crate::mcp::McpSessions,
+    pub mcp_sessions: crate::mcp::sessions::McpSessions,
 }
 
 impl std::fmt::Debug for App {
@@ -117,7 +117,7 @@ impl App {
             webhook_bodies: sidekey_base::limits::ByteBudget::new(
                 config.elevenlabs.webhook_memory_budget_bytes,
             ),
-            mcp_sessions: crate::mcp::McpSessions::default(),
+            mcp_sessions: crate::mcp::sessions::McpSessions::default(),
             config,
             providers,
             tools,

@@ -15,6 +15,7 @@ pub mod error;
 pub mod mcp;
 pub mod oauth;
 pub mod proxy;
+pub mod random;
 pub mod request;
 pub mod retell;
 pub mod server;

@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::app::App;
@@ -18,15 +17,8 @@ use sidekey_vault::OAuthState;
 /// How long an authorize URL stays usable.
 pub const STATE_TTL_SECS: i64 = 600;
 
-fn b64url(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-pub fn random_b64(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    rand::fill(&mut b[..]);
-    b64url(&b)
-}
+use crate::random::b64url;
+pub use crate::random::random_b64;
 
 /// RFC 7636: `BASE64URL(SHA256(verifier))`.
 pub fn pkce_challenge(verifier: &str) -> String {

@@ -425,7 +425,7 @@ pub(crate) async fn authenticate(
             v.to_str()
                 .ok()
                 .map(str::trim)
-                .filter(|s| valid_conversation_id(s))
+                .filter(|s| sidekey_creds::session::valid_conversation_id(s))
                 .ok_or_else(|| {
                     ApiError::BadRequest(format!(
                         "The {conv_header} header is not a valid conversation id."
@@ -434,11 +434,6 @@ pub(crate) async fn authenticate(
         ),
     };
     authenticate_token(app, session_token(headers), conv, t).await
-}
-
-/// What a conversation (or call) id may be: printable ASCII, 1-256 bytes.
-pub(crate) fn valid_conversation_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Phase 1 for a token and conversation id that came from anywhere (the

@@ -55,7 +55,7 @@ pub async fn call(
     let result = async {
         let tool = lookup(app, name, &mut t)?;
         let conversation = match conversation {
-            Some(c) if !proxy::valid_conversation_id(c) => {
+            Some(c) if !sidekey_creds::session::valid_conversation_id(c) => {
                 return Err(ApiError::BadRequest(
                     "The call id is not a valid conversation id.".into(),
                 ));
@@ -69,14 +69,18 @@ pub async fn call(
     proxy::finish(app, &Method::POST, started, t, result)
 }
 
-/// The tool's name as the audit log shows the path of a refused call.
-fn display_path(name: &str) -> String {
-    let shown: String = name
-        .chars()
+/// A requested tool name as it may be echoed (audit path, error message):
+/// the characters a tool name can have, at most 64.
+fn shown(name: &str) -> String {
+    name.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         .take(64)
-        .collect();
-    format!("/v1/tools/{shown}")
+        .collect()
+}
+
+/// The tool's name as the audit log shows the path of a refused call.
+fn display_path(name: &str) -> String {
+    format!("/v1/tools/{}", shown(name))
 }
 
 fn lookup(app: &Arc<App>, name: &str, t: &mut Trace) -> Result<Arc<Tool>, ApiError> {
@@ -85,12 +89,7 @@ fn lookup(app: &Arc<App>, name: &str, t: &mut Trace) -> Result<Arc<Tool>, ApiErr
             t.tool = Some(Arc::from(tool.name.as_str()));
             Ok(tool.clone())
         }
-        None => Err(ApiError::UnknownTool(
-            name.chars()
-                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-                .take(64)
-                .collect(),
-        )),
+        None => Err(ApiError::UnknownTool(shown(name))),
     }
 }
 

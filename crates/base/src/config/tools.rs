@@ -423,8 +423,17 @@ pub struct RawMcpServer {
 pub struct McpServerConfig {
     pub url: url::Url,
     pub provider: String,
-    /// Globs of upstream tool names; empty means all.
+    /// Globs of upstream tool names as written; empty means all.
     pub tools: Vec<String>,
+    /// `tools` compiled once; `None` means all.
+    pub matcher: Option<globset::GlobSet>,
+}
+
+impl McpServerConfig {
+    /// Whether an upstream tool of this name is offered.
+    pub fn offers(&self, tool: &str) -> bool {
+        self.matcher.as_ref().is_none_or(|m| m.is_match(tool))
+    }
 }
 
 pub fn check_mcp_server(
@@ -475,11 +484,26 @@ pub fn check_mcp_server(
         ));
     }
     let tools = raw.tools.unwrap_or_default();
+    let mut set = globset::GlobSetBuilder::new();
     for g in &tools {
-        if globset::Glob::new(g).is_err() {
-            p.push(format!("{sec} tools: {g:?} is not a valid glob"));
+        match globset::Glob::new(g) {
+            Ok(glob) => {
+                set.add(glob);
+            }
+            Err(_) => p.push(format!("{sec} tools: {g:?} is not a valid glob")),
         }
     }
+    let matcher = if tools.is_empty() {
+        None
+    } else {
+        match set.build() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                p.push(format!("{sec} tools: {e}"));
+                None
+            }
+        }
+    };
     if p.len() != before {
         return None;
     }
@@ -487,6 +511,7 @@ pub fn check_mcp_server(
         url: url?,
         provider,
         tools,
+        matcher,
     })
 }
 

@@ -28,7 +28,6 @@ pub mod start;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -41,7 +40,7 @@ use subtle::ConstantTimeEq;
 use crate::app::App;
 use crate::body::{self, Body, html_escape};
 use crate::error::ApiError;
-use crate::oauth::random_b64;
+use crate::random::{b64url, random_b64};
 use sidekey_vault::{AuditRecord, ConnectTicket, OAuthState, Owner, StoreError, TicketClaim};
 
 pub use page::CSS_PATH;
@@ -59,10 +58,6 @@ pub const DEFAULT_TTL_SECS: u64 = 600;
 const SECRET_BYTES: usize = 32;
 const SECRET_CHARS: usize = 43;
 const MAX_FORM_BYTES: u64 = 8 * 1024;
-
-fn b64url(b: &[u8]) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-}
 
 fn well_formed(s: &str) -> bool {
     s.len() == SECRET_CHARS

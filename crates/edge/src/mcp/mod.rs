@@ -28,6 +28,7 @@ use crate::error::ApiError;
 use crate::proxy::{self, Trace};
 use sidekey_creds::session::VerifiedSession;
 
+pub mod sessions;
 mod upstream;
 
 /// Protocol revisions sidekey speaks, newest first.
@@ -408,50 +409,6 @@ fn tool_result(a: &crate::tools::Answer) -> Value {
         }
     }
     r
-}
-
-/// Session ids this replica issued and ended. An id carries no identity,
-/// so one issued elsewhere (another replica, a restart) is served too;
-/// only an ended one is refused, as the transport says.
-#[derive(Default)]
-pub struct McpSessions {
-    ended: std::sync::Mutex<std::collections::VecDeque<String>>,
-    live: std::sync::Mutex<std::collections::HashSet<String>>,
-}
-
-/// Ended ids remembered (oldest forgotten first).
-const ENDED_KEPT: usize = 10_000;
-/// Live ids remembered, for `DELETE`.
-const LIVE_KEPT: usize = 100_000;
-
-impl McpSessions {
-    pub fn issue(&self) -> String {
-        let id = crate::oauth::random_b64(18);
-        let mut live = sidekey_base::sync::lock(&self.live);
-        if live.len() >= LIVE_KEPT {
-            live.clear();
-        }
-        live.insert(id.clone());
-        id
-    }
-
-    pub fn end(&self, id: &str) -> bool {
-        let known = sidekey_base::sync::lock(&self.live).remove(id);
-        if known {
-            let mut ended = sidekey_base::sync::lock(&self.ended);
-            if ended.len() >= ENDED_KEPT {
-                ended.pop_front();
-            }
-            ended.push_back(id.to_owned());
-        }
-        known
-    }
-
-    pub fn is_ended(&self, id: &str) -> bool {
-        sidekey_base::sync::lock(&self.ended)
-            .iter()
-            .any(|e| e == id)
-    }
 }
 
 /// `Bytes` of a JSON-RPC message, for the upstream client.

@@ -9,7 +9,6 @@
 
 use std::time::Instant;
 
-use globset::Glob;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -49,15 +48,6 @@ impl From<ApiError> for Failed {
     }
 }
 
-fn allowed(server: &McpServerConfig, tool: &str) -> bool {
-    server.tools.is_empty()
-        || server.tools.iter().any(|g| {
-            Glob::new(g)
-                .map(|g| g.compile_matcher().is_match(tool))
-                .unwrap_or(false)
-        })
-}
-
 /// The upstream's tools as this server's: `server__tool`, filtered.
 fn present(name: &str, server: &McpServerConfig, tools: &Value) -> Vec<Value> {
     let Some(list) = tools.as_array() else {
@@ -66,7 +56,7 @@ fn present(name: &str, server: &McpServerConfig, tools: &Value) -> Vec<Value> {
     list.iter()
         .filter_map(|t| {
             let tn = t.get("name")?.as_str()?;
-            if !allowed(server, tn) {
+            if !server.offers(tn) {
                 return None;
             }
             let mut out = json!({
@@ -174,7 +164,7 @@ pub async fn call(
     tool: &str,
     args: &Value,
 ) -> Result<Value, CallError> {
-    if tool.is_empty() || !allowed(server, tool) {
+    if tool.is_empty() || !server.offers(tool) {
         return Err(CallError::Unknown);
     }
     let started = Instant::now();
@@ -501,6 +491,13 @@ mod tests {
             url: "https://mcp.example.com/mcp".parse().unwrap(),
             provider: "notion".into(),
             tools: vec!["search".into(), "fetch*".into()],
+            matcher: Some(
+                globset::GlobSetBuilder::new()
+                    .add(globset::Glob::new("search").unwrap())
+                    .add(globset::Glob::new("fetch*").unwrap())
+                    .build()
+                    .unwrap(),
+            ),
         };
         let tools = json!([
             {"name": "search", "description": "d", "inputSchema": {"type": "object"}, "x-extra": "dropped"},
