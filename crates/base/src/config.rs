@@ -14,7 +14,9 @@ use url::Url;
 
 use crate::secret::Secret;
 
+mod jwt;
 mod tools;
+pub use jwt::JwtConfig;
 pub use tools::{
     McpServerConfig, ParamConfig, ParamIn, ParamType, RetellConfig, ToolConfig, VapiConfig,
     parse_pack, placeholders, valid_tool_name,
@@ -308,6 +310,16 @@ pub struct RawProvider {
     pub connection: Option<BTreeMap<String, ConnectionConfig>>,
     /// Send an S256 PKCE challenge in the OAuth flow (preset's default).
     pub pkce: Option<bool>,
+    // JWT bearer grants and private_key_jwt (see `config/jwt.rs`).
+    pub service_account_file: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_key_file: Option<String>,
+    pub jwt_key_id: Option<String>,
+    pub jwt_alg: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_scope_claim: Option<bool>,
+    pub jwt_subject: Option<String>,
+    pub jwt_subject_domains: Option<Vec<String>>,
 }
 
 /// `[providers.NAME.connection.FIELD]`.
@@ -618,6 +630,8 @@ pub struct ProviderConfig {
     pub headers: BTreeMap<String, String>,
     pub connection: BTreeMap<String, ConnectionConfig>,
     pub pkce: Option<bool>,
+    /// The `jwt_*` keys and `service_account_file`.
+    pub jwt: JwtConfig,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "config.toml";
@@ -1121,6 +1135,7 @@ impl Config {
                 ));
             }
             let sec = format!("[providers.{name}]");
+            let jwt = JwtConfig::from_raw(dir, &rp);
             let client_id = SecretSource::from_parts(
                 dir,
                 rp.client_id_file,
@@ -1168,6 +1183,7 @@ impl Config {
                     headers: rp.headers.unwrap_or_default(),
                     connection: rp.connection.unwrap_or_default(),
                     pkce: rp.pkce,
+                    jwt,
                 },
             );
         }

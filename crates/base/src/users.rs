@@ -29,9 +29,65 @@ pub fn normalize_phone(s: &str) -> Option<String> {
     Some(format!("+{digits}"))
 }
 
+/// An e-mail address as a JWT subject may carry it: `local@domain`, the
+/// domain lower-cased. Deliberately narrower than RFC 5322 (no quoted local
+/// parts, no comments, no IP-literal domains): the address is matched
+/// against allowed domains and sent as a claim, so anything that could be
+/// read two ways is refused.
+pub fn normalize_email(s: &str) -> Option<String> {
+    let s = s.trim();
+    let (local, domain) = s.rsplit_once('@')?;
+    let local_ok = (1..=64).contains(&local.len())
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._%+-'".contains(&b))
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..");
+    let domain = domain.to_ascii_lowercase();
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = domain.len() <= 253
+        && labels.len() >= 2
+        && labels.iter().all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    (local_ok && domain_ok).then(|| format!("{local}@{domain}"))
+}
+
+/// The domain of an address (after its last `@`), lower-cased.
+pub fn email_domain(s: &str) -> Option<String> {
+    s.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emails() {
+        assert_eq!(
+            normalize_email(" Alice.B+cal@Acme.COM ").as_deref(),
+            Some("Alice.B+cal@acme.com")
+        );
+        for bad in [
+            "alice",
+            "@acme.com",
+            "alice@",
+            "alice@acme",
+            "a..b@acme.com",
+            "alice@-acme.com",
+            "al ice@acme.com",
+            "alice@acme.com\r\nbcc: x",
+            "\"a\"@acme.com",
+            "alice@[127.0.0.1]",
+        ] {
+            assert_eq!(normalize_email(bad), None, "{bad}");
+        }
+        assert_eq!(email_domain("a@Acme.com").as_deref(), Some("acme.com"));
+    }
 
     #[test]
     fn phones() {

@@ -153,6 +153,8 @@ pub struct ProxyRecord {
     pub error: Option<&'static str>,
     /// The operation tool this call ran, if it was one.
     pub tool: Option<Arc<str>>,
+    /// The JWT bearer subject the call's token was got for.
+    pub subject: Option<String>,
 }
 
 enum Entry {
@@ -174,6 +176,7 @@ struct Fields<'a> {
     conversation_id: Option<&'a str>,
     error: Option<&'a str>,
     tool: Option<&'a str>,
+    subject: Option<&'a str>,
 }
 
 impl Entry {
@@ -192,6 +195,7 @@ impl Entry {
                 conversation_id: r.conversation_id.as_deref(),
                 error: r.error.as_deref(),
                 tool: r.tool.as_deref(),
+                subject: r.subject.as_deref(),
             },
             Entry::Proxy(r) => Fields {
                 time: r.time,
@@ -206,6 +210,7 @@ impl Entry {
                 conversation_id: r.caller.conversation_id(),
                 error: r.error,
                 tool: r.tool.as_deref(),
+                subject: r.subject.as_deref(),
             },
         }
     }
@@ -256,6 +261,7 @@ fn write_record(r: &Fields<'_>, out: &mut Vec<u8>) {
     field_opt(out, r.conversation_id);
     field_opt(out, r.error);
     field_opt(out, r.tool);
+    field_opt(out, r.subject);
     out.push(b']');
 }
 
@@ -342,6 +348,7 @@ fn summary(counts: std::collections::BTreeMap<Refused, u64>) -> Vec<AuditRecord>
                 conversation_id: None,
                 error: Some(format!("{what} x{n}")),
                 tool: None,
+                subject: None,
             }
         })
         .collect()
@@ -544,6 +551,7 @@ mod tests {
             conversation_id: opt(s),
             error: opt(s),
             tool: None,
+            subject: None,
         }
     }
 
@@ -563,6 +571,7 @@ mod tests {
             &r.conversation_id,
             &r.error,
             &r.tool,
+            &r.subject,
         ))
         .unwrap()
     }
@@ -672,6 +681,7 @@ mod tests {
             duration_ms: 0.25,
             error,
             tool: None,
+            subject: None,
         }
     }
 
@@ -703,6 +713,7 @@ mod tests {
                 conversation_id: conv.map(str::to_owned),
                 error: error.map(str::to_owned),
                 tool: None,
+                subject: None,
             };
         let written = |r: ProxyRecord| {
             let mut out = Vec::new();

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod bootstrap;
 pub mod client;
+pub mod jwt;
 pub mod owners;
 pub mod providers;
 pub mod refresh;

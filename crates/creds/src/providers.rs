@@ -70,6 +70,8 @@ pub enum ClientAuth {
     Body,
     /// HTTP Basic with client_id:client_secret.
     Basic,
+    /// A signed client assertion (RFC 7523 §2.2); no secret is sent.
+    PrivateKeyJwt,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +80,17 @@ pub enum Grant {
     AuthorizationCode,
     /// One app-level token per provider, fetched with the client id/secret.
     ClientCredentials,
+    /// A token per (provider, subject), got with a signed assertion
+    /// (RFC 7523 §2.1): service accounts acting for each caller.
+    JwtBearer,
+}
+
+impl Grant {
+    /// Whether sidekey gets this grant's tokens itself, with nothing
+    /// stored first.
+    pub fn fetched_on_demand(self) -> bool {
+        matches!(self, Grant::ClientCredentials | Grant::JwtBearer)
+    }
 }
 
 /// How a provider signals errors that are not plain HTTP statuses.
@@ -194,6 +207,9 @@ pub struct Provider {
     pub templates: Templates,
     /// Documented: each refresh answers a new refresh token.
     pub rotates_refresh_token: bool,
+    /// JWT assertions (`grant = "jwt_bearer"`, `client_auth =
+    /// "private_key_jwt"`): key, algorithm, audience, subject rule.
+    pub jwt: Option<Arc<crate::jwt::JwtSettings>>,
 }
 
 impl Provider {

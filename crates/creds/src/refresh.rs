@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::client::HttpClient;
+use crate::jwt::SubjectGrant;
 use crate::providers::ProviderLabel;
 use crate::providers::{ConnectionError, Grant, Provider};
 use sidekey_base::clock::Clock;
@@ -83,6 +84,11 @@ pub enum RefreshError {
     /// The token endpoint failed in a way a later attempt may not.
     #[error("token refresh failed for {}", .0.name)]
     Failed(ProviderLabel),
+    /// The token endpoint refused a JWT bearer grant for this subject
+    /// (`invalid_grant`, `unauthorized_client`): the organisation has not
+    /// allowed it.
+    #[error("JWT bearer grant refused for {}", .0.name)]
+    GrantRefused(ProviderLabel, String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -255,7 +261,7 @@ impl RefreshCoordinator {
     }
 
     fn refreshable(&self, p: &Provider, c: &Credential) -> bool {
-        p.can_refresh() && (c.refresh_token.is_some() || p.grant == Grant::ClientCredentials)
+        p.can_refresh() && (c.refresh_token.is_some() || p.grant.fetched_on_demand())
     }
 
     /// A credential ready to inject: refreshed first when it expires within
@@ -306,6 +312,9 @@ impl RefreshCoordinator {
         owner: &Owner,
         seen: u64,
     ) -> Result<Option<Arc<Credential>>, RefreshError> {
+        if p.grant == Grant::JwtBearer {
+            return self.after_reject_subject(p, owner, seen).await;
+        }
         let cur = self
             .store
             .credential_uncached(owner, &p.name)
@@ -385,12 +394,25 @@ impl RefreshCoordinator {
         seen: Option<u64>,
         force: bool,
     ) -> futures_util::future::BoxFuture<'a, Result<Arc<Credential>, RefreshError>> {
+        self.refresh_for(p, owner, seen, force, None)
+    }
+
+    /// [`RefreshCoordinator::refresh`], for a JWT bearer subject when `g`
+    /// is given (the assertion is signed under the claim).
+    fn refresh_for<'a>(
+        &'a self,
+        p: &'a Provider,
+        owner: &'a Owner,
+        seen: Option<u64>,
+        force: bool,
+        g: Option<&'a SubjectGrant>,
+    ) -> futures_util::future::BoxFuture<'a, Result<Arc<Credential>, RefreshError>> {
         Box::pin(async move {
             let key = owner.key(&p.name);
             let lock = self.lock_for(&key);
             let result = {
                 let _guard = lock.lock().await;
-                self.refresh_locked(p, owner, seen, force).await
+                self.refresh_locked(p, owner, seen, force, g).await
             };
             self.release(&key, lock);
             result
@@ -405,6 +427,7 @@ impl RefreshCoordinator {
         owner: &Owner,
         mut seen: Option<u64>,
         force: bool,
+        g: Option<&SubjectGrant>,
     ) -> Result<Arc<Credential>, RefreshError> {
         let claim_key = claim_key(owner, &p.name);
         // A waiter gives up after a holder's whole lease plus one call.
@@ -419,20 +442,31 @@ impl RefreshCoordinator {
                 .await
                 .map_err(RefreshError::from)?;
             if let Some(c) = &cur {
-                if c.reauth_required {
-                    return Err(RefreshError::ReauthRequired(p.label()));
-                }
                 let moved_on = seen.is_some_and(|g| g != c.generation);
-                // Someone refreshed while this caller queued (here or on
-                // another replica): their token is newer than the one
-                // judged, and usable if it has not expired (even when it is
-                // already within the skew, as short-lived tokens are;
-                // refreshing again would make a storm).
-                if (moved_on && !self.expired(c)) || (!force && !self.needs_refresh(p, owner, c)) {
+                // A token got with another key (or for another subject)
+                // is never used for this grant.
+                let fits = g.is_none_or(|g| g.fits(c));
+                if c.reauth_required {
+                    match g {
+                        None => return Err(RefreshError::ReauthRequired(p.label())),
+                        Some(g) if fits && (moved_on || self.refusal_fresh(c)) => {
+                            return Err(jwt::refused(p, g));
+                        }
+                        Some(_) => {}
+                    }
+                } else if fits
+                    // Someone refreshed while this caller queued (here or on
+                    // another replica): their token is newer than the one
+                    // judged, and usable if it has not expired (even when it
+                    // is already within the skew, as short-lived tokens are;
+                    // refreshing again would make a storm).
+                    && ((moved_on && !self.expired(c))
+                        || (!force && !self.needs_refresh(p, owner, c)))
+                {
                     self.metrics.refresh(&p.name, "shared");
                     return Ok(Arc::new(c.clone()));
                 }
-            } else if p.grant != Grant::ClientCredentials {
+            } else if !p.grant.fetched_on_demand() {
                 return Err(RefreshError::CredentialMissing(p.label()));
             }
             match self
@@ -456,7 +490,7 @@ impl RefreshCoordinator {
                     .await;
                     match confirmed {
                         Ok(Some(base)) => {
-                            return self.refresh_claimed(p, owner, base, &claim).await;
+                            return self.refresh_claimed(p, owner, base, &claim, g).await;
                         }
                         Ok(None) => {
                             self.release_claim(&claim, None).await;
@@ -502,9 +536,18 @@ impl RefreshCoordinator {
         owner: &Owner,
         base: Confirmed,
         claim: &Claim,
+        g: Option<&SubjectGrant>,
     ) -> Result<Arc<Credential>, RefreshError> {
         let cur = &base.credential;
         let grant = match (cur, p.grant) {
+            (_, Grant::JwtBearer) => {
+                let Some(g) = g else {
+                    self.release_claim(claim, None).await;
+                    return Err(RefreshError::CredentialMissing(p.label()));
+                };
+                self.metrics.token_call(&p.name);
+                self.exchange_assertion(claim, p, g).await
+            }
             (_, Grant::ClientCredentials) => {
                 let scope = p.scopes.join(&p.scope_separator);
                 let mut params = vec![("grant_type", "client_credentials")];
@@ -539,14 +582,22 @@ impl RefreshCoordinator {
             }
         };
         let now = self.clock.now();
+        let subject = g;
         match grant {
             Ok(g) => {
                 let prev = cur.clone().unwrap_or_default();
                 let rotated = g.refresh_token.is_some();
+                let jwt_grant = subject.map(SubjectGrant::record);
+                // A JWT bearer token is got again with a new assertion; a
+                // refresh token some endpoints add is never needed.
+                let refresh_token = match jwt_grant {
+                    Some(_) => None,
+                    None => g.refresh_token.or(prev.refresh_token.clone()),
+                };
                 let mut next = Credential {
                     access_token: Some(g.access_token),
                     // Keep the old refresh token unless the provider rotated it.
-                    refresh_token: g.refresh_token.or(prev.refresh_token.clone()),
+                    refresh_token,
                     expires_at: g.expires_at,
                     scopes: g.scopes.unwrap_or(prev.scopes.clone()),
                     username: prev.username.clone(),
@@ -563,6 +614,8 @@ impl RefreshCoordinator {
                         m.extend(g.connection);
                         m
                     },
+                    jwt_key: prev.jwt_key.clone(),
+                    jwt: jwt_grant.or(prev.jwt.clone()),
                 };
                 // The admin API and the OAuth callback write credentials
                 // without the claim. A credential replaced (or deleted)
@@ -589,6 +642,11 @@ impl RefreshCoordinator {
                     "token refreshed"
                 );
                 Ok(Arc::new(next))
+            }
+            Err(TokenError::Refused(code)) if subject.is_some() => {
+                let g = subject.expect("matched");
+                self.refused_claimed(claim, p, owner, &base, g, code, now)
+                    .await
             }
             Err(TokenError::Refused(code)) => {
                 let mut marked = false;
@@ -816,6 +874,7 @@ fn claim_key(owner: &Owner, provider: &str) -> String {
     format!("refresh:{}", owner.key(provider))
 }
 
+mod jwt;
 mod token_call;
 pub use token_call::call_token_endpoint;
 #[cfg(test)]

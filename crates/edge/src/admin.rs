@@ -336,7 +336,16 @@ async fn credential_route(
         .clone();
     let now = app.clock.now();
     match *method {
+        Method::PUT if crate::jwt_keys::is_key_body(body) => {
+            crate::jwt_keys::put(app, &owner, &p, body, now).await
+        }
         Method::PUT => {
+            if p.grant == sidekey_creds::providers::Grant::JwtBearer {
+                return Err(ApiError::BadRequest(format!(
+                    "{} gets each user's token with a signed assertion (grant = jwt_bearer); store a tenant's key instead: {{\"service_account\": {{…}}}} or {{\"jwt_key\": {{\"issuer\", \"private_key_pem\", \"key_id\"}}}}.",
+                    p.display
+                )));
+            }
             let mut b = CredentialBody::parse(body, now)?;
             if let Some(owner_name) = &p.credential_from {
                 return Err(ApiError::BadRequest(format!(
@@ -399,6 +408,8 @@ async fn credential_route(
                 updated_at: now,
                 generation: 0,
                 connection: std::mem::take(&mut b.connection),
+                jwt_key: None,
+                jwt: None,
             };
             app.store
                 .put_credential(&owner, provider, &mut cred)
@@ -472,6 +483,9 @@ struct UserBody {
     /// Absent: unchanged; null: no tenant.
     #[serde(default, deserialize_with = "double_option")]
     tenant: Option<Option<String>>,
+    /// Absent: unchanged; null: none. The subject of JWT bearer grants.
+    #[serde(default, deserialize_with = "double_option")]
+    email: Option<Option<String>>,
 }
 
 fn user_json(user: &str, p: &UserProfile) -> Value {
@@ -479,6 +493,7 @@ fn user_json(user: &str, p: &UserProfile) -> Value {
         "user": user,
         "phone_numbers": p.phone_numbers,
         "tenant": p.tenant,
+        "email": p.email,
         "updated_at": p.updated_at,
     })
 }
@@ -510,6 +525,17 @@ async fn put_user(app: &Arc<App>, user: &str, body: &[u8]) -> Result<Response<Bo
             id(t, "tenant id")?;
         }
         profile.tenant = t;
+    }
+    if let Some(e) = b.email {
+        profile.email = match e {
+            None => None,
+            Some(e) => Some(sidekey_base::users::normalize_email(&e).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{:?} is not an e-mail address sidekey accepts (local@domain, e.g. alice@acme.com).",
+                    e.chars().take(80).collect::<String>()
+                ))
+            })?),
+        };
     }
     profile.updated_at = app.clock.now();
     match app
@@ -773,6 +799,7 @@ fn audit_write(
         conversation_id: None,
         error: None,
         tool: None,
+        subject: None,
     });
 }
 

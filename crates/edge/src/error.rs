@@ -48,6 +48,13 @@ pub enum ApiError {
     CredentialMissing(ProviderLabel),
     #[error("reauthorisation required for {}", .0.name)]
     ReauthRequired(ProviderLabel),
+    /// The token endpoint refused a JWT bearer grant for this subject
+    /// (the organisation has not allowed it); the subject is audited.
+    #[error("JWT bearer grant refused for {}", .0.name)]
+    GrantRefused(ProviderLabel, String),
+    /// The caller's subject is outside `jwt_subject_domains`.
+    #[error("subject not allowed for {}", .0.name)]
+    SubjectNotAllowed(ProviderLabel, String),
     #[error("body larger than {0} bytes")]
     BodyTooLarge(u64),
     /// The request head is over `[server] max_header_bytes` (hyper's 431).
@@ -114,6 +121,8 @@ impl ApiError {
             UnknownProvider(_) | UnknownProviderAdmin { .. } => "unknown_provider",
             CredentialMissing(_) => "credential_missing",
             ReauthRequired(_) => "reauth_required",
+            GrantRefused(..) => "grant_refused",
+            SubjectNotAllowed(..) => "subject_not_allowed",
             BodyTooLarge(_) => "body_too_large",
             HeadersTooLarge => "headers_too_large",
             UriTooLong => "uri_too_long",
@@ -143,13 +152,17 @@ impl ApiError {
         match self {
             InvalidSession(..) | ConversationMismatch | ConversationMissing | Unauthorized
             | InvalidSignature(_) => StatusCode::UNAUTHORIZED,
-            ProviderNotAllowed(_) | PathNotAllowed(_) => StatusCode::FORBIDDEN,
+            ProviderNotAllowed(_) | PathNotAllowed(_) | SubjectNotAllowed(..) => {
+                StatusCode::FORBIDDEN
+            }
             BadPath(_) | BadRequest(_) | BadArguments(_) | BadConnectionValue(..) => {
                 StatusCode::BAD_REQUEST
             }
             UnknownTool(_) => StatusCode::NOT_FOUND,
             UnknownProvider(_) | UnknownProviderAdmin { .. } | NotFound(_) => StatusCode::NOT_FOUND,
-            CredentialMissing(_) | ReauthRequired(_) => StatusCode::FAILED_DEPENDENCY,
+            CredentialMissing(_) | ReauthRequired(_) | GrantRefused(..) => {
+                StatusCode::FAILED_DEPENDENCY
+            }
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UriTooLong => StatusCode::URI_TOO_LONG,
@@ -208,6 +221,14 @@ impl ApiError {
                 "Your {} connection has expired; please reconnect your {} account in the app.",
                 p.display, p.display
             ),
+            GrantRefused(p, _) => format!(
+                "Your organisation hasn't let me use your {} account.",
+                p.display
+            ),
+            SubjectNotAllowed(p, _) => format!(
+                "Your organisation's {} access doesn't cover your account.",
+                p.display
+            ),
             BodyTooLarge(limit) => format!(
                 "That request is too large; the limit is {} bytes.",
                 limit
@@ -258,11 +279,21 @@ impl ApiError {
             | UnknownProvider(p)
             | CredentialMissing(p)
             | ReauthRequired(p)
+            | GrantRefused(p, _)
+            | SubjectNotAllowed(p, _)
             | RefreshFailed(p)
             | UpstreamUnreachable(p)
             | UpstreamTimeout(p)
             | BadConnectionValue(p, _) => Some(&p.name),
             UnknownProviderAdmin { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The JWT bearer subject an error is about, for the audit record.
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            ApiError::GrantRefused(_, s) | ApiError::SubjectNotAllowed(_, s) => Some(s),
             _ => None,
         }
     }
@@ -317,6 +348,7 @@ impl From<RefreshError> for ApiError {
             RefreshError::ReauthRequired(p) => ApiError::ReauthRequired(p),
             RefreshError::CredentialMissing(p) => ApiError::CredentialMissing(p),
             RefreshError::Failed(p) => ApiError::RefreshFailed(p),
+            RefreshError::GrantRefused(p, s) => ApiError::GrantRefused(p, s),
             RefreshError::BadConnection(p, f) => ApiError::BadConnectionValue(p, f),
             RefreshError::Store(e) => ApiError::Store(e),
         }
@@ -420,6 +452,16 @@ mod tests {
                 "credential_missing",
             ),
             (ApiError::ReauthRequired(p.clone()), 424, "reauth_required"),
+            (
+                ApiError::GrantRefused(p.clone(), "a@acme.com".into()),
+                424,
+                "grant_refused",
+            ),
+            (
+                ApiError::SubjectNotAllowed(p.clone(), "a@evil.com".into()),
+                403,
+                "subject_not_allowed",
+            ),
             (ApiError::BodyTooLarge(10), 413, "body_too_large"),
             (ApiError::HeadersTooLarge, 431, "headers_too_large"),
             (ApiError::UriTooLong, 414, "uri_too_long"),
@@ -448,6 +490,16 @@ mod tests {
             assert_eq!(resp.status().as_u16(), status, "{code}");
             assert_eq!(resp.headers()["x-sidekey-error"], code);
         }
+    }
+
+    #[test]
+    fn grant_refused_sentence_names_the_provider_not_the_subject() {
+        let p = ProviderLabel::new("google", "Google");
+        let e = ApiError::GrantRefused(p, "alice@acme.com".into());
+        assert_eq!(
+            e.message(),
+            "Your organisation hasn't let me use your Google account."
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod body;
 pub mod connect;
 pub mod elevenlabs;
 pub mod error;
+mod jwt;
+mod jwt_keys;
 pub mod mcp;
 pub mod oauth;
 pub mod proxy;

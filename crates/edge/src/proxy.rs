@@ -353,12 +353,17 @@ async fn refresh_providers(
     for name in names {
         let provider = app.providers.get(&name).expect("filtered above").clone();
         let cp = credential_provider(app, &provider)?;
-        let owner = owner_with_credential(app, &cp, session.user()).await?;
-        let result = match &owner {
-            Some(o) => app.refresher.force(&cp, o).await,
-            None => Ok(None),
+        let result = if cp.grant == sidekey_creds::providers::Grant::JwtBearer {
+            crate::jwt::force(app, &cp, session.user()).await.map(Some)
+        } else {
+            let owner = owner_with_credential(app, &cp, session.user()).await?;
+            match &owner {
+                Some(o) => app.refresher.force(&cp, o).await,
+                None => Ok(None),
+            }
+            .map_err(ApiError::from)
         };
-        let entry = match result.map_err(ApiError::from) {
+        let entry = match result {
             Ok(Some(Forced::Refreshed(c))) => {
                 json!({"status": "refreshed", "expires_at": c.expires_at})
             }
@@ -385,6 +390,12 @@ async fn refresh_providers(
             }
             Err(e @ ApiError::RefreshFailed(_)) => {
                 json!({"status": "refresh_failed", "message": e.message()})
+            }
+            Err(e @ (ApiError::GrantRefused(..) | ApiError::SubjectNotAllowed(..))) => {
+                json!({"status": e.code(), "message": e.message()})
+            }
+            Err(e @ ApiError::CredentialMissing(_)) => {
+                json!({"status": "credential_missing", "message": e.message()})
             }
             Err(e) => return Err(e),
         };
@@ -537,6 +548,7 @@ async fn session_conflict(
         conversation_id: Some(presented.chars().take(256).collect()),
         error: Some("conversation_mismatch".into()),
         tool: None,
+        subject: None,
     });
     ApiError::ConversationMismatch
 }
@@ -668,6 +680,9 @@ pub(crate) async fn credential_for(
 ) -> Result<(Owner, Arc<Credential>), ApiError> {
     let cp = credential_provider(app, p)?;
     let cp = &*cp;
+    if cp.grant == sidekey_creds::providers::Grant::JwtBearer {
+        return crate::jwt::credential(app, cp, user).await;
+    }
     owners::first_with(&app.store, cp, user, |o| async move {
         Ok::<_, ApiError>(app.refresher.usable(cp, &o).await?)
     })
@@ -693,6 +708,7 @@ pub(crate) async fn call_provider(
 ) -> Result<Response<Body>, ApiError> {
     let (owner, cred) = credential_for(app, provider, session.user()).await?;
     let resp = send(app, provider, out, &cred).await?;
+    let resp = with_subject(resp, &cred);
     match check_rejected(app, provider, resp).await {
         Checked::Pass(resp) => Ok(resp),
         Checked::Rejected(resp) => {
@@ -706,7 +722,7 @@ pub(crate) async fn call_provider(
                     tracing::info!(provider = %provider.name, "upstream rejected the token; replaying once with a refreshed one");
                     let resp = send(app, provider, out, &fresh).await?;
                     // Never loop: whatever the replay answers goes back.
-                    Ok(resp)
+                    Ok(with_subject(resp, &fresh))
                 }
                 // Not refreshable: the upstream's own answer goes back.
                 Ok(None) => Ok(resp),
@@ -714,6 +730,15 @@ pub(crate) async fn call_provider(
             }
         }
     }
+}
+
+/// Names a JWT bearer token's subject for the audit record.
+fn with_subject(mut resp: Response<Body>, cred: &Credential) -> Response<Body> {
+    if let Some(j) = &cred.jwt {
+        resp.extensions_mut()
+            .insert(crate::jwt::AuditSubject(j.subject.clone()));
+    }
+    resp
 }
 
 /// Which headers the client sent may go upstream: no credentials of its
@@ -1024,9 +1049,17 @@ pub(crate) fn finish(
     mut t: Trace,
     result: Result<Response<Body>, ApiError>,
 ) -> Response<Body> {
+    let subject;
     let resp = match result {
-        Ok(r) => r,
+        Ok(mut r) => {
+            subject = r
+                .extensions_mut()
+                .remove::<crate::jwt::AuditSubject>()
+                .map(|s| s.0);
+            r
+        }
         Err(e) => {
+            subject = e.subject().map(str::to_owned);
             t.error = Some(e.code());
             if let ApiError::InvalidSession(fault, detail) = &e {
                 t.reason = Some(fault.reason());
@@ -1095,6 +1128,7 @@ pub(crate) fn finish(
         duration_ms: (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
         error: t.error,
         tool: t.tool,
+        subject,
     });
     resp
 }

@@ -17,6 +17,12 @@ pub fn credential_metadata(owner: &Owner, provider: &str, c: &Credential, now: i
         // Per-connection values (a subdomain, an instance URL): not secrets.
         "connection": c.connection,
     });
+    if let Some(k) = &c.jwt_key {
+        // A tenant's signing key: which one, never the key itself.
+        v["kind"] = json!(k.kind);
+        v["key_id"] = json!(k.key_id);
+        v["issuer"] = json!(k.issuer);
+    }
     if c.reauth_required {
         // The provider's refusal code (e.g. `invalid_grant`): why the user
         // must reconnect. Never a token.
@@ -25,7 +31,7 @@ pub fn credential_metadata(owner: &Owner, provider: &str, c: &Credential, now: i
     match owner {
         Owner::User(u) => v["user"] = json!(u),
         Owner::Tenant(t) => v["tenant"] = json!(t),
-        Owner::App => {}
+        Owner::App | Owner::Subject(_) => {}
     }
     v
 }

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod connect;
+pub mod jwt;
 pub mod pg;
 pub mod pg_server;
 pub mod ports;

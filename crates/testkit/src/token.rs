@@ -74,6 +74,10 @@ pub struct State {
     pub extra_answer: serde_json::Map<String, Value>,
     /// Never issue a refresh token, not even for a code (GitHub OAuth Apps).
     pub no_refresh: bool,
+    /// JWT assertions: jwt-bearer grants and private_key_jwt clients.
+    pub jwt: super::jwt::Verifier,
+    /// This endpoint's own URL (the `aud` of client assertions).
+    pub url: String,
 }
 
 /// Where a refresh call is when the hook runs.
@@ -129,6 +133,8 @@ impl TokenServer {
             last_content_type: None,
             extra_answer: serde_json::Map::new(),
             no_refresh: false,
+            jwt: Default::default(),
+            url: format!("http://{addr}/token"),
         }));
         let st = state.clone();
         tokio::spawn(async move {
@@ -265,6 +271,11 @@ impl TokenServer {
     /// Never issues a refresh token.
     pub fn set_no_refresh(&self, on: bool) {
         self.state.lock().unwrap().no_refresh = on;
+    }
+
+    /// Changes what the fake's authorization server trusts and expects.
+    pub fn jwt<T>(&self, f: impl FnOnce(&mut super::jwt::Verifier) -> T) -> T {
+        f(&mut self.state.lock().unwrap().jwt)
     }
 
     pub fn last_content_type(&self) -> Option<String> {
@@ -442,18 +453,27 @@ fn answer(
         };
         return error(&st, code, 400);
     }
-    // Client authentication: body or basic, never both missing.
-    let (cid, csec) = match &basic {
-        Some((a, b)) => (a.clone(), b.clone()),
-        None => (
-            form.get("client_id").cloned().unwrap_or_default(),
-            form.get("client_secret").cloned().unwrap_or_default(),
-        ),
-    };
-    if cid != st.client_id || csec != st.client_secret {
-        return error(&st, "invalid_client", 401);
-    }
     let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+    // Client authentication: a signed client assertion, or body or basic
+    // (a jwt-bearer grant authenticates by its own assertion).
+    let url = st.url.clone();
+    match st.jwt.client_assertion(form, &url) {
+        Some(Ok(_)) => {}
+        Some(Err(_)) => return error(&st, "invalid_client", 401),
+        None if grant == super::jwt::JWT_BEARER && basic.is_none() => {}
+        None => {
+            let (cid, csec) = match &basic {
+                Some((a, b)) => (a.clone(), b.clone()),
+                None => (
+                    form.get("client_id").cloned().unwrap_or_default(),
+                    form.get("client_secret").cloned().unwrap_or_default(),
+                ),
+            };
+            if cid != st.client_id || csec != st.client_secret {
+                return error(&st, "invalid_client", 401);
+            }
+        }
+    }
     let mut issue_refresh = st.rotate;
     let mut chain = None;
     match grant {
@@ -486,6 +506,13 @@ fn answer(
             issue_refresh = true;
         }
         "client_credentials" => {
+            issue_refresh = false;
+        }
+        super::jwt::JWT_BEARER => {
+            let assertion = form.get("assertion").cloned().unwrap_or_default();
+            if let Err((code, _)) = st.jwt.grant(&assertion) {
+                return error(&st, code, 400);
+            }
             issue_refresh = false;
         }
         _ => return error(&st, "unsupported_grant_type", 400),

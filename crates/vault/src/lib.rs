@@ -18,6 +18,7 @@
 
 mod cache;
 pub mod crypto;
+pub mod jwt;
 pub mod postgres;
 pub mod sled_backend;
 
@@ -83,6 +84,12 @@ pub struct Credential {
     /// sealed with the rest.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub connection: BTreeMap<String, String>,
+    /// A tenant's signing key for a JWT bearer provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_key: Option<jwt::JwtKey>,
+    /// On a token got by a JWT bearer exchange: its subject and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<jwt::JwtGrant>,
 }
 
 impl Credential {
@@ -98,13 +105,16 @@ impl Credential {
     }
 }
 
-/// Whose credential: a user's own, a tenant's shared one, or the app-level
-/// token of a client-credentials provider.
+/// Whose credential: a user's own, a tenant's shared one, the app-level
+/// token of a client-credentials provider, or the token a JWT bearer grant
+/// got for one subject (by the keyed hash of the subject, so record keys
+/// never list anyone's address: [`Store::subject_owner`]).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Owner {
     User(String),
     Tenant(String),
     App,
+    Subject(String),
 }
 
 impl Owner {
@@ -120,6 +130,7 @@ impl Owner {
             Owner::User(u) => ("u/", Some(u.as_str())),
             Owner::Tenant(t) => ("t/", Some(t.as_str())),
             Owner::App => ("a/", None),
+            Owner::Subject(h) => ("s/", Some(h.as_str())),
         };
         let id_len = id.map_or(0, |i| i.len() + 1);
         let mut k = String::with_capacity(tag.len() + id_len + provider.len());
@@ -137,6 +148,7 @@ impl Owner {
             Owner::User(u) => format!("user {u}"),
             Owner::Tenant(t) => format!("tenant {t}"),
             Owner::App => "app".into(),
+            Owner::Subject(h) => format!("subject {}", &h[..h.len().min(12)]),
         }
     }
 }
@@ -159,6 +171,9 @@ pub struct UserProfile {
     pub tenant: Option<String>,
     #[serde(default)]
     pub updated_at: i64,
+    /// The user's address: the subject of JWT bearer grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -227,6 +242,9 @@ pub struct AuditRecord {
     /// The operation tool called (`/v1/tools`, MCP, Vapi, Retell).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    /// The subject a JWT bearer grant acted for (an address or a user id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -404,6 +422,9 @@ pub struct Caches {
     /// Session records by id: every proxied call reads one. Invalidated by
     /// every session write, so revocation is still immediate.
     pub sessions: Cache<SessionRecord>,
+    /// User profiles, for JWT bearer subjects read on every call of such a
+    /// provider. Invalidated by every profile write.
+    pub users: Cache<UserProfile>,
     /// Whether the caches may answer: always on sled; on PostgreSQL only
     /// while the change listener is connected and its heartbeat on time.
     /// One atomic load on every cached read.
@@ -417,6 +438,7 @@ impl Caches {
         Caches {
             credentials: CredentialCache::new(opts.cache_ttl, opts.cache_max_entries),
             sessions: Cache::new(opts.cache_ttl, opts.cache_max_entries),
+            users: Cache::new(opts.cache_ttl, opts.cache_max_entries),
             live: AtomicBool::new(live),
             changed: tokio::sync::Notify::new(),
         }
@@ -433,6 +455,7 @@ impl Caches {
     pub fn clear_all(&self) {
         self.credentials.clear();
         self.sessions.clear();
+        self.users.clear();
         self.changed.notify_waiters();
     }
 
@@ -443,6 +466,7 @@ impl Caches {
             match (ns.parse().ok().and_then(Tree::from_ns), key) {
                 (Some(Tree::Credentials), Some(k)) => self.credentials.invalidate(&k),
                 (Some(Tree::Sessions), Some(k)) => self.sessions.invalidate(&k),
+                (Some(Tree::Users), Some(k)) => self.users.invalidate(&k),
                 _ => {}
             }
         }
@@ -476,6 +500,7 @@ macro_rules! on_backend {
 }
 
 mod connect;
+mod users;
 
 pub struct Store {
     backend: Backend,
@@ -1281,7 +1306,9 @@ impl Store {
             user.as_bytes().to_vec(),
             self.seal_json(Tree::Users, user.as_bytes(), profile),
         ));
-        self.batch(ops).await?;
+        let done = self.batch(ops).await;
+        self.caches.users.invalidate(user);
+        done?;
         Ok(Ok(()))
     }
 
@@ -1316,13 +1343,19 @@ impl Store {
             on_backend!(self, b => b.remove(Tree::UserSessions, &join0(user, &sid)).await)?;
         }
         let mut ops = Vec::new();
+        let mut subjects = vec![user.to_owned()];
         if let Ok(Some(profile)) = self.user(user).await {
             for phone in profile.phone_numbers {
                 ops.push(Op::Remove(Tree::Phones, self.index_hash(&phone)));
             }
+            subjects.extend(profile.email);
         }
+        // Tokens got for the user by JWT bearer grants go with the user.
+        self.forget_subjects(&subjects).await?;
         ops.push(Op::Remove(Tree::Users, user.as_bytes().to_vec()));
-        self.batch(ops).await?;
+        let done = self.batch(ops).await;
+        self.caches.users.invalidate(user);
+        done?;
         Ok(revoked)
     }
 
@@ -2205,6 +2238,7 @@ mod tests {
             phone_numbers: vec!["+15551234567".into()],
             tenant: None,
             updated_at: 0,
+            email: None,
         };
         s.put_user("alice", &prof).await.unwrap().unwrap();
         assert_eq!(
@@ -2243,6 +2277,7 @@ mod tests {
             conversation_id: None,
             error: None,
             tool: None,
+            subject: None,
         };
         for batch in [[1, 2, 3], [4, 5, 6], [7, 8, 9]] {
             let records: Vec<_> = batch.iter().map(|i| rec(*i)).collect();

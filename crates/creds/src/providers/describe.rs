@@ -46,6 +46,7 @@ impl Provider {
             "client_auth": match self.client_auth {
                 ClientAuth::Body => "body",
                 ClientAuth::Basic => "basic",
+                ClientAuth::PrivateKeyJwt => "private_key_jwt",
             },
             "client_id_set": self.client_id.is_some(),
             "client_secret_set": self.client_secret.is_some(),
@@ -62,7 +63,21 @@ impl Provider {
             "grant": match self.grant {
                 super::Grant::AuthorizationCode => "authorization_code",
                 super::Grant::ClientCredentials => "client_credentials",
+                super::Grant::JwtBearer => "jwt_bearer",
             },
+            // Never the key: its algorithm, id, issuer and the subject rule.
+            "jwt": self.jwt.as_ref().map(|j| json!({
+                "alg": j.alg.name(),
+                "key_id": j.key.as_ref().and_then(|k| k.key_id.clone()),
+                "issuer": j.key.as_ref().and_then(|k| k.issuer.clone()),
+                "audience": j.audience,
+                "scope_claim": j.scope_claim,
+                "subject": match j.subject {
+                    crate::jwt::SubjectTemplate::Email => "{email}",
+                    crate::jwt::SubjectTemplate::User => "{user}",
+                },
+                "subject_domains": j.domains,
+            })),
             "allow": self.allow_patterns,
             "credential_from": self.credential_from,
             "connection": connection,

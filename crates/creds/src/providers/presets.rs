@@ -35,6 +35,11 @@ pub(crate) struct Preset {
     pub ok_false_auth_errors: &'static [&'static str],
     pub reauth_errors: &'static [&'static str],
     pub nested_user_token: bool,
+    /// The provider documents a JWT bearer grant (RFC 7523 §2.1), with
+    /// this `aud` for its assertions.
+    pub jwt_audience: Option<&'static str>,
+    /// Its assertions carry the scopes as a `scope` claim (Google's form).
+    pub jwt_scope_claim: bool,
 }
 
 pub const PRESETS: &[&str] = &[
@@ -84,6 +89,8 @@ const OAUTH: Preset = Preset {
     ok_false_auth_errors: &[],
     reauth_errors: &["invalid_grant"],
     nested_user_token: false,
+    jwt_audience: None,
+    jwt_scope_claim: true,
 };
 
 /// A static credential (API key, bot token): no OAuth, no refresh.
@@ -106,6 +113,9 @@ fn google(display: &'static str, base_url: &'static str) -> Preset {
         token_url: Some(GOOGLE_TOKEN),
         authorize_url: Some(GOOGLE_AUTHORIZE),
         authorize_params: GOOGLE_PARAMS,
+        // Service accounts with domain-wide delegation: `aud` is the token
+        // endpoint, scopes in a space-separated `scope` claim.
+        jwt_audience: Some(GOOGLE_TOKEN),
         ..OAUTH
     }
 }
@@ -182,6 +192,11 @@ pub(crate) fn preset(name: &str) -> Option<Preset> {
                 ConnectionFrom::Token,
                 r"https://[a-z0-9][a-z0-9-]{0,62}(\.[a-z0-9][a-z0-9-]{0,62}){0,4}\.(salesforce|force)\.com",
             )],
+            // OAuth 2.0 JWT bearer flow: `aud` is the login host (sandboxes
+            // set jwt_audience = "https://test.salesforce.com"); `iss` the
+            // connected app's consumer key; no scope claim.
+            jwt_audience: Some("https://login.salesforce.com"),
+            jwt_scope_claim: false,
             ..OAUTH
         },
         "zoom" => Preset {

@@ -241,9 +241,10 @@ pub(super) fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<S
             .map_or(ClientAuth::Body, |ps| ps.client_auth),
         Some("body") => ClientAuth::Body,
         Some("basic") => ClientAuth::Basic,
+        Some("private_key_jwt") => ClientAuth::PrivateKeyJwt,
         Some(o) => {
             p.push(format!(
-                "{sec} client_auth = {o:?}: use \"body\" or \"basic\""
+                "{sec} client_auth = {o:?}: use \"body\", \"basic\" or \"private_key_jwt\""
             ));
             ClientAuth::Body
         }
@@ -251,9 +252,10 @@ pub(super) fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<S
     let grant = match pc.grant.as_deref() {
         None | Some("authorization_code") | Some("refresh_token") => Grant::AuthorizationCode,
         Some("client_credentials") => Grant::ClientCredentials,
+        Some("jwt_bearer") => Grant::JwtBearer,
         Some(o) => {
             p.push(format!(
-                "{sec} grant = {o:?}: use \"authorization_code\" (default) or \"client_credentials\""
+                "{sec} grant = {o:?}: use \"authorization_code\" (default), \"client_credentials\" or \"jwt_bearer\""
             ));
             Grant::AuthorizationCode
         }
@@ -326,6 +328,17 @@ pub(super) fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<S
             "{sec} grant = \"client_credentials\" needs token_url"
         ));
     }
+    let (jwt, token_url) = jwt_settings(
+        &sec,
+        pc,
+        preset.as_ref(),
+        (grant, client_auth),
+        client_id.as_deref(),
+        client_secret.is_some(),
+        token_url,
+        &mut p,
+        &mut notes,
+    );
 
     let display = pc
         .display_name
@@ -426,7 +439,59 @@ pub(super) fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<S
         connection,
         templates,
         rotates_refresh_token: preset.as_ref().is_some_and(|ps| ps.rotates_refresh_token),
+        jwt,
     })
+}
+
+/// The JWT keys of a section, and its token URL (a service account's
+/// `token_uri` when the section names none).
+#[allow(clippy::too_many_arguments)]
+fn jwt_settings(
+    sec: &str,
+    pc: &ProviderConfig,
+    preset: Option<&presets::Preset>,
+    (grant, client_auth): (Grant, ClientAuth),
+    client_id: Option<&str>,
+    has_secret: bool,
+    mut token_url: Option<Url>,
+    p: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> (Option<std::sync::Arc<crate::jwt::JwtSettings>>, Option<Url>) {
+    let is_grant = grant == Grant::JwtBearer;
+    if is_grant {
+        if let (Some(name), Some(ps)) = (&pc.preset, preset) {
+            if ps.jwt_audience.is_none() {
+                p.push(format!("{sec} grant = \"jwt_bearer\": preset {name:?} documents no JWT bearer grant (google, gmail, google_sheets, google_drive and salesforce do); configure the provider without a preset"));
+            }
+        }
+    }
+    let jwt = crate::jwt::settings::resolve(
+        &pc.jwt,
+        &crate::jwt::settings::Needs {
+            sec,
+            grant: is_grant,
+            client_assertion: client_auth == ClientAuth::PrivateKeyJwt,
+            client_id,
+            preset_audience: preset.and_then(|ps| ps.jwt_audience),
+            preset_scope_claim: preset.is_none_or(|ps| ps.jwt_scope_claim),
+        },
+        p,
+        notes,
+    );
+    if pc.token_url.is_none() {
+        if let Some(uri) = jwt.as_ref().and_then(|j| j.token_uri.as_deref()) {
+            token_url = parse_url(sec, "service_account_file token_uri", uri, pc.allow_http, p);
+        }
+    }
+    if is_grant && token_url.is_none() {
+        p.push(format!("{sec} grant = \"jwt_bearer\" needs token_url"));
+    }
+    if client_auth == ClientAuth::PrivateKeyJwt && has_secret {
+        notes.push(format!(
+            "{sec} client_secret is never sent with client_auth = \"private_key_jwt\"; remove it"
+        ));
+    }
+    (jwt, token_url)
 }
 
 /// The preset's fixed headers, then the section's `headers` (which win).

@@ -32,7 +32,7 @@ pub async fn call_token_endpoint(
     let url = provider
         .token_url_for(connection)?
         .ok_or_else(|| TokenError::Transient("provider has no token_url".into()))?;
-    let req = token_request(provider, &url, params)?;
+    let req = token_request(provider, &url, params, now)?;
     let secret = provider.client_secret.as_ref();
     let secrets: Vec<&Secret> = secret.into_iter().collect();
     let resp = match tokio::time::timeout(timeout, client.request(req)).await {
@@ -106,6 +106,7 @@ fn token_request(
     provider: &Provider,
     url: &url::Url,
     params: &[(&str, &str)],
+    now: i64,
 ) -> Result<Request<Full<Bytes>>, TokenError> {
     let client_id = provider.client_id.as_deref().unwrap_or("");
     let secret = provider.client_secret.as_ref();
@@ -155,6 +156,24 @@ fn token_request(
                 })?;
             v.set_sensitive(true);
             req = req.header(header::AUTHORIZATION, v);
+        }
+        ClientAuth::PrivateKeyJwt => {
+            // RFC 7523 §2.2: a fresh assertion (new jti) on every request;
+            // the client secret, if configured at all, never travels.
+            let key = provider
+                .jwt
+                .as_ref()
+                .and_then(|j| j.key.as_ref())
+                .ok_or_else(|| TokenError::BadClient("no jwt_key_file to sign with".into()))?;
+            let assertion =
+                crate::jwt::assertion::client_assertion(key, client_id, url.as_str(), now)
+                    .map_err(|e| TokenError::BadClient(e.to_string()))?;
+            form.append_pair("client_id", client_id);
+            form.append_pair(
+                "client_assertion_type",
+                crate::jwt::assertion::CLIENT_ASSERTION_TYPE,
+            );
+            form.append_pair("client_assertion", assertion.expose());
         }
     }
     let body = Zeroizing::new(form.finish());

@@ -115,6 +115,7 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         conversation_id: None,
         error: outcome.as_ref().err().map(|f| f.code.to_owned()),
         tool: None,
+        subject: None,
     });
     if let (Ok(Done::Pending(code)), Some(rt)) = (&outcome, &app_return) {
         // The app confirms (or not) for the user it has logged in.

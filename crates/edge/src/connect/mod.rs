@@ -757,6 +757,7 @@ fn audit(
         conversation_id: None,
         error: None,
         tool: None,
+        subject: None,
     });
 }
 

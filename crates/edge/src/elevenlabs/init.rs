@@ -83,6 +83,7 @@ pub(crate) fn record(
         conversation_id: conv,
         error: error.map(str::to_owned),
         tool: None,
+        subject: None,
     });
 }
 
