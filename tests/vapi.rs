@@ -672,3 +672,222 @@ async fn vapi_tools_prints_a_function_tool_per_operation_tool() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json(), tools);
 }
+
+/// Vapi's HMAC credential can use sha512 or sha1, other headers, a
+/// signature prefix, base64 and another payload format; sidekey follows
+/// whatever `[vapi]` says and refuses the rest.
+#[tokio::test]
+async fn hmac_credentials_follow_their_algorithm_headers_and_format() {
+    use base64::Engine as _;
+    templates();
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(
+        Options::with_providers(&providers(
+            &up.url,
+            "[vapi]\nhmac_secret_env = \"VAPI_HMAC\"\nhmac_algorithm = \"sha512\"\n\
+             hmac_signature_header = \"X-Hub-Signature\"\nhmac_timestamp_header = \"X-Sent-At\"\n\
+             hmac_signature_prefix = \"sha512=\"\nhmac_payload_format = \"{method}:{timestamp}:{body}\"",
+        ))
+        .env("VAPI_HMAC", HMAC_SECRET),
+    )
+    .await;
+    sk.put_credential("alice", "google", json!({"access_token": TOKEN}))
+        .await;
+    let s = sk.token("alice", &["google"]).await;
+    let body = tool_calls(
+        "call-hmac-512",
+        Some(&s),
+        &[(
+            "h-1",
+            "google_drive_get_file",
+            json!({"fileId": "five-twelve"}),
+        )],
+    )
+    .to_string();
+    let ts = (support::unix_now() * 1000).to_string();
+    let mac512 = |payload: &[u8]| {
+        let mut m = <Hmac<sha2::Sha512> as Mac>::new_from_slice(HMAC_SECRET.as_bytes()).unwrap();
+        m.update(payload);
+        m.finalize().into_bytes().to_vec()
+    };
+    let signed = format!("POST:{ts}:{body}");
+    let send = |sig: String, sig_header: &'static str, ts_header: &'static str| {
+        let (sk, ts, body) = (&sk, ts.clone(), body.clone());
+        async move {
+            sk.agent(
+                Method::POST,
+                "/v1/vapi/tools",
+                &[
+                    ("content-type", "application/json"),
+                    (ts_header, &ts),
+                    (sig_header, &sig),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    // Base64 with the prefix, and hex without it: both are Vapi's encodings.
+    let b64 = base64::engine::general_purpose::STANDARD.encode(mac512(signed.as_bytes()));
+    let hex: String = mac512(signed.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for sig in [format!("sha512={b64}"), hex.clone()] {
+        let r = send(sig, "x-hub-signature", "x-sent-at").await;
+        let res = results(&r);
+        assert!(
+            res[0]["result"]
+                .as_str()
+                .unwrap()
+                .contains("/drive/v3/files/five-twelve"),
+            "{res:?}"
+        );
+    }
+    assert_eq!(up.count(), 2);
+    // The default payload, SHA-256, or the default headers: all refused.
+    let default_payload = format!("{ts}.{body}");
+    let hexed = |m: Vec<u8>| m.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let wrong = [
+        (
+            hexed(mac512(default_payload.as_bytes())),
+            "x-hub-signature",
+            "x-sent-at",
+        ),
+        (
+            vapi_hmac(&ts, body.as_bytes()),
+            "x-hub-signature",
+            "x-sent-at",
+        ),
+        (
+            hexed(mac512(signed.as_bytes())),
+            "x-signature",
+            "x-timestamp",
+        ),
+    ];
+    for (sig, sh, th) in wrong {
+        send(sig, sh, th)
+            .await
+            .assert_error(401, "invalid_signature");
+    }
+    assert_eq!(up.count(), 2);
+
+    // SHA-1 with Vapi's default headers and format.
+    let sk1 = Sidekey::start(
+        Options::with_providers(&providers(
+            &up.url,
+            "[vapi]\nhmac_secret_env = \"VAPI_HMAC\"\nhmac_algorithm = \"sha1\"",
+        ))
+        .env("VAPI_HMAC", HMAC_SECRET),
+    )
+    .await;
+    sk1.put_credential("alice", "google", json!({"access_token": TOKEN}))
+        .await;
+    let s1 = sk1.token("alice", &["google"]).await;
+    let body1 = tool_calls(
+        "call-hmac-1",
+        Some(&s1),
+        &[("h-1", "google_drive_get_file", json!({"fileId": "sha-one"}))],
+    )
+    .to_string();
+    let mut m = <Hmac<sha1::Sha1> as Mac>::new_from_slice(HMAC_SECRET.as_bytes()).unwrap();
+    m.update(format!("{ts}.{body1}").as_bytes());
+    let sig1: String = m
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let r = sk1
+        .agent(
+            Method::POST,
+            "/v1/vapi/tools",
+            &[
+                ("content-type", "application/json"),
+                ("x-timestamp", &ts),
+                ("x-signature", &sig1),
+            ],
+            body1,
+        )
+        .await;
+    assert!(
+        results(&r)[0]["result"]
+            .as_str()
+            .unwrap()
+            .contains("/drive/v3/files/sha-one"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(up.count(), 3);
+}
+
+/// What Vapi's HMAC settings cannot be: a check-config error each.
+#[test]
+fn hmac_settings_that_prove_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(
+        &path,
+        "[vapi]\nhmac_secret_env = \"VAPI_HMAC\"\nhmac_algorithm = \"md5\"\n\
+         hmac_payload_format = \"{timestamp}\"\nhmac_signature_header = \"bad header\"\n",
+    )
+    .unwrap();
+    let (code, _out, err) = run_cli(
+        dir.path(),
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[("VAPI_HMAC".into(), HMAC_SECRET.into())],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    for want in [
+        "[vapi] hmac_algorithm: \"md5\" is not one of sha256, sha512, sha1",
+        "[vapi] hmac_payload_format: \"{timestamp}\" must contain both {timestamp} and {body}",
+        "[vapi] hmac_signature_header: \"bad header\" is not a header name",
+    ] {
+        assert!(err.contains(want), "{want} not in:\n{err}");
+    }
+}
+
+/// A bearer credential with its own `headerName`: only that header counts.
+#[tokio::test]
+async fn a_bearer_credential_in_its_own_header() {
+    templates();
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(
+        Options::with_providers(&providers(
+            &up.url,
+            "[vapi]\nsecret_env = \"VAPI_SECRET\"\nsecret_header = \"X-Company-Key\"",
+        ))
+        .env("VAPI_SECRET", SECRET),
+    )
+    .await;
+    sk.put_credential("alice", "google", json!({"access_token": TOKEN}))
+        .await;
+    let s = sk.token("alice", &["google"]).await;
+    let msg = tool_calls(
+        "call-own-header",
+        Some(&s),
+        &[("h-1", "google_drive_get_file", json!({"fileId": "own"}))],
+    );
+    for h in [SECRET.to_string(), format!("Bearer {SECRET}")] {
+        let r = post(&sk, &[("x-company-key", &h)], &msg).await;
+        assert!(
+            results(&r)[0]["result"]
+                .as_str()
+                .unwrap()
+                .contains("/drive/v3/files/own"),
+            "{}",
+            r.text()
+        );
+    }
+    let bearer = format!("Bearer {SECRET}");
+    for h in [
+        ("x-vapi-secret", SECRET),
+        ("authorization", bearer.as_str()),
+    ] {
+        post(&sk, &[h], &msg)
+            .await
+            .assert_error(401, "unauthorized");
+    }
+    assert_eq!(up.count(), 2);
+}

@@ -18,8 +18,8 @@ mod jwt;
 mod tools;
 pub use jwt::JwtConfig;
 pub use tools::{
-    McpServerConfig, ParamConfig, ParamIn, ParamType, RetellConfig, ToolConfig, VapiConfig,
-    parse_pack, placeholders, valid_tool_name,
+    HmacAlgorithm, McpServerConfig, ParamConfig, ParamIn, ParamType, PayloadPart, RetellConfig,
+    ToolConfig, VapiConfig, VapiHmac, parse_pack, placeholders, valid_tool_name,
 };
 
 /// Where a secret comes from: a file, an environment variable, or (discouraged)

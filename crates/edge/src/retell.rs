@@ -142,7 +142,15 @@ pub async fn tool(app: &Arc<App>, req: Request<Incoming>, name: &str) -> Respons
         }
     };
     app.metrics.webhook("retell_tool", "ok");
-    let resp = crate::tools::call(app, TOOLS_PATH, token, conv, name, &args).await;
+    let resp = crate::tools::call(
+        app,
+        TOOLS_PATH,
+        token,
+        conv,
+        name,
+        crate::tools::Args::Raw(&args),
+    )
+    .await;
     as_tool_answer(resp)
 }
 

@@ -19,7 +19,15 @@ use crate::body::Body;
 use crate::error::ApiError;
 use crate::proxy::{self, Outgoing, Trace};
 use sidekey_creds::session::VerifiedSession;
-use sidekey_creds::tools::Tool;
+use sidekey_creds::tools::{Built, Tool};
+
+/// What a front door hands over: the arguments, or the request it already
+/// built from them (MCP builds first, to answer bad arguments as JSON-RPC
+/// errors; building again would double the work of every call).
+pub enum Args<'a> {
+    Raw(&'a Value),
+    Built(Built),
+}
 
 /// `POST /v1/tools/{name}`: the session and conversation as for the proxy,
 /// the body the tool's arguments.
@@ -32,7 +40,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, name: &str) -> Respo
         let session = proxy::authenticate(app, &parts.headers, &mut t).await?;
         let raw = proxy::read_body(app, &parts.headers, body).await?;
         let args = parse_args(&raw)?;
-        invoke(app, &session, &tool, &args, &mut t).await
+        invoke(app, &session, &tool, Args::Raw(&args), &mut t).await
     }
     .await;
     proxy::finish(app, &parts.method, started, t, result)
@@ -48,7 +56,7 @@ pub async fn call(
     token: Option<&str>,
     conversation: Option<&str>,
     name: &str,
-    args: &Value,
+    args: Args<'_>,
 ) -> Response<Body> {
     let started = Instant::now();
     let mut t = Trace::for_route(route, display_path(name));
@@ -111,13 +119,16 @@ async fn invoke(
     app: &Arc<App>,
     session: &VerifiedSession,
     tool: &Tool,
-    args: &Value,
+    args: Args<'_>,
     t: &mut Trace,
 ) -> Result<Response<Body>, ApiError> {
     let provider = proxy::select_provider(app, session, &tool.provider, t)?;
-    let built = tool
-        .build(args)
-        .map_err(|e| ApiError::BadArguments(e.message()))?;
+    let built = match args {
+        Args::Raw(a) => tool
+            .build(a)
+            .map_err(|e| ApiError::BadArguments(e.message()))?,
+        Args::Built(b) => b,
+    };
     let path = proxy::check_request(&provider, &built.method, &built.path, t)?;
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
@@ -181,27 +192,27 @@ pub async fn collect(resp: Response<Body>, limit: usize, timeout: Duration) -> A
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("json"));
     let mut buf = bytes::BytesMut::new();
-    let mut cut = false;
-    loop {
-        match tokio::time::timeout(timeout, body.frame()).await {
-            Ok(Some(Ok(f))) => {
-                if let Ok(d) = f.into_data() {
-                    let room = limit.saturating_sub(buf.len());
-                    if d.len() > room {
-                        buf.extend_from_slice(&d[..room]);
-                        cut = true;
-                        break;
+    // One deadline for the whole answer, not one timer per frame: an
+    // upstream trickling bytes must not stretch it, and one timer is cheaper.
+    let read = async {
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        let room = limit.saturating_sub(buf.len());
+                        if d.len() > room {
+                            buf.extend_from_slice(&d[..room]);
+                            return true;
+                        }
+                        buf.extend_from_slice(&d);
                     }
-                    buf.extend_from_slice(&d);
                 }
-            }
-            Ok(None) => break,
-            Ok(Some(Err(_))) | Err(_) => {
-                cut = true;
-                break;
+                None => return false,
+                Some(Err(_)) => return true,
             }
         }
-    }
+    };
+    let cut = tokio::time::timeout(timeout, read).await.unwrap_or(true);
     if cut {
         tracing::warn!(
             status = parts.status.as_u16(),

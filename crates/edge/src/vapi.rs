@@ -16,6 +16,7 @@ use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::voice;
 use sidekey_base::config::Config;
+use sidekey_base::config::PayloadPart;
 use sidekey_creds::tools::Catalogue;
 
 const PATH: &str = "/v1/vapi/tools";
@@ -44,13 +45,18 @@ fn authenticate(app: &App, headers: &HeaderMap) -> Result<Auth, ApiError> {
             "Vapi is not set up on this sidekey: set [vapi] secret_env (or hmac_secret_env) and restart.".into(),
         ));
     }
+    let h = &app.config.vapi.hmac;
     if let Some(s) = secret {
         let want = sha256(s.expose().as_bytes());
         let mut presented = Vec::new();
-        if let Some(v) = headers.get("x-vapi-secret") {
-            presented.push(v.as_bytes().trim_ascii());
+        let configured = app.config.vapi.secret_header.as_ref();
+        if configured.is_none() {
+            if let Some(v) = headers.get("x-vapi-secret") {
+                presented.push(v.as_bytes().trim_ascii());
+            }
         }
-        if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let name = configured.unwrap_or(&http::header::AUTHORIZATION);
+        if let Some(v) = headers.get(name) {
             let v = v.as_bytes().trim_ascii();
             // `bearerPrefixEnabled` off sends the bare secret.
             let token = match v.get(..7) {
@@ -66,27 +72,31 @@ fn authenticate(app: &App, headers: &HeaderMap) -> Result<Auth, ApiError> {
         if bool::from(ok) {
             return Ok(Auth::Secret);
         }
-        if hmac.is_none() || headers.get("x-signature").is_none() {
+        if hmac.is_none() || headers.get(&h.signature_header).is_none() {
             return Err(ApiError::Unauthorized);
         }
     }
     let signature = headers
-        .get("x-signature")
-        .ok_or(ApiError::InvalidSignature("missing x-signature header"))?
+        .get(&h.signature_header)
+        .ok_or(ApiError::InvalidSignature("missing signature header"))?
         .to_str()
         .ok()
+        .map(|v| {
+            let v = v.trim();
+            v.strip_prefix(h.signature_prefix.as_str()).unwrap_or(v)
+        })
         .and_then(voice::decode_signature)
-        .ok_or(ApiError::InvalidSignature("malformed x-signature header"))?;
+        .ok_or(ApiError::InvalidSignature("malformed signature header"))?;
     let timestamp = headers
-        .get("x-timestamp")
-        .ok_or(ApiError::InvalidSignature("missing x-timestamp header"))?
+        .get(&h.timestamp_header)
+        .ok_or(ApiError::InvalidSignature("missing timestamp header"))?
         .to_str()
-        .map_err(|_| ApiError::InvalidSignature("malformed x-timestamp header"))?
+        .map_err(|_| ApiError::InvalidSignature("malformed timestamp header"))?
         .trim()
         .to_owned();
     let t: i64 = timestamp
         .parse()
-        .map_err(|_| ApiError::InvalidSignature("x-timestamp is not a number"))?;
+        .map_err(|_| ApiError::InvalidSignature("timestamp is not a number"))?;
     // Seconds or milliseconds: anything past the year 5138 in seconds is
     // taken as milliseconds.
     let t = if t.unsigned_abs() >= 100_000_000_000 {
@@ -124,7 +134,18 @@ pub async fn server_message(app: &Arc<App>, req: Request<Incoming>) -> Response<
             .as_ref()
             .map(|s| s.expose().as_bytes())
             .unwrap_or_default();
-        if !voice::hmac_matches(key, &[timestamp.as_bytes(), b".", &raw], signature) {
+        let h = &app.config.vapi.hmac;
+        let parts: Vec<&[u8]> = h
+            .payload
+            .iter()
+            .map(|p| match p {
+                PayloadPart::Text(t) => t.as_bytes(),
+                PayloadPart::Timestamp => timestamp.as_bytes(),
+                PayloadPart::Body => &raw[..],
+                PayloadPart::Method => b"POST",
+            })
+            .collect();
+        if !voice::hmac_matches_with(h.algorithm, key, &parts, signature) {
             return voice::turned_away(
                 app,
                 PATH,
@@ -255,7 +276,15 @@ async fn tool_calls(app: &Arc<App>, message: &Value) -> Value {
                 return Value::Object(r);
             }
         };
-        let resp = crate::tools::call(app, PATH, token, conv, &c.name, args).await;
+        let resp = crate::tools::call(
+            app,
+            PATH,
+            token,
+            conv,
+            &c.name,
+            crate::tools::Args::Raw(args),
+        )
+        .await;
         let answer =
             crate::tools::collect(resp, voice::RESULT_LIMIT, voice::result_timeout(app)).await;
         if let Some((_code, sentence)) = answer.refusal() {

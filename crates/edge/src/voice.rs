@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::body::Body;
 use crate::error::ApiError;
-use sidekey_base::config::Config;
+use sidekey_base::config::{Config, HmacAlgorithm};
 
 /// The most of an upstream answer put into a platform's tool result: the
 /// LLM reads it, so long answers are cut (and said so in the log).
@@ -72,13 +72,30 @@ pub(crate) fn decode_signature(s: &str) -> Option<Vec<u8>> {
 /// HMAC-SHA256 of `parts` (concatenated) under `key`, compared in constant
 /// time with `expected`.
 pub(crate) fn hmac_matches(key: &[u8], parts: &[&[u8]], expected: &[u8]) -> bool {
+    hmac_matches_with(HmacAlgorithm::Sha256, key, parts, expected)
+}
+
+/// The same with the hash Vapi's HMAC credential names.
+pub(crate) fn hmac_matches_with(
+    algorithm: HmacAlgorithm,
+    key: &[u8],
+    parts: &[&[u8]],
+    expected: &[u8],
+) -> bool {
     use hmac::{Hmac, Mac};
     use subtle::ConstantTimeEq;
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("any key size");
-    for p in parts {
-        mac.update(p);
+    fn digest<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+        let mut mac = <M as hmac::digest::KeyInit>::new_from_slice(key).expect("any key size");
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().to_vec()
     }
-    let got = mac.finalize().into_bytes();
+    let got = match algorithm {
+        HmacAlgorithm::Sha256 => digest::<Hmac<sha2::Sha256>>(key, parts),
+        HmacAlgorithm::Sha512 => digest::<Hmac<sha2::Sha512>>(key, parts),
+        HmacAlgorithm::Sha1 => digest::<Hmac<sha1::Sha1>>(key, parts),
+    };
     bool::from(got.as_slice().ct_eq(expected))
 }
 

@@ -522,9 +522,131 @@ pub struct RawVapi {
     pub secret_file: Option<String>,
     pub hmac_secret_env: Option<String>,
     pub hmac_secret_file: Option<String>,
+    pub hmac_algorithm: Option<String>,
+    pub hmac_signature_header: Option<String>,
+    pub hmac_timestamp_header: Option<String>,
+    pub hmac_signature_prefix: Option<String>,
+    pub hmac_payload_format: Option<String>,
+    pub secret_header: Option<String>,
     pub session_variable: Option<String>,
     pub signature_tolerance_secs: Option<u64>,
     pub assistant_id: Option<String>,
+}
+
+/// The hash of Vapi's HMAC credential (`algorithm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmacAlgorithm {
+    Sha256,
+    Sha512,
+    Sha1,
+}
+
+/// Vapi's HMAC credential, as its `HMACAuthenticationPlan` describes it:
+/// which hash, which headers, and what is signed.
+#[derive(Clone, Debug)]
+pub struct VapiHmac {
+    pub algorithm: HmacAlgorithm,
+    pub signature_header: http::HeaderName,
+    pub timestamp_header: http::HeaderName,
+    /// Stripped from the signature before decoding (`sha256=`).
+    pub signature_prefix: String,
+    /// The signed payload, split at its placeholders.
+    pub payload: Vec<PayloadPart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PayloadPart {
+    Text(String),
+    Timestamp,
+    Body,
+    Method,
+}
+
+impl VapiHmac {
+    fn from_raw(raw: &RawVapi, p: &mut Vec<String>) -> VapiHmac {
+        let algorithm = match raw.hmac_algorithm.as_deref().unwrap_or("sha256") {
+            "sha256" => HmacAlgorithm::Sha256,
+            "sha512" => HmacAlgorithm::Sha512,
+            "sha1" => HmacAlgorithm::Sha1,
+            other => {
+                p.push(format!(
+                    "[vapi] hmac_algorithm: {other:?} is not one of sha256, sha512, sha1 (Vapi's choices)"
+                ));
+                HmacAlgorithm::Sha256
+            }
+        };
+        let header = |v: &Option<String>, default: &'static str, key: &str, p: &mut Vec<String>| {
+            let name = v.as_deref().unwrap_or(default).trim().to_ascii_lowercase();
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap_or_else(|_| {
+                p.push(format!("[vapi] {key}: {name:?} is not a header name"));
+                http::HeaderName::from_static(default)
+            })
+        };
+        let signature_header = header(
+            &raw.hmac_signature_header,
+            "x-signature",
+            "hmac_signature_header",
+            p,
+        );
+        let timestamp_header = header(
+            &raw.hmac_timestamp_header,
+            "x-timestamp",
+            "hmac_timestamp_header",
+            p,
+        );
+        let format = raw
+            .hmac_payload_format
+            .as_deref()
+            .unwrap_or("{timestamp}.{body}");
+        let payload = parse_payload(format).unwrap_or_else(|e| {
+            p.push(format!("[vapi] hmac_payload_format: {e}"));
+            Vec::new()
+        });
+        VapiHmac {
+            algorithm,
+            signature_header,
+            timestamp_header,
+            signature_prefix: raw.hmac_signature_prefix.clone().unwrap_or_default(),
+            payload,
+        }
+    }
+}
+
+/// `{timestamp}.{body}` and the like. The body and the timestamp must both
+/// be signed: without the body anything could be sent under a signature,
+/// and without the timestamp a captured request could be replayed.
+fn parse_payload(format: &str) -> Result<Vec<PayloadPart>, String> {
+    let mut parts = Vec::new();
+    let mut rest = format;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(PayloadPart::Text(rest[..open].to_owned()));
+        }
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("{format:?} has a `{{` without its `}}`"))?;
+        let name = &rest[open + 1..open + close];
+        parts.push(match name {
+            "timestamp" => PayloadPart::Timestamp,
+            "body" => PayloadPart::Body,
+            "method" => PayloadPart::Method,
+            other => {
+                return Err(format!(
+                    "{{{other}}} is not supported; use {{timestamp}}, {{body}} and {{method}}"
+                ));
+            }
+        });
+        rest = &rest[open + close + 1..];
+    }
+    if !rest.is_empty() {
+        parts.push(PayloadPart::Text(rest.to_owned()));
+    }
+    if !parts.contains(&PayloadPart::Body) || !parts.contains(&PayloadPart::Timestamp) {
+        return Err(format!(
+            "{format:?} must contain both {{timestamp}} and {{body}} (a signature without the body proves nothing, one without the timestamp can be replayed)"
+        ));
+    }
+    Ok(parts)
 }
 
 /// `[vapi]`: how Vapi's server messages are authenticated.
@@ -532,8 +654,12 @@ pub struct RawVapi {
 pub struct VapiConfig {
     /// Compared with `X-Vapi-Secret` or `Authorization: Bearer`.
     pub secret: SecretSource,
-    /// HMAC-SHA256 over `<x-timestamp>.<raw body>`, hex in `x-signature`.
+    /// The key of Vapi's HMAC credential.
     pub hmac_secret: SecretSource,
+    pub hmac: VapiHmac,
+    /// Where the shared secret comes: unset, `X-Vapi-Secret` or
+    /// `Authorization` (with or without `Bearer`); set, that header only.
+    pub secret_header: Option<http::HeaderName>,
     pub session_variable: String,
     pub tolerance_secs: i64,
     /// The assistant an `assistant-request` (inbound phone call) answers
@@ -543,6 +669,7 @@ pub struct VapiConfig {
 
 impl VapiConfig {
     pub fn from_raw(dir: &Path, raw: RawVapi, p: &mut Vec<String>) -> VapiConfig {
+        let hmac = VapiHmac::from_raw(&raw, p);
         let secret = SecretSource::from_parts(
             dir,
             raw.secret_file,
@@ -559,6 +686,12 @@ impl VapiConfig {
             "[vapi] hmac_secret_env / hmac_secret_file",
             p,
         );
+        let secret_header = raw.secret_header.as_deref().and_then(|h| {
+            let h = h.trim().to_ascii_lowercase();
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| p.push(format!("[vapi] secret_header: {h:?} is not a header name")))
+                .ok()
+        });
         let session_variable = raw
             .session_variable
             .unwrap_or_else(|| "sidekey_session".into());
@@ -568,6 +701,8 @@ impl VapiConfig {
         VapiConfig {
             secret,
             hmac_secret,
+            hmac,
+            secret_header,
             session_variable,
             tolerance_secs: raw.signature_tolerance_secs.unwrap_or(300) as i64,
             assistant_id: raw.assistant_id.filter(|a| !a.trim().is_empty()),

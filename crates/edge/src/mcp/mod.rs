@@ -140,12 +140,16 @@ async fn post(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             for m in batch {
                 let (answer, id) = ctx.one(m).await;
                 issued = issued.or(id);
-                out.extend(answer);
+                if let Some(a) = answer {
+                    out.push(if out.is_empty() { b'[' } else { b',' });
+                    out.extend_from_slice(&a);
+                }
             }
             if out.is_empty() {
                 return accepted();
             }
-            with_session(rpc_http(StatusCode::OK, Value::Array(out)), issued)
+            out.push(b']');
+            with_session(rpc_http(StatusCode::OK, out), issued)
         }
         Value::Array(_) => rpc_http(
             StatusCode::BAD_REQUEST,
@@ -168,7 +172,7 @@ async fn post(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
 }
 
 fn is_message(m: &Value) -> bool {
-    m.get("jsonrpc") == Some(&json!("2.0"))
+    m.get("jsonrpc").and_then(Value::as_str) == Some("2.0")
         && (m.get("method").is_some_and(Value::is_string)
             || m.get("result").is_some()
             || m.get("error").is_some())
@@ -189,16 +193,32 @@ fn with_session(mut r: Response<Body>, issued: Option<String>) -> Response<Body>
     r
 }
 
-fn rpc_http(status: StatusCode, v: Value) -> Response<Body> {
-    body::json(status, &v)
+/// One serialized JSON-RPC message (or batch of them) as the answer.
+fn rpc_http(status: StatusCode, message: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(body::full(message));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
-fn result(id: Value, result: Value) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "result": result})
+/// Messages are serialized where they are made: a tool result splices the
+/// upstream's JSON in as it came instead of parsing it into a tree and
+/// writing it out again.
+fn result(id: Value, result: Value) -> Vec<u8> {
+    to_vec(&json!({"jsonrpc": "2.0", "id": id, "result": result}))
 }
 
-fn error(id: Value, code: i64, message: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+fn error(id: Value, code: i64, message: &str) -> Vec<u8> {
+    to_vec(&json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}))
+}
+
+fn to_vec(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// One POST's identity: its headers.
@@ -210,7 +230,7 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// One JSON-RPC message → its answer (none for a notification or a
     /// response) and a session id issued by `initialize`.
-    async fn one(&self, m: Value) -> (Option<Value>, Option<String>) {
+    async fn one(&self, mut m: Value) -> (Option<Vec<u8>>, Option<String>) {
         if !is_message(&m) {
             let id = m.get("id").cloned().unwrap_or(Value::Null);
             return (
@@ -222,6 +242,11 @@ impl Ctx<'_> {
                 None,
             );
         }
+        // Taken, not cloned: the arguments are the biggest part of a call.
+        let params = m
+            .as_object_mut()
+            .and_then(|o| o.remove("params"))
+            .unwrap_or(Value::Null);
         let Some(method) = m.get("method").and_then(Value::as_str) else {
             // A client's response to a server request: sidekey sends none.
             return (None, None);
@@ -241,7 +266,6 @@ impl Ctx<'_> {
                 None,
             );
         }
-        let params = m.get("params").cloned().unwrap_or(Value::Null);
         match method {
             "initialize" => {
                 let (r, sid) = self.initialize(&params);
@@ -249,7 +273,7 @@ impl Ctx<'_> {
             }
             "ping" => (Some(result(id, json!({}))), None),
             "tools/list" => (Some(result(id, self.list().await)), None),
-            "tools/call" => (Some(self.call(id, &params).await), None),
+            "tools/call" => (Some(self.call(id, params).await), None),
             _ => (
                 Some(error(
                     id,
@@ -329,13 +353,14 @@ impl Ctx<'_> {
         json!({ "tools": tools })
     }
 
-    async fn call(&self, id: Value, params: &Value) -> Value {
+    async fn call(&self, id: Value, mut params: Value) -> Vec<u8> {
+        let args = params.as_object_mut().and_then(|p| p.remove("arguments"));
         let Some(name) = params.get("name").and_then(Value::as_str) else {
             return error(id, INVALID_PARAMS, "tools/call needs params.name.");
         };
-        let args = match params.get("arguments") {
+        let args = match args {
             None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(a @ Value::Object(_)) => a.clone(),
+            Some(a @ Value::Object(_)) => a,
             Some(_) => {
                 return error(
                     id,
@@ -366,52 +391,139 @@ impl Ctx<'_> {
                 ),
             );
         };
-        if let Err(e) = tool.build(&args) {
-            return error(id, INVALID_PARAMS, &e.message());
-        }
+        let built = match tool.build(&args) {
+            Ok(b) => b,
+            Err(e) => return error(id, INVALID_PARAMS, &e.message()),
+        };
         let conv = self
             .headers
             .get(&self.app.config.elevenlabs.conversation_header)
             .map(|v| v.to_str().unwrap_or("\u{0}").trim());
         let token = proxy::session_token(self.headers);
-        let resp = crate::tools::call(self.app, "/v1/mcp", token, conv, &tool.name, &args).await;
+        let resp = crate::tools::call(
+            self.app,
+            "/v1/mcp",
+            token,
+            conv,
+            &tool.name,
+            crate::tools::Args::Built(built),
+        )
+        .await;
         let answer = crate::tools::collect(
             resp,
             self.app.config.server.max_body_bytes as usize,
             Duration::from_secs(self.app.config.server.upstream_timeout_secs),
         )
         .await;
-        result(id, tool_result(&answer))
+        tool_result(&id, &answer)
     }
 }
 
-/// An answer as an MCP tool result: a refusal's sentence, or the
-/// upstream's body (JSON also as `structuredContent`).
-fn tool_result(a: &crate::tools::Answer) -> Value {
+/// An answer as the JSON-RPC result of `tools/call`: a refusal's sentence,
+/// or the upstream's body (JSON also as `structuredContent`, an object as
+/// it is and anything else under `result`).
+fn tool_result(id: &Value, a: &crate::tools::Answer) -> Vec<u8> {
     if let Some((code, message)) = a.refusal() {
-        return json!({
-            "content": [{"type": "text", "text": message}],
-            "structuredContent": {"error": {"code": code, "message": message}},
-            "isError": true,
-        });
+        return result(
+            id.clone(),
+            json!({
+                "content": [{"type": "text", "text": message}],
+                "structuredContent": {"error": {"code": code, "message": message}},
+                "isError": true,
+            }),
+        );
     }
-    let text = a.text();
-    let mut r = json!({
-        "content": [{"type": "text", "text": text}],
-        "isError": a.status.as_u16() >= 400,
+    let text = String::from_utf8_lossy(&a.body);
+    let mut out = Vec::with_capacity(2 * a.body.len() + 128);
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    // Writing a `Value` or a `str` into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, id);
+    out.extend_from_slice(br#","result":{"content":[{"type":"text","text":"#);
+    let _ = serde_json::to_writer(&mut out, &*text);
+    out.extend_from_slice(br#"}],"isError":"#);
+    out.extend_from_slice(if a.status.as_u16() >= 400 {
+        b"true"
+    } else {
+        b"false"
     });
-    if a.json {
-        if let Ok(v) = serde_json::from_slice::<Value>(&a.body) {
-            r["structuredContent"] = match v {
-                Value::Object(_) => v,
-                other => json!({ "result": other }),
-            };
+    // Checked without building a tree; only well-formed JSON is spliced.
+    if a.json && serde_json::from_slice::<serde::de::IgnoredAny>(&a.body).is_ok() {
+        out.extend_from_slice(br#","structuredContent":"#);
+        let object = a.body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if object {
+            out.extend_from_slice(&a.body);
+        } else {
+            out.extend_from_slice(br#"{"result":"#);
+            out.extend_from_slice(&a.body);
+            out.push(b'}');
         }
     }
-    r
+    out.extend_from_slice(b"}}");
+    out
 }
 
 /// `Bytes` of a JSON-RPC message, for the upstream client.
 fn to_bytes(v: &Value) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, json: bool, body: &str) -> Value {
+        let a = crate::tools::Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            sidekey_error: None,
+            json,
+            body: Bytes::from(body.to_owned()),
+        };
+        serde_json::from_slice(&tool_result(&json!("id-1"), &a)).expect("valid JSON-RPC")
+    }
+
+    #[test]
+    fn upstream_json_is_spliced_as_structured_content() {
+        let v = answer(200, true, r#" {"a": [1, "x\"y"], "b": null} "#);
+        assert_eq!(v["jsonrpc"], "2.0");
+        assert_eq!(v["id"], "id-1");
+        assert_eq!(v["result"]["isError"], false);
+        assert_eq!(
+            v["result"]["structuredContent"],
+            json!({"a": [1, "x\"y"], "b": null})
+        );
+        assert_eq!(
+            v["result"]["content"][0]["text"],
+            r#" {"a": [1, "x\"y"], "b": null} "#
+        );
+        // Anything but an object goes under `result`.
+        let v = answer(200, true, "[1,2]");
+        assert_eq!(v["result"]["structuredContent"], json!({"result": [1, 2]}));
+        let v = answer(404, true, "\"gone\"");
+        assert_eq!(v["result"]["structuredContent"], json!({"result": "gone"}));
+        assert_eq!(v["result"]["isError"], true);
+    }
+
+    #[test]
+    fn text_and_broken_json_stay_text_only() {
+        for (json, body) in [
+            (false, "{\"a\":1}"),
+            (true, "{\"a\":1"),
+            (true, "{\"a\":1} trailing"),
+            (true, ""),
+        ] {
+            let v = answer(200, json, body);
+            assert_eq!(v["result"]["content"][0]["text"], body);
+            assert!(v["result"].get("structuredContent").is_none(), "{body}");
+        }
+        // Bytes that are not UTF-8 are replaced, never passed on raw.
+        let a = crate::tools::Answer {
+            status: StatusCode::OK,
+            sidekey_error: None,
+            json: false,
+            body: Bytes::from_static(b"caf\xe9"),
+        };
+        let v: Value = serde_json::from_slice(&tool_result(&json!(7), &a)).unwrap();
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["result"]["content"][0]["text"], "caf\u{fffd}");
+    }
 }
