@@ -134,12 +134,34 @@ impl SlowSender {
         chunk: usize,
         every: Duration,
     ) -> SlowSender {
-        let mut headers = vec![("ElevenLabs-Signature", fresh_forgery())];
+        let forged = vec![("ElevenLabs-Signature", fresh_forgery())];
+        Self::start_at(
+            sk,
+            "/v1/elevenlabs/post-call",
+            forged,
+            declared,
+            burst,
+            chunk,
+            every,
+        )
+        .await
+    }
+
+    /// The same at another webhook, with its own (forged) headers.
+    async fn start_at(
+        sk: &Sidekey,
+        path: &str,
+        mut headers: Vec<(&'static str, String)>,
+        declared: Option<usize>,
+        burst: usize,
+        chunk: usize,
+        every: Duration,
+    ) -> SlowSender {
         match declared {
             Some(n) => headers.push(("Content-Length", n.to_string())),
             None => headers.push(("Transfer-Encoding", "chunked".into())),
         }
-        let tls = send_head(sk, "/v1/elevenlabs/post-call", &headers).await;
+        let tls = send_head(sk, path, &headers).await;
         let (burst_tx, burst_sent) = tokio::sync::oneshot::channel();
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let chunked = declared.is_none();
@@ -629,5 +651,137 @@ async fn a_cut_off_http2_body_still_gets_its_answer() {
             assert_eq!(r.headers()["x-sidekey-error"], "request_timeout");
         }
         Err(e) => panic!("the stream was reset instead of answered: {e:?}"),
+    }
+}
+
+const RETELL_KEY: &str = "key_retell-fairness-test-000001";
+const VAPI_HMAC: &str = "vapi-hmac-fairness-test-0000001";
+
+/// `v=<ms>,d=<hex HMAC-SHA256(api key, body + v)>`, as Retell signs.
+fn retell_sign(body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let v = (unix_now() * 1000).to_string();
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(RETELL_KEY.as_bytes()).unwrap();
+    mac.update(body);
+    mac.update(v.as_bytes());
+    let d: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v={v},d={d}")
+}
+
+/// Vapi's and Retell's webhooks read their bodies in the same budget:
+/// forged slow senders on both hold memory, a genuine signed Retell
+/// `call_ended` still gets in and ends its call's session, and a sender
+/// below the minimum rate is cut off with 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vapi_and_retell_bodies_share_the_fair_budget() {
+    let up = Upstream::start().await;
+    let sk = Sidekey::start(
+        Options::with_providers(&format!(
+            "{}\n[retell]\napi_key_env = \"RETELL_KEY\"\n[vapi]\nhmac_secret_env = \"VAPI_HMAC\"\n",
+            provider_toml("custom", &up.url, "")
+        ))
+        .env("RETELL_KEY", RETELL_KEY)
+        .env("VAPI_HMAC", VAPI_HMAC),
+    )
+    .await;
+    sk.put_credential("carol", "custom", json!({"access_token": "tok-carol"}))
+        .await;
+    let conv = "retell-fair-call";
+    let token = session_for(&sk, conv).await;
+    let pid = sk.pid().unwrap();
+    let before = rss(pid);
+
+    let ms = (unix_now() * 1000).to_string();
+    let mut senders = Vec::new();
+    for i in 0..4 {
+        let (path, headers) = if i % 2 == 0 {
+            (
+                "/v1/retell/webhook",
+                vec![(
+                    "X-Retell-Signature",
+                    format!("v={ms},d={}", "ab".repeat(32)),
+                )],
+            )
+        } else {
+            (
+                "/v1/vapi/tools",
+                vec![
+                    ("x-timestamp", ms.clone()),
+                    ("x-signature", "cd".repeat(32)),
+                ],
+            )
+        };
+        senders.push(
+            SlowSender::start_at(
+                &sk,
+                path,
+                headers,
+                Some(62 * MIB),
+                15 * MIB,
+                32 * 1024,
+                Duration::from_millis(250),
+            )
+            .await,
+        );
+    }
+    for s in &mut senders {
+        s.burst_written().await;
+    }
+    let held = rss_reaches(pid, before + 50 * MIB, Duration::from_secs(10)).await;
+
+    let ended = json!({"event": "call_ended", "call": {"call_id": conv, "call_status": "ended"}})
+        .to_string();
+    let t0 = Instant::now();
+    let r = sk
+        .agent(
+            Method::POST,
+            "/v1/retell/webhook",
+            &[
+                ("content-type", "application/json"),
+                ("x-retell-signature", &retell_sign(ended.as_bytes())),
+            ],
+            ended.clone(),
+        )
+        .await;
+    let took = t0.elapsed();
+    assert_eq!(
+        r.status,
+        200,
+        "signed Retell webhook under load: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["sessions_revoked"], 1, "{}", r.text());
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    proxied(&sk, &token, conv)
+        .await
+        .assert_error(401, "invalid_session");
+    for (i, s) in senders.into_iter().enumerate() {
+        let end = s.finish().await;
+        assert!(matches!(end, Sent::Holding), "sender {i}: {end:?}");
+    }
+    assert!(held >= before + 50 * MIB, "held {} MiB", held / MIB);
+
+    // Below the minimum rate (1 byte a second): cut off with 408.
+    let slow = SlowSender::start_at(
+        &sk,
+        "/v1/retell/webhook",
+        vec![(
+            "X-Retell-Signature",
+            format!("v={},d={}", unix_now() * 1000, "ab".repeat(32)),
+        )],
+        Some(MIB),
+        16,
+        1,
+        Duration::from_secs(1),
+    )
+    .await;
+    match slow.answer(Duration::from_secs(30)).await {
+        Sent::Answered(head) => assert!(status_line(&head).contains(" 408 "), "{head}"),
+        other => panic!("a trickling Retell body was not cut off: {other:?}"),
     }
 }

@@ -25,3 +25,4 @@ pub mod tools;
 pub mod vapi;
 pub mod views;
 mod voice;
+mod webhook_body;

@@ -81,10 +81,9 @@ async fn signed_body(
         Ok(p) => p,
         Err(e) => return Err(Box::new(voice::turned_away(app, path, event, e))),
     };
-    let raw = match voice::read_body(app, req).await {
-        Ok(b) => b,
-        Err(e) => return Err(Box::new(voice::turned_away(app, path, event, e))),
-    };
+    let raw = voice::read_body(app, req, path, event)
+        .await
+        .map_err(Box::new)?;
     let key = app
         .retell_api_key
         .as_ref()

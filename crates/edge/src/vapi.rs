@@ -120,9 +120,9 @@ pub async fn server_message(app: &Arc<App>, req: Request<Incoming>) -> Response<
         Ok(a) => a,
         Err(e) => return voice::turned_away(app, PATH, "vapi", e),
     };
-    let raw = match voice::read_body(app, req).await {
+    let raw = match voice::read_body(app, req, PATH, "vapi").await {
         Ok(b) => b,
-        Err(e) => return voice::turned_away(app, PATH, "vapi", e),
+        Err(answer) => return answer,
     };
     if let Auth::Hmac {
         timestamp,

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::app::App;
 use crate::body::Body;
 use crate::error::ApiError;
+use crate::webhook_body::BodyError;
 use sidekey_base::config::{Config, HmacAlgorithm};
 
 /// The most of an upstream answer put into a platform's tool result: the
@@ -50,10 +51,32 @@ pub(crate) fn turned_away(
     e.into_response()
 }
 
-/// Reads a webhook body of at most `[elevenlabs] max_webhook_bytes` (the
-/// limit every platform webhook shares), within 60 s.
-pub(crate) async fn read_body(app: &App, req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    crate::elevenlabs::read_limited(req, app.config.elevenlabs.max_webhook_bytes).await
+/// Reads a webhook body of at most `[elevenlabs] max_webhook_bytes` in the
+/// memory budget every platform's webhooks share (a slow or huge sender
+/// cannot hold it), or the answer that turns the sender away.
+pub(crate) async fn read_body(
+    app: &App,
+    req: Request<Incoming>,
+    path: &'static str,
+    event: &str,
+) -> Result<Bytes, Response<Body>> {
+    match crate::webhook_body::read_fair(app, req, |_| {}).await {
+        Ok(b) => Ok(b),
+        Err(BodyError::Api(e)) => Err(turned_away(app, path, event, e)),
+        Err(BodyError::TooSlow(why)) => {
+            tracing::warn!(path, reason = why, "webhook body cut off");
+            app.metrics.webhook(event, "refused");
+            app.audit.refused(sidekey_creds::audit::Refused {
+                path,
+                code: "request_timeout",
+                reason: None,
+                status: 408,
+            });
+            Err(crate::webhook_body::too_slow(
+                "The request body did not arrive in time.",
+            ))
+        }
+    }
 }
 
 /// Decodes a signature as hex (either case) or, failing that, base64.

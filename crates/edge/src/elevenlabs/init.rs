@@ -23,7 +23,7 @@ pub(super) struct InitBody {
     conversation_id: Option<String>,
 }
 
-pub(crate) async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
+async fn read_limited(req: Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
     let (parts, body) = req.into_parts();
     crate::request::read_limited(&parts.headers, body, limit, Duration::from_secs(60)).await
 }

@@ -34,7 +34,7 @@ mod push;
 mod tools;
 
 pub use init::conversation_init;
-pub(crate) use init::{mint_for_caller, read_limited, record, refused, user_by_caller};
+pub(crate) use init::{mint_for_caller, record, refused, user_by_caller};
 pub(crate) use post_call::revoke_conversation;
 pub use post_call::{PendingSignature, parse_signature, post_call, verify_signature};
 pub use push::{push_mcp, push_tools};
