@@ -809,6 +809,55 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
             c.agent(m, "/v1/elevenlabs/post-call", &[("elevenlabs-signature", &sig)], body)
                 .await
         }
+        ("/v1/vapi/tools", "POST", 200) => {
+            let msg = r#"{"message":{"type":"status-update","status":"in-progress","call":{"id":"vapi_oa"}}}"#;
+            c.agent(m, "/v1/vapi/tools", &[("x-vapi-secret", support::WEBHOOK_SECRET)], msg)
+                .await
+        }
+        ("/v1/vapi/tools", "POST", 400) => {
+            c.agent(m, "/v1/vapi/tools", &[("x-vapi-secret", support::WEBHOOK_SECRET)], "[1]")
+                .await
+        }
+        ("/v1/vapi/tools", "POST", 401) => c.agent(m, "/v1/vapi/tools", &[], "{}").await,
+        ("/v1/vapi/tools" | "/v1/retell/tools/{name}" | "/v1/retell/webhook", "POST", 503) => {
+            // Neither platform set up on this instance.
+            let bare = InProcess::start(Options::with_providers(
+                "[providers.custom]\nbase_url = \"http://127.0.0.1:1\"\n",
+            ))
+            .await;
+            let concrete = path.replace("{name}", "ctx_tool");
+            bare.agent(m, &concrete, &[], "{}".to_owned()).await
+        }
+        ("/v1/vapi/tools", "GET", 200) => c.admin(m, "/v1/vapi/tools", Value::Null).await,
+        ("/v1/vapi/tools", "GET", 401) => c.admin_raw(m, "/v1/vapi/tools", false, "").await,
+        ("/v1/retell/tools", "GET", 200) => c.admin(m, "/v1/retell/tools", Value::Null).await,
+        ("/v1/retell/tools/{name}", "POST", 200) => {
+            let t = c.sk.token("alice", &["custom"]).await;
+            let body = json!({"name": "ctx_tool", "args": {"id": "a"}, "call": {
+                "call_id": "retell_oa", "retell_llm_dynamic_variables": {"sidekey_session": t}}})
+            .to_string();
+            let sig = retell_signature(&body);
+            let r = c
+                .agent(m, "/v1/retell/tools/ctx_tool", &[("x-retell-signature", &sig)], &body)
+                .await;
+            // A refusal is a 200 too: this one must be the upstream's answer.
+            assert!(r.headers.get("x-sidekey-error").is_none(), "{}", r.text());
+            assert!(r.text().contains("/ok/tool/a"), "{}", r.text());
+            r
+        }
+        ("/v1/retell/tools/{name}", "POST", 401) => {
+            c.agent(m, "/v1/retell/tools/ctx_tool", &[("x-retell-signature", "v=1,d=00")], "{}")
+                .await
+        }
+        ("/v1/retell/webhook", "POST", 200) => {
+            let body = r#"{"event":"transcript_updated","call":{"call_id":"retell_oa"}}"#;
+            let sig = retell_signature(body);
+            c.agent(m, "/v1/retell/webhook", &[("x-retell-signature", &sig)], body)
+                .await
+        }
+        ("/v1/retell/webhook", "POST", 401) => {
+            c.agent(m, "/v1/retell/webhook", &[], "{}").await
+        }
         ("/v1/elevenlabs/post-call", "POST", 401) => {
             c.agent(m, "/v1/elevenlabs/post-call", &[("elevenlabs-signature", "t=1,v0=00")], "{}")
                 .await
@@ -950,6 +999,23 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
 }
 
 /// `{anything}` → `{}`, a trailing `{path...}` → `{}`, query dropped.
+/// `v=<ms>,d=<hex HMAC-SHA256(api key, body + v)>`; the test instance's
+/// Retell API key is the webhook secret's file.
+fn retell_signature(body: &str) -> String {
+    use hmac::Mac;
+    let v = (support::unix_now() * 1000).to_string();
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(support::WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    mac.update(v.as_bytes());
+    let d: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("v={v},d={d}")
+}
+
 fn normalise(path: &str) -> String {
     let path = path.split('?').next().unwrap_or(path);
     let mut out = String::new();
@@ -1087,7 +1153,9 @@ async fn openapi_matches_the_running_server() {
          [providers.noclient]\nbase_url = \"{u}\"\ntoken_url = \"{t}\"\nauthorize_url = \"{authorize}\"\n\n\
          [tools.ctx_tool]\nprovider = \"custom\"\npath = \"/ok/tool/{{id}}\"\n[tools.ctx_tool.params]\nid = {{ type = \"string\", required = true }}\n\n\
          [tools.other_tool]\nprovider = \"other\"\npath = \"/ok/other\"\n\n\
-         [limits]\nper_session_rps = 0.5\nper_session_burst = 1\n",
+         [limits]\nper_session_rps = 0.5\nper_session_burst = 1\n\n\
+         [vapi]\nsecret_file = \"webhook.secret\"\n\n\
+         [retell]\napi_key_file = \"webhook.secret\"\n",
         u = up.url,
         t = tokens.url,
     );
