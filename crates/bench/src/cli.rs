@@ -78,6 +78,12 @@ pub(crate) struct Args {
     /// and its MCP tools/call, side by side with the proxy path.
     #[arg(long)]
     pub(crate) tool_paths: bool,
+    /// Also measure a `grant = "jwt_bearer"` provider (`bench_jwt`, the
+    /// user id as subject, RS256) side by side with the proxy path: its
+    /// tokens are exchanged once per subject before the measurement, so
+    /// the row shows the cached-token path.
+    #[arg(long)]
+    pub(crate) jwt_path: bool,
     /// Turn sidekey's audit log off ([audit] enabled = false), to see its cost.
     #[arg(long)]
     pub(crate) no_audit: bool,

@@ -28,6 +28,9 @@ pub(crate) enum Target {
     Tool,
     /// Through sidekey, as that tool's MCP `tools/call`.
     Mcp,
+    /// Through sidekey's proxy path to `bench_jwt`, a JWT bearer grant
+    /// provider (tokens cached per subject).
+    Jwt,
 }
 
 impl Target {
@@ -38,6 +41,7 @@ impl Target {
             Target::Via => "sidekey",
             Target::Tool => "sidekey-tool",
             Target::Mcp => "sidekey-mcp",
+            Target::Jwt => "sidekey-jwt",
         }
     }
 
@@ -48,6 +52,7 @@ impl Target {
             Target::Via => ctx.via_uri.clone(),
             Target::Tool => ctx.tool_uri.clone(),
             Target::Mcp => ctx.mcp_uri.clone(),
+            Target::Jwt => ctx.jwt_uri.clone(),
         }
     }
 }
@@ -62,6 +67,7 @@ pub(crate) struct Ctx {
     pub(crate) via_uri: Uri,
     pub(crate) tool_uri: Uri,
     pub(crate) mcp_uri: Uri,
+    pub(crate) jwt_uri: Uri,
     /// nginx's `/api/items?limit=10` (it injects the bearer header itself).
     pub(crate) nginx_uri: Option<Uri>,
     /// nginx's master and worker pids.
@@ -130,7 +136,7 @@ pub(crate) async fn one(
             h.insert(header::AUTHORIZATION, ctx.direct_auth.clone());
         }
         Target::Nginx => {}
-        Target::Via | Target::Tool | Target::Mcp => {
+        Target::Via | Target::Tool | Target::Mcp | Target::Jwt => {
             h.insert(
                 "x-sidekey-session",
                 ctx.sessions[session % ctx.sessions.len()].clone(),
@@ -260,18 +266,20 @@ pub(crate) fn finish_case(
         proxy_cpu_s: match target {
             Target::Direct => 0.0,
             Target::Nginx => b.nginx_cpu - a.nginx_cpu,
-            Target::Via | Target::Tool | Target::Mcp => b.sidekey_cpu - a.sidekey_cpu,
+            Target::Via | Target::Tool | Target::Mcp | Target::Jwt => b.sidekey_cpu - a.sidekey_cpu,
         },
         proxy_user_s: match target {
             Target::Direct => 0.0,
             Target::Nginx => b.nginx_user - a.nginx_user,
-            Target::Via | Target::Tool | Target::Mcp => b.sidekey_user - a.sidekey_user,
+            Target::Via | Target::Tool | Target::Mcp | Target::Jwt => {
+                b.sidekey_user - a.sidekey_user
+            }
         },
         bench_cpu_s: b.bench_cpu - a.bench_cpu,
         worker_split: match target {
             Target::Direct => None,
             Target::Nginx => worker_split(&a.nginx_workers, &b.nginx_workers),
-            Target::Via | Target::Tool | Target::Mcp => {
+            Target::Via | Target::Tool | Target::Mcp | Target::Jwt => {
                 worker_split(&a.sidekey_workers, &b.sidekey_workers)
             }
         },

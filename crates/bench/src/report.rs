@@ -306,7 +306,7 @@ pub(crate) fn side_by_side(out: &Out, cases: &[Case]) {
         out.backend
     ));
     out.note(&format!(
-        "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13} {:>13}",
+        "{:>9} {:<12} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13} {:>13}",
         "conc/rate",
         "target",
         "req/s",
@@ -315,8 +315,9 @@ pub(crate) fn side_by_side(out: &Out, cases: &[Case]) {
         "errors",
         "gw CPU µs/rq",
         "of it user",
-        "×nginx req/s"
+        "× req/s"
     ));
+    out.note("  (× req/s: sidekey against nginx; sidekey-tool, -mcp, -jwt against the sidekey proxy path of the same round)");
     let pick = |k: &(usize, String), t: &str| -> Vec<&Case> {
         cases
             .iter()
@@ -329,19 +330,30 @@ pub(crate) fn side_by_side(out: &Out, cases: &[Case]) {
     };
     for k in &keys {
         let ng = pick(k, "nginx");
-        for t in ["direct", "nginx", "sidekey"] {
+        let proxy = pick(k, "sidekey");
+        for t in [
+            "direct",
+            "nginx",
+            "sidekey",
+            "sidekey-tool",
+            "sidekey-mcp",
+            "sidekey-jwt",
+        ] {
             let cs = pick(k, t);
             if cs.is_empty() {
                 continue;
             }
             let v = |f: &dyn Fn(&Case) -> f64| cs.iter().map(|c| f(c)).collect::<Vec<_>>();
-            let vs_nginx: Vec<f64> = cs
+            // The proxy against nginx; the other sidekey paths against the
+            // proxy path of the same round.
+            let base = if t == "sidekey" { &ng } else { &proxy };
+            let vs_base: Vec<f64> = cs
                 .iter()
-                .zip(ng.iter())
+                .zip(base.iter())
                 .map(|(c, n)| c.rps() / n.rps().max(1e-9))
                 .collect();
             out.note(&format!(
-                "{:>9} {:<8} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13} {:>13}",
+                "{:>9} {:<12} {:>15} {:>11} {:>11} {:>7} {:>13} {:>13} {:>13}",
                 if k.1.is_empty() {
                     k.0.to_string()
                 } else {
@@ -366,8 +378,8 @@ pub(crate) fn side_by_side(out: &Out, cases: &[Case]) {
                 } else {
                     range(&v(&|c| c.cpu_us_per_req(c.proxy_user_s)), 1, false)
                 },
-                if t == "sidekey" {
-                    range(&vs_nginx, 2, false)
+                if t.starts_with("sidekey") {
+                    range(&vs_base, 2, false)
                 } else {
                     "-".into()
                 },
@@ -396,6 +408,31 @@ pub(crate) fn side_by_side(out: &Out, cases: &[Case]) {
             range(&diff, 0, true),
             median(&diff),
             diff.len()
+        ));
+    }
+    for t in ["sidekey-tool", "sidekey-mcp", "sidekey-jwt"] {
+        let (p1, x1) = (at(1, "sidekey"), at(1, t));
+        let (p64, x64) = (at(64, "sidekey"), at(64, t));
+        if x1.is_empty() && x64.is_empty() {
+            continue;
+        }
+        let p50: Vec<f64> = x1
+            .iter()
+            .zip(&p1)
+            .map(|(x, p)| x.q(0.5) - p.q(0.5))
+            .collect();
+        let ratio: Vec<f64> = x64
+            .iter()
+            .zip(&p64)
+            .map(|(x, p)| x.rps() / p.rps().max(1e-9))
+            .collect();
+        out.note(&format!(
+            "{t} against the proxy path: p50 at 1 connection {} µs (median {:+.0}); req/s at 64 connections {}× (median {:.2}); errors {}",
+            range(&p50, 0, true),
+            median(&p50),
+            range(&ratio, 2, false),
+            median(&ratio),
+            x1.iter().chain(&x64).map(|c| c.errors).sum::<u64>(),
         ));
     }
     let (s64, n64) = (at(64, "sidekey"), at(64, "nginx"));

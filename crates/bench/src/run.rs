@@ -84,6 +84,7 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
     let upstream = Arc::new(Upstream {
         body: Bytes::from(body),
         token_calls: AtomicU64::new(0),
+        jwt_calls: AtomicU64::new(0),
         token_delay_ms: AtomicU64::new(0),
         new_token_seen: AtomicU64::new(0),
         unauthenticated: AtomicU64::new(0),
@@ -212,6 +213,11 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
     let k = args.users.clamp(1, n.max(1));
     let t = Instant::now();
     let mut sessions = vec![HeaderValue::from_static(""); if n == 0 { 0 } else { k }];
+    let grants: &'static [&'static str] = if args.jwt_path {
+        &["bench", "bench_jwt"]
+    } else {
+        &["bench"]
+    };
     if n > 0 {
         let slots = Arc::new(Mutex::new(vec![None; k]));
         let next = Arc::new(AtomicU64::new(0));
@@ -227,7 +233,7 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
                         return Ok::<(), String>(());
                     }
                     let u = user_id(j * n / k);
-                    let tok = admin.session(&u, &["bench"]).await?;
+                    let tok = admin.session(&u, grants).await?;
                     sidekey::sync::lock(&slots)[j] = Some(tok);
                 }
             }));
@@ -335,6 +341,12 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
         mcp_uri: format!("https://127.0.0.1:{}/v1/mcp", ports.agent)
             .parse()
             .expect("valid uri"),
+        jwt_uri: format!(
+            "https://127.0.0.1:{}/v1/proxy/bench_jwt/api/items?limit=10",
+            ports.agent
+        )
+        .parse()
+        .expect("valid uri"),
         direct_auth: HeaderValue::from_static(direct_auth),
         nginx_uri,
         nginx_pids: nginx.as_ref().map(Nginx::pids).unwrap_or_default(),
@@ -372,6 +384,22 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
                 })?;
             }
         }
+        if args.jwt_path {
+            // One exchange per subject (an RS256 signature each) before
+            // the measurement: the row is the cached-token path.
+            let t = Instant::now();
+            for s in 0..ctx.sessions.len() {
+                one(&ctx, Target::Jwt, &ctx.jwt_uri, s).await.map_err(|e| {
+                    format!("{} request failed: {e}\n{}", ctx.jwt_uri, sk.log_text())
+                })?;
+            }
+            out.note(&format!(
+                "sidekey-bench: {} JWT bearer exchanges (one per subject) in {:.2} s, {} token-endpoint calls",
+                ctx.sessions.len(),
+                t.elapsed().as_secs_f64(),
+                upstream.jwt_calls.load(Ordering::Relaxed)
+            ));
+        }
     }
 
     if args.pause > 0.0 {
@@ -407,6 +435,9 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
                 return Err("--tool-paths needs the built-in load generator (--load builtin): its requests are POSTs with a body".into());
             }
             targets.extend([Target::Tool, Target::Mcp]);
+        }
+        if args.jwt_path {
+            targets.push(Target::Jwt);
         }
         for round in 0..args.repeat.max(1) {
             if args.repeat > 1 {
@@ -536,6 +567,13 @@ pub(crate) async fn run(args: Args) -> Result<(), String> {
     if unauth > 0 {
         out.note(&format!(
             "warning: the upstream saw {unauth} request(s) without a bearer token"
+        ));
+    }
+    if args.jwt_path {
+        out.note(&format!(
+            "JWT bearer: {} token-endpoint exchanges over the whole run, {} subjects",
+            upstream.jwt_calls.load(Ordering::Relaxed),
+            ctx.sessions.len()
         ));
     }
     out.note(&format!(

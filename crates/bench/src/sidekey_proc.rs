@@ -217,10 +217,33 @@ token_url = "{up}/token"
 inject = "bearer"
 client_id = "bench-client"
 client_secret = "bench-client-secret"
-"#,
+{jwt}"#,
         agent = ports.agent,
         admin = ports.admin,
+        jwt = if args.jwt_path {
+            format!(
+                r#"
+[providers.bench_jwt]
+display_name = "Bench JWT bearer"
+base_url = "{up}"
+token_url = "{up}/jwt-token"
+grant = "jwt_bearer"
+client_id = "bench-service-account"
+jwt_key_file = "data/jwt.pem"
+jwt_subject = "{{user}}"
+inject = "bearer"
+"#
+            )
+        } else {
+            String::new()
+        },
     );
+    if args.jwt_path {
+        // A 2048-bit RSA key made for this run (RS256, the default alg).
+        std::fs::create_dir_all(dir.join("data"))?;
+        let key = sidekey_testkit::jwt::TestKey::rsa(2048);
+        std::fs::write(dir.join("data/jwt.pem"), key.private_pem)?;
+    }
     std::fs::write(dir.join("config.toml"), text)
 }
 

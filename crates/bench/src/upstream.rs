@@ -17,6 +17,8 @@ use serde_json::json;
 pub(crate) struct Upstream {
     pub(crate) body: Bytes,
     pub(crate) token_calls: AtomicU64,
+    /// JWT bearer grant exchanges (`/jwt-token`).
+    pub(crate) jwt_calls: AtomicU64,
     pub(crate) token_delay_ms: AtomicU64,
     /// Requests that carried a token the fake token endpoint issued.
     pub(crate) new_token_seen: AtomicU64,
@@ -26,6 +28,29 @@ pub(crate) struct Upstream {
 }
 
 async fn upstream_handle(st: Arc<Upstream>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/jwt-token" {
+        // The JWT bearer grant (RFC 7523 §2.1): the assertion's signature
+        // and claims are verified by tests/jwt_bearer.rs; here only the
+        // form's shape is checked, so a wrong grant shows up as errors.
+        let n = st.jwt_calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let form = req.into_body().collect().await.map(|b| b.to_bytes());
+        let ok = form.as_ref().is_ok_and(|b| {
+            contains(b, b"grant_type=") && contains(b, b"jwt-bearer") && contains(b, b"assertion=")
+        });
+        let (status, body) = if ok {
+            (
+                StatusCode::OK,
+                json!({"access_token": format!("jwt-at-{n}"), "token_type": "Bearer", "expires_in": 3600}),
+            )
+        } else {
+            (StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}))
+        };
+        return Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("static response");
+    }
     if req.uri().path() == "/token" {
         let n = st.token_calls.fetch_add(1, Ordering::SeqCst) + 1;
         let _ = req.into_body().collect().await;
@@ -72,6 +97,10 @@ async fn upstream_handle(st: Arc<Upstream>, req: Request<Incoming>) -> Response<
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(st.body.clone()))
         .expect("static response")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 pub(crate) async fn serve_upstream(

@@ -123,7 +123,7 @@ fn run_wrk(
                 "wrk sends GETs without a body; the tool targets run on the built-in load".into(),
             );
         }
-        Target::Via => {
+        Target::Via | Target::Jwt => {
             // One session: wrk sends the same request bytes each time (no
             // Lua on its hot path); sidekey still runs every session check.
             cmd.arg("-H").arg(format!(

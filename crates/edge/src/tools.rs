@@ -79,16 +79,22 @@ pub async fn call(
 
 /// A requested tool name as it may be echoed (audit path, error message):
 /// the characters a tool name can have, at most 64.
-fn shown(name: &str) -> String {
-    name.chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-        .take(64)
-        .collect()
+fn shown(name: &str) -> std::borrow::Cow<'_, str> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    // Every call passes here; a well-formed name is used as it is.
+    if name.len() <= 64 && name.chars().all(ok) {
+        return std::borrow::Cow::Borrowed(name);
+    }
+    std::borrow::Cow::Owned(name.chars().filter(|c| ok(*c)).take(64).collect())
 }
 
 /// The tool's name as the audit log shows the path of a refused call.
 fn display_path(name: &str) -> String {
-    format!("/v1/tools/{}", shown(name))
+    let shown = shown(name);
+    let mut p = String::with_capacity(10 + shown.len());
+    p.push_str("/v1/tools/");
+    p.push_str(&shown);
+    p
 }
 
 fn lookup(app: &Arc<App>, name: &str, t: &mut Trace) -> Result<Arc<Tool>, ApiError> {
@@ -97,7 +103,7 @@ fn lookup(app: &Arc<App>, name: &str, t: &mut Trace) -> Result<Arc<Tool>, ApiErr
             t.tool = Some(Arc::from(tool.name.as_str()));
             Ok(tool.clone())
         }
-        None => Err(ApiError::UnknownTool(shown(name))),
+        None => Err(ApiError::UnknownTool(shown(name).into_owned())),
     }
 }
 
