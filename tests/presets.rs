@@ -590,3 +590,242 @@ async fn providers_command_prints_every_preset_without_secrets() {
     assert_eq!(get("sheets")["credential_from"], "google");
     assert_eq!(get("telegram")["inject"]["kind"], "path_prefix");
 }
+
+/// Shopify's callback signature over the query, as Shopify computes it:
+/// every parameter but `hmac`, sorted, form-encoded, HMAC-SHA256 with the
+/// app's client secret, in hex.
+fn shopify_signed(params: &[(&str, &str)], secret: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    let mut message = url_encoded(&sorted);
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(message.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    message.push_str("&hmac=");
+    message.push_str(&sig);
+    message
+}
+
+fn url_encoded(params: &[(&str, &str)]) -> String {
+    // As URLSearchParams writes it, which is what Shopify signs.
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        q.append_pair(k, v);
+    }
+    q.finish()
+}
+
+/// Starts an admin OAuth flow and answers the authorization code it will
+/// be exchanged with, returning the state.
+async fn started(
+    sk: &Sidekey,
+    tok: &TokenServer,
+    user: &str,
+    provider: &str,
+    body: Value,
+    code: &str,
+) -> String {
+    let r = sk
+        .admin(
+            Method::POST,
+            &format!("/v1/users/{user}/oauth/{provider}/start"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let url = v["authorize_url"].as_str().unwrap().to_owned();
+    let q = |k: &str| {
+        url::Url::parse(&url)
+            .unwrap()
+            .query_pairs()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.into_owned())
+    };
+    tok.register_code(
+        code,
+        &q("code_challenge").unwrap_or_default(),
+        &q("redirect_uri").unwrap(),
+    );
+    v["state"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn shopify_callback_signature_is_checked_then_the_code_exchanged_without_pkce() {
+    let tok = TokenServer::start().await;
+    let up = Upstream::start().await;
+    let cfg = format!(
+        "{}[oauth]\nbind_browser = false\n",
+        oauth_provider("shopify", &up.url, &tok.url, "preset = \"shopify\"")
+    );
+    let sk = Sidekey::start(Options::with_providers(&cfg)).await;
+    let secret = "test-client-secret";
+    let shop = json!({"connection": {"shop": "acme-store"}});
+    let callback = |query: String| {
+        let sk = &sk;
+        async move {
+            sk.agent(
+                Method::GET,
+                &format!("/oauth/shopify/callback?{query}"),
+                &[],
+                "",
+            )
+            .await
+        }
+    };
+
+    // Forged answers: unsigned, signed with another secret, a changed
+    // parameter, another shop correctly signed, two signatures. Each is
+    // refused before any code exchange, and spends its state.
+    type Forgery = Box<dyn Fn(&str) -> String>;
+    let forged: Vec<Forgery> = vec![
+        Box::new(|st| {
+            url_encoded(&[
+                ("code", "c1"),
+                ("shop", "acme-store.myshopify.com"),
+                ("state", st),
+            ])
+        }),
+        Box::new(|st| {
+            shopify_signed(
+                &[
+                    ("code", "c1"),
+                    ("shop", "acme-store.myshopify.com"),
+                    ("state", st),
+                    ("timestamp", "1700000000"),
+                ],
+                "another-secret",
+            )
+        }),
+        Box::new(|st| {
+            shopify_signed(
+                &[
+                    ("code", "c1"),
+                    ("shop", "acme-store.myshopify.com"),
+                    ("state", st),
+                    ("timestamp", "1700000000"),
+                ],
+                secret,
+            )
+            .replace("timestamp=1700000000", "timestamp=1700000001")
+        }),
+        Box::new(|st| {
+            shopify_signed(
+                &[
+                    ("code", "c1"),
+                    ("shop", "evil-store.myshopify.com"),
+                    ("state", st),
+                    ("timestamp", "1700000000"),
+                ],
+                secret,
+            )
+        }),
+        Box::new(|st| {
+            let q = shopify_signed(
+                &[
+                    ("code", "c1"),
+                    ("shop", "acme-store.myshopify.com"),
+                    ("state", st),
+                ],
+                secret,
+            );
+            format!("hmac=00&{q}")
+        }),
+    ];
+    for (i, f) in forged.iter().enumerate() {
+        let st = started(&sk, &tok, "alice", "shopify", shop.clone(), "c1").await;
+        let r = callback(f(&st)).await;
+        assert_eq!(r.status, 400, "forgery {i}: {}", r.text());
+        assert!(r.text().contains("could not be verified"), "{}", r.text());
+        assert_eq!(tok.calls(), 0, "forgery {i}: no code exchange");
+        // The state was spent by the refused answer.
+        let again = shopify_signed(
+            &[
+                ("code", "c1"),
+                ("shop", "acme-store.myshopify.com"),
+                ("state", &st),
+            ],
+            secret,
+        );
+        assert_eq!(callback(again).await.status, 400);
+        assert_eq!(tok.calls(), 0);
+    }
+    let r = sk
+        .admin(Method::GET, "/v1/users/alice/credentials/shopify", None)
+        .await;
+    assert_eq!(r.status, 404, "nothing stored: {}", r.text());
+
+    // Signed as Shopify signs it: exchanged without a PKCE verifier, the
+    // client secret in the body, Shopify's `expiring=1`.
+    let st = started(&sk, &tok, "alice", "shopify", shop.clone(), "c-good").await;
+    let r = callback(shopify_signed(
+        &[
+            ("code", "c-good"),
+            ("host", "YWRtaW4uc2hvcGlmeS5jb20vc3RvcmUvYWNtZQ"),
+            ("shop", "acme-store.myshopify.com"),
+            ("state", &st),
+            ("timestamp", "1700000000"),
+        ],
+        secret,
+    ))
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tok.calls(), 1);
+    let form = tok.last_form();
+    assert!(!form.contains_key("code_verifier"), "{form:?}");
+    assert_eq!(form.get("client_secret").map(String::as_str), Some(secret));
+    assert_eq!(form.get("expiring").map(String::as_str), Some("1"));
+    let m = meta(&sk, "alice", "shopify").await;
+    assert_eq!(m["status"], "active", "{m}");
+    assert_eq!(m["connection"]["shop"], "acme-store", "{m}");
+    let s = sk.token("alice", &["shopify"]).await;
+    let r = sk
+        .proxy(Method::GET, "/v1/proxy/shopify/shop.json", &s, "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // In Shopify's own header, the token the exchange issued.
+    let sent = up.last().header("x-shopify-access-token").unwrap();
+    assert!(tok.is_valid_access(&sent), "{sent}");
+    assert!(up.last().bearer().is_none());
+}
+
+#[tokio::test]
+async fn notion_code_exchange_is_json_with_basic_client_auth() {
+    let tok = TokenServer::start().await;
+    let up = Upstream::start().await;
+    require_valid_token(&up, &tok);
+    let cfg = format!(
+        "{}[oauth]\nbind_browser = false\n",
+        oauth_provider("notion", &up.url, &tok.url, "preset = \"notion\"")
+    );
+    let sk = Sidekey::start(Options::with_providers(&cfg)).await;
+    let st = started(&sk, &tok, "bob", "notion", json!({}), "code-bob").await;
+    let r = sk
+        .agent(
+            Method::GET,
+            &format!("/oauth/notion/callback?code=code-bob&state={st}"),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tok.calls(), 1);
+    assert_eq!(tok.last_content_type().as_deref(), Some("application/json"));
+    assert_eq!(
+        tok.last_basic(),
+        Some(("test-client".into(), "test-client-secret".into()))
+    );
+    let form = tok.last_form();
+    assert_eq!(
+        form.get("grant_type").map(String::as_str),
+        Some("authorization_code")
+    );
+    assert!(!form.contains_key("client_secret"), "{form:?}");
+    assert_eq!(meta(&sk, "bob", "notion").await["status"], "active");
+}

@@ -131,6 +131,7 @@ mod connection;
 mod describe;
 mod presets;
 mod resolve;
+pub mod signed_callback;
 
 pub use connection::{ConnectionError, ConnectionField, ConnectionFrom, UrlTemplate};
 pub use presets::PRESETS;
@@ -207,6 +208,9 @@ pub struct Provider {
     pub templates: Templates,
     /// Documented: each refresh answers a new refresh token.
     pub rotates_refresh_token: bool,
+    /// The provider signs its callback query (Shopify's `hmac`), checked
+    /// before the code is exchanged.
+    pub signed_callback: bool,
     /// JWT assertions (`grant = "jwt_bearer"`, `client_auth =
     /// "private_key_jwt"`): key, algorithm, audience, subject rule.
     pub jwt: Option<Arc<crate::jwt::JwtSettings>>,

@@ -244,7 +244,8 @@ impl TokenServer {
         self.state.lock().unwrap().valid_access.remove(at);
     }
 
-    /// Registers an authorization code for a PKCE challenge and redirect URI.
+    /// Registers an authorization code for a PKCE challenge and redirect URI
+    /// (an empty challenge: a code issued without PKCE).
     pub fn register_code(&self, code: &str, challenge: &str, redirect_uri: &str) {
         self.state
             .lock()
@@ -497,10 +498,17 @@ fn answer(
             let Some((challenge, redirect)) = st.codes.remove(&code) else {
                 return error(&st, "invalid_grant", 400);
             };
-            let verifier = form.get("code_verifier").cloned().unwrap_or_default();
-            let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .encode(Sha256::digest(verifier.as_bytes()));
-            if computed != challenge || form.get("redirect_uri") != Some(&redirect) {
+            // An empty challenge: a provider without PKCE (Shopify), which
+            // must then be sent no verifier at all.
+            let pkce_ok = match form.get("code_verifier") {
+                None => challenge.is_empty(),
+                Some(verifier) => {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .encode(Sha256::digest(verifier.as_bytes()))
+                        == challenge
+                }
+            };
+            if !pkce_ok || form.get("redirect_uri") != Some(&redirect) {
                 return error(&st, "invalid_grant", 400);
             }
             issue_refresh = true;

@@ -59,6 +59,7 @@ impl Provider {
             "token_params": self.token_params.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "headers": self.headers.iter().map(|(n, v)| (n.as_str().to_owned(), Value::String(v.to_str().unwrap_or("").to_owned()))).collect::<serde_json::Map<_, _>>(),
             "rotates_refresh_token": self.rotates_refresh_token,
+            "signed_callback": self.signed_callback,
             "refresh": self.can_refresh(),
             "grant": match self.grant {
                 super::Grant::AuthorizationCode => "authorization_code",

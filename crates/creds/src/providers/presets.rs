@@ -32,6 +32,8 @@ pub(crate) struct Preset {
     /// Documented: each refresh answers a new refresh token (stored by the
     /// generic refresh; informational).
     pub rotates_refresh_token: bool,
+    /// The callback query carries an `hmac` of the rest (Shopify).
+    pub signed_callback: bool,
     pub ok_false_auth_errors: &'static [&'static str],
     pub reauth_errors: &'static [&'static str],
     pub nested_user_token: bool,
@@ -86,6 +88,7 @@ const OAUTH: Preset = Preset {
     headers: &[],
     connection: &[],
     rotates_refresh_token: false,
+    signed_callback: false,
     ok_false_auth_errors: &[],
     reauth_errors: &["invalid_grant"],
     nested_user_token: false,
@@ -287,6 +290,7 @@ pub(crate) fn preset(name: &str) -> Option<Preset> {
             pkce: false,
             connection: &[("shop", ConnectionFrom::User, "[a-z0-9][a-z0-9-]{0,62}")],
             rotates_refresh_token: true,
+            signed_callback: true,
             ..OAUTH
         },
         "zendesk" => Preset {

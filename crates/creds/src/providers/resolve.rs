@@ -439,6 +439,7 @@ pub(super) fn resolve(name: &str, pc: &ProviderConfig) -> Result<Provider, Vec<S
         connection,
         templates,
         rotates_refresh_token: preset.as_ref().is_some_and(|ps| ps.rotates_refresh_token),
+        signed_callback: preset.as_ref().is_some_and(|ps| ps.signed_callback),
         jwt,
     })
 }

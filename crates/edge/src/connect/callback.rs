@@ -88,6 +88,7 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         _ => {
             let flow = Callback {
                 provider,
+                query: req.uri().query().unwrap_or(""),
                 display: &display,
                 st: st.as_ref(),
                 can_return: app_return.is_some(),
@@ -159,6 +160,8 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
 /// The callback being completed.
 struct Callback<'a> {
     provider: &'a str,
+    /// The query as it arrived, for providers that sign it.
+    query: &'a str,
     display: &'a str,
     st: Option<&'a OAuthState>,
     /// Whether the browser can be sent back to the app (with a
@@ -182,6 +185,7 @@ async fn complete(
 ) -> Result<Done, Failure> {
     let Callback {
         provider,
+        query,
         display,
         st,
         can_return,
@@ -244,6 +248,28 @@ async fn complete(
         .get(provider)
         .cloned()
         .ok_or_else(|| invalid("Unknown service."))?;
+    if p.signed_callback {
+        // Shopify signs the return with the app's secret: an unsigned or
+        // re-pointed answer (another shop) is refused before any code is
+        // exchanged.
+        let secret = p.client_secret.as_ref().map(|s| s.expose().as_bytes());
+        let checked = sidekey_creds::providers::signed_callback::check_shopify(
+            query,
+            secret.unwrap_or_default(),
+            &st.connection,
+        );
+        if let Err(e) = checked {
+            tracing::warn!(provider, user = %st.user, reason = ?e, "callback signature refused");
+            return Err(Failure {
+                code: "invalid_signature",
+                status: StatusCode::BAD_REQUEST,
+                title: "This sign-in answer could not be verified",
+                detail: format!(
+                    "The answer from {display} was not signed as {display} signs it, or named another shop. Nothing was connected. Please start connecting again from the app."
+                ),
+            });
+        }
+    }
     let confirm = app.config.connect.confirm;
     if confirm && !can_return {
         // A link made before confirmation was switched on, without a
