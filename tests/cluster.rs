@@ -779,3 +779,102 @@ async fn three_replicas_starting_together_on_an_empty_database_agree() {
     assert_eq!(c.psql(db, "SELECT count(*) FROM sidekey_schema"), "1");
     assert_eq!(c.psql(db, "SELECT version FROM sidekey_schema"), "1");
 }
+
+/// `check-config` on PostgreSQL reaches the database as `serve` would and
+/// checks the master key against the store's key check, writing nothing:
+/// a fresh database is said to be fresh (and stays empty), the key the
+/// store was made with passes, another key and an unreachable server fail.
+#[tokio::test]
+async fn check_config_on_postgres_connects_and_checks_the_key_without_writing() {
+    let opts =
+        Options::with_providers(&provider_toml("custom", "http://127.0.0.1:9", "")).postgres();
+    let db_url = opts.pg_url();
+    let db = db_url
+        .split("@/")
+        .nth(1)
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("config.toml"), opts.config_text()).unwrap();
+    let check = |dir: &Path| run_cli(dir, &["check-config", "--config", "config.toml"], &[], None);
+
+    // Fresh: reached, nothing there yet, nothing created.
+    let (code, out, err) = check(dir.path());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("reached; it holds no sidekey store yet"),
+        "{err}"
+    );
+    let tables = support::pg::cluster().psql(
+        &db,
+        "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'sidekey%'",
+    );
+    assert_eq!(tables.trim(), "0", "check-config created tables");
+    assert!(
+        !dir.path().join("data/master.key").exists(),
+        "check-config wrote a key"
+    );
+
+    // A server makes the store under its key; that key passes.
+    let sk = Sidekey::start(opts.clone()).await;
+    let key = std::fs::read(sk.dir.path().join("data/master.key")).unwrap();
+    std::fs::write(dir.path().join("data/master.key"), &key).unwrap();
+    let (code, out, err) = check(dir.path());
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("opens with the configured master key"),
+        "{err}"
+    );
+
+    // Another key: refused, named as the key's fault.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("data")).unwrap();
+    std::fs::write(other.path().join("config.toml"), opts.config_text()).unwrap();
+    std::fs::write(
+        other.path().join("data/master.key"),
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n",
+    )
+    .unwrap();
+    let (code, out, err) = check(other.path());
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("does not match the PostgreSQL store"), "{err}");
+
+    // A second replica given no key (generate_missing on) must not make
+    // one: the database was made under another key, so it refuses with
+    // the fix and leaves no key file behind.
+    let naive = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(naive.path().join("data")).unwrap();
+    std::fs::write(naive.path().join("config.toml"), opts.config_text()).unwrap();
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(support::bin())
+        .args(["serve", "--config", "config.toml"])
+        .current_dir(naive.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("already exists (made by another replica)"),
+        "{err}"
+    );
+    assert!(
+        !naive.path().join("data/master.key").exists(),
+        "a refused replica wrote a key file"
+    );
+    drop(sk);
+
+    // Nobody listening: said plainly, no panic.
+    let gone = opts
+        .config_text()
+        .replace(&db_url, "postgresql://sidekey@127.0.0.1:9/none");
+    std::fs::write(other.path().join("config.toml"), gone).unwrap();
+    let (code, out, err) = check(other.path());
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("cannot use the PostgreSQL database"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -214,3 +214,134 @@ fn names_are_read_from_promql_and_expositions() {
         assert!(e.contains(n), "{n}: {e:?}");
     }
 }
+
+/// `promtool check metrics` on what a scraper gets, in both formats the
+/// server speaks; under CI a missing promtool fails the test.
+fn promtool_checks(exposition: &str) -> Option<String> {
+    use std::io::Write;
+    if Command::new("promtool").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing under CI (Debian: apt-get install prometheus)"
+        );
+        eprintln!("promtool not installed: exposition not checked by promtool here");
+        return None;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({:?}):\n{said}\n--- exposition:\n{exposition}",
+        out.status.code()
+    );
+    Some(said)
+}
+
+#[tokio::test]
+async fn a_fresh_instance_exports_every_dashboard_series_in_prometheus_text_promtool_accepts() {
+    let up = Upstream::start().await;
+    let sk = support::Sidekey::start(Options::with_providers(&format!(
+        "{}{}",
+        provider_toml("custom", &up.url, "inject = \"bearer\""),
+        provider_toml("crm", &up.url, "inject = \"bearer\"")
+    )))
+    .await;
+    // Nothing has happened yet: no call, no refresh, no webhook.
+    let scrape = |accept: Option<&'static str>| {
+        let sk = &sk;
+        async move {
+            let auth = format!("Bearer {}", sk.admin_token);
+            let mut headers = vec![("authorization", auth.as_str())];
+            headers.extend(accept.map(|a| ("accept", a)));
+            support::send(
+                &sk.admin_client,
+                Method::GET,
+                &sk.admin_url("/metrics"),
+                &headers,
+                "",
+            )
+            .await
+        }
+    };
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let r = scrape(accept).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.headers["content-type"], "text/plain; version=0.0.4; charset=utf-8",
+            "{accept:?}"
+        );
+        let t = r.text();
+        assert!(!t.contains("# EOF"), "{t}");
+        promtool_checks(&t);
+        for series in [
+            "sidekey_refresh_total{provider=\"custom\",outcome=\"refreshed\"} 0",
+            "sidekey_refresh_total{provider=\"crm\",outcome=\"failed\"} 0",
+            "sidekey_token_endpoint_calls_total{provider=\"crm\"} 0",
+            "sidekey_upstream_latency_seconds_count{provider=\"custom\"} 0",
+            "sidekey_proxy_requests_total{provider=\"crm\",status=\"200\"} 0",
+            "sidekey_webhooks_total{event=\"post_call\",outcome=\"refused\"} 0",
+            "sidekey_webhooks_total{event=\"conversation_init\",outcome=\"known_caller\"} 0",
+        ] {
+            assert!(t.contains(series), "{series} missing from\n{t}");
+        }
+        // Every series the dashboard and the alerts query exists already.
+        let have = exported(&t);
+        for file in [
+            "deploy/grafana-dashboard.json",
+            "deploy/prometheus-alerts.yml",
+        ] {
+            let text = repo_file(file);
+            let mut s = String::new();
+            let text = match serde_json::from_str::<Value>(&text) {
+                Ok(v) => {
+                    strings(&v, &mut s);
+                    s
+                }
+                Err(_) => text,
+            };
+            let missing: Vec<String> = metric_names(&text)
+                .into_iter()
+                .filter(|n| !have.contains(n))
+                .collect();
+            assert!(missing.is_empty(), "{file}: {missing:?} not in\n{t}");
+        }
+    }
+    // OpenMetrics when the scraper prefers it, as Prometheus does.
+    let r = scrape(Some(
+        "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+    ))
+    .await;
+    assert_eq!(
+        r.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let t = r.text();
+    assert!(t.ends_with("# EOF\n"), "{t}");
+    assert!(t.contains("# TYPE sidekey_refresh counter\n"), "{t}");
+    // A scraper that ranks the text format higher gets it.
+    let r = scrape(Some(
+        "application/openmetrics-text;q=0.2,text/plain;version=0.0.4;q=0.9",
+    ))
+    .await;
+    assert_eq!(
+        r.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+}

@@ -777,10 +777,20 @@ async fn metrics_are_prometheus_text_behind_the_admin_token() {
     .await;
     r.assert_error(401, "unauthorized");
 
-    let r = sk.admin(Method::GET, "/metrics", None).await;
+    // OpenMetrics when asked for (Prometheus' own preference), labelled so.
+    let r = support::send(
+        &sk.admin_client,
+        Method::GET,
+        &sk.admin_url("/metrics"),
+        &[
+            ("authorization", &format!("Bearer {}", sk.admin_token)),
+            ("accept", "application/openmetrics-text; version=1.0.0"),
+        ],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 200);
     let ct = r.headers["content-type"].to_str().unwrap();
-    // prometheus_client writes OpenMetrics text: say so.
     assert_eq!(
         ct, "application/openmetrics-text; version=1.0.0; charset=utf-8",
         "{ct}"

@@ -190,6 +190,20 @@ impl PerThread {
         });
     }
 
+    /// A provider's latency series, and its request count under status
+    /// 200, at zero in this thread's shard (a rate over them reads 0, not
+    /// "No data").
+    fn declare(&self, provider: &Label) {
+        self.with(|s| {
+            s.requests
+                .entry((provider.addr(), 200))
+                .or_insert_with(|| (provider.clone(), 0));
+            s.latency
+                .entry(provider.addr())
+                .or_insert_with(|| (provider.clone(), Latency::default()));
+        });
+    }
+
     /// Whether no shard has counted anything in `which`; a scrape asks
     /// this before it encodes, so it does not sum the shards for it.
     fn nothing_in(&self, which: impl Fn(&Shard) -> bool) -> bool {
@@ -561,7 +575,44 @@ impl Metrics {
             .inc();
     }
 
-    /// Renders the text exposition, after setting the sampled gauges.
+    /// The series a dashboard graphs, at zero from the start for every
+    /// configured provider (a panel that says "No data" reads as broken):
+    /// refresh outcomes, token endpoint calls, upstream latency, and the
+    /// ElevenLabs webhooks.
+    pub fn declare_providers<'a>(&self, providers: impl IntoIterator<Item = &'a Label>) {
+        for p in providers {
+            for outcome in REFRESH_OUTCOMES {
+                let _ = self.refresh.get_or_create(&OutcomeLabels {
+                    provider: p.0.to_string(),
+                    outcome,
+                });
+            }
+            let _ = self.token_calls.get_or_create(&TokenLabels {
+                provider: p.0.to_string(),
+            });
+            self.per_thread.declare(p);
+        }
+        for (event, outcome) in [
+            ("conversation_init", "known_caller"),
+            ("conversation_init", "unknown_caller"),
+            ("conversation_init", "unauthorized"),
+            ("post_call_transcription", "ok"),
+            ("post_call", "refused"),
+        ] {
+            let _ = self.webhooks.get_or_create(&WebhookLabels {
+                event: event.to_owned(),
+                outcome,
+            });
+        }
+    }
+
+    /// Renders the exposition in Prometheus' text format (0.0.4), what a
+    /// scraper gets unless it asks for OpenMetrics.
+    pub fn render_text(&self, s: Sampled) -> String {
+        to_prometheus_text(&self.render(s))
+    }
+
+    /// Renders the OpenMetrics exposition, after setting the sampled gauges.
     pub fn render(&self, s: Sampled) -> String {
         self.sessions_active.set(s.sessions as i64);
         self.credentials.set(s.credentials as i64);
@@ -577,6 +628,67 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Every outcome `refresh` is called with (the help text lists them).
+pub const REFRESH_OUTCOMES: [&str; 6] = [
+    "refreshed",
+    "shared",
+    "cooldown",
+    "failed",
+    "backoff",
+    "reauth_required",
+];
+
+/// Prometheus' text format 0.0.4 from prometheus-client's OpenMetrics.
+/// The two differ in what a checker sees: OpenMetrics names a counter's
+/// family without `_total` in HELP and TYPE (so read as the older format,
+/// the `_total` series has no help and no type), has `# UNIT` and `# EOF`,
+/// and calls an untyped family `unknown`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len() + 256);
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            if let Some(h) = help.replace(rest) {
+                push_line(&mut out, &["# HELP ", h]);
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (suffix, kind) = match kind {
+                "counter" => ("_total", "counter"),
+                "info" => ("_info", "gauge"),
+                "unknown" => ("", "untyped"),
+                k => ("", k),
+            };
+            if let Some(h) = help.take() {
+                let text = match h.split_once(' ') {
+                    Some((n, text)) if n == name => text,
+                    _ => "",
+                };
+                push_line(&mut out, &["# HELP ", name, suffix, " ", text]);
+            }
+            push_line(&mut out, &["# TYPE ", name, suffix, " ", kind]);
+            continue;
+        }
+        if let Some(h) = help.take() {
+            push_line(&mut out, &["# HELP ", h]);
+        }
+        push_line(&mut out, &[line]);
+    }
+    out
+}
+
+fn push_line(out: &mut String, parts: &[&str]) {
+    for p in parts {
+        out.push_str(p);
+    }
+    out.push('\n');
 }
 
 /// The audit writer's state, as `AuditLog::backlog` samples it.
@@ -671,6 +783,59 @@ mod tests {
                     );
                 }
                 _ => assert_eq!(g, w),
+            }
+        }
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_their_total_and_has_no_eof() {
+        let m = Metrics::new();
+        let slack = Label::new("slack");
+        m.declare_providers([&slack]);
+        let om = m.render(Sampled::default());
+        assert!(om.contains("# TYPE sidekey_refresh counter\n"), "{om}");
+        let t = m.render_text(Sampled::default());
+        assert!(!t.contains("# EOF"), "{t}");
+        assert!(!t.contains("# UNIT"), "{t}");
+        assert!(t.contains("# TYPE sidekey_refresh_total counter\n"), "{t}");
+        assert!(
+            t.contains("# HELP sidekey_refresh_total Token refresh outcomes"),
+            "{t}"
+        );
+        // Declared at zero: every refresh outcome, token calls, latency.
+        for outcome in REFRESH_OUTCOMES {
+            let series =
+                format!("sidekey_refresh_total{{provider=\"slack\",outcome=\"{outcome}\"}} 0\n");
+            assert!(t.contains(&series), "{series} in {t}");
+        }
+        assert!(
+            t.contains("sidekey_token_endpoint_calls_total{provider=\"slack\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("sidekey_upstream_latency_seconds_count{provider=\"slack\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("sidekey_webhooks_total{event=\"post_call\",outcome=\"refused\"} 0\n"),
+            "{t}"
+        );
+        // Every sample's family has HELP and TYPE lines before it.
+        let mut typed = std::collections::HashSet::new();
+        let mut helped = std::collections::HashSet::new();
+        for line in t.lines() {
+            if let Some(r) = line.strip_prefix("# TYPE ") {
+                typed.insert(r.split(' ').next().unwrap().to_owned());
+            } else if let Some(r) = line.strip_prefix("# HELP ") {
+                helped.insert(r.split(' ').next().unwrap().to_owned());
+            } else {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{line} has no TYPE in {t}");
+                assert!(helped.contains(family), "{line} has no HELP in {t}");
             }
         }
     }

@@ -73,13 +73,27 @@ pub fn check(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
         Ok(l) => {
             let mut notes = l.notes;
             if cfg.store.backend == sidekey_base::config::StoreBackend::Postgres {
-                // The URL must be readable here; reaching the database is
-                // left to `serve` (check-config stays offline).
-                return match store_location(cfg) {
-                    Ok(_) => {
+                // Reached as `serve` would reach it, and read only: the key
+                // is checked against the store's key check when there is one.
+                let pg = match store_location(cfg) {
+                    Ok(Location::Postgres(pg)) => pg,
+                    Ok(Location::Sled(_)) => unreachable!("a PostgreSQL backend"),
+                    Err(e) => return Err(vec![e.to_string()]),
+                };
+                let checked = on_own_runtime(sidekey_vault::postgres::check_key(&pg, &l.keys))
+                    .map_err(|e| vec![e])?;
+                let from = cfg.store.postgres_url.describe();
+                let id = l.keys.current_id().hex();
+                return match checked {
+                    Ok(sidekey_vault::postgres::PgKeyCheck::Matches) => {
                         notes.push(format!(
-                            "store: PostgreSQL from {} (not contacted by check-config)",
-                            cfg.store.postgres_url.describe()
+                            "store: PostgreSQL from {from} reached; it opens with the configured master key (key id {id})"
+                        ));
+                        Ok(notes)
+                    }
+                    Ok(sidekey_vault::postgres::PgKeyCheck::Fresh) => {
+                        notes.push(format!(
+                            "store: PostgreSQL from {from} reached; it holds no sidekey store yet (the first serve creates one under key id {id})"
                         ));
                         Ok(notes)
                     }
@@ -109,8 +123,22 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
 
     // --- master key ---
     // (A PostgreSQL store is checked against the key when it is opened.)
-    let store_exists = cfg.store.backend == sidekey_base::config::StoreBackend::Sled
-        && sidekey_vault::exists(&cfg.store.path);
+    let store_exists = match cfg.store.backend {
+        StoreBackend::Sled => sidekey_vault::exists(&cfg.store.path),
+        // A replica about to generate a key asks the database first: one
+        // already made under another key would refuse it, and the key
+        // file left behind would only mislead.
+        StoreBackend::Postgres if generate == Gen::Yes && key_file_missing(cfg) => {
+            match postgres_holds_store(cfg) {
+                Ok(held) => held,
+                Err(e) => {
+                    problems.push(e);
+                    return Err(problems);
+                }
+            }
+        }
+        StoreBackend::Postgres => false,
+    };
     let master = load_or_generate(
         &cfg.store.master_key,
         "store.master_key_file",
@@ -131,11 +159,18 @@ fn load_with(cfg: &Config, generate: Gen) -> Result<Loaded, Vec<String>> {
         && matches!(cfg.store.master_key, SecretSource::File(_))
     {
         problems.retain(|p| !p.starts_with("store.master_key_file:"));
-        problems.push(format!(
-            "store.master_key_file: {} is missing but the store at {} exists; a new key could not open it, so none was generated. Restore the key file (or point master_key_file at it)",
-            cfg.store.master_key.describe(),
-            cfg.store.path.display()
-        ));
+        problems.push(match cfg.store.backend {
+            StoreBackend::Sled => format!(
+                "store.master_key_file: {} is missing but the store at {} exists; a new key could not open it, so none was generated. Restore the key file (or point master_key_file at it)",
+                cfg.store.master_key.describe(),
+                cfg.store.path.display()
+            ),
+            StoreBackend::Postgres => format!(
+                "store.master_key_file: {} is missing but the PostgreSQL store from {} already exists (made by another replica); a new key could not open it, so none was generated. Give this replica the key the others use (the same file or store.master_key_env)",
+                cfg.store.master_key.describe(),
+                cfg.store.postgres_url.describe()
+            ),
+        });
     }
     let keys = master.and_then(|m| match MasterKey::parse(&m) {
         Ok(current) => {
@@ -370,6 +405,38 @@ fn optional_if_set(
         return None;
     }
     optional(src, what, endpoint, notes, problems)
+}
+
+/// Whether the master key is a file that does not exist yet (what
+/// `generate_missing` would create).
+fn key_file_missing(cfg: &Config) -> bool {
+    matches!(&cfg.store.master_key, SecretSource::File(p) if !p.exists())
+}
+
+/// Asks the configured PostgreSQL database, read-only, whether it already
+/// holds a sidekey store.
+fn postgres_holds_store(cfg: &Config) -> Result<bool, String> {
+    let Location::Postgres(pg) = store_location(cfg).map_err(|e| e.to_string())? else {
+        return Ok(false);
+    };
+    on_own_runtime(sidekey_vault::postgres::holds_store(&pg))?.map_err(|e| e.message())
+}
+
+/// Runs a start-up check to completion on a runtime of its own, on a
+/// thread of its own: callers may or may not be inside a runtime already
+/// (the binary loads before it starts one; embedders and tests inside).
+fn on_own_runtime<T: Send>(fut: impl std::future::Future<Output = T> + Send) -> Result<T, String> {
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(fut))
+                .map_err(|e| format!("cannot start a runtime: {e}"))
+        })
+        .join()
+        .map_err(|_| "the start-up check failed".to_owned())?
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -36,6 +36,8 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
+    // The body read consumes the request; `/metrics` negotiates on Accept.
+    let headers = req.headers().clone();
     let bytes = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -46,7 +48,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let result = dispatch(app, &method, &segs, query.as_deref(), &bytes).await;
+    let result = dispatch(app, &method, &segs, query.as_deref(), &headers, &bytes).await;
     let resp = result.unwrap_or_else(ApiError::into_response);
     if method != Method::GET && method != Method::HEAD {
         audit_write(app, &method, &path, &segs, resp.status().as_u16(), started);
@@ -95,11 +97,12 @@ async fn dispatch(
     method: &Method,
     segs: &[&str],
     query: Option<&str>,
+    headers: &http::HeaderMap,
     body: &[u8],
 ) -> Result<Response<Body>, ApiError> {
     use Method as M;
     match (method, segs) {
-        (&M::GET, ["metrics"]) => Ok(metrics(app).await),
+        (&M::GET, ["metrics"]) => Ok(metrics(app, headers).await),
         (&M::GET, ["v1", "openapi.json"]) => Ok(body::text(
             StatusCode::OK,
             "application/json",
@@ -178,22 +181,55 @@ async fn dispatch(
     }
 }
 
-/// The OpenMetrics content type: prometheus_client writes OpenMetrics
-/// text (`# EOF`, `_total` on counters), which scrapers misread when it is
-/// labelled as the older Prometheus text format.
+/// The OpenMetrics content type, for scrapers that ask for it.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// OpenMetrics text; also served by the token-less metrics listener.
-pub async fn metrics(app: &Arc<App>) -> Response<Body> {
-    let text = app.metrics.render(sidekey_base::metrics::Sampled {
+/// Prometheus' text format, the default.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// `/metrics` on the admin listener and the token-less metrics listener:
+/// OpenMetrics when the scraper prefers it (Prometheus asks for it first
+/// by default), else Prometheus' text format, which every tool reads.
+pub async fn metrics(app: &Arc<App>, headers: &http::HeaderMap) -> Response<Body> {
+    let sampled = sidekey_base::metrics::Sampled {
         sessions: app.store.session_count().await,
         credentials: app.store.credential_count().await,
         store_bytes: app.store.size_on_disk().await,
         audit: app.audit.backlog(),
         listener_up: app.store.listener_up(),
-    });
-    body::text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text)
+    };
+    if wants_openmetrics(headers) {
+        let text = app.metrics.render(sampled);
+        body::text(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text)
+    } else {
+        let text = app.metrics.render_text(sampled);
+        body::text(StatusCode::OK, PROMETHEUS_TEXT_CONTENT_TYPE, text)
+    }
+}
+
+/// Whether `Accept` ranks OpenMetrics above Prometheus' text format (a
+/// missing `q` is 1; `*/*` alone gets the text format).
+fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
+    let mut open = 0.0f32;
+    let mut text = 0.0f32;
+    for v in headers.get_all(http::header::ACCEPT) {
+        let Ok(v) = v.to_str() else { continue };
+        for range in v.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let kind = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.strip_prefix("q="))
+                .find_map(|q| q.parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match kind.as_str() {
+                "application/openmetrics-text" => open = open.max(q),
+                "text/plain" => text = text.max(q),
+                _ => {}
+            }
+        }
+    }
+    open > 0.0 && open >= text
 }
 
 // ----- credentials ---------------------------------------------------------

@@ -87,6 +87,7 @@ impl App {
             extra_roots,
         );
         let metrics = Arc::new(Metrics::new());
+        metrics.declare_providers(providers.iter().map(|p| &p.metric_label));
         let sessions = SessionAuthority::new(
             loaded.session_keys,
             config.sessions.issuer.clone(),

@@ -834,7 +834,7 @@ async fn route(
         Role::Admin => Box::pin(crate::admin::handle(app, req)).await,
         Role::Agent => route_agent(app, req).await,
         Role::Metrics if path == "/metrics" && req.method() == Method::GET => {
-            Box::pin(crate::admin::metrics(app)).await
+            Box::pin(crate::admin::metrics(app, req.headers())).await
         }
         Role::Metrics => {
             ApiError::NotFound("This listener serves /metrics, /healthz and /readyz only.".into())

@@ -30,8 +30,11 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use super::{Caches, Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
 use sidekey_base::secret::Secret;
 
+mod check;
 mod listener;
 mod target;
+
+pub use check::{PgKeyCheck, check_key, holds_store};
 
 use listener::{listen_forever, listener_name};
 use target::{DEFAULT_APPLICATION_NAME, parse_target};
