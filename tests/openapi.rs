@@ -1013,6 +1013,19 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         ("/connect/assets/style.css", "GET", 200) => {
             c.agent(m, "/connect/assets/style.css", &[], "").await
         }
+        // Any admin operation with an id in its path: a malformed one.
+        (p, _, 400) if p.contains("{user}") || p.contains("{tenant}") => {
+            let p = p
+                .replace("{user}", "a%20b")
+                .replace("{tenant}", "a%20b")
+                .replace("{provider}", "custom");
+            let body = if m == Method::PUT {
+                json!({"access_token": "x"})
+            } else {
+                Value::Null
+            };
+            c.admin(m, &p, body).await
+        }
         _ => return None,
     };
     Some(r)
@@ -1417,6 +1430,38 @@ async fn credential_request_schema_accepts_what_the_server_accepts() {
             described.is_ok(),
             *accepted,
             "description on {body}: {described:?}"
+        );
+    }
+}
+
+/// A 405 from the admin API names the methods the path answers.
+#[tokio::test]
+async fn admin_405_names_the_allowed_methods() {
+    let up = Upstream::start().await;
+    let sk = InProcess::start(Options::with_providers(&support::provider_toml(
+        "custom",
+        &up.url,
+        "inject = \"bearer\"",
+    )))
+    .await;
+    for (method, path, allow) in [
+        (Method::TRACE, "/v1/users", "GET"),
+        (Method::PATCH, "/v1/users/alice", "GET, PUT, DELETE"),
+        (
+            Method::POST,
+            "/v1/users/alice/credentials/custom",
+            "GET, PUT, DELETE",
+        ),
+        (Method::GET, "/v1/sessions", "POST"),
+        (Method::PUT, "/v1/sessions/abc", "GET, DELETE"),
+        (Method::DELETE, "/v1/audit", "GET"),
+    ] {
+        let r = sk.admin(method.clone(), path, None).await;
+        r.assert_error(405, "method_not_allowed");
+        assert_eq!(
+            r.headers.get("allow").and_then(|v| v.to_str().ok()),
+            Some(allow),
+            "{method} {path}"
         );
     }
 }

@@ -49,11 +49,48 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let result = dispatch(app, &method, &segs, query.as_deref(), &headers, &bytes).await;
-    let resp = result.unwrap_or_else(ApiError::into_response);
+    let resp = match result {
+        Ok(r) => r,
+        Err(e @ ApiError::MethodNotAllowed) => {
+            let mut r = e.into_response();
+            if let Some(allow) = allowed(&segs) {
+                r.headers_mut()
+                    .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+            }
+            r
+        }
+        Err(e) => e.into_response(),
+    };
     if method != Method::GET && method != Method::HEAD {
         audit_write(app, &method, &path, &segs, resp.status().as_u16(), started);
     }
     resp
+}
+
+/// The methods an admin path answers: a 405 names them in `Allow`
+/// (RFC 9110 section 15.5.6), so a client sees what it should have sent.
+fn allowed(segs: &[&str]) -> Option<&'static str> {
+    Some(match segs {
+        ["metrics"]
+        | ["v1", "openapi.json"]
+        | ["v1", "audit"]
+        | ["v1", "elevenlabs", "tools"]
+        | ["v1", "vapi", "tools"]
+        | ["v1", "retell", "tools"]
+        | ["v1", "users"]
+        | ["v1", "users", _, "credentials"]
+        | ["v1", "tenants", _, "credentials"] => "GET",
+        ["v1", "users", _, "oauth", _, "start"]
+        | ["v1", "users", _, "connect"]
+        | ["v1", "users", _, "connect", "confirm"]
+        | ["v1", "sessions"]
+        | ["v1", "admin", "backup"] => "POST",
+        ["v1", "users", _]
+        | ["v1", "users", _, "credentials", _]
+        | ["v1", "tenants", _, "credentials", _] => "GET, PUT, DELETE",
+        ["v1", "sessions", _] => "GET, DELETE",
+        _ => return None,
+    })
 }
 
 fn authorized(app: &App, headers: &http::HeaderMap) -> bool {
@@ -772,7 +809,7 @@ async fn audit(app: &Arc<App>, query: Option<&str>) -> Result<Response<Body>, Ap
     let mut limit = 100usize;
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*k {
-            "user" if !v.is_empty() => user = Some(v.into_owned()),
+            "user" if !v.is_empty() => user = Some(id(&v, "user id")?.to_owned()),
             "limit" => {
                 limit = v
                     .parse::<usize>()
