@@ -5,6 +5,10 @@
 //! lock. Each shard has an epoch bumped by every write; a reader that loaded
 //! from disk before a write cannot put its now-stale copy back. Entries hold
 //! `Arc<V>`: a credential's secrets are zeroized when the last user drops it.
+//!
+//! [`Caches`] holds the store's caches together with what keeps them true:
+//! the PostgreSQL listener evicts on other replicas' writes and turns
+//! caching off while it cannot hear them.
 
 use sidekey_base::sync::lock;
 use std::hash::BuildHasher;
@@ -17,8 +21,11 @@ use foldhash::fast::RandomState;
 // A table that takes the hash from the caller: one hash per lookup picks
 // the shard (top bits) and the slot, where a map would hash the key again.
 use hashbrown::HashTable;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::{CredentialCache, SessionRecord, Tree, UserProfile};
 
 const SHARDS: usize = 32;
 
@@ -140,6 +147,77 @@ impl<V> Cache<V> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The memory caches, shared with the backend that keeps them true: the
+/// PostgreSQL listener evicts on other replicas' writes and turns caching
+/// off while it cannot hear them.
+pub struct Caches {
+    pub credentials: CredentialCache,
+    /// Session records by id: every proxied call reads one. Invalidated by
+    /// every session write, so revocation is still immediate.
+    pub sessions: Cache<SessionRecord>,
+    /// User profiles, for JWT bearer subjects read on every call of such a
+    /// provider. Invalidated by every profile write.
+    pub users: Cache<UserProfile>,
+    /// Whether the caches may answer: always on sled; on PostgreSQL only
+    /// while the change listener is connected and its heartbeat on time.
+    /// One atomic load on every cached read.
+    live: AtomicBool,
+    /// Woken by every change another replica announces (refresh waiters).
+    pub changed: tokio::sync::Notify,
+}
+
+impl Caches {
+    /// Each cache holds at most `max_entries` for at most `ttl`.
+    pub(crate) fn new(ttl: Duration, max_entries: usize, live: bool) -> Caches {
+        Caches {
+            credentials: CredentialCache::new(ttl, max_entries),
+            sessions: Cache::new(ttl, max_entries),
+            users: Cache::new(ttl, max_entries),
+            live: AtomicBool::new(live),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    pub fn set_live(&self, v: bool) {
+        self.live.store(v, Ordering::Release);
+    }
+
+    pub fn clear_all(&self) {
+        self.credentials.clear();
+        self.sessions.clear();
+        self.users.clear();
+        self.changed.notify_waiters();
+    }
+
+    /// A change notification: `<ns>:<hex key>` or `claim:<key>`.
+    pub fn on_change(&self, payload: &str) {
+        if let Some((ns, hex)) = payload.split_once(':') {
+            let key = decode_hex(hex).map(|k| String::from_utf8_lossy(&k).into_owned());
+            match (ns.parse().ok().and_then(Tree::from_ns), key) {
+                (Some(Tree::Credentials), Some(k)) => self.credentials.invalidate(&k),
+                (Some(Tree::Sessions), Some(k)) => self.sessions.invalidate(&k),
+                (Some(Tree::Users), Some(k)) => self.users.invalidate(&k),
+                _ => {}
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -47,7 +47,8 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::{Backend, Credential, Store, StoreError, Tree};
+use crate::backend::Backend;
+use crate::{Credential, Store, StoreError, Tree};
 
 /// One connect link.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -132,7 +133,7 @@ impl Store {
     ) -> Result<TicketClaim, StoreError> {
         let k = id.as_bytes();
         loop {
-            let Some(raw) = on_backend!(self, b => b.get(Tree::Tickets, k).await)? else {
+            let Some(raw) = self.backend.get(Tree::Tickets, k).await? else {
                 return Ok(TicketClaim::Unknown);
             };
             let Ok((mut rec, _)) = self.decode::<ConnectTicket>(Tree::Tickets, k, &raw) else {
@@ -148,7 +149,11 @@ impl Store {
             }
             rec.browser = Some(browser.to_owned());
             let new = self.seal_json(Tree::Tickets, k, &rec);
-            if on_backend!(self, b => b.cas(Tree::Tickets, k, Some(&raw), Some(&new)).await)? {
+            if self
+                .backend
+                .cas(Tree::Tickets, k, Some(&raw), Some(&new))
+                .await?
+            {
                 return Ok(TicketClaim::Claimed(rec));
             }
         }
@@ -188,7 +193,7 @@ impl Store {
         id: &str,
     ) -> Result<Option<PendingCredential>, StoreError> {
         let k = id.as_bytes();
-        let Some(raw) = on_backend!(self, b => b.remove(Tree::PendingConnect, k).await)? else {
+        let Some(raw) = self.backend.remove(Tree::PendingConnect, k).await? else {
             return Ok(None);
         };
         Ok(self

@@ -17,17 +17,18 @@
 //!   only once its lease has lapsed on the database clock: never because
 //!   its owner's connections went away, which a dropped connection does as
 //!   well as a dead process. Writes made under a claim are fenced: they
-//!   land only while the claim's fence is still the one granted;
+//!   land only while the claim's fence is still the one granted (module
+//!   `claims`);
 //! - every call bounded by a timeout, and every failure to reach the
 //!   database reported as [`StoreError::Unavailable`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
-use super::{Caches, Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
+use crate::backend::Backend;
+use crate::{Caches, Op, OpenError, StoreError, Tree};
 use sidekey_base::secret::Secret;
 
 mod check;
@@ -128,6 +129,8 @@ macro_rules! conn {
     };
 }
 
+mod claims;
+
 impl PgBackend {
     /// Connects, applies the schema, and starts the change listener.
     /// Failing to connect or log in here is a configuration problem.
@@ -205,298 +208,6 @@ impl PgBackend {
         }
     }
 
-    pub async fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached("SELECT v FROM sidekey_kv WHERE ns = $1 AND k = $2")
-                .await
-                .map_err(pg)?;
-            let row = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
-            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
-        })
-        .await
-    }
-
-    pub async fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
-                     ON CONFLICT (ns, k) DO UPDATE SET v = EXCLUDED.v",
-                )
-                .await
-                .map_err(pg)?;
-            c.execute(&st, &[&t.ns(), &k, &v]).await.map_err(pg)?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn remove(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2 RETURNING v")
-                .await
-                .map_err(pg)?;
-            let row = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
-            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
-        })
-        .await
-    }
-
-    /// Compare-and-swap on the sealed bytes: every seal has a fresh nonce,
-    /// so equal bytes mean the record was not rewritten meanwhile.
-    pub async fn cas(
-        &self,
-        t: Tree,
-        k: &[u8],
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let n = match (old, new) {
-                (None, Some(new)) => {
-                    let st = c
-                        .prepare_cached(
-                            "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
-                             ON CONFLICT (ns, k) DO NOTHING",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.execute(&st, &[&t.ns(), &k, &new]).await.map_err(pg)?
-                }
-                (Some(old), Some(new)) => {
-                    let st = c
-                        .prepare_cached(
-                            "UPDATE sidekey_kv SET v = $4 WHERE ns = $1 AND k = $2 AND v = $3",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.execute(&st, &[&t.ns(), &k, &old, &new])
-                        .await
-                        .map_err(pg)?
-                }
-                (Some(old), None) => {
-                    let st = c
-                        .prepare_cached(
-                            "DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2 AND v = $3",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.execute(&st, &[&t.ns(), &k, &old]).await.map_err(pg)?
-                }
-                (None, None) => {
-                    let st = c
-                        .prepare_cached("SELECT 1 FROM sidekey_kv WHERE ns = $1 AND k = $2")
-                        .await
-                        .map_err(pg)?;
-                    let exists = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
-                    u64::from(exists.is_none())
-                }
-            };
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    /// Several writes in one transaction.
-    pub async fn batch(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        self.timed(async {
-            let mut c = conn!(self);
-            let tx = c.transaction().await.map_err(pg)?;
-            let put = tx
-                .prepare_cached(
-                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
-                     ON CONFLICT (ns, k) DO UPDATE SET v = EXCLUDED.v",
-                )
-                .await
-                .map_err(pg)?;
-            let del = tx
-                .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2")
-                .await
-                .map_err(pg)?;
-            let insert = tx
-                .prepare_cached(
-                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
-                     ON CONFLICT (ns, k) DO NOTHING",
-                )
-                .await
-                .map_err(pg)?;
-            for op in &ops {
-                match op {
-                    Op::Put(t, k, v) => {
-                        tx.execute(&put, &[&t.ns(), k, v]).await.map_err(pg)?;
-                    }
-                    Op::Insert(t, k, v) => {
-                        tx.execute(&insert, &[&t.ns(), k, v]).await.map_err(pg)?;
-                    }
-                    Op::Remove(t, k) => {
-                        tx.execute(&del, &[&t.ns(), k]).await.map_err(pg)?;
-                    }
-                }
-            }
-            tx.commit().await.map_err(pg)?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn scan_prefix(
-        &self,
-        t: Tree,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let rows = match prefix_end(prefix) {
-                Some(end) => {
-                    let st = c
-                        .prepare_cached(
-                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k >= $2 AND k < $3 ORDER BY k",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.query(&st, &[&t.ns(), &prefix, &end]).await.map_err(pg)?
-                }
-                None => {
-                    let st = c
-                        .prepare_cached(
-                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k >= $2 ORDER BY k",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.query(&st, &[&t.ns(), &prefix]).await.map_err(pg)?
-                }
-            };
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-        .await
-    }
-
-    pub async fn page(
-        &self,
-        t: Tree,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k > $2 ORDER BY k LIMIT $3",
-                )
-                .await
-                .map_err(pg)?;
-            let after = after.unwrap_or(&[]);
-            let rows = c
-                .query(&st, &[&t.ns(), &after, &(limit as i64)])
-                .await
-                .map_err(pg)?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-        .await
-    }
-
-    pub async fn page_rev(
-        &self,
-        t: Tree,
-        before: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let rows = match before {
-                Some(b) => {
-                    let st = c
-                        .prepare_cached(
-                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k < $2 ORDER BY k DESC LIMIT $3",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.query(&st, &[&t.ns(), &b, &(limit as i64)])
-                        .await
-                        .map_err(pg)?
-                }
-                None => {
-                    let st = c
-                        .prepare_cached(
-                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 ORDER BY k DESC LIMIT $2",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.query(&st, &[&t.ns(), &(limit as i64)])
-                        .await
-                        .map_err(pg)?
-                }
-            };
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })
-        .await
-    }
-
-    pub async fn keys_before(
-        &self,
-        t: Tree,
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "SELECT k FROM sidekey_kv WHERE ns = $1 AND k < $2 ORDER BY k LIMIT $3",
-                )
-                .await
-                .map_err(pg)?;
-            let rows = c
-                .query(&st, &[&t.ns(), &end, &(limit as i64)])
-                .await
-                .map_err(pg)?;
-            Ok(rows.into_iter().map(|r| r.get(0)).collect())
-        })
-        .await
-    }
-
-    pub async fn count(&self, t: Tree) -> Result<usize, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached("SELECT count(*) FROM sidekey_kv WHERE ns = $1")
-                .await
-                .map_err(pg)?;
-            let n: i64 = c.query_one(&st, &[&t.ns()]).await.map_err(pg)?.get(0);
-            Ok(n.max(0) as usize)
-        })
-        .await
-    }
-
-    /// `n` fresh ids in one round trip, ascending.
-    pub async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "SELECT nextval('sidekey_ids') FROM generate_series(1::bigint, $1::bigint)",
-                )
-                .await
-                .map_err(pg)?;
-            let mut ids: Vec<u64> = c
-                .query(&st, &[&(n as i64)])
-                .await
-                .map_err(pg)?
-                .into_iter()
-                .map(|r| r.get::<_, i64>(0).max(0) as u64)
-                .collect();
-            ids.sort_unstable();
-            Ok(ids)
-        })
-        .await
-    }
-
     /// Deletes the oldest whole audit batches that together hold at most
     /// `excess` records, in one statement, and returns how many records
     /// they held. One commit instead of one per batch: at saturation the
@@ -567,11 +278,6 @@ impl PgBackend {
         .await
     }
 
-    /// Every statement commits before it returns: nothing to flush.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-
     /// Whether a query goes through now (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.timed(async {
@@ -580,7 +286,7 @@ impl PgBackend {
             Ok(())
         })
         .await?;
-        if !self.caches.live.load(Ordering::Acquire) {
+        if !self.caches.is_live() {
             return Err(StoreError::Unavailable(
                 "the change listener is reconnecting, or its heartbeat is late".into(),
             ));
@@ -621,9 +327,308 @@ impl PgBackend {
         })
         .await
     }
+}
+
+impl Backend for PgBackend {
+    async fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("SELECT v FROM sidekey_kv WHERE ns = $1 AND k = $2")
+                .await
+                .map_err(pg)?;
+            let row = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+        .await
+    }
+
+    async fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                     ON CONFLICT (ns, k) DO UPDATE SET v = EXCLUDED.v",
+                )
+                .await
+                .map_err(pg)?;
+            c.execute(&st, &[&t.ns(), &k, &v]).await.map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2 RETURNING v")
+                .await
+                .map_err(pg)?;
+            let row = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
+            Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        })
+        .await
+    }
+
+    /// Compare-and-swap on the sealed bytes: every seal has a fresh nonce,
+    /// so equal bytes mean the record was not rewritten meanwhile.
+    async fn cas(
+        &self,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let n = match (old, new) {
+                (None, Some(new)) => {
+                    let st = c
+                        .prepare_cached(
+                            "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                             ON CONFLICT (ns, k) DO NOTHING",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.execute(&st, &[&t.ns(), &k, &new]).await.map_err(pg)?
+                }
+                (Some(old), Some(new)) => {
+                    let st = c
+                        .prepare_cached(
+                            "UPDATE sidekey_kv SET v = $4 WHERE ns = $1 AND k = $2 AND v = $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.execute(&st, &[&t.ns(), &k, &old, &new])
+                        .await
+                        .map_err(pg)?
+                }
+                (Some(old), None) => {
+                    let st = c
+                        .prepare_cached(
+                            "DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2 AND v = $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.execute(&st, &[&t.ns(), &k, &old]).await.map_err(pg)?
+                }
+                (None, None) => {
+                    let st = c
+                        .prepare_cached("SELECT 1 FROM sidekey_kv WHERE ns = $1 AND k = $2")
+                        .await
+                        .map_err(pg)?;
+                    let exists = c.query_opt(&st, &[&t.ns(), &k]).await.map_err(pg)?;
+                    u64::from(exists.is_none())
+                }
+            };
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Several writes in one transaction.
+    async fn batch(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        self.timed(async {
+            let mut c = conn!(self);
+            let tx = c.transaction().await.map_err(pg)?;
+            let put = tx
+                .prepare_cached(
+                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                     ON CONFLICT (ns, k) DO UPDATE SET v = EXCLUDED.v",
+                )
+                .await
+                .map_err(pg)?;
+            let del = tx
+                .prepare_cached("DELETE FROM sidekey_kv WHERE ns = $1 AND k = $2")
+                .await
+                .map_err(pg)?;
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO sidekey_kv (ns, k, v) VALUES ($1, $2, $3) \
+                     ON CONFLICT (ns, k) DO NOTHING",
+                )
+                .await
+                .map_err(pg)?;
+            for op in &ops {
+                match op {
+                    Op::Put(t, k, v) => {
+                        tx.execute(&put, &[&t.ns(), k, v]).await.map_err(pg)?;
+                    }
+                    Op::Insert(t, k, v) => {
+                        tx.execute(&insert, &[&t.ns(), k, v]).await.map_err(pg)?;
+                    }
+                    Op::Remove(t, k) => {
+                        tx.execute(&del, &[&t.ns(), k]).await.map_err(pg)?;
+                    }
+                }
+            }
+            tx.commit().await.map_err(pg)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn scan_prefix(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let rows = match prefix_end(prefix) {
+                Some(end) => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k >= $2 AND k < $3 ORDER BY k",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &prefix, &end]).await.map_err(pg)?
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k >= $2 ORDER BY k",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &prefix]).await.map_err(pg)?
+                }
+            };
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    async fn page(
+        &self,
+        t: Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k > $2 ORDER BY k LIMIT $3",
+                )
+                .await
+                .map_err(pg)?;
+            let after = after.unwrap_or(&[]);
+            let rows = c
+                .query(&st, &[&t.ns(), &after, &(limit as i64)])
+                .await
+                .map_err(pg)?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    async fn page_rev(
+        &self,
+        t: Tree,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let rows = match before {
+                Some(b) => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 AND k < $2 ORDER BY k DESC LIMIT $3",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &b, &(limit as i64)])
+                        .await
+                        .map_err(pg)?
+                }
+                None => {
+                    let st = c
+                        .prepare_cached(
+                            "SELECT k, v FROM sidekey_kv WHERE ns = $1 ORDER BY k DESC LIMIT $2",
+                        )
+                        .await
+                        .map_err(pg)?;
+                    c.query(&st, &[&t.ns(), &(limit as i64)])
+                        .await
+                        .map_err(pg)?
+                }
+            };
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+        .await
+    }
+
+    async fn keys_before(
+        &self,
+        t: Tree,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "SELECT k FROM sidekey_kv WHERE ns = $1 AND k < $2 ORDER BY k LIMIT $3",
+                )
+                .await
+                .map_err(pg)?;
+            let rows = c
+                .query(&st, &[&t.ns(), &end, &(limit as i64)])
+                .await
+                .map_err(pg)?;
+            Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        })
+        .await
+    }
+
+    async fn count(&self, t: Tree) -> Result<usize, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached("SELECT count(*) FROM sidekey_kv WHERE ns = $1")
+                .await
+                .map_err(pg)?;
+            let n: i64 = c.query_one(&st, &[&t.ns()]).await.map_err(pg)?.get(0);
+            Ok(n.max(0) as usize)
+        })
+        .await
+    }
+
+    /// `n` fresh ids in one round trip, ascending.
+    async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
+        self.timed(async {
+            let c = conn!(self);
+            let st = c
+                .prepare_cached(
+                    "SELECT nextval('sidekey_ids') FROM generate_series(1::bigint, $1::bigint)",
+                )
+                .await
+                .map_err(pg)?;
+            let mut ids: Vec<u64> = c
+                .query(&st, &[&(n as i64)])
+                .await
+                .map_err(pg)?
+                .into_iter()
+                .map(|r| r.get::<_, i64>(0).max(0) as u64)
+                .collect();
+            ids.sort_unstable();
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Every statement commits before it returns: nothing to flush.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Bytes of the store table, its indexes and TOAST.
-    pub async fn size(&self) -> Result<u64, StoreError> {
+    async fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.timed(async {
             let c = conn!(self);
             let n: i64 = c
@@ -635,273 +640,6 @@ impl PgBackend {
         })
         .await
     }
-
-    /// Takes the claim unless another process holds an unexpired one or a
-    /// back-off is running. Lease expiry is on the database's clock, so
-    /// replicas' clocks do not matter. Whether the holder's connections
-    /// are still there is not asked: a connection cut by a pooler, a
-    /// failover or `pg_terminate_backend` looks just like a dead process,
-    /// and taking over from a live holder would send its refresh token a
-    /// second time.
-    pub async fn claim(
-        &self,
-        key: &str,
-        lease: Duration,
-        now_ms: i64,
-    ) -> Result<ClaimOutcome, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "INSERT INTO sidekey_claims AS c (k, owner, fence, lease_until) \
-                     VALUES ($1, $2, 1, clock_timestamp() + $3 * interval '1 millisecond') \
-                     ON CONFLICT (k) DO UPDATE SET owner = EXCLUDED.owner, fence = c.fence + 1, \
-                       lease_until = EXCLUDED.lease_until \
-                     WHERE (c.lease_until IS NULL OR c.lease_until < clock_timestamp()) \
-                       AND (c.backoff_until_ms IS NULL OR c.backoff_until_ms <= $4) \
-                     RETURNING fence",
-                )
-                .await
-                .map_err(pg)?;
-            let lease_ms = lease.as_millis() as f64;
-            if let Some(row) = c
-                .query_opt(&st, &[&key, &self.owner, &lease_ms, &now_ms])
-                .await
-                .map_err(pg)?
-            {
-                return Ok(ClaimOutcome::Granted(Claim {
-                    key: key.to_owned(),
-                    fence: row.get(0),
-                }));
-            }
-            let st = c
-                .prepare_cached("SELECT backoff_until_ms - $2 FROM sidekey_claims WHERE k = $1")
-                .await
-                .map_err(pg)?;
-            let left: Option<i64> = c
-                .query_opt(&st, &[&key, &now_ms])
-                .await
-                .map_err(pg)?
-                .and_then(|r| r.get(0));
-            Ok(match left {
-                Some(ms) if ms > 0 => ClaimOutcome::BackingOff(Duration::from_millis(ms as u64)),
-                _ => ClaimOutcome::Held,
-            })
-        })
-        .await
-    }
-
-    /// Ends a claim (only if still ours, by fence, and not yet ended: a
-    /// release repeated after a lost answer does not count a failure
-    /// twice). `failed`: `Some(true)` starts or extends the shared
-    /// back-off, `Some(false)` clears it.
-    pub async fn release(
-        &self,
-        claim: &Claim,
-        failed: Option<bool>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let sql = match failed {
-                // The delay after the n-th failure in a row is the n-th of
-                // `backoff_steps` (the last one repeats): the schedule is
-                // `backoff_delay`'s, written once.
-                Some(true) => {
-                    "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
-                       failures = failures + 1, \
-                       backoff_until_ms = $3::bigint \
-                         + ($4::bigint[])[least(failures + 1, cardinality($4::bigint[]))] \
-                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
-                     SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
-                }
-                Some(false) => {
-                    "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL, \
-                       failures = 0, backoff_until_ms = NULL \
-                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
-                     SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
-                }
-                None => {
-                    "WITH u AS (UPDATE sidekey_claims SET owner = NULL, lease_until = NULL \
-                     WHERE k = $1 AND fence = $2 AND owner IS NOT NULL RETURNING k) \
-                     SELECT pg_notify('sidekey', 'claim:' || k) FROM u"
-                }
-            };
-            let st = c.prepare_cached(sql).await.map_err(pg)?;
-            // Only a failure's back-off needs sidekey's clock.
-            if failed == Some(true) {
-                let steps = backoff_steps();
-                c.query(&st, &[&claim.key, &claim.fence, &now_ms, &steps])
-                    .await
-            } else {
-                c.query(&st, &[&claim.key, &claim.fence]).await
-            }
-            .map_err(pg)?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Extends a claim's lease to `lease` from now (database clock), if it
-    /// is still ours. `false`: another process holds it now.
-    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "UPDATE sidekey_claims \
-                     SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
-                     WHERE k = $1 AND fence = $2 RETURNING 1",
-                )
-                .await
-                .map_err(pg)?;
-            let lease_ms = lease.as_millis() as f64;
-            let row = c
-                .query_opt(&st, &[&claim.key, &claim.fence, &lease_ms])
-                .await
-                .map_err(pg)?;
-            Ok(row.is_some())
-        })
-        .await
-    }
-
-    /// Renews the claim only if it is still ours and record `(t, k)` still
-    /// holds exactly `expected` (`None`: is absent), in one statement. A
-    /// takeover that raced this one waits on the claim row's lock and then
-    /// finds the lease running, or this one finds the fence moved.
-    pub async fn confirm(
-        &self,
-        claim: &Claim,
-        lease: Duration,
-        t: Tree,
-        k: &[u8],
-        expected: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "UPDATE sidekey_claims \
-                     SET lease_until = clock_timestamp() + $3 * interval '1 millisecond' \
-                     WHERE k = $1 AND fence = $2 \
-                       AND CASE WHEN $6::bytea IS NULL \
-                         THEN NOT EXISTS (SELECT 1 FROM sidekey_kv WHERE ns = $4 AND k = $5) \
-                         ELSE EXISTS (SELECT 1 FROM sidekey_kv WHERE ns = $4 AND k = $5 AND v = $6) \
-                       END \
-                     RETURNING 1",
-                )
-                .await
-                .map_err(pg)?;
-            let lease_ms = lease.as_millis() as f64;
-            let row = c
-                .query_opt(
-                    &st,
-                    &[&claim.key, &claim.fence, &lease_ms, &t.ns(), &k, &expected],
-                )
-                .await
-                .map_err(pg)?;
-            Ok(row.is_some())
-        })
-        .await
-    }
-
-    /// Compare-and-swap on the sealed bytes of `(t, k)` (`old` `None`:
-    /// insert if absent) that lands only while `claim`'s fence is current,
-    /// in one statement (it is what stands between a provider's answer and
-    /// its commit). The claim row is locked (`FOR SHARE`) until that
-    /// statement commits: a replica taking the claim over waits for this
-    /// write and then reads it, or has already moved the fence and this
-    /// write does not happen.
-    pub async fn cas_fenced(
-        &self,
-        claim: &Claim,
-        t: Tree,
-        k: &[u8],
-        old: Option<&[u8]>,
-        new: &[u8],
-    ) -> Result<Fenced, StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let rows = match old {
-                Some(old) => {
-                    let st = c
-                        .prepare_cached(
-                            "WITH f AS (SELECT fence FROM sidekey_claims WHERE k = $5 FOR SHARE) \
-                             UPDATE sidekey_kv SET v = $4 \
-                             WHERE ns = $1 AND k = $2 AND v = $3 AND $6 = (SELECT fence FROM f) \
-                             RETURNING 1",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.query(&st, &[&t.ns(), &k, &old, &new, &claim.key, &claim.fence])
-                        .await
-                        .map_err(pg)?
-                }
-                None => {
-                    let st = c
-                        .prepare_cached(
-                            "WITH f AS (SELECT fence FROM sidekey_claims WHERE k = $4 FOR SHARE) \
-                             INSERT INTO sidekey_kv (ns, k, v) \
-                             SELECT $1, $2, $3 WHERE $5 = (SELECT fence FROM f) \
-                             ON CONFLICT (ns, k) DO NOTHING RETURNING 1",
-                        )
-                        .await
-                        .map_err(pg)?;
-                    c.query(&st, &[&t.ns(), &k, &new, &claim.key, &claim.fence])
-                        .await
-                        .map_err(pg)?
-                }
-            };
-            if !rows.is_empty() {
-                return Ok(Fenced::Written);
-            }
-            // Nothing written: say why (only on this rare path).
-            let st = c
-                .prepare_cached("SELECT fence FROM sidekey_claims WHERE k = $1")
-                .await
-                .map_err(pg)?;
-            let fence: Option<i64> = c
-                .query_opt(&st, &[&claim.key])
-                .await
-                .map_err(pg)?
-                .map(|r| r.get(0));
-            Ok(if fence == Some(claim.fence) {
-                Fenced::Moved
-            } else {
-                Fenced::Lost
-            })
-        })
-        .await
-    }
-
-    pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
-        self.timed(async {
-            let c = conn!(self);
-            let st = c
-                .prepare_cached(
-                    "UPDATE sidekey_claims SET failures = 0, backoff_until_ms = NULL WHERE k = $1",
-                )
-                .await
-                .map_err(pg)?;
-            c.execute(&st, &[&key]).await.map_err(pg)?;
-            Ok(())
-        })
-        .await
-    }
-}
-
-/// [`super::backoff_delay`] after 1, 2, … failures, up to the first that
-/// reaches its cap (that one repeats after it).
-fn backoff_steps() -> Vec<i64> {
-    let mut steps = Vec::new();
-    for n in 1u32.. {
-        let d = super::backoff_delay(n);
-        steps.push(d.as_millis() as i64);
-        if d == super::backoff_delay(n + 1) {
-            break;
-        }
-    }
-    steps
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Claim, ClaimOutcome, Fenced, Op, OpenError, StoreError, Tree};
+use crate::backend::{Backend, Claim, ClaimOutcome, Claims, Fenced};
+use crate::{Op, OpenError, StoreError, Tree};
 
 /// Re-seals the kept part of an audit batch: `(key, sealed, excess)` →
 /// the new `(key, sealed)`, or `None` when nothing is kept.
@@ -113,149 +114,15 @@ impl SledBackend {
         &self.path
     }
 
-    pub async fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.t(t).get(k)?.map(|v| v.to_vec()))
-    }
-
-    pub async fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
-        self.t(t).insert(k, v)?;
-        Ok(())
-    }
-
-    pub async fn remove(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.t(t).remove(k)?.map(|v| v.to_vec()))
-    }
-
-    pub async fn cas(
-        &self,
-        t: Tree,
-        k: &[u8],
-        old: Option<&[u8]>,
-        new: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        Ok(self.t(t).compare_and_swap(k, old, new)?.is_ok())
-    }
-
-    pub async fn batch(&self, ops: Vec<Op>) -> Result<(), StoreError> {
-        for op in ops {
-            match op {
-                Op::Put(t, k, v) => {
-                    self.t(t).insert(k, v)?;
-                }
-                Op::Insert(t, k, v) => {
-                    let _ = self.t(t).compare_and_swap(k, None::<&[u8]>, Some(v))?;
-                }
-                Op::Remove(t, k) => {
-                    self.t(t).remove(k)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    pub async fn scan_prefix(
-        &self,
-        t: Tree,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.t(t).scan_prefix(prefix) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// Keys after `after` (exclusive) in order, at most `limit`: paging.
-    pub async fn page(
-        &self,
-        t: Tree,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let iter = match after {
-            Some(a) => self
-                .t(t)
-                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
-            None => self.t(t).iter(),
-        };
-        let mut out = Vec::new();
-        for item in iter.take(limit) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// Keys before `before` (exclusive) from the newest down, at most `limit`.
-    pub async fn page_rev(
-        &self,
-        t: Tree,
-        before: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let iter = match before {
-            Some(b) => self.t(t).range::<&[u8], _>(..b),
-            None => self.t(t).iter(),
-        };
-        let mut out = Vec::new();
-        for item in iter.rev().take(limit) {
-            let (k, v) = item?;
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// Keys lower than `end`, for expiry indexes.
-    pub async fn keys_before(
-        &self,
-        t: Tree,
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut out = Vec::new();
-        for k in self.t(t).range(..end).keys().take(limit) {
-            out.push(k?.to_vec());
-        }
-        Ok(out)
-    }
-
-    pub async fn count(&self, t: Tree) -> Result<usize, StoreError> {
-        Ok(self.t(t).len())
-    }
-
-    /// `n` fresh ids, ascending.
-    pub async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
-        (0..n).map(|_| Ok(self.db.generate_id()?)).collect()
-    }
-
-    /// Makes every write so far durable.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        // Not sled's `flush_async`: in sled 0.34 concurrent calls park every
-        // sled I/O thread waiting for a log write that needs one of those
-        // same threads, and the whole store hangs (spacejam/sled#1308; ~8
-        // concurrent admin writes were enough here). A blocking flush on
-        // tokio's blocking pool waits without holding a sled I/O thread.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|_| StoreError::Io("store flush task failed".into()))??;
-        Ok(())
-    }
-
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
     }
 
-    pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
-    }
-
     /// Appends sealed audit batches (`(key, sealed, records)`) and trims the
     /// oldest whole batches beyond `max_records`; `trim_partial` re-seals
     /// the kept part of a batch that straddles the limit.
-    pub async fn append_audit(
+    pub async fn append_audit_and_trim(
         &self,
         batches: Vec<(Vec<u8>, Vec<u8>, usize)>,
         max_records: usize,
@@ -268,7 +135,7 @@ impl SledBackend {
             None => {
                 let mut n = 0;
                 for k in tree.iter().keys() {
-                    n += super::audit_key_count(&k?);
+                    n += crate::tree::audit_key_count(&k?);
                 }
                 n
             }
@@ -284,7 +151,7 @@ impl SledBackend {
                     len = 0;
                     break;
                 };
-                let n = super::audit_key_count(&k);
+                let n = crate::tree::audit_key_count(&k);
                 let excess = len - max_records;
                 if n <= excess {
                     tree.remove(&k)?;
@@ -295,7 +162,7 @@ impl SledBackend {
                     tree.remove(&k)?;
                     len -= n;
                     if let Some((nk, nv)) = trim_partial(&k, &v, excess) {
-                        len += super::audit_key_count(&nk);
+                        len += crate::tree::audit_key_count(&nk);
                         tree.insert(nk, nv)?;
                     }
                 }
@@ -304,124 +171,6 @@ impl SledBackend {
         })();
         *count = Some(len);
         result
-    }
-
-    pub async fn claim(
-        &self,
-        key: &str,
-        lease: Duration,
-        now_ms: i64,
-    ) -> Result<ClaimOutcome, StoreError> {
-        let mut m = sidekey_base::sync::lock(&self.claims);
-        let now = Instant::now();
-        let s = m.entry(key.to_owned()).or_default();
-        if let Some(b) = s.backoff_until_ms.filter(|b| *b > now_ms) {
-            return Ok(ClaimOutcome::BackingOff(Duration::from_millis(
-                (b - now_ms) as u64,
-            )));
-        }
-        if s.lease_until.is_some_and(|l| l > now) {
-            return Ok(ClaimOutcome::Held);
-        }
-        s.fence += 1;
-        s.lease_until = Some(now + lease);
-        Ok(ClaimOutcome::Granted(Claim {
-            key: key.to_owned(),
-            fence: s.fence,
-        }))
-    }
-
-    pub async fn release(
-        &self,
-        claim: &Claim,
-        failed: Option<bool>,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let mut m = sidekey_base::sync::lock(&self.claims);
-        let Some(s) = m.get_mut(&claim.key) else {
-            return Ok(());
-        };
-        if s.fence != claim.fence {
-            return Ok(());
-        }
-        s.lease_until = None;
-        match failed {
-            Some(true) => {
-                s.failures = s.failures.saturating_add(1);
-                s.backoff_until_ms = Some(
-                    now_ms.saturating_add(super::backoff_delay(s.failures).as_millis() as i64),
-                );
-            }
-            Some(false) => {
-                m.remove(&claim.key);
-            }
-            None => {}
-        }
-        Ok(())
-    }
-
-    /// Extends a claim's lease, if it is still ours.
-    pub async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
-        let mut m = sidekey_base::sync::lock(&self.claims);
-        Ok(match m.get_mut(&claim.key) {
-            Some(s) if s.fence == claim.fence => {
-                s.lease_until = Some(Instant::now() + lease);
-                true
-            }
-            _ => false,
-        })
-    }
-
-    /// Renews the claim if it is still ours and `(t, k)` still holds
-    /// `expected` (`None`: is absent).
-    pub async fn confirm(
-        &self,
-        claim: &Claim,
-        lease: Duration,
-        t: Tree,
-        k: &[u8],
-        expected: Option<&[u8]>,
-    ) -> Result<bool, StoreError> {
-        let mut m = sidekey_base::sync::lock(&self.claims);
-        let Some(s) = m.get_mut(&claim.key).filter(|s| s.fence == claim.fence) else {
-            return Ok(false);
-        };
-        if self.t(t).get(k)?.as_deref() != expected {
-            return Ok(false);
-        }
-        s.lease_until = Some(Instant::now() + lease);
-        Ok(true)
-    }
-
-    /// Compare-and-swap that lands only while `claim`'s fence is current
-    /// (checked and written under the claims lock, which every takeover
-    /// takes too).
-    pub async fn cas_fenced(
-        &self,
-        claim: &Claim,
-        t: Tree,
-        k: &[u8],
-        old: Option<&[u8]>,
-        new: &[u8],
-    ) -> Result<Fenced, StoreError> {
-        let m = sidekey_base::sync::lock(&self.claims);
-        if m.get(&claim.key).is_none_or(|s| s.fence != claim.fence) {
-            return Ok(Fenced::Lost);
-        }
-        Ok(match self.t(t).compare_and_swap(k, old, Some(new))? {
-            Ok(()) => Fenced::Written,
-            Err(_) => Fenced::Moved,
-        })
-    }
-
-    /// Forgets a claim key's back-off (the credential was replaced).
-    pub async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
-        let mut m = sidekey_base::sync::lock(&self.claims);
-        if let Some(s) = m.get_mut(key) {
-            s.failures = 0;
-            s.backoff_until_ms = None;
-        }
-        Ok(())
     }
 
     /// A consistent, still-encrypted copy in a new directory (`keycheck`
@@ -447,5 +196,261 @@ impl SledBackend {
         copy.flush()
             .map_err(|e| format!("cannot flush backup: {e}"))?;
         Ok(n)
+    }
+}
+
+impl Backend for SledBackend {
+    async fn get(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.t(t).get(k)?.map(|v| v.to_vec()))
+    }
+
+    async fn put(&self, t: Tree, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        self.t(t).insert(k, v)?;
+        Ok(())
+    }
+
+    async fn remove(&self, t: Tree, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.t(t).remove(k)?.map(|v| v.to_vec()))
+    }
+
+    async fn cas(
+        &self,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        Ok(self.t(t).compare_and_swap(k, old, new)?.is_ok())
+    }
+
+    async fn batch(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        for op in ops {
+            match op {
+                Op::Put(t, k, v) => {
+                    self.t(t).insert(k, v)?;
+                }
+                Op::Insert(t, k, v) => {
+                    let _ = self.t(t).compare_and_swap(k, None::<&[u8]>, Some(v))?;
+                }
+                Op::Remove(t, k) => {
+                    self.t(t).remove(k)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn scan_prefix(
+        &self,
+        t: Tree,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.t(t).scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Keys after `after` (exclusive) in order, at most `limit`: paging.
+    async fn page(
+        &self,
+        t: Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let iter = match after {
+            Some(a) => self
+                .t(t)
+                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => self.t(t).iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Keys before `before` (exclusive) from the newest down, at most `limit`.
+    async fn page_rev(
+        &self,
+        t: Tree,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let iter = match before {
+            Some(b) => self.t(t).range::<&[u8], _>(..b),
+            None => self.t(t).iter(),
+        };
+        let mut out = Vec::new();
+        for item in iter.rev().take(limit) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Keys lower than `end`, for expiry indexes.
+    async fn keys_before(
+        &self,
+        t: Tree,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for k in self.t(t).range(..end).keys().take(limit) {
+            out.push(k?.to_vec());
+        }
+        Ok(out)
+    }
+
+    async fn count(&self, t: Tree) -> Result<usize, StoreError> {
+        Ok(self.t(t).len())
+    }
+
+    /// `n` fresh ids, ascending.
+    async fn next_ids(&self, n: usize) -> Result<Vec<u64>, StoreError> {
+        (0..n).map(|_| Ok(self.db.generate_id()?)).collect()
+    }
+
+    /// Makes every write so far durable.
+    async fn flush(&self) -> Result<(), StoreError> {
+        // Not sled's `flush_async`: in sled 0.34 concurrent calls park every
+        // sled I/O thread waiting for a log write that needs one of those
+        // same threads, and the whole store hangs (spacejam/sled#1308; ~8
+        // concurrent admin writes were enough here). A blocking flush on
+        // tokio's blocking pool waits without holding a sled I/O thread.
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|_| StoreError::Io("store flush task failed".into()))??;
+        Ok(())
+    }
+
+    async fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk().unwrap_or(0))
+    }
+}
+
+impl Claims for SledBackend {
+    async fn claim(
+        &self,
+        key: &str,
+        lease: Duration,
+        now_ms: i64,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let mut m = sidekey_base::sync::lock(&self.claims);
+        let now = Instant::now();
+        let s = m.entry(key.to_owned()).or_default();
+        if let Some(b) = s.backoff_until_ms.filter(|b| *b > now_ms) {
+            return Ok(ClaimOutcome::BackingOff(Duration::from_millis(
+                (b - now_ms) as u64,
+            )));
+        }
+        if s.lease_until.is_some_and(|l| l > now) {
+            return Ok(ClaimOutcome::Held);
+        }
+        s.fence += 1;
+        s.lease_until = Some(now + lease);
+        Ok(ClaimOutcome::Granted(Claim {
+            key: key.to_owned(),
+            fence: s.fence,
+        }))
+    }
+
+    async fn release(
+        &self,
+        claim: &Claim,
+        failed: Option<bool>,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut m = sidekey_base::sync::lock(&self.claims);
+        let Some(s) = m.get_mut(&claim.key) else {
+            return Ok(());
+        };
+        if s.fence != claim.fence {
+            return Ok(());
+        }
+        s.lease_until = None;
+        match failed {
+            Some(true) => {
+                s.failures = s.failures.saturating_add(1);
+                s.backoff_until_ms = Some(
+                    now_ms.saturating_add(crate::backoff_delay(s.failures).as_millis() as i64),
+                );
+            }
+            Some(false) => {
+                m.remove(&claim.key);
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Extends a claim's lease, if it is still ours.
+    async fn renew(&self, claim: &Claim, lease: Duration) -> Result<bool, StoreError> {
+        let mut m = sidekey_base::sync::lock(&self.claims);
+        Ok(match m.get_mut(&claim.key) {
+            Some(s) if s.fence == claim.fence => {
+                s.lease_until = Some(Instant::now() + lease);
+                true
+            }
+            _ => false,
+        })
+    }
+
+    /// Renews the claim if it is still ours and `(t, k)` still holds
+    /// `expected` (`None`: is absent).
+    async fn confirm(
+        &self,
+        claim: &Claim,
+        lease: Duration,
+        t: Tree,
+        k: &[u8],
+        expected: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let mut m = sidekey_base::sync::lock(&self.claims);
+        let Some(s) = m.get_mut(&claim.key).filter(|s| s.fence == claim.fence) else {
+            return Ok(false);
+        };
+        if self.t(t).get(k)?.as_deref() != expected {
+            return Ok(false);
+        }
+        s.lease_until = Some(Instant::now() + lease);
+        Ok(true)
+    }
+
+    /// Compare-and-swap that lands only while `claim`'s fence is current
+    /// (checked and written under the claims lock, which every takeover
+    /// takes too).
+    async fn cas_fenced(
+        &self,
+        claim: &Claim,
+        t: Tree,
+        k: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<Fenced, StoreError> {
+        let m = sidekey_base::sync::lock(&self.claims);
+        if m.get(&claim.key).is_none_or(|s| s.fence != claim.fence) {
+            return Ok(Fenced::Lost);
+        }
+        Ok(match self.t(t).compare_and_swap(k, old, Some(new))? {
+            Ok(()) => Fenced::Written,
+            Err(_) => Fenced::Moved,
+        })
+    }
+
+    /// Forgets a claim key's back-off (the credential was replaced).
+    async fn clear_backoff(&self, key: &str) -> Result<(), StoreError> {
+        let mut m = sidekey_base::sync::lock(&self.claims);
+        if let Some(s) = m.get_mut(key) {
+            s.failures = 0;
+            s.backoff_until_ms = None;
+        }
+        Ok(())
     }
 }
