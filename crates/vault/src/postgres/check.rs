@@ -5,7 +5,9 @@
 use super::PgOptions;
 use super::target::parse_target;
 use crate::crypto::{CryptoError, KeyRing};
-use crate::{CANARY, OpenError, Tree, aad};
+use crate::open::CANARY;
+use crate::tree::aad;
+use crate::{OpenError, Tree};
 
 /// What a read-only look at a PostgreSQL store found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
