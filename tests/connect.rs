@@ -915,7 +915,7 @@ async fn state_not_connected_offers_connect_only() {
             "class=\"provider none\"",
             "Status: </span>Not connected</p>",
             &format!("action=\"{path}/connect\""),
-            "Connect<span class=\"vh\"> other</span>",
+            "Connect<span class=\"vh\"> Other</span>",
             // No preset, so no logo: the name's initial.
             "<span class=\"icon\" aria-hidden=\"true\">O</span>",
         ],

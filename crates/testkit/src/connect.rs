@@ -295,11 +295,12 @@ pub fn location(r: &Resp) -> String {
     header(r, "location")
 }
 
-/// One provider's row of the page (from its `<li>` to the row's end).
+/// One provider's row of the page (its `<li>` up to the row's end).
 pub fn row(html: &str, provider: &str) -> String {
     let at = html
         .find(&format!("id=\"provider-{provider}\""))
         .unwrap_or_else(|| panic!("no row for {provider}:\n{html}"));
+    let at = html[..at].rfind("<li").expect("the row's start");
     let end = at + html[at..].find("</li>").expect("the row's end");
     html[at..end].to_owned()
 }
