@@ -44,6 +44,7 @@ if [ "${#need[@]}" -gt 0 ]; then
   if [ "$no_start" = 1 ]; then "${as_root[@]}" rm -f /usr/sbin/policy-rc.d; fi
 fi
 scripts/py-venv.sh >/dev/null
+scripts/install-axe.sh >/dev/null
 [ "${1:-}" = "--install-only" ] && exit 0
 
 locked=()

@@ -228,10 +228,17 @@ async fn disconnect_needs_the_binding_and_a_csrf_token() {
     let path = fx.link_path("carol", json!({})).await;
     let (cookie, r) = fx.claim(&path, None).await;
     let csrf = csrf_of(&r.text());
+    // The first press asks; the question's form is the one that removes.
+    let asked = fx
+        .get(&format!("{path}?disconnect=custom"), Some(&cookie))
+        .await;
     assert!(
-        r.text().contains(&format!("action=\"{path}/disconnect\"")),
+        asked
+            .text()
+            .contains(&format!("action=\"{path}/disconnect\"")),
         "a Disconnect form"
     );
+    assert_eq!(csrf_of(&asked.text()), csrf);
     // A second link for the same user, opened by the same browser: its
     // token does not work on the first.
     let path2 = fx.link_path("carol", json!({})).await;
@@ -791,4 +798,467 @@ async fn state_at_another_providers_callback_is_refused_without_redirect() {
     assert!(r.text().contains("not valid"), "{}", r.text());
     assert_eq!(fx.tok.calls(), 0);
     assert_eq!(fx.cred_status("tom", "custom").await, 404);
+}
+
+// ----- the page's words, state by state ----------------------------------------
+
+/// A claimed link for `user` with `custom` and `other`: its path, the
+/// browser's cookie and the page's HTML.
+async fn opened(fx: &Fx, user: &str) -> (String, String, String) {
+    let path = fx
+        .link_path(
+            user,
+            json!({"providers": ["custom", "other"], "return_to": RETURN_TO}),
+        )
+        .await;
+    let (cookie, page) = fx.claim(&path, None).await;
+    (path, cookie, page.text())
+}
+
+fn has_all(what: &str, html: &str, wants: &[&str]) {
+    for w in wants {
+        assert!(html.contains(w), "{what} lacks {w:?}:\n{html}");
+    }
+    assert_no_vault_name(what, html);
+}
+
+#[tokio::test]
+async fn state_connected_in_words() {
+    let fx = start(|o| o).await;
+    fx.sk
+        .put_credential(
+            "cora",
+            "custom",
+            json!({"access_token": "at-SECRET-cora", "expires_in": 3600}),
+        )
+        .await;
+    let (path, _, html) = opened(&fx, "cora").await;
+    let r = row(&html, "custom");
+    has_all(
+        "connected row",
+        &r,
+        &[
+            "class=\"provider connected\"",
+            "<p class=\"status connected\"><span class=\"vh\">Status: </span>Connected</p>",
+            "Reconnect<span class=\"vh\"> Acme Calendar</span>",
+            &format!("href=\"{path}?disconnect=custom#confirm-custom\""),
+        ],
+    );
+    assert!(!r.contains("class=\"reason\""), "nothing to explain: {r}");
+    assert!(
+        !r.contains("/disconnect\""),
+        "no removing form before asking: {r}"
+    );
+    has_all(
+        "page",
+        &html,
+        &[
+            "Connecting accounts for <strong>cora</strong>. Acme uses them on your behalf",
+            "Done — back to Acme",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn state_needs_reconnecting_gives_the_reason() {
+    let fx = start(|o| o).await;
+    fx.refused_refresh("rhea", "custom").await;
+    let (_, _, html) = opened(&fx, "rhea").await;
+    let r = row(&html, "custom");
+    has_all(
+        "needs-reconnecting row",
+        &r,
+        &[
+            "class=\"provider reauth\"",
+            "Status: </span>Needs reconnecting</p>",
+            "<p class=\"reason\">Acme Calendar refused to renew access (it was revoked, or it ran out). Press Reconnect.</p>",
+            "Reconnect",
+            "Disconnect",
+        ],
+    );
+    for secret in ["at-SECRET-stale", "rt-SECRET-dead", "invalid_grant"] {
+        assert!(!html.contains(secret), "{secret} on the page");
+    }
+}
+
+#[tokio::test]
+async fn state_expired_gives_the_reason() {
+    let fx = start(|o| o).await;
+    fx.sk
+        .put_credential(
+            "egon",
+            "custom",
+            json!({"access_token": "at-SECRET-egon", "expires_at": 1_000_000}),
+        )
+        .await;
+    let (_, _, html) = opened(&fx, "egon").await;
+    has_all(
+        "expired row",
+        &row(&html, "custom"),
+        &[
+            "class=\"provider expired\"",
+            "Status: </span>Expired</p>",
+            "The access Acme Calendar granted has run out and cannot be renewed by itself. Press Reconnect.",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn state_not_connected_offers_connect_only() {
+    let fx = start(|o| o).await;
+    let (path, _, html) = opened(&fx, "nina").await;
+    let r = row(&html, "other");
+    has_all(
+        "not-connected row",
+        &r,
+        &[
+            "class=\"provider none\"",
+            "Status: </span>Not connected</p>",
+            &format!("action=\"{path}/connect\""),
+            "Connect<span class=\"vh\"> Other</span>",
+            // No preset, so no logo: the name's initial.
+            "<span class=\"icon\" aria-hidden=\"true\">O</span>",
+        ],
+    );
+    assert!(!r.contains("Disconnect") && !r.contains("Reconnect"), "{r}");
+}
+
+#[tokio::test]
+async fn disconnect_asks_on_the_page_before_the_post_removes() {
+    let fx = start(|o| o).await;
+    fx.sk
+        .put_credential(
+            "dina",
+            "custom",
+            json!({"access_token": "at-SECRET-dina", "expires_in": 3600}),
+        )
+        .await;
+    let (path, cookie, html) = opened(&fx, "dina").await;
+    let csrf = csrf_of(&html);
+    // The first press is a GET: it asks, and changes nothing.
+    let asked = fx
+        .get(&format!("{path}?disconnect=custom"), Some(&cookie))
+        .await;
+    assert_html(&asked, 200);
+    assert_hardened(&asked);
+    let r = row(&asked.text(), "custom");
+    has_all(
+        "the question",
+        &r,
+        &[
+            "id=\"confirm-custom\" role=\"group\" aria-labelledby=\"confirm-custom-q\"",
+            "<strong>Disconnect Acme Calendar?</strong> Acme will no longer be able to use your Acme Calendar account until you connect it again.",
+            &format!("action=\"{path}/disconnect\""),
+            "class=\"danger\" name=\"action\" value=\"disconnect\">Disconnect<span class=\"vh\"> Acme Calendar</span>",
+            &format!("href=\"{path}#provider-custom\">Cancel"),
+        ],
+    );
+    assert!(
+        !r.contains("Reconnect"),
+        "only the question's two answers: {r}"
+    );
+    assert_eq!(
+        fx.cred_status("dina", "custom").await,
+        200,
+        "asking removes nothing"
+    );
+    // Only the link's providers with a credential are asked about.
+    for q in ["disconnect=other", "disconnect=plain", "disconnect=%3Cb%3E"] {
+        let html = fx.get(&format!("{path}?{q}"), Some(&cookie)).await.text();
+        assert!(!html.contains("role=\"group\""), "{q}: {html}");
+        assert!(!html.contains("<b>"), "{q}");
+    }
+    // Cancel is the page itself; the question's POST removes it.
+    let r = fx
+        .post_form(
+            &format!("{path}/disconnect"),
+            Some(&cookie),
+            &[("csrf", &csrf), ("provider", "custom")],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    assert_eq!(fx.cred_status("dina", "custom").await, 404);
+}
+
+#[tokio::test]
+async fn expired_link_page_names_the_app_and_links_back() {
+    let fx = start(|o| o).await;
+    let (path, cookie, _) = opened(&fx, "emil").await;
+    fx.sk.clock.advance(601);
+    let r = fx.get(&path, Some(&cookie)).await;
+    assert_html(&r, 410);
+    has_all(
+        "expired link",
+        &r.text(),
+        &[
+            "<h1>This link has expired</h1>",
+            "Connect links last a few minutes. Go back to Acme and open a new one.",
+            &format!("<a class=\"button primary\" href=\"{RETURN_TO}\">Back to Acme</a>"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn used_link_page_names_the_app_and_links_back() {
+    let fx = start(|o| o).await;
+    let (path, ..) = opened(&fx, "ugo").await;
+    let r = fx.get(&path, None).await;
+    assert_html(&r, 403);
+    has_all(
+        "used link",
+        &r.text(),
+        &[
+            "<h1>This link was already used</h1>",
+            "otherwise ask Acme for a new link.",
+            &format!("href=\"{RETURN_TO}\">Back to Acme</a>"),
+        ],
+    );
+}
+
+#[tokio::test]
+async fn unknown_link_page_links_to_app_url_or_nowhere() {
+    let fx = start(|o| o).await;
+    let r = fx.get(&format!("/connect/{}", "Q".repeat(43)), None).await;
+    assert_html(&r, 404);
+    has_all(
+        "unknown link",
+        &r.text(),
+        &[
+            "<h1>This link is not valid</h1>",
+            "Check that you opened the whole link, or go back to Acme and open a new one.",
+        ],
+    );
+    assert!(
+        !r.text().contains("Back to"),
+        "no app_url, no link: {}",
+        r.text()
+    );
+    let fx = start_with("app_url = \"https://acme.example/home\"", |o| o).await;
+    let r = fx.get(&format!("/connect/{}", "Q".repeat(43)), None).await;
+    assert!(
+        r.text().contains(
+            "<a class=\"button primary\" href=\"https://acme.example/home\">Back to Acme</a>"
+        ),
+        "{}",
+        r.text()
+    );
+    // A link's own return_to comes first.
+    let (path, ..) = opened(&fx, "uma").await;
+    let r = fx.get(&path, None).await;
+    assert!(
+        r.text()
+            .contains(&format!("href=\"{RETURN_TO}\">Back to Acme"))
+    );
+}
+
+#[tokio::test]
+async fn errors_after_the_callback_in_words_for_each_code() {
+    let fx = start(|o| o).await;
+    let (path, cookie, html) = opened(&fx, "erin").await;
+    let csrf = csrf_of(&html);
+    // Real callbacks first: each lands on the page with its code.
+    let start_flow = || async {
+        let r = fx
+            .post_form(
+                &format!("{path}/connect"),
+                Some(&cookie),
+                &[("csrf", &csrf), ("provider", "custom")],
+            )
+            .await;
+        assert_eq!(r.status, 303, "{}", r.text());
+        query_param(&location(&r), "state").unwrap()
+    };
+    for (query, code) in [
+        ("error=access_denied", "access_denied"),
+        ("error=server_error", "provider_error"),
+        ("", "invalid_request"),
+        ("code=never-issued", "exchange_refused"),
+    ] {
+        let state = start_flow().await;
+        let r = fx
+            .get(
+                &format!("/oauth/custom/callback?{query}&state={state}"),
+                Some(&cookie),
+            )
+            .await;
+        assert_eq!(r.status, 303, "{code}: {}", r.text());
+        assert_eq!(
+            location(&r),
+            format!("{}{path}?error={code}&provider=custom", fx.public)
+        );
+    }
+    let again = "Press Connect to try again.";
+    for (code, words) in [
+        (
+            "access_denied",
+            format!("Access denied: Acme Calendar was not allowed access, so nothing was connected. {again}"),
+        ),
+        (
+            "provider_error",
+            format!("Acme Calendar reported an error, so nothing was connected. {again}"),
+        ),
+        (
+            "state_expired",
+            format!("The link expired: the Acme Calendar sign-in took too long. {again}"),
+        ),
+        (
+            "invalid_state",
+            format!("The answer from Acme Calendar was incomplete or already used, so nothing was connected. {again}"),
+        ),
+        (
+            "invalid_request",
+            format!("The answer from Acme Calendar was incomplete or already used, so nothing was connected. {again}"),
+        ),
+        (
+            "invalid_signature",
+            format!("The answer from Acme Calendar could not be verified, so nothing was connected. {again}"),
+        ),
+        (
+            "exchange_refused",
+            format!("Acme Calendar did not accept the sign-in, so nothing was connected. {again}"),
+        ),
+        (
+            "exchange_failed",
+            format!("Acme Calendar did not accept the sign-in, so nothing was connected. {again}"),
+        ),
+        (
+            "bad_connection_value",
+            "Acme Calendar answered with account details Acme does not accept, so nothing was connected.".into(),
+        ),
+        (
+            "store_failed",
+            format!("The Acme Calendar connection could not be saved. {again}"),
+        ),
+        (
+            "confirm_unavailable",
+            "This link cannot finish connecting Acme Calendar: it has no way back to Acme. Ask it for a new link.".into(),
+        ),
+        (
+            "something_new",
+            "Connecting Acme Calendar did not work. Please try again.".into(),
+        ),
+    ] {
+        let r = fx
+            .get(&format!("{path}?error={code}&provider=custom"), Some(&cookie))
+            .await;
+        assert_html(&r, 200);
+        has_all(
+            code,
+            &r.text(),
+            &[&format!("<p class=\"notice err\" role=\"alert\">{words}</p>")],
+        );
+    }
+    assert_eq!(fx.cred_status("erin", "custom").await, 404);
+}
+
+#[tokio::test]
+async fn callback_pages_name_the_app_and_link_to_app_url() {
+    let fx = start_with("app_url = \"https://acme.example/home\"", |o| o).await;
+    let r = fx
+        .get("/oauth/custom/callback?code=c1&state=bogus-state", None)
+        .await;
+    assert_html(&r, 400);
+    assert_hardened(&r);
+    has_all(
+        "invalid callback",
+        &r.text(),
+        &[
+            "<h1>This sign-in link is not valid</h1>",
+            "Please start connecting again from Acme.",
+            "href=\"https://acme.example/home\">Back to Acme</a>",
+        ],
+    );
+    // Refused in another browser: the way back is app_url, never the
+    // state's return_to (for a page flow, the connect link itself).
+    let (path, cookie, html) = opened(&fx, "bo").await;
+    let r = fx
+        .post_form(
+            &format!("{path}/connect"),
+            Some(&cookie),
+            &[("csrf", &csrf_of(&html)), ("provider", "custom")],
+        )
+        .await;
+    let state = query_param(&location(&r), "state").unwrap();
+    let r = fx
+        .get(
+            &format!("/oauth/custom/callback?code=c2&state={state}"),
+            None,
+        )
+        .await;
+    assert_html(&r, 403);
+    has_all(
+        "refused callback",
+        &r.text(),
+        &[
+            "another browser",
+            "href=\"https://acme.example/home\">Back to Acme</a>",
+        ],
+    );
+    assert!(!r.text().contains(path.trim_start_matches("/connect/")));
+}
+
+#[tokio::test]
+async fn without_app_name_every_page_says_the_app() {
+    let fx = start_unbranded("", |o| o).await;
+    let path = fx
+        .link_path("tess", json!({"user_label": "tess@example.com in Acme"}))
+        .await;
+    let first = fx.get(&path, None).await.text();
+    has_all(
+        "first view",
+        &first,
+        &[
+            "The app asks you to connect",
+            "<title>Connect accounts for tess@example.com in Acme</title>",
+        ],
+    );
+    let (cookie, page) = fx.claim(&path, None).await;
+    let html = page.text();
+    has_all(
+        "page",
+        &html,
+        &[
+            "Connecting accounts for <strong>tess@example.com in Acme</strong>. The app uses them on your behalf",
+            "<title>Connect your accounts</title>",
+            "When you are done, you can close this window.",
+        ],
+    );
+    assert!(!html.contains("class=\"brand\""), "{html}");
+    let css = fx.get("/connect/assets/style.css", None).await.text();
+    assert!(
+        css.contains("--accent: #2563eb; --on-accent: #ffffff"),
+        "{css}"
+    );
+    assert!(css.contains("@media (prefers-color-scheme: dark)"), "{css}");
+    assert_no_vault_name("stylesheet", &css);
+    let other = fx.get(&path, None).await.text();
+    has_all("used link", &other, &["ask the app for a new link"]);
+    assert!(!other.contains("Back to"), "no return_to, no app_url");
+    let forged = fx
+        .post_form(&format!("{path}/claim"), Some(&cookie), &[("csrf", "x")])
+        .await;
+    assert_html(&forged, 403);
+    has_all(
+        "form expired",
+        &forged.text(),
+        &[
+            "<h1>This form has expired</h1>",
+            "Reload the connect page and try again.",
+        ],
+    );
+    let r = fx
+        .get("/oauth/custom/callback?code=c1&state=bogus-state", None)
+        .await;
+    has_all(
+        "callback",
+        &r.text(),
+        &["Please start connecting again from the app."],
+    );
+    fx.sk.clock.advance(601);
+    let r = fx.get(&path, Some(&cookie)).await;
+    has_all(
+        "expired",
+        &r.text(),
+        &["Go back to the app and open a new one."],
+    );
 }

@@ -1,13 +1,17 @@
 //! The connect page in a real browser (headless Chromium over WebDriver):
 //! prefetches burn nothing, open a connect link, Continue, Connect,
-//! approve at a fake provider, land back on "Connected", Disconnect; the
-//! same callback URL opened in a second browser profile is refused and
-//! stores nothing. With `[connect] confirm = true`, a link forwarded to
-//! someone else stores nothing for the forwarder unless the app confirms.
+//! approve at a fake provider, land back on "Connected", Disconnect (asked
+//! first, on the page); the same callback URL opened in a second browser
+//! profile is refused and stores nothing. With `[connect] confirm = true`,
+//! a link forwarded to someone else stores nothing for the forwarder
+//! unless the app confirms.
 //!
-//! Screenshots go to `target/connect-screenshots/`, or to `docs/img/` with
+//! Every state is audited with axe-core, in the light and the dark colour
+//! scheme: any violation fails the test. Screenshots (whole page, 1280 and
+//! 390 px wide) go to `target/connect-screenshots/`, or to `docs/img/` with
 //! `SIDEKEY_SCREENSHOTS=docs` (how the docs' images are made). Without
-//! Chromium the test fails under `CI=true` and skips loudly otherwise.
+//! Chromium, or without axe-core (`scripts/install-axe.sh`), the test
+//! fails under `CI=true` and skips loudly otherwise.
 
 use sidekey_testkit as support;
 
@@ -26,7 +30,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use support::token::TokenServer;
 use support::upstream::Upstream;
-use support::webdriver::{Driver, available_or_fail};
+use support::webdriver::{Browser, Driver, available_or_fail, axe_source};
 use support::{InProcess, Options};
 use tokio::net::TcpListener;
 
@@ -174,7 +178,89 @@ fn shot_path(name: &str) -> PathBuf {
     }
 }
 
-/// sidekey with three providers on the fake provider, and the fake.
+/// Screenshots of the whole page at desktop and at phone width (it stays
+/// at phone width afterwards); the phone one also as `connect-{name}.png`,
+/// the name the docs and the README show.
+async fn shots(b: &Browser<'_>, name: &str) {
+    for (w, h) in [(1280, 800), (390, 844)] {
+        b.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": w, "height": h, "deviceScaleFactor": 1, "mobile": false}),
+        )
+        .await;
+        b.full_screenshot(&shot_path(&format!("connect-{name}-{w}.png")))
+            .await;
+    }
+    b.full_screenshot(&shot_path(&format!("connect-{name}.png")))
+        .await;
+}
+
+async fn colour_scheme(b: &Browser<'_>, scheme: &str) {
+    b.cdp(
+        "Emulation.setEmulatedMedia",
+        json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}),
+    )
+    .await;
+}
+
+/// axe-core on every state of the page, in the light and the dark scheme;
+/// the counts are printed, and any violation fails the test at the end.
+struct Audit {
+    axe: Option<String>,
+    counts: Vec<(String, usize)>,
+    failures: Vec<String>,
+}
+
+impl Audit {
+    fn new(test: &str) -> Audit {
+        Audit {
+            axe: axe_source(test),
+            counts: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    async fn check(&mut self, b: &Browser<'_>, state: &str) {
+        assert_no_vault_name(state, &b.source().await);
+        let Some(axe) = &self.axe else {
+            return;
+        };
+        for scheme in ["light", "dark"] {
+            colour_scheme(b, scheme).await;
+            let v = b.axe(axe).await;
+            let name = format!("{state} ({scheme})");
+            if !v.is_empty() {
+                self.failures.push(format!(
+                    "{name}: {}",
+                    serde_json::to_string_pretty(&v).unwrap()
+                ));
+            }
+            self.counts.push((name, v.len()));
+        }
+        colour_scheme(b, "light").await;
+    }
+
+    fn finish(self) {
+        if self.axe.is_none() {
+            return;
+        }
+        eprintln!("axe-core violations per state:");
+        for (state, n) in &self.counts {
+            eprintln!("  {n:>2}  {state}");
+        }
+        assert!(self.failures.is_empty(), "{}", self.failures.join("\n"));
+    }
+}
+
+/// End users deal with the app, not with the vault behind it.
+fn assert_no_vault_name(what: &str, html: &str) {
+    assert!(
+        !html.to_ascii_lowercase().contains("sidekey"),
+        "{what} names sidekey:\n{html}"
+    );
+}
+
+/// sidekey with four providers on the fake provider, and the fake.
 struct Setup {
     sk: InProcess,
     tok: TokenServer,
@@ -192,9 +278,12 @@ async fn setup(connect_extra: &str) -> Setup {
     );
     let port = support::ports::listen_port();
     let public = format!("https://localhost:{port}");
-    let provider = |name: &str, display: &str, description: &str| {
+    // Google, Notion and Dropbox from their presets (so with their
+    // logos), all on the fake provider; Slack without a preset (Simple
+    // Icons has no Slack logo, the page shows its initial).
+    let provider = |name: &str, preset: &str, display: &str, description: &str| {
         format!(
-            "[providers.{name}]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
+            "[providers.{name}]\n{preset}base_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
              authorize_url = \"{fake_origin}/authorize\"\nclient_id = \"test-client\"\n\
              client_secret = \"test-client-secret\"\nscopes = [\"{name}.read\", \"{name}.write\"]\n\
              display_name = \"{display}\"\ndescription = \"{description}\"\n",
@@ -205,15 +294,28 @@ async fn setup(connect_extra: &str) -> Setup {
     let toml = [
         provider(
             "google",
+            "preset = \"google\"\n",
             "Google Calendar",
             "Reads your calendar and books meetings when you ask.",
         ),
         provider(
             "slack",
+            "",
             "Slack",
             "Posts messages to your team's channels for you.",
         ),
-        provider("notion", "Notion", "Finds and updates your notes."),
+        provider(
+            "notion",
+            "preset = \"notion\"\n",
+            "Notion",
+            "Finds and updates your notes.",
+        ),
+        provider(
+            "dropbox",
+            "preset = \"dropbox\"\n",
+            "Dropbox",
+            "Saves call notes to your files.",
+        ),
         format!(
             "[connect]\napp_name = \"Acme Assistant\"\naccent_color = \"#4338ca\"\nlogo_url = \"{fake_origin}/logo.svg\"\n{connect_extra}\n"
         ),
@@ -236,7 +338,7 @@ async fn setup(connect_extra: &str) -> Setup {
 }
 
 /// The binding cookie as the browser stored it, if any.
-async fn binding_cookie(b: &support::webdriver::Browser<'_>) -> Option<serde_json::Value> {
+async fn binding_cookie(b: &Browser<'_>) -> Option<serde_json::Value> {
     b.cookies()
         .await
         .into_iter()
@@ -248,6 +350,7 @@ async fn connect_page_in_a_real_browser() {
     if !available_or_fail("connect_page_in_a_real_browser") {
         return;
     }
+    let mut audit = Audit::new("connect_page_in_a_real_browser");
     let Setup { sk, tok, fake, .. } = setup("").await;
     let fake_origin = fake.origin.clone();
     sk.put_credential(
@@ -262,6 +365,17 @@ async fn connect_page_in_a_real_browser() {
         json!({"access_token": "ntn-SECRET-browser", "expires_at": 1_000_000}),
     )
     .await;
+    // Dropbox refused the refresh token when the proxy tried to renew it.
+    sk.put_credential(
+        "maya",
+        "dropbox",
+        json!({"access_token": "dbx-SECRET-browser", "refresh_token": "rt-SECRET-dead", "expires_at": 1_000_000}),
+    )
+    .await;
+    let session = sk.token("maya", &["dropbox"]).await;
+    sk.proxy(Method::GET, "/v1/proxy/dropbox/x", &session, "")
+        .await
+        .assert_error(424, "reauth_required");
     let r = sk
         .admin(
             Method::POST,
@@ -312,7 +426,8 @@ async fn connect_page_in_a_real_browser() {
         binding_cookie(&b1).await.is_none(),
         "no cookie before Continue"
     );
-    b1.screenshot(&shot_path("connect-continue.png")).await;
+    audit.check(&b1, "first view").await;
+    shots(&b1, "continue").await;
     b1.click("form[action$=\"/claim\"] button").await;
     let text = b1
         .wait_text("the page after Continue", |t| {
@@ -321,13 +436,17 @@ async fn connect_page_in_a_real_browser() {
         .await;
     for want in [
         "Connect your accounts",
-        "maya@acme.example in Acme",
+        "maya@acme.example in Acme. Acme Assistant uses them",
         "Google Calendar",
         "Not connected",
         "Slack",
         "Connected",
         "Notion",
         "Expired",
+        "The access Notion granted has run out",
+        "Dropbox",
+        "Needs reconnecting",
+        "Dropbox refused to renew access",
         "Done — back to Acme Assistant",
     ] {
         assert!(text.contains(want), "page lacks {want:?}:\n{text}");
@@ -337,9 +456,18 @@ async fn connect_page_in_a_real_browser() {
         "xoxp-SECRET-browser",
         "rt-SECRET-browser",
         "ntn-SECRET-browser",
+        "dbx-SECRET-browser",
+        "rt-SECRET-dead",
         "test-client-secret",
     ] {
         assert!(!source.contains(secret), "secret on the page");
+    }
+    // The presets' logos are inline SVG; Slack has its initial.
+    for p in ["google", "notion", "dropbox"] {
+        let logo = b1
+            .attribute(&format!("#provider-{p} .icon.logo svg"), "aria-hidden")
+            .await;
+        assert_eq!(logo.as_deref(), Some("true"), "{p}'s logo");
     }
     // The binding cookie as the browser stored it.
     let c = binding_cookie(&b1)
@@ -349,16 +477,41 @@ async fn connect_page_in_a_real_browser() {
     assert_eq!(c["secure"], true);
     assert_eq!(c["sameSite"], "Lax");
     assert_eq!(c["path"], "/");
-    // The stylesheet applied (CSP allows it): the accent colour reached the
-    // Connect button, and the logo loaded.
     assert!(source.contains("/connect/assets/style.css"));
     // Keyboard: the first Tab stops are the page's own controls.
     let focused = b1.tab_focus_text(1).await;
     assert!(
-        focused.contains("Connect"),
-        "first Tab focuses Connect: {focused:?}"
+        focused.to_lowercase().contains("connect"),
+        "first Tab focuses the first row's (Re)connect: {focused:?}"
     );
-    b1.screenshot(&shot_path("connect-page.png")).await;
+    audit
+        .check(
+            &b1,
+            "page: connected, expired, needs reconnecting, not connected",
+        )
+        .await;
+    shots(&b1, "page").await;
+    colour_scheme(&b1, "dark").await;
+    b1.full_screenshot(&shot_path("connect-page-dark-390.png"))
+        .await;
+    colour_scheme(&b1, "light").await;
+
+    // Disconnect asks first, on the page; Cancel changes nothing.
+    b1.click("#provider-slack a[href*=\"disconnect=slack\"]")
+        .await;
+    let text = b1
+        .wait_text("the question", |t| t.contains("Disconnect Slack?"))
+        .await;
+    assert!(
+        text.contains("Acme Assistant will no longer be able to use your Slack account"),
+        "{text}"
+    );
+    audit.check(&b1, "disconnect question").await;
+    shots(&b1, "disconnect").await;
+    b1.click("#confirm-slack a.button").await;
+    b1.wait_text("the page again", |t| !t.contains("Disconnect Slack?"))
+        .await;
+    assert_eq!(cred("slack").await, 200, "Cancel keeps it");
 
     // Connect → the provider's page → Approve → back on "Connected".
     b1.click("#provider-google button[value=connect]").await;
@@ -375,14 +528,22 @@ async fn connect_page_in_a_real_browser() {
     let text = b1.text().await;
     assert!(text.contains("Google Calendar is now connected."), "{text}");
     assert_eq!(cred("google").await, 200, "stored");
-    b1.screenshot(&shot_path("connect-connected.png")).await;
+    audit.check(&b1, "connected").await;
+    shots(&b1, "connected").await;
     let source = b1.source().await;
     for t in tok.all_tokens() {
         assert!(!source.contains(&t), "token on the page");
     }
     assert!(!source.contains("code-browser-1"), "code on the page");
 
-    // Disconnect (a form POST with the CSRF token).
+    // Disconnect: the question, then its button (the CSRF-checked POST).
+    b1.click("#provider-google a[href*=\"disconnect=google\"]")
+        .await;
+    b1.wait_text("the question", |t| {
+        t.contains("Disconnect Google Calendar?")
+    })
+    .await;
+    assert_eq!(cred("google").await, 200, "asking removes nothing");
     b1.click("#provider-google button[value=disconnect]").await;
     b1.wait_url("the page after Disconnect", |u| {
         u.contains("disconnected=google")
@@ -390,6 +551,35 @@ async fn connect_page_in_a_real_browser() {
     .await;
     assert!(b1.text().await.contains("Google Calendar was disconnected"));
     assert_eq!(cred("google").await, 404, "gone");
+    audit.check(&b1, "disconnected").await;
+
+    // Every error a callback can bring back, as the page words it.
+    for code in [
+        "access_denied",
+        "provider_error",
+        "state_expired",
+        "invalid_state",
+        "invalid_request",
+        "invalid_signature",
+        "exchange_refused",
+        "exchange_failed",
+        "bad_connection_value",
+        "store_failed",
+        "confirm_unavailable",
+        "something_new",
+    ] {
+        b1.goto(&format!("{connect_url}?error={code}&provider=google"))
+            .await;
+        let text = b1.text().await;
+        assert!(text.contains("Google Calendar"), "{code}: {text}");
+        audit
+            .check(&b1, &format!("error after callback: {code}"))
+            .await;
+        if code == "access_denied" {
+            shots(&b1, "error").await;
+        }
+    }
+    b1.goto(&connect_url).await;
 
     // Connect again, but the callback URL goes to another browser profile:
     // refused, nothing stored, the state spent.
@@ -404,11 +594,17 @@ async fn connect_page_in_a_real_browser() {
     let text = b2.text().await;
     assert!(text.contains("started in another browser"), "{text}");
     assert!(text.contains("Nothing was connected"), "{text}");
-    b2.screenshot(&shot_path("connect-refused.png")).await;
+    audit
+        .check(&b2, "callback refused in another browser")
+        .await;
+    shots(&b2, "refused").await;
     assert_eq!(cred("google").await, 404, "nothing stored");
     // The connect link itself is no use to the second browser either.
     b2.goto(&connect_url).await;
-    assert!(b2.text().await.contains("already used"));
+    let text = b2.text().await;
+    assert!(text.contains("already used"), "{text}");
+    assert!(text.contains("Back to Acme Assistant"), "{text}");
+    audit.check(&b2, "used link").await;
     assert!(
         b2.cookies()
             .await
@@ -416,14 +612,29 @@ async fn connect_page_in_a_real_browser() {
             .all(|c| c["name"] != "__Host-sidekey-connect"),
         "no binding cookie for the second browser"
     );
+    let origin = connect_url.split("/connect/").next().unwrap();
+    b2.goto(&format!("{origin}/connect/{}", "Q".repeat(43)))
+        .await;
+    assert!(b2.text().await.contains("This link is not valid"));
+    audit.check(&b2, "unknown link").await;
     // And the first browser cannot finish the spent flow afterwards.
     b1.click("#approve").await;
     b1.wait_url("the callback", |u| u.contains("/oauth/google/callback"))
         .await;
     assert!(b1.text().await.contains("not valid"));
+    audit.check(&b1, "callback with a spent state").await;
     assert_eq!(cred("google").await, 404);
+    // Past its lifetime the link is expired.
+    sk.clock.advance(601);
+    b1.goto(&connect_url).await;
+    let text = b1.text().await;
+    assert!(text.contains("This link has expired"), "{text}");
+    assert!(text.contains("Back to Acme Assistant"), "{text}");
+    audit.check(&b1, "expired link").await;
+    shots(&b1, "expired").await;
     b2.close().await;
     b1.close().await;
+    audit.finish();
 }
 
 #[tokio::test]

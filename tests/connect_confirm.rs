@@ -324,3 +324,30 @@ async fn confirm_bodies_are_checked() {
         .await
         .assert_error(405, "method_not_allowed");
 }
+
+#[tokio::test]
+async fn page_while_the_apps_confirm_is_pending_in_words() {
+    let fx = confirming().await;
+    let (code, path, cookie) = connect_in_new_browser(&fx, "polly", "code-polly").await;
+    // Until the app confirms, the page shows what is stored: nothing yet,
+    // with a Connect button; no word of the vault behind the app.
+    let html = fx.get(&path, Some(&cookie)).await.text();
+    let r = row(&html, "custom");
+    for want in [
+        "class=\"provider none\"",
+        "Status: </span>Not connected</p>",
+        "Connect<span class=\"vh\"> Acme Calendar</span>",
+        "Done — back to Acme",
+    ] {
+        assert!(r.contains(want) || html.contains(want), "{want}:\n{html}");
+    }
+    assert!(!html.contains(&code), "the code is the app's");
+    assert_no_vault_name("page while pending", &html);
+    // Confirmed by the app, the same page says Connected.
+    assert_eq!(confirm(&fx, "polly", &code).await.status, 200);
+    let html = fx.get(&path, Some(&cookie)).await.text();
+    assert!(
+        row(&html, "custom").contains("Status: </span>Connected</p>"),
+        "{html}"
+    );
+}

@@ -485,3 +485,23 @@ fn config_mistakes_name_their_table_and_the_key_meant() {
     }
     assert!(!err.contains("u64"), "{err}");
 }
+
+#[test]
+fn connect_app_url_must_be_an_https_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, "[connect]\napp_url = \"http://app.example/home\"\n").unwrap();
+    let (code, _out, err) = run_cli(
+        dir.path(),
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[],
+        None,
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(
+            "[connect] app_url = \"http://app.example/home\": give the https:// address of your app"
+        ),
+        "{err}"
+    );
+}

@@ -150,6 +150,7 @@ struct RawConnect {
     app_name: Option<String>,
     accent_color: Option<String>,
     logo_url: Option<String>,
+    app_url: Option<String>,
     confirm: Option<bool>,
 }
 
@@ -521,8 +522,12 @@ pub struct ConnectConfig {
     pub app_name: Option<String>,
     /// `#rrggbb`: buttons and highlights.
     pub accent_color: String,
+    /// Text on the accent: black or white, whichever passes WCAG AA.
+    pub accent_text: &'static str,
     /// Shown above the title; its origin is added to the page's `img-src`.
     pub logo_url: Option<Url>,
+    /// Where error pages link back to when the link's `return_to` is unknown.
+    pub app_url: Option<Url>,
     /// A completed callback stores the credential as pending and hands the
     /// app a one-time `connect_code`; only the app's confirm for the right
     /// user makes it active. A link forwarded to someone else then stores
@@ -563,10 +568,24 @@ impl ConnectConfig {
                 None
             }
         });
+        let app_url = c.app_url.and_then(|l| match Url::parse(&l) {
+            Ok(u) if u.scheme() == "https" && u.username().is_empty() && u.password().is_none() && l.len() <= 2048 => Some(u),
+            _ => {
+                p.push(format!("[connect] app_url = {l:?}: give the https:// address of your app (at most 2048 characters, no credentials); error pages link back to it"));
+                None
+            }
+        });
+        let (accent_text, ratio) =
+            crate::colour::text_on(parse_hex_color(&accent_color).unwrap_or_default());
+        if ratio < crate::colour::AA_TEXT {
+            p.push(format!("[connect] accent_color = {accent_color:?}: button text on it reaches only {ratio:.2}:1, WCAG AA needs 4.5:1; choose a darker or lighter colour"));
+        }
         ConnectConfig {
             app_name: c.app_name,
             accent_color,
+            accent_text,
             logo_url,
+            app_url,
             confirm: c.confirm.unwrap_or(false),
         }
     }
@@ -1564,6 +1583,17 @@ mod tests {
             assert!(e.iter().any(|m| m.contains(key)), "{key}: {e:?}");
         }
         assert!(parse("[connect]\nlogo_url = \"http://cdn.example/l.png\"\n").is_err());
+        let e = parse("[connect]\napp_url = \"http://app.example\"\n").unwrap_err();
+        assert!(
+            e[0].contains("[connect] app_url") && e[0].contains("https://"),
+            "{e:?}"
+        );
+        let c = parse(
+            "[connect]\napp_url = \"https://app.example/home\"\naccent_color = \"#ffeb3b\"\n",
+        );
+        let c = c.unwrap().connect;
+        assert_eq!(c.app_url.unwrap().as_str(), "https://app.example/home");
+        assert_eq!(c.accent_text, "#000000", "black text on yellow");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod colour;
 pub mod config;
 pub mod errors;
 pub mod limits;

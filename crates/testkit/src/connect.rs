@@ -4,7 +4,7 @@
 //! made of explicit cookies.
 
 use http::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use super::token::TokenServer;
 use super::upstream::Upstream;
@@ -26,6 +26,20 @@ pub async fn start(tune: impl FnOnce(Options) -> Options) -> Fx {
 
 /// `start` with more `[connect]` lines (e.g. `confirm = true`).
 pub async fn start_with(connect: &str, tune: impl FnOnce(Options) -> Options) -> Fx {
+    let branded = format!(
+        "app_name = \"Acme\"\naccent_color = \"#0f766e\"\n\
+         logo_url = \"https://cdn.acme.example/logo.svg\"\n{connect}"
+    );
+    start_raw(&branded, tune).await
+}
+
+/// Without `app_name`, `accent_color` or `logo_url`: the page's neutral
+/// words ("the app"); `connect` is the whole `[connect]` table.
+pub async fn start_unbranded(connect: &str, tune: impl FnOnce(Options) -> Options) -> Fx {
+    start_raw(connect, tune).await
+}
+
+async fn start_raw(connect: &str, tune: impl FnOnce(Options) -> Options) -> Fx {
     let up = Upstream::start().await;
     let tok = TokenServer::start().await;
     // Named in advance, so `public_url` can name the real listener and the
@@ -41,8 +55,7 @@ pub async fn start_with(connect: &str, tune: impl FnOnce(Options) -> Options) ->
          authorize_url = \"https://login.other.example/oauth\"\n\
          client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
          [providers.plain]\nbase_url = \"{up}\"\n\
-         [connect]\napp_name = \"Acme\"\naccent_color = \"#0f766e\"\n\
-         logo_url = \"https://cdn.acme.example/logo.svg\"\n{connect}\n",
+         [connect]\n{connect}\n",
         up = up.url,
         tok = tok.url
     );
@@ -172,6 +185,24 @@ impl Fx {
         );
     }
 
+    /// A credential of `user` that needs reconnecting: its access token
+    /// expired and the token endpoint refused its refresh token when the
+    /// proxy tried to renew it.
+    pub async fn refused_refresh(&self, user: &str, provider: &str) {
+        self.sk
+            .put_credential(
+                user,
+                provider,
+                json!({"access_token": "at-SECRET-stale", "refresh_token": "rt-SECRET-dead", "expires_at": self.sk.clock.now() - 10}),
+            )
+            .await;
+        let token = self.sk.token(user, &[provider]).await;
+        self.sk
+            .proxy(Method::GET, &format!("/v1/proxy/{provider}/me"), &token, "")
+            .await
+            .assert_error(424, "reauth_required");
+    }
+
     pub async fn cred_status(&self, user: &str, provider: &str) -> u16 {
         self.sk
             .admin(
@@ -262,4 +293,23 @@ pub fn csrf_of(html: &str) -> String {
 
 pub fn location(r: &Resp) -> String {
     header(r, "location")
+}
+
+/// One provider's row of the page (its `<li>` up to the row's end).
+pub fn row(html: &str, provider: &str) -> String {
+    let at = html
+        .find(&format!("id=\"provider-{provider}\""))
+        .unwrap_or_else(|| panic!("no row for {provider}:\n{html}"));
+    let at = html[..at].rfind("<li").expect("the row's start");
+    let end = at + html[at..].find("</li>").expect("the row's end");
+    html[at..end].to_owned()
+}
+
+/// End users deal with the app, not with the vault behind it: no page they
+/// see names it.
+pub fn assert_no_vault_name(what: &str, html: &str) {
+    assert!(
+        !html.to_ascii_lowercase().contains("sidekey"),
+        "{what} names sidekey:\n{html}"
+    );
 }

@@ -317,23 +317,116 @@ impl Browser<'_> {
             .to_owned()
     }
 
+    /// A Chrome DevTools command (chromedriver's `goog/cdp/execute`), e.g.
+    /// `Emulation.setEmulatedMedia` to show the page in dark mode.
+    pub async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.call(
+            Method::POST,
+            "/goog/cdp/execute",
+            Some(json!({"cmd": cmd, "params": params})),
+        )
+        .await
+    }
+
+    /// Runs axe-core (`axe_js`, the text of `axe.min.js`) on the page and
+    /// answers its violations, each as `{id, impact, help, nodes}`. Through
+    /// DevTools' `Runtime.evaluate`, which the page's CSP (no script, no
+    /// eval) does not stop, so the page is audited as it is served.
+    pub async fn axe(&self, axe_js: &str) -> Vec<Value> {
+        let expression = format!(
+            "{axe_js}\n;window.axe.run(document).then(r => r.violations.map(v => ({{id: v.id, impact: v.impact, \
+             help: v.help, nodes: v.nodes.map(n => n.target.join(' ') + ': ' + n.failureSummary)}})))"
+        );
+        let v = self
+            .cdp(
+                "Runtime.evaluate",
+                json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
+            )
+            .await;
+        match v["result"]["value"].as_array() {
+            Some(found) if v.get("exceptionDetails").is_none() => found.clone(),
+            _ => vec![json!({"id": "axe-error", "help": v.to_string()})],
+        }
+    }
+
+    /// Saves a PNG of the whole page, not only the viewport.
+    pub async fn full_screenshot(&self, path: &Path) -> PathBuf {
+        let m = self.cdp("Page.getLayoutMetrics", json!({})).await;
+        let size = &m["cssContentSize"];
+        let v = self
+            .cdp(
+                "Page.captureScreenshot",
+                json!({"format": "png", "captureBeyondViewport": true, "clip": {
+                    "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}}),
+            )
+            .await;
+        write_png(path, v["data"].as_str().expect("base64 PNG"))
+    }
+
     /// Saves a PNG of the viewport.
     pub async fn screenshot(&self, path: &Path) -> PathBuf {
         let v = self.call(Method::GET, "/screenshot", None).await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(v.as_str().expect("base64 PNG"))
-            .unwrap();
-        assert!(png.starts_with(b"\x89PNG"), "a PNG");
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).unwrap();
-        }
-        std::fs::write(path, png).unwrap();
-        path.to_path_buf()
+        write_png(path, v.as_str().expect("base64 PNG"))
     }
 
     pub async fn close(self) {
         self.driver
             .call(Method::DELETE, &format!("/session/{}", self.id), None)
             .await;
+    }
+}
+
+fn write_png(path: &Path, b64: &str) -> PathBuf {
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    std::fs::write(path, png).unwrap();
+    path.to_path_buf()
+}
+
+/// The text of axe-core's `axe.min.js`, for [`Browser::axe`]: at
+/// `SIDEKEY_AXE_JS`, else where `scripts/install-axe.sh` puts it
+/// (`SIDEKEY_AXE_DIR`, by default `sidekey/axe` in `$XDG_CACHE_HOME` or
+/// `~/.cache`), else in the work tree's `node_modules`. Missing, it fails
+/// the test under `CI=true` and skips the audit loudly otherwise.
+pub fn axe_source(test: &str) -> Option<String> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(p) = env("SIDEKEY_AXE_JS") {
+        let p = PathBuf::from(p);
+        return Some(
+            std::fs::read_to_string(&p)
+                .unwrap_or_else(|e| panic!("{test}: SIDEKEY_AXE_JS={}: {e}", p.display())),
+        );
+    }
+    let cache = env("SIDEKEY_AXE_DIR").map(PathBuf::from).or_else(|| {
+        env("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("sidekey/axe"))
+    });
+    let tree = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let found = cache
+        .into_iter()
+        .chain([tree])
+        .map(|d| d.join("node_modules/axe-core/axe.min.js"))
+        .find(|p| p.is_file());
+    match found {
+        Some(p) => Some(std::fs::read_to_string(p).unwrap()),
+        None if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+            "{test}: axe-core is missing and CI=true; install it with scripts/install-axe.sh (scripts/test.sh does)"
+        ),
+        None => {
+            eprintln!(
+                "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+                 !! {test}: NO ACCESSIBILITY AUDIT: axe-core not found.\n\
+                 !! scripts/install-axe.sh installs it   (CI=true fails here)\n\
+                 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+            );
+            None
+        }
     }
 }

@@ -43,6 +43,7 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
         }
     }
     let display = app.providers.label(provider).display;
+    let the_app = super::answers::the_app(app);
     // The state is consumed first, whatever happens next: a state is never
     // usable twice, even after a failed exchange.
     let st = match &state {
@@ -140,10 +141,11 @@ pub async fn callback(app: &Arc<App>, req: Request<Incoming>, provider: &str) ->
             None => page(
                 app,
                 StatusCode::OK,
-                &format!("{} connected", html_escape(&display)),
+                &format!("{display} connected"),
                 &format!(
-                    "Your {} account is connected. You can close this window and go back to the app.",
-                    html_escape(&display)
+                    "Your {} account is connected. You can close this window and go back to {}.",
+                    html_escape(&display),
+                    html_escape(the_app),
                 ),
             ),
         },
@@ -190,6 +192,7 @@ async fn complete(
         st,
         can_return,
     } = flow;
+    let the_app = super::answers::the_app(app);
     let invalid = |detail: &str| Failure {
         code: "invalid_state",
         status: StatusCode::BAD_REQUEST,
@@ -197,22 +200,23 @@ async fn complete(
         detail: detail.to_owned(),
     };
     let Some(st) = st else {
-        return Err(invalid(
-            "This sign-in link is unknown, was already used, or has expired. Please start connecting again from the app.",
-        ));
+        return Err(invalid(&format!(
+            "This sign-in link is unknown, was already used, or has expired. Please start connecting again from {the_app}."
+        )));
     };
     if st.provider != provider {
-        return Err(invalid(
-            "This sign-in link was made for a different service. Please start connecting again from the app.",
-        ));
+        return Err(invalid(&format!(
+            "This sign-in link was made for a different service. Please start connecting again from {the_app}."
+        )));
     }
     if st.expires_at < app.clock.now() {
         return Err(Failure {
             code: "state_expired",
             status: StatusCode::BAD_REQUEST,
             title: "This sign-in link has expired",
-            detail: "Sign-in links last ten minutes. Please start connecting again from the app."
-                .into(),
+            detail: format!(
+                "Sign-in links last ten minutes. Please start connecting again from {the_app}."
+            ),
         });
     }
     if let Some(e) = error {
@@ -231,7 +235,7 @@ async fn complete(
                 "The provider reported an error"
             },
             detail: format!(
-                "{display} did not grant access, so nothing was connected. You can try again from the app."
+                "{display} did not grant access, so nothing was connected. You can try again from {the_app}."
             ),
         });
     }
@@ -240,7 +244,9 @@ async fn complete(
             code: "invalid_request",
             status: StatusCode::BAD_REQUEST,
             title: "The sign-in answer was incomplete",
-            detail: "The provider's answer had no authorization code. Please start connecting again from the app.".into(),
+            detail: format!(
+                "The answer from {display} had no authorization code. Please start connecting again from {the_app}."
+            ),
         });
     };
     let p = app
@@ -265,7 +271,7 @@ async fn complete(
                 status: StatusCode::BAD_REQUEST,
                 title: "This sign-in answer could not be verified",
                 detail: format!(
-                    "The answer from {display} was not signed as {display} signs it, or named another shop. Nothing was connected. Please start connecting again from the app."
+                    "The answer from {display} was not signed as {display} signs it, or named another shop. Nothing was connected. Please start connecting again from {the_app}."
                 ),
             });
         }
@@ -278,7 +284,9 @@ async fn complete(
             code: "confirm_unavailable",
             status: StatusCode::BAD_REQUEST,
             title: "Connecting did not work",
-            detail: "This sign-in has no way back to the app, which must confirm new connections. Nothing was connected. Please start connecting again from the app.".into(),
+            detail: format!(
+                "This sign-in has no way back to {the_app}, which must confirm new connections. Nothing was connected. Please start connecting again from {the_app}."
+            ),
         });
     }
     let mut params = vec![
@@ -307,7 +315,7 @@ async fn complete(
                 status: StatusCode::BAD_GATEWAY,
                 title: "Connecting did not work",
                 detail: format!(
-                    "{display} answered with account details sidekey does not accept, so nothing was connected."
+                    "{display} answered with account details {the_app} does not accept, so nothing was connected."
                 ),
             };
         }
@@ -316,7 +324,7 @@ async fn complete(
             status: StatusCode::BAD_GATEWAY,
             title: "Connecting did not work",
             detail: format!(
-                "{display} did not accept the sign-in, so nothing was connected. Please try again from the app."
+                "{display} did not accept the sign-in, so nothing was connected. Please try again from {the_app}."
             ),
         }
     })?;
@@ -339,7 +347,7 @@ async fn complete(
         code: "store_failed",
         status: StatusCode::INTERNAL_SERVER_ERROR,
         title: "Connecting did not work",
-        detail: "sidekey could not save the connection. Please try again from the app.".into(),
+        detail: format!("The connection could not be saved. Please try again from {the_app}."),
     };
     if confirm {
         // Not among the credentials: whatever the user had stays in use.
@@ -372,7 +380,10 @@ async fn complete(
     Ok(Done::Stored)
 }
 
-/// `title` and `detail` are HTML (already escaped).
+/// `title` and `detail` are HTML (already escaped). Shown only when the
+/// browser is not sent back to a `return_to`, so the way back is
+/// `[connect] app_url`: a page flow's own `return_to` is the connect link,
+/// which another browser must never be handed.
 fn page(app: &App, status: StatusCode, title: &str, detail: &str) -> Response<Body> {
-    super::message_page(app, status, title, detail)
+    super::message_page(app, status, title, detail, None)
 }
