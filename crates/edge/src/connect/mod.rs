@@ -199,10 +199,6 @@ async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// `GET /connect/<ticket>`. Changes nothing, except that an `oauth/start`
-/// link is claimed by its first GET (the app redirects the browser there
-/// at once; it is never mailed): an unclaimed page link shows "Continue",
-/// a claimed one shows the page to its browser and "already used" to any
 // ----- pieces ------------------------------------------------------------------
 
 /// This browser's binding cookie, if it sent a well-formed one.
