@@ -179,8 +179,39 @@ fn disable_core_dumps() -> Result<(), std::io::Error> {
     Ok(())
 }
 
+/// `sidekey --config X serve`: the config path given before the command,
+/// as many tools take it, is moved to the end, where the command's own
+/// `--config` reads it (given twice, clap says so).
+fn config_before_command(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut moved = Vec::new();
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    while let Some(a) = it.next() {
+        let text = a.to_string_lossy();
+        if text == "--config" {
+            moved.push(a);
+            moved.extend(it.next());
+        } else if text.starts_with("--config=") {
+            moved.push(a);
+        } else if text == "--log-format" {
+            out.push(a);
+            out.extend(it.next());
+        } else if text.starts_with('-') {
+            out.push(a);
+        } else {
+            // The command: everything from here is the command's.
+            out.push(a);
+            out.extend(it);
+            break;
+        }
+    }
+    out.extend(moved);
+    out
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(config_before_command(std::env::args_os().collect()));
     logging::init(cli.log_format);
     if std::env::var(ALLOW_CORE_DUMPS_ENV).is_ok_and(|v| v == "1") {
         tracing::warn!(

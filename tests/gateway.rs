@@ -1745,6 +1745,20 @@ fn check_config_accepts_a_good_config_and_lists_every_problem() {
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("OK"), "{out}");
     assert_no_panic(&err);
+    // The config path may come before the command too, as many tools take it.
+    for args in [
+        &["--config", "config.toml", "check-config"][..],
+        &[
+            "--config=config.toml",
+            "--log-format",
+            "text",
+            "check-config",
+        ],
+    ] {
+        let (code, out, err) = support::run_cli(dir.path(), args, &[], None);
+        assert_eq!(code, 0, "{args:?}\nstdout:\n{out}\nstderr:\n{err}");
+        assert!(out.contains("OK"), "{out}");
+    }
     // Validation writes nothing: no keys, no certificate, no store.
     assert!(
         !dir.path().join("data").exists(),
