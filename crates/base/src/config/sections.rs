@@ -209,7 +209,7 @@ pub(super) fn store(
         "[store] postgres_timeout_secs",
         p,
     );
-    let store = StoreConfig {
+    StoreConfig {
         backend,
         postgres_url,
         postgres_pool_size: positive(st.postgres_pool_size, 16, "[store] postgres_pool_size", p)
@@ -227,8 +227,7 @@ pub(super) fn store(
         flush_every_ms: positive(st.flush_every_ms, 500, "[store] flush_every_ms", p),
         cache_ttl_secs: st.cache_ttl_secs.unwrap_or(300),
         cache_max_entries: st.cache_max_entries.unwrap_or(100_000),
-    };
-    store
+    }
 }
 
 /// `[sessions]`.
@@ -261,7 +260,7 @@ pub(super) fn sessions(se: RawSessions, dir: &Path, p: &mut Vec<String>) -> Sess
             "[sessions] ttl_secs ({ttl_secs}) is larger than max_ttl_secs ({max_ttl_secs})"
         ));
     }
-    let sessions = SessionsConfig {
+    SessionsConfig {
         issuer: se.issuer.unwrap_or_else(|| "sidekey".into()),
         audience: se.audience.unwrap_or_else(|| "sidekey-proxy".into()),
         ttl_secs,
@@ -276,8 +275,7 @@ pub(super) fn sessions(se: RawSessions, dir: &Path, p: &mut Vec<String>) -> Sess
         dynamic_variable,
         require_conversation_header: se.require_conversation_header.unwrap_or(true),
         bind_within_secs: i64::try_from(se.bind_within_secs.unwrap_or(600)).unwrap_or(i64::MAX),
-    };
-    sessions
+    }
 }
 
 /// `[elevenlabs]`; the tool response timeout defaults to just above the
@@ -436,11 +434,10 @@ pub(super) fn limits(l: RawLimits, p: &mut Vec<String>) -> LimitsConfig {
 
 /// `[audit]`.
 pub(super) fn audit(a: RawAudit) -> AuditConfig {
-    let audit = AuditConfig {
+    AuditConfig {
         enabled: a.enabled.unwrap_or(true),
         max_records: a.max_records.unwrap_or(100_000).max(1),
-    };
-    audit
+    }
 }
 
 /// `[oauth]`.
