@@ -1013,6 +1013,20 @@ async fn provoke(c: &Ctx, path: &str, method: &Method, status: u16) -> Option<Re
         ("/connect/assets/style.css", "GET", 200) => {
             c.agent(m, "/connect/assets/style.css", &[], "").await
         }
+        // Any admin write: a body over the admin API's 1 MiB.
+        (p, "PUT" | "POST", 413)
+            if p.starts_with("/v1/users")
+                || p.starts_with("/v1/tenants")
+                || p == "/v1/sessions"
+                || p == "/v1/admin/backup" =>
+        {
+            let p = p
+                .replace("{user}", "alice")
+                .replace("{tenant}", "acme")
+                .replace("{provider}", "custom");
+            let big = format!("{{\"x\": \"{}\"}}", "a".repeat(1 << 20));
+            c.admin_raw(m, &p, true, &big).await
+        }
         // Any admin operation with an id in its path: a malformed one.
         (p, _, 400) if p.contains("{user}") || p.contains("{tenant}") => {
             let p = p
