@@ -36,7 +36,7 @@ async fn admin_link_defaults_and_validation() {
     );
     assert_eq!(
         v["providers"],
-        json!(["custom", "other"]),
+        json!(["crm", "custom", "other"]),
         "default: every OAuth-capable provider"
     );
     // Two links never share a ticket, and the store never holds it.
@@ -111,7 +111,9 @@ async fn page_headers_cookie_statuses_and_no_secret() {
         "{csp}"
     );
     assert!(
-        csp.contains("form-action 'self' https://auth.example.com https://login.other.example"),
+        csp.contains(
+            "form-action 'self' https://*.crm.example https://auth.example.com https://login.other.example"
+        ),
         "{csp}"
     );
     let html = r.text();
@@ -1260,5 +1262,96 @@ async fn without_app_name_every_page_says_the_app() {
         "expired",
         &r.text(),
         &["Go back to the app and open a new one."],
+    );
+}
+
+/// A provider whose URLs need a value from the user (`from = "user"`) asks
+/// for it in its Connect form, labelled; the server checks it before any
+/// redirect (a bad or missing value comes back as the page's notice) and
+/// builds the authorize URL from it.
+#[tokio::test]
+async fn the_page_asks_for_a_value_the_link_did_not_carry() {
+    let fx = start(|o| o).await;
+    let path = fx
+        .link_path(
+            "vera",
+            json!({"providers": ["crm", "custom"], "return_to": RETURN_TO}),
+        )
+        .await;
+    let (cookie, page) = fx.claim(&path, None).await;
+    let html = page.text();
+    let r = row(&html, "crm");
+    has_all(
+        "crm row",
+        &r,
+        &[
+            "<label class=\"ask\" for=\"ask-crm-tenant\">Your Crm tenant</label>",
+            "<input class=\"ask\" id=\"ask-crm-tenant\" name=\"connection.tenant\" required",
+        ],
+    );
+    // A provider without such a field asks nothing.
+    assert!(!row(&html, "custom").contains("class=\"ask\""));
+    let csrf = csrf_of(&html);
+    for bad in ["", "Evil.com/", "a.b", "x@y", "../a", &"a".repeat(21)] {
+        let r = fx
+            .post_form(
+                &format!("{path}/connect"),
+                Some(&cookie),
+                &[
+                    ("csrf", &csrf),
+                    ("provider", "crm"),
+                    ("connection.tenant", bad),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, 303, "{bad:?}: {}", r.text());
+        let to = location(&r);
+        assert!(
+            to.contains("error=bad_connection_value") && to.contains("provider=crm"),
+            "{bad:?} → {to}"
+        );
+    }
+    let r = fx
+        .post_form(
+            &format!("{path}/connect"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf),
+                ("provider", "crm"),
+                ("connection.tenant", "acme"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 303, "{}", r.text());
+    let to = location(&r);
+    assert!(
+        to.starts_with("https://acme.crm.example/authorize?"),
+        "{to}"
+    );
+    // A value the link carries is not asked for, and the page cannot
+    // override it.
+    let path = fx
+        .link_path(
+            "walt",
+            json!({"providers": ["crm"], "connection": {"tenant": "fixed"}, "return_to": RETURN_TO}),
+        )
+        .await;
+    let (cookie, page) = fx.claim(&path, None).await;
+    assert!(!row(&page.text(), "crm").contains("class=\"ask\""));
+    let r = fx
+        .post_form(
+            &format!("{path}/connect"),
+            Some(&cookie),
+            &[
+                ("csrf", &csrf_of(&page.text())),
+                ("provider", "crm"),
+                ("connection.tenant", "other"),
+            ],
+        )
+        .await;
+    assert!(
+        location(&r).starts_with("https://fixed.crm.example/authorize?"),
+        "{}",
+        location(&r)
     );
 }

@@ -19,7 +19,8 @@ pub struct Fx {
     pub public: String,
 }
 
-/// A sidekey with providers `custom` and `other` (OAuth) and `plain` (not).
+/// A sidekey with providers `custom` and `other` (OAuth), `crm` (OAuth, a
+/// `{tenant}` the user gives) and `plain` (not).
 pub async fn start(tune: impl FnOnce(Options) -> Options) -> Fx {
     start_with("", tune).await
 }
@@ -54,6 +55,11 @@ async fn start_raw(connect: &str, tune: impl FnOnce(Options) -> Options) -> Fx {
          [providers.other]\nbase_url = \"{up}\"\ntoken_url = \"{tok}\"\n\
          authorize_url = \"https://login.other.example/oauth\"\n\
          client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
+         [providers.crm]\nbase_url = \"{up}/t/{{tenant}}\"\ntoken_url = \"{tok}\"\n\
+         authorize_url = \"https://{{tenant}}.crm.example/authorize\"\n\
+         client_id = \"test-client\"\nclient_secret = \"test-client-secret\"\n\
+         display_name = \"Crm\"\n\
+         [providers.crm.connection.tenant]\nfrom = \"user\"\npattern = '[a-z0-9-]{{1,20}}'\n\
          [providers.plain]\nbase_url = \"{up}\"\n\
          [connect]\n{connect}\n",
         up = up.url,

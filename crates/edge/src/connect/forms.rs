@@ -119,6 +119,8 @@ fn cross_site(app: &App, headers: &HeaderMap) -> bool {
 struct ActionForm {
     csrf: Option<String>,
     provider: Option<String>,
+    /// `connection.FIELD` inputs: values the user typed on the page.
+    connection: std::collections::BTreeMap<String, String>,
 }
 
 /// A page form's fields, or the page that says it could not be read.
@@ -151,6 +153,10 @@ async fn read_form(
         match &*k {
             "csrf" => form.csrf = Some(v.into_owned()),
             "provider" => form.provider = Some(v.into_owned()),
+            k if k.starts_with("connection.") => {
+                let field = k["connection.".len()..].chars().take(64).collect();
+                form.connection.insert(field, v.trim().to_owned());
+            }
             _ => {}
         }
     }
@@ -216,7 +222,32 @@ pub(super) async fn act(
     let owner = Owner::User(t.user.clone());
     let resp = match action {
         "connect" => {
-            let values = connection_for(&p, &t.connection);
+            let mut values = connection_for(&p, &t.connection);
+            // What the user typed, for the fields the link left to them
+            // (a link's own values are never overridden from the page).
+            for f in p.connection.iter() {
+                if f.from == sidekey_creds::providers::ConnectionFrom::User
+                    && !values.contains_key(&f.name)
+                {
+                    if let Some(v) = form.connection.get(&f.name).filter(|v| !v.is_empty()) {
+                        values.insert(f.name.clone(), v.clone());
+                    }
+                }
+            }
+            let missing = p.connection.iter().any(|f| {
+                f.from == sidekey_creds::providers::ConnectionFrom::User
+                    && !values.contains_key(&f.name)
+            });
+            if missing || p.check_connection(&values).is_err() {
+                // Checked before any redirect: the page says which value.
+                let q: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
+                let resp = redirect(
+                    app,
+                    &format!("{page}?error=bad_connection_value&provider={q}"),
+                );
+                audit(app, &t.user, Some(name), "POST", action, &resp, started);
+                return resp;
+            }
             match crate::oauth::begin(app, &t.user, &p, Some(page), None, Some(id), values).await {
                 Ok(flow) => match app.store.flush().await {
                     Ok(()) => redirect(app, &flow.authorize_url),

@@ -237,6 +237,19 @@ fn set_cookie(resp: &mut Response<Body>, cookie: &str) {
     }
 }
 
+/// A templated authorize URL as a CSP host source: a placeholder that is
+/// the host's leading label becomes `*` (`https://*.myshopify.com`);
+/// `None` for any other shape, which a host source cannot say.
+fn wildcard_origin(text: &str) -> Option<String> {
+    let rest = text.strip_prefix("https://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (first, tail) = authority.split_once('.')?;
+    let one_field =
+        first.starts_with('{') && first.ends_with('}') && first.matches('{').count() == 1;
+    (one_field && !tail.is_empty() && !tail.contains(['{', '}', '@']))
+        .then(|| format!("https://*.{tail}"))
+}
+
 /// The Content-Security-Policy: no script at all, styles and images from
 /// here (plus the configured logo), forms may go here and, through the
 /// redirect after Connect, to the providers' authorize pages.
@@ -248,8 +261,17 @@ fn csp(app: &App) -> String {
     }
     let mut form = vec!["'self'".to_owned()];
     for p in app.providers.iter() {
-        if let Some(u) = &p.authorize_url {
-            let o = u.origin().ascii_serialization();
+        // A host made from the user's value (`https://{shop}.myshopify.com`)
+        // is allowed as its wildcard; the sample host would block the
+        // redirect to the real one.
+        let o = match &p.templates.authorize_url {
+            Some(t) => wildcard_origin(&t.text),
+            None => p
+                .authorize_url
+                .as_ref()
+                .map(|u| u.origin().ascii_serialization()),
+        };
+        if let Some(o) = o {
             if !form.contains(&o) {
                 form.push(o);
             }

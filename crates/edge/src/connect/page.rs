@@ -37,6 +37,9 @@ pub struct Row<'a> {
     pub reason: Option<String>,
     /// The preset's logo, ready to inline; else the initial is shown.
     pub logo: Option<String>,
+    /// Per-connection values the user types before connecting (`from =
+    /// "user"` fields the link did not carry), e.g. a Shopify shop.
+    pub asks: Vec<String>,
 }
 
 /// A banner above the list (the outcome of the last action).
@@ -157,11 +160,29 @@ pub fn connect_page(c: &ConnectConfig, v: &PageView<'_>) -> String {
         let name = html_escape(r.name);
         let display = html_escape(r.display);
         let (class, words) = r.standing.words();
+        // The values this connection needs, asked in the Connect form
+        // itself: labelled, required, checked again by the server.
+        let asks: String = r
+            .asks
+            .iter()
+            .map(|f| {
+                let f = html_escape(f);
+                format!(
+                    "<label class=\"ask\" for=\"ask-{name}-{f}\">Your {display} {f}</label>\
+<input class=\"ask\" id=\"ask-{name}-{f}\" name=\"connection.{f}\" required autocomplete=\"off\" spellcheck=\"false\" autocapitalize=\"none\">"
+                )
+            })
+            .collect();
         let post = |action: &str, label: &str, style: &str| {
+            let fields = if action == "connect" {
+                asks.as_str()
+            } else {
+                ""
+            };
             format!(
                 "<form method=\"post\" action=\"/connect/{t}/{action}\">\
 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
-<input type=\"hidden\" name=\"provider\" value=\"{name}\">\
+<input type=\"hidden\" name=\"provider\" value=\"{name}\">{fields}\
 <button type=\"submit\" class=\"{style}\" name=\"action\" value=\"{action}\">{label}<span class=\"vh\"> {display}</span></button></form>"
             )
         };

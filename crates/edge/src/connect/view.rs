@@ -175,6 +175,13 @@ async fn render(
             standing,
             reason,
             logo: p.preset.as_deref().and_then(logos::inline),
+            asks: p
+                .connection
+                .iter()
+                .filter(|f| f.from == sidekey_creds::providers::ConnectionFrom::User)
+                .filter(|f| !t.connection.contains_key(&f.name))
+                .map(|f| f.name.clone())
+                .collect(),
         });
     }
     let confirm_disconnect = q
