@@ -1125,7 +1125,7 @@ async fn errors_after_the_callback_in_words_for_each_code() {
         ),
         (
             "bad_connection_value",
-            "Acme Calendar answered with account details Acme does not accept, so nothing was connected.".into(),
+            "The Acme Calendar account details were not accepted, so nothing was connected. Check them and try again.".into(),
         ),
         (
             "store_failed",
@@ -1311,6 +1311,18 @@ async fn the_page_asks_for_a_value_the_link_did_not_carry() {
             "{bad:?} → {to}"
         );
     }
+    let back = fx
+        .get(
+            &format!("{path}?error=bad_connection_value&provider=crm"),
+            Some(&cookie),
+        )
+        .await;
+    assert!(
+        back.text()
+            .contains("The Crm account details were not accepted, so nothing was connected."),
+        "{}",
+        back.text()
+    );
     let r = fx
         .post_form(
             &format!("{path}/connect"),

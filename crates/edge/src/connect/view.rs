@@ -248,9 +248,9 @@ fn notice(app: &App, t: &ConnectTicket, q: &Query) -> Option<page::Notice> {
         "exchange_refused" | "exchange_failed" => {
             format!("{d} did not accept the sign-in, so nothing was connected. {again}")
         }
+        // A value typed on the page, or one the provider's answer carried.
         "bad_connection_value" => format!(
-            "{d} answered with account details {} does not accept, so nothing was connected.",
-            super::answers::the_app(app)
+            "The {d} account details were not accepted, so nothing was connected. Check them and try again."
         ),
         "store_failed" => format!("The {d} connection could not be saved. {again}"),
         "confirm_unavailable" => format!(
