@@ -194,20 +194,7 @@ impl Store {
                 .await
                 .map_err(io)?
                 .unwrap_or_default();
-            match keys.open(&aad(Tree::Meta, b"keycheck"), &sealed) {
-                Ok(o) if &o.plaintext[..] == CANARY => {}
-                Err(CryptoError::UnknownKey(id)) => {
-                    return Err(OpenError::WrongKey(format!(
-                        "master key (id {}) does not match the PostgreSQL store, which is sealed under key id {id}; set store.master_key_file / master_key_env to that key (or list it in store.previous_master_key_files during a rotation)",
-                        keys.current_id().hex()
-                    )));
-                }
-                _ => {
-                    return Err(OpenError::WrongKey(
-                        "master key does not match the PostgreSQL store (its key check failed); set store.master_key_file / master_key_env to the key every replica uses".into(),
-                    ));
-                }
-            }
+            check_pg_canary(&keys, &sealed)?;
         }
         let index_key = meta_index_key(&backend, &keys).await?;
         Ok(Store {
@@ -216,6 +203,22 @@ impl Store {
             index_key,
             caches,
         })
+    }
+}
+
+/// Opens a PostgreSQL store's key check (`Tree::Meta` `keycheck`, written
+/// by the first replica); a wrong key is [`OpenError::WrongKey`] with the
+/// fix. Shared by opening the store and by `check-config`'s read-only look.
+pub(crate) fn check_pg_canary(keys: &KeyRing, sealed: &[u8]) -> Result<(), OpenError> {
+    match keys.open(&aad(Tree::Meta, b"keycheck"), sealed) {
+        Ok(o) if &o.plaintext[..] == CANARY => Ok(()),
+        Err(CryptoError::UnknownKey(id)) => Err(OpenError::WrongKey(format!(
+            "master key (id {}) does not match the PostgreSQL store, which is sealed under key id {id}; set store.master_key_file / master_key_env to that key (or list it in store.previous_master_key_files during a rotation)",
+            keys.current_id().hex()
+        ))),
+        _ => Err(OpenError::WrongKey(
+            "master key does not match the PostgreSQL store (its key check failed); set store.master_key_file / master_key_env to the key every replica uses".into(),
+        )),
     }
 }
 

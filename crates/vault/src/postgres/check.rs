@@ -4,9 +4,7 @@
 
 use super::PgOptions;
 use super::target::parse_target;
-use crate::crypto::{CryptoError, KeyRing};
-use crate::open::CANARY;
-use crate::tree::aad;
+use crate::crypto::KeyRing;
 use crate::{OpenError, Tree};
 
 /// What a read-only look at a PostgreSQL store found.
@@ -26,16 +24,8 @@ pub async fn check_key(opts: &PgOptions, keys: &KeyRing) -> Result<PgKeyCheck, O
     let Some(sealed) = read_keycheck(opts).await? else {
         return Ok(PgKeyCheck::Fresh);
     };
-    match keys.open(&aad(Tree::Meta, b"keycheck"), &sealed) {
-        Ok(o) if &o.plaintext[..] == CANARY => Ok(PgKeyCheck::Matches),
-        Err(CryptoError::UnknownKey(id)) => Err(OpenError::WrongKey(format!(
-            "master key (id {}) does not match the PostgreSQL store, which is sealed under key id {id}; set store.master_key_file / master_key_env to that key (or list it in store.previous_master_key_files during a rotation)",
-            keys.current_id().hex()
-        ))),
-        _ => Err(OpenError::WrongKey(
-            "master key does not match the PostgreSQL store (its key check failed); set store.master_key_file / master_key_env to the key every replica uses".into(),
-        )),
-    }
+    crate::open::check_pg_canary(keys, &sealed)?;
+    Ok(PgKeyCheck::Matches)
 }
 
 /// Whether the database already holds a sidekey store (made under some
