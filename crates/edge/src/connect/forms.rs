@@ -225,19 +225,12 @@ pub(super) async fn act(
             let mut values = connection_for(&p, &t.connection);
             // What the user typed, for the fields the link left to them
             // (a link's own values are never overridden from the page).
-            for f in p.connection.iter() {
-                if f.from == sidekey_creds::providers::ConnectionFrom::User
-                    && !values.contains_key(&f.name)
-                {
-                    if let Some(v) = form.connection.get(&f.name).filter(|v| !v.is_empty()) {
-                        values.insert(f.name.clone(), v.clone());
-                    }
+            for f in super::link::asked_of_user(&p, &values) {
+                if let Some(v) = form.connection.get(&f).filter(|v| !v.is_empty()) {
+                    values.insert(f, v.clone());
                 }
             }
-            let missing = p.connection.iter().any(|f| {
-                f.from == sidekey_creds::providers::ConnectionFrom::User
-                    && !values.contains_key(&f.name)
-            });
+            let missing = !super::link::asked_of_user(&p, &values).is_empty();
             if missing || p.check_connection(&values).is_err() {
                 // Checked before any redirect: the page says which value.
                 let q: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();

@@ -40,6 +40,20 @@ pub(crate) fn connection_for(
         .collect()
 }
 
+/// The names of `p`'s `from = "user"` fields that `given` lacks: what the
+/// connect page asks the user for, and must have before it redirects.
+pub(crate) fn asked_of_user(
+    p: &sidekey_creds::providers::Provider,
+    given: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    p.connection
+        .iter()
+        .filter(|f| f.from == sidekey_creds::providers::ConnectionFrom::User)
+        .filter(|f| !given.contains_key(&f.name))
+        .map(|f| f.name.clone())
+        .collect()
+}
+
 /// Admin `POST /v1/users/{user}/connect` → 201 `{connect_url, expires_at}`.
 pub async fn create_link(
     app: &Arc<App>,

@@ -175,13 +175,7 @@ async fn render(
             standing,
             reason,
             logo: p.preset.as_deref().and_then(logos::inline),
-            asks: p
-                .connection
-                .iter()
-                .filter(|f| f.from == sidekey_creds::providers::ConnectionFrom::User)
-                .filter(|f| !t.connection.contains_key(&f.name))
-                .map(|f| f.name.clone())
-                .collect(),
+            asks: super::link::asked_of_user(p, &t.connection),
         });
     }
     let confirm_disconnect = q
